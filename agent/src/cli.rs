@@ -1,0 +1,157 @@
+//! The command line: subcommands, exit codes, logging set-up.
+//!
+//! Exit codes: 0 success, 1 the operation failed, 2 usage or config error.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, ConfigError, Environment, LogConfig, LogFormat};
+
+/// Exit code for a failed operation.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code for a usage or configuration error.
+pub const EXIT_USAGE: u8 = 2;
+
+/// Verified etcd snapshots and static-pod resources, stored as atomic backup sets.
+#[derive(Debug, Parser)]
+#[command(name = "etcd-backup-agent", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Take one backup now, then exit (0 success, 1 failure, 2 config error).
+    Backup {
+        /// The agent's YAML config file.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit (0 valid, 2 with every problem listed).
+    CheckConfig {
+        /// The agent's YAML config file.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+/// Parses the command line, runs the command and returns its exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with 0; usage errors exit 2.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
+        }
+    };
+    match cli.command {
+        Command::CheckConfig { config } => match load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: valid (node {}, cluster {}, etcd {}, destination {})",
+                    config.display(),
+                    c.node_name,
+                    c.cluster_name,
+                    c.etcd.endpoints[0].as_str().trim_end_matches('/'),
+                    describe_destination(&c)
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Backup { config } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging(&config.log);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
+            runtime.block_on(backup_once(&config))
+        }
+    }
+}
+
+fn describe_destination(c: &Config) -> String {
+    match &c.destination {
+        crate::config::DestinationConfig::Local { path } => format!("local:{}", path.display()),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path, &Environment::from_process()).map_err(|e| {
+        eprintln!("error: {e}");
+        if let ConfigError::Invalid { .. } = e {
+            eprintln!(
+                "fix the fields above and run `etcd-backup-agent check-config --config {}`",
+                path.display()
+            );
+        }
+        ExitCode::from(EXIT_USAGE)
+    })
+}
+
+/// Sets up `tracing` to stderr; `RUST_LOG`, when set, wins over `log.level`.
+pub fn init_logging(log: &LogConfig) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::EnvFilter::builder().parse(v).ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::EnvFilter::builder()
+                .parse(&log.level)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let result = match log.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    // Already initialised (tests calling twice) is fine.
+    let _ = result;
+}
+
+async fn backup_once(config: &Config) -> ExitCode {
+    let dest = match crate::destination::open(&config.destination).await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: cannot open the destination: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match crate::backup::run(config, dest.as_ref()).await {
+        Ok(report) => {
+            let m = &report.manifest;
+            println!("backup set {} complete", report.location);
+            for f in &m.files {
+                println!("  {:<48} {:>14} bytes  sha256:{}", f.name, f.size, f.sha256);
+            }
+            println!(
+                "  etcd {} member {} (cluster {}), revision {}",
+                m.etcd.version, m.etcd.member_id, m.etcd.cluster_id, m.etcd.revision
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}

@@ -1,0 +1,757 @@
+//! The agent's configuration file (YAML): parsed, defaulted and validated in
+//! one place, completely, before anything is started.
+//!
+//! Parsing happens in two steps. [`RawConfig`] mirrors the file exactly (serde,
+//! unknown keys rejected); [`Config::from_raw`] then checks every value and turns
+//! it into the typed [`Config`] the rest of the agent uses. Every problem found is
+//! reported with its field path, all at once, so a person fixes the file in one go.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use etcd_backup_proto::is_valid_name_component;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML of the expected shape, or a value is invalid.
+    #[error("invalid config file {path}:\n{}", FieldErrors(.errors))]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// Every problem found, each naming its field path.
+        errors: Vec<FieldError>,
+    },
+}
+
+/// One problem with one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path of the field, e.g. `etcd.endpoints[0]`; `.` for the document.
+    pub field: String,
+    /// What is wrong and, where it helps, what to do.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+struct FieldErrors<'a>(&'a [FieldError]);
+
+impl fmt::Display for FieldErrors<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The file as written, before validation. Unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    node_name: Option<String>,
+    cluster_name: Option<String>,
+    etcd: Option<RawEtcd>,
+    resources: Option<RawResources>,
+    destination: Option<RawDestination>,
+    log: Option<RawLog>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEtcd {
+    endpoints: Option<Vec<String>>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    dial_timeout: Option<String>,
+    stall_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResources {
+    layout: Option<String>,
+    root: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDestination {
+    local: Option<RawLocal>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocal {
+    path: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+    format: Option<String>,
+}
+
+/// Defaults, in one place.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// `cluster_name` when none is given.
+    pub const CLUSTER_NAME: &str = "default";
+    /// `etcd.dial_timeout`.
+    pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `etcd.stall_timeout`.
+    pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `resources.root`: where the host's `/etc/kubernetes` is mounted.
+    pub const RESOURCES_ROOT: &str = "/etc/kubernetes";
+    /// `log.level`.
+    pub const LOG_LEVEL: &str = "info";
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's name: the second path component of every set it writes.
+    pub node_name: String,
+    /// The cluster's name: the first path component of every set.
+    pub cluster_name: String,
+    /// How to reach the local etcd member.
+    pub etcd: EtcdConfig,
+    /// Which static-pod resources to bundle.
+    pub resources: ResourcesConfig,
+    /// Where backup sets are stored.
+    pub destination: DestinationConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `etcd:`
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// The local member first; the snapshot is taken from `endpoints[0]` only.
+    pub endpoints: Vec<Url>,
+    /// Client TLS, present when the endpoints use `https`.
+    pub tls: Option<EtcdTls>,
+    /// How long connecting and the first status call may take.
+    pub dial_timeout: Duration,
+    /// A snapshot stream that sends nothing for this long fails.
+    pub stall_timeout: Duration,
+}
+
+/// Client TLS material for etcd, as file paths; read when connecting.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// CA bundle that signed etcd's serving certificate.
+    pub ca_file: PathBuf,
+    /// Client certificate and key, when etcd requires client certificates.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+/// Which tree of static-pod resources to bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// OpenShift 4: the `static-pod-resources/<name>-pod-N` revisions the live manifests use.
+    Openshift,
+    /// kubeadm: `manifests/*.yaml`, `pki/**` and the encryption provider config.
+    Kubeadm,
+    /// No tarball.
+    None,
+}
+
+impl Layout {
+    /// The name used in the config file and the manifest.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layout::Openshift => "openshift",
+            Layout::Kubeadm => "kubeadm",
+            Layout::None => "none",
+        }
+    }
+}
+
+/// `resources:`
+#[derive(Debug, Clone)]
+pub struct ResourcesConfig {
+    /// Which files to take.
+    pub layout: Layout,
+    /// Where the host's `/etc/kubernetes` is mounted.
+    pub root: PathBuf,
+}
+
+/// `destination:`, exactly one of its kinds.
+#[derive(Debug, Clone)]
+pub enum DestinationConfig {
+    /// `destination.local`: a directory on this machine.
+    Local {
+        /// Base directory; sets go below `<path>/<cluster>/<node>/`.
+        path: PathBuf,
+    },
+}
+
+/// `log:`
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A `tracing` filter directive such as `info` or `etcd_backup_agent=debug`;
+    /// `RUST_LOG`, when set, wins.
+    pub level: String,
+    /// Human-readable lines or one JSON object per line.
+    pub format: LogFormat,
+}
+
+/// `log.format`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where defaults that depend on the machine come from, so tests can fix them.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    /// `$NODE_NAME`, set by the DaemonSet from the downward API.
+    pub node_name: Option<String>,
+    /// The machine's host name.
+    pub hostname: Option<String>,
+}
+
+impl Environment {
+    /// The environment of this process.
+    pub fn from_process() -> Self {
+        Self {
+            node_name: std::env::var("NODE_NAME").ok().filter(|s| !s.is_empty()),
+            hostname: gethostname::gethostname().into_string().ok(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the config file at `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Invalid`]
+    /// with every problem found otherwise.
+    pub fn load(path: &Path, env: &Environment) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, env).map_err(|errors| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            errors,
+        })
+    }
+
+    /// Parses and validates config text.
+    ///
+    /// # Errors
+    /// Every problem found, each with its field path.
+    pub fn parse(text: &str, env: &Environment) -> Result<Self, Vec<FieldError>> {
+        let raw: RawConfig = if text.trim().is_empty() {
+            RawConfig::default()
+        } else {
+            let de = serde_yaml::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let field = e.path().to_string();
+                let field = if field.is_empty() { ".".into() } else { field };
+                // serde_yaml prefixes its own idea of the path; ours is better.
+                let message = e.into_inner().to_string();
+                let message = match message.split_once(": ") {
+                    Some((prefix, rest)) if field.starts_with(prefix) => rest.to_string(),
+                    _ => message,
+                };
+                vec![FieldError { field, message }]
+            })?
+        };
+        Self::from_raw(raw, env)
+    }
+
+    /// Validates a parsed file and applies defaults.
+    ///
+    /// # Errors
+    /// Every problem found, each with its field path.
+    pub fn from_raw(raw: RawConfig, env: &Environment) -> Result<Self, Vec<FieldError>> {
+        let mut v = Validator::default();
+
+        let node_name = match raw.node_name.or_else(|| env.node_name.clone()) {
+            Some(n) => Some(n),
+            None => env.hostname.clone(),
+        };
+        let node_name = match node_name {
+            Some(n) => v.name_component("node_name", n),
+            None => {
+                v.error(
+                    "node_name",
+                    "not set, $NODE_NAME is empty and the host name is unknown; set node_name",
+                );
+                None
+            }
+        };
+        let cluster_name = v.name_component(
+            "cluster_name",
+            raw.cluster_name
+                .unwrap_or_else(|| defaults::CLUSTER_NAME.to_string()),
+        );
+
+        let etcd = v.etcd(raw.etcd.unwrap_or_default());
+        let resources = v.resources(raw.resources.unwrap_or_default());
+        let destination = v.destination(raw.destination);
+        let log = v.log(raw.log.unwrap_or_default());
+
+        if !v.errors.is_empty() {
+            return Err(v.errors);
+        }
+        // Every None above pushed an error, so these are all Some here.
+        match (node_name, cluster_name, etcd, resources, destination) {
+            (
+                Some(node_name),
+                Some(cluster_name),
+                Some(etcd),
+                Some(resources),
+                Some(destination),
+            ) => Ok(Config {
+                node_name,
+                cluster_name,
+                etcd,
+                resources,
+                destination,
+                log,
+            }),
+            _ => Err(vec![FieldError {
+                field: ".".into(),
+                message: "internal error: a field failed validation without a message".into(),
+            }]),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    errors: Vec<FieldError>,
+}
+
+impl Validator {
+    fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn name_component(&mut self, field: &str, value: String) -> Option<String> {
+        if is_valid_name_component(&value) {
+            Some(value)
+        } else {
+            self.error(
+                field,
+                format!(
+                    "{value:?} cannot be used as a directory name: it must be non-empty, \
+                     at most 253 bytes, without '/', '\\' or control characters, \
+                     and must not start with '.'"
+                ),
+            );
+            None
+        }
+    }
+
+    fn duration(&mut self, field: &str, value: Option<String>, default: Duration) -> Duration {
+        let Some(text) = value else { return default };
+        match humantime::parse_duration(text.trim()) {
+            Ok(d) if d.is_zero() => {
+                self.error(
+                    field,
+                    format!("{text:?} is zero; give a positive duration such as \"10s\""),
+                );
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.error(
+                    field,
+                    format!("invalid duration {text:?}: {e}; use a number with a unit, such as \"10s\", \"2m\" or \"1h\""),
+                );
+                default
+            }
+        }
+    }
+
+    /// A file that must exist and be readable now, so a typo fails at start-up
+    /// rather than at the first backup.
+    fn readable_file(&mut self, field: &str, path: &Path) {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => {
+                if let Err(e) = std::fs::File::open(path) {
+                    self.error(field, format!("cannot read {}: {e}", path.display()));
+                }
+            }
+            Ok(_) => self.error(field, format!("{} is not a regular file", path.display())),
+            Err(e) => self.error(field, format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    fn etcd(&mut self, raw: RawEtcd) -> Option<EtcdConfig> {
+        let mut endpoints = Vec::new();
+        let mut schemes = Vec::new();
+        match raw.endpoints {
+            None => self.error(
+                "etcd.endpoints",
+                "required: the URL of the local etcd member, e.g. https://10.0.0.5:2379",
+            ),
+            Some(list) if list.is_empty() => self.error(
+                "etcd.endpoints",
+                "empty: give the URL of the local etcd member first",
+            ),
+            Some(list) => {
+                for (i, text) in list.into_iter().enumerate() {
+                    let field = format!("etcd.endpoints[{i}]");
+                    match Url::parse(&text) {
+                        Ok(url) => {
+                            if url.scheme() != "http" && url.scheme() != "https" {
+                                self.error(
+                                    field,
+                                    format!("invalid URL {text:?}: scheme must be http or https"),
+                                );
+                            } else if url.host_str().is_none_or(str::is_empty) {
+                                self.error(field, format!("invalid URL {text:?}: no host"));
+                            } else if url.port_or_known_default().is_none() || url.port().is_none()
+                            {
+                                self.error(
+                                    field,
+                                    format!("invalid URL {text:?}: give the port explicitly, e.g. :2379"),
+                                );
+                            } else if url.path() != "/" && !url.path().is_empty() {
+                                self.error(
+                                    field,
+                                    format!("invalid URL {text:?}: an etcd endpoint has no path"),
+                                );
+                            } else {
+                                schemes.push((i, url.scheme().to_string()));
+                                endpoints.push(url);
+                            }
+                        }
+                        Err(e) => self.error(field, format!("invalid URL {text:?}: {e}")),
+                    }
+                }
+            }
+        }
+
+        let any_https = schemes.iter().any(|(_, s)| s == "https");
+        for (i, s) in &schemes {
+            if any_https && s == "http" {
+                self.error(
+                    format!("etcd.endpoints[{i}]"),
+                    "mixes http with https endpoints; use one scheme for all",
+                );
+            }
+        }
+
+        let tls_files_set =
+            raw.ca_file.is_some() || raw.cert_file.is_some() || raw.key_file.is_some();
+        if let Some(p) = &raw.ca_file {
+            self.readable_file("etcd.ca_file", p);
+        }
+        if let Some(p) = &raw.cert_file {
+            self.readable_file("etcd.cert_file", p);
+        }
+        if let Some(p) = &raw.key_file {
+            self.readable_file("etcd.key_file", p);
+        }
+        let client = match (raw.cert_file, raw.key_file) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) => {
+                self.error("etcd.key_file", "required when etcd.cert_file is set");
+                None
+            }
+            (None, Some(_)) => {
+                self.error("etcd.cert_file", "required when etcd.key_file is set");
+                None
+            }
+        };
+        let tls = if any_https {
+            match raw.ca_file {
+                Some(ca_file) => Some(EtcdTls { ca_file, client }),
+                None => {
+                    self.error(
+                        "etcd.ca_file",
+                        "required with https endpoints: the CA bundle that signed etcd's serving certificate",
+                    );
+                    None
+                }
+            }
+        } else {
+            if tls_files_set && !schemes.is_empty() {
+                self.error(
+                    "etcd.endpoints[0]",
+                    "uses http, but TLS files are set; use https:// endpoints or remove ca_file/cert_file/key_file",
+                );
+            }
+            None
+        };
+
+        let dial_timeout = self.duration(
+            "etcd.dial_timeout",
+            raw.dial_timeout,
+            defaults::DIAL_TIMEOUT,
+        );
+        let stall_timeout = self.duration(
+            "etcd.stall_timeout",
+            raw.stall_timeout,
+            defaults::STALL_TIMEOUT,
+        );
+
+        if endpoints.is_empty() {
+            return None;
+        }
+        Some(EtcdConfig {
+            endpoints,
+            tls,
+            dial_timeout,
+            stall_timeout,
+        })
+    }
+
+    fn resources(&mut self, raw: RawResources) -> Option<ResourcesConfig> {
+        let layout = match raw.layout.as_deref() {
+            None | Some("openshift") => Layout::Openshift,
+            Some("kubeadm") => Layout::Kubeadm,
+            Some("none") => Layout::None,
+            Some(other) => {
+                self.error(
+                    "resources.layout",
+                    format!("unknown layout {other:?}; expected one of openshift, kubeadm, none"),
+                );
+                return None;
+            }
+        };
+        let root = raw
+            .root
+            .unwrap_or_else(|| PathBuf::from(defaults::RESOURCES_ROOT));
+        if layout != Layout::None {
+            match std::fs::metadata(&root) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    self.error(
+                        "resources.root",
+                        format!("{} is not a directory", root.display()),
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    self.error(
+                        "resources.root",
+                        format!(
+                            "cannot read {}: {e}; mount the host's /etc/kubernetes there, or set resources.layout: none",
+                            root.display()
+                        ),
+                    );
+                    return None;
+                }
+            }
+        }
+        Some(ResourcesConfig { layout, root })
+    }
+
+    fn destination(&mut self, raw: Option<RawDestination>) -> Option<DestinationConfig> {
+        let Some(raw) = raw else {
+            self.error(
+                "destination",
+                "required: configure exactly one of destination.local",
+            );
+            return None;
+        };
+        let Some(local) = raw.local else {
+            self.error(
+                "destination",
+                "no destination configured: set exactly one of destination.local",
+            );
+            return None;
+        };
+        match local.path {
+            Some(path) if !path.as_os_str().is_empty() => Some(DestinationConfig::Local { path }),
+            _ => {
+                self.error(
+                    "destination.local.path",
+                    "required: the directory backup sets are written to",
+                );
+                None
+            }
+        }
+    }
+
+    fn log(&mut self, raw: RawLog) -> LogConfig {
+        let format = match raw.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                self.error(
+                    "log.format",
+                    format!("unknown format {other:?}; expected text or json"),
+                );
+                LogFormat::Text
+            }
+        };
+        let level = raw.level.unwrap_or_else(|| defaults::LOG_LEVEL.to_string());
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
+            self.error(
+                "log.level",
+                format!("invalid filter {level:?}: {e}; use e.g. info or debug"),
+            );
+        }
+        LogConfig { level, format }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> Environment {
+        Environment {
+            node_name: None,
+            hostname: Some("host-a".into()),
+        }
+    }
+
+    fn errors(text: &str) -> Vec<FieldError> {
+        Config::parse(text, &env()).expect_err("config was accepted")
+    }
+
+    fn fields(text: &str) -> Vec<String> {
+        errors(text).into_iter().map(|e| e.field).collect()
+    }
+
+    const MINIMAL: &str = "etcd:\n  endpoints: [\"http://127.0.0.1:2379\"]\nresources:\n  layout: none\ndestination:\n  local:\n    path: /tmp/x\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL, &env()).unwrap();
+        assert_eq!(c.node_name, "host-a");
+        assert_eq!(c.cluster_name, "default");
+        assert_eq!(c.etcd.dial_timeout, Duration::from_secs(10));
+        assert_eq!(c.etcd.stall_timeout, Duration::from_secs(60));
+        assert!(c.etcd.tls.is_none());
+        assert_eq!(c.resources.layout, Layout::None);
+        assert_eq!(c.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn node_name_prefers_file_then_env_then_hostname() {
+        let e = Environment {
+            node_name: Some("from-env".into()),
+            hostname: Some("host-a".into()),
+        };
+        assert_eq!(Config::parse(MINIMAL, &e).unwrap().node_name, "from-env");
+        let text = format!("node_name: master-0\n{MINIMAL}");
+        assert_eq!(Config::parse(&text, &e).unwrap().node_name, "master-0");
+    }
+
+    #[test]
+    fn bad_url_names_its_index() {
+        let errs = errors("etcd:\n  endpoints: [\"http://127.0.0.1:2379\", \"htp://x\"]\ndestination:\n  local:\n    path: /tmp/x\nresources:\n  layout: none\n");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "etcd.endpoints[1]");
+        assert!(
+            errs[0].message.contains("invalid URL \"htp://x\""),
+            "{}",
+            errs[0]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_their_path() {
+        let errs = errors(&MINIMAL.replace("  layout: none", "  layout: none\n  rooot: /x"));
+        assert_eq!(errs[0].field, "resources.rooot", "{errs:?}");
+        assert!(
+            errs[0].message.contains("unknown field `rooot`"),
+            "{errs:?}"
+        );
+        let errs = errors(&format!("{MINIMAL}extra: 1\n"));
+        assert!(
+            errs[0].message.contains("unknown field `extra`"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let errs = errors(&MINIMAL.replace("[\"http://127.0.0.1:2379\"]", "5"));
+        assert_eq!(errs[0].field, "etcd.endpoints", "{errs:?}");
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_at_once() {
+        let text = "node_name: ../evil\ncluster_name: \"\"\netcd:\n  endpoints: [\"ftp://x:1\"]\n  dial_timeout: ten\n  stall_timeout: 0s\nresources:\n  layout: windows\ndestination: {}\nlog:\n  format: xml\n";
+        let f = fields(text);
+        for want in [
+            "node_name",
+            "cluster_name",
+            "etcd.endpoints[0]",
+            "etcd.dial_timeout",
+            "etcd.stall_timeout",
+            "resources.layout",
+            "destination",
+            "log.format",
+        ] {
+            assert!(f.iter().any(|x| x == want), "{want} missing from {f:?}");
+        }
+    }
+
+    #[test]
+    fn https_needs_a_ca_and_a_full_client_pair() {
+        let text = MINIMAL.replace("http://", "https://");
+        assert_eq!(fields(&text), vec!["etcd.ca_file"]);
+        let text = MINIMAL.replace(
+            "  endpoints: [\"http://127.0.0.1:2379\"]",
+            "  endpoints: [\"https://127.0.0.1:2379\"]\n  ca_file: /nonexistent/ca.crt\n  cert_file: /nonexistent/c.crt",
+        );
+        let f = fields(&text);
+        assert!(f.contains(&"etcd.ca_file".to_string()), "{f:?}");
+        assert!(f.contains(&"etcd.cert_file".to_string()), "{f:?}");
+        assert!(f.contains(&"etcd.key_file".to_string()), "{f:?}");
+    }
+
+    #[test]
+    fn missing_resources_root_is_reported() {
+        let text = MINIMAL.replace(
+            "  layout: none",
+            "  layout: kubeadm\n  root: /nonexistent/etc/kubernetes",
+        );
+        assert_eq!(fields(&text), vec!["resources.root"]);
+    }
+
+    #[test]
+    fn endpoint_must_have_port_and_no_path() {
+        assert_eq!(
+            fields(&MINIMAL.replace("127.0.0.1:2379", "127.0.0.1")),
+            vec!["etcd.endpoints[0]"]
+        );
+        assert_eq!(
+            fields(&MINIMAL.replace("127.0.0.1:2379", "127.0.0.1:2379/v3")),
+            vec!["etcd.endpoints[0]"]
+        );
+    }
+}

@@ -1,0 +1,321 @@
+//! A directory on this machine (or a volume mounted into the pod).
+
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncWriteExt};
+
+use super::{components, DestinationError, DirEntry, Upload};
+
+/// Writes below `base`. Directories are created 0700, files 0600.
+#[derive(Debug, Clone)]
+pub struct LocalDir {
+    base: PathBuf,
+}
+
+fn io<'a>(
+    op: &'static str,
+    location: &'a Path,
+) -> impl FnOnce(std::io::Error) -> DestinationError + 'a {
+    move |source| DestinationError::Io {
+        op,
+        location: location.display().to_string(),
+        source,
+    }
+}
+
+impl LocalDir {
+    /// Uses `base`, creating it (0700) when it does not exist yet.
+    ///
+    /// # Errors
+    /// When `base` cannot be created or is not a directory.
+    pub async fn open(base: &Path) -> Result<Self, DestinationError> {
+        let base = base.to_path_buf();
+        let b = base.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&b)
+                .map_err(io("cannot create destination directory", &b))?;
+            let meta =
+                std::fs::metadata(&b).map_err(io("cannot read destination directory", &b))?;
+            if !meta.is_dir() {
+                return Err(DestinationError::Io {
+                    op: "cannot use destination",
+                    location: b.display().to_string(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "not a directory",
+                    ),
+                });
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| DestinationError::Io {
+            op: "cannot prepare",
+            location: base.display().to_string(),
+            source: std::io::Error::other(e),
+        })??;
+        Ok(Self { base })
+    }
+
+    fn resolve(&self, path: &str) -> Result<PathBuf, DestinationError> {
+        let mut p = self.base.clone();
+        for c in components(path)? {
+            p.push(c);
+        }
+        Ok(p)
+    }
+}
+
+/// Runs blocking filesystem work off the async threads.
+async fn blocking<T: Send + 'static>(
+    location: &Path,
+    f: impl FnOnce() -> Result<T, DestinationError> + Send + 'static,
+) -> Result<T, DestinationError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| DestinationError::Io {
+            op: "background task failed for",
+            location: location.display().to_string(),
+            source: std::io::Error::other(e),
+        })?
+}
+
+fn sync_dir(dir: &Path) -> Result<(), DestinationError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("cannot sync directory", dir))
+}
+
+#[async_trait]
+impl super::Destination for LocalDir {
+    fn describe(&self) -> String {
+        format!("local:{}", self.base.display())
+    }
+
+    async fn create(&self, path: &str) -> Result<Box<dyn Upload>, DestinationError> {
+        let full = self.resolve(path)?;
+        let f = full.clone();
+        let file = blocking(&full, move || {
+            if let Some(parent) = f.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(parent)
+                    .map_err(io("cannot create directory", parent))?;
+            }
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&f)
+                .map_err(io("cannot create", &f))
+        })
+        .await?;
+        Ok(Box::new(LocalUpload {
+            // Large writes keep the number of blocking-pool hops low.
+            file: tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file)),
+            path: full,
+            written: 0,
+        }))
+    }
+
+    async fn rename(&self, from: &str, to: &str) -> Result<(), DestinationError> {
+        let from = self.resolve(from)?;
+        let to = self.resolve(to)?;
+        let t = to.clone();
+        blocking(&to, move || {
+            // Set names are unique per run, so checking first is enough to
+            // never replace a file; rename(2) itself would overwrite silently.
+            if std::fs::symlink_metadata(&t).is_ok() {
+                return Err(DestinationError::AlreadyExists {
+                    location: t.display().to_string(),
+                });
+            }
+            std::fs::rename(&from, &t).map_err(io("cannot rename into", &t))?;
+            if let Some(parent) = t.parent() {
+                sync_dir(parent)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list(&self, dir: &str) -> Result<Vec<DirEntry>, DestinationError> {
+        let full = if dir.is_empty() {
+            self.base.clone()
+        } else {
+            self.resolve(dir)?
+        };
+        let d = full.clone();
+        blocking(&full, move || {
+            let rd = match std::fs::read_dir(&d) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(io("cannot list", &d)(e)),
+            };
+            let mut out = Vec::new();
+            for entry in rd {
+                let entry = entry.map_err(io("cannot list", &d))?;
+                let Ok(name) = entry.file_name().into_string() else {
+                    continue;
+                };
+                let meta = entry.metadata().map_err(io("cannot stat", &entry.path()))?;
+                out.push(DirEntry {
+                    name,
+                    is_dir: meta.is_dir(),
+                    size: if meta.is_dir() { 0 } else { meta.len() },
+                    modified: meta.modified().ok(),
+                });
+            }
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn open(
+        &self,
+        path: &str,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
+        let full = self.resolve(path)?;
+        let file = tokio::fs::File::open(&full)
+            .await
+            .map_err(io("cannot open", &full))?;
+        Ok(Box::new(file))
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), DestinationError> {
+        let full = self.resolve(path)?;
+        match tokio::fs::remove_file(&full).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("cannot delete", &full)(e)),
+        }
+    }
+
+    async fn remove_dir(&self, path: &str) -> Result<(), DestinationError> {
+        let full = self.resolve(path)?;
+        match tokio::fs::remove_dir(&full).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("cannot remove directory", &full)(e)),
+        }
+    }
+}
+
+struct LocalUpload {
+    file: tokio::io::BufWriter<tokio::fs::File>,
+    path: PathBuf,
+    written: u64,
+}
+
+#[async_trait]
+impl Upload for LocalUpload {
+    async fn write(&mut self, buf: &[u8]) -> Result<(), DestinationError> {
+        self.file
+            .write_all(buf)
+            .await
+            .map_err(io("cannot write", &self.path))?;
+        self.written += buf.len() as u64;
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<u64, DestinationError> {
+        self.file
+            .flush()
+            .await
+            .map_err(io("cannot write", &self.path))?;
+        let file = self.file.get_mut();
+        file.sync_all()
+            .await
+            .map_err(io("cannot sync", &self.path))?;
+        let stored = file
+            .metadata()
+            .await
+            .map_err(io("cannot stat", &self.path))?
+            .len();
+        if stored != self.written {
+            return Err(DestinationError::SizeMismatch {
+                location: self.path.display().to_string(),
+                sent: self.written,
+                stored,
+            });
+        }
+        Ok(stored)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::destination::Destination;
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn write_rename_read_delete_with_private_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = LocalDir::open(&tmp.path().join("base")).await.unwrap();
+        let mut up = dest.create("c/n/ts/f.partial").await.unwrap();
+        up.write(b"hello ").await.unwrap();
+        up.write(b"world").await.unwrap();
+        assert_eq!(up.finish().await.unwrap(), 11);
+        dest.rename("c/n/ts/f.partial", "c/n/ts/f").await.unwrap();
+
+        let base = tmp.path().join("base");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&base), 0o700);
+        assert_eq!(mode(&base.join("c/n/ts")), 0o700);
+        assert_eq!(mode(&base.join("c/n/ts/f")), 0o600);
+
+        let listed = dest.list("c/n/ts").await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].name.as_str(), listed[0].size), ("f", 11));
+        let mut text = String::new();
+        dest.open("c/n/ts/f")
+            .await
+            .unwrap()
+            .read_to_string(&mut text)
+            .await
+            .unwrap();
+        assert_eq!(text, "hello world");
+
+        dest.delete("c/n/ts/f").await.unwrap();
+        dest.delete("c/n/ts/f").await.unwrap();
+        dest.remove_dir("c/n/ts").await.unwrap();
+        assert!(dest.list("c/n/ts").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn rename_never_replaces_and_create_never_truncates() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = LocalDir::open(tmp.path()).await.unwrap();
+        for name in ["a", "b"] {
+            let mut up = dest.create(name).await.unwrap();
+            up.write(name.as_bytes()).await.unwrap();
+            up.finish().await.unwrap();
+        }
+        assert!(matches!(
+            dest.rename("a", "b").await,
+            Err(DestinationError::AlreadyExists { .. })
+        ));
+        assert!(dest.create("a").await.is_err());
+        assert_eq!(std::fs::read(tmp.path().join("b")).unwrap(), b"b");
+    }
+
+    #[tokio::test]
+    async fn paths_cannot_escape_the_base() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = LocalDir::open(&tmp.path().join("base")).await.unwrap();
+        assert!(matches!(
+            dest.create("../outside").await,
+            Err(DestinationError::BadPath { .. })
+        ));
+        assert!(!tmp.path().join("outside").exists());
+    }
+}

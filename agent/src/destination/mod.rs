@@ -1,0 +1,187 @@
+//! Where backup sets are stored, behind one trait.
+//!
+//! A destination knows nothing about sets or manifests: it stores files under
+//! relative `/`-separated paths below its base, streams them in and out, renames
+//! and deletes them. The set protocol (partial names, rename, manifest last)
+//! lives in [`crate::backup`], so every destination gets it right the same way.
+
+mod local;
+
+use async_trait::async_trait;
+use tokio::io::AsyncRead;
+
+pub use local::LocalDir;
+
+use crate::config::DestinationConfig;
+
+/// Why a destination operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DestinationError {
+    /// An I/O operation failed.
+    #[error("{op} {location}: {source}")]
+    Io {
+        /// What was being done, e.g. "cannot create".
+        op: &'static str,
+        /// The full location (destination base and path).
+        location: String,
+        /// What the OS or server said.
+        source: std::io::Error,
+    },
+    /// A rename target already exists; nothing was overwritten.
+    #[error("cannot rename to {location}: it already exists, and existing backups are never overwritten")]
+    AlreadyExists {
+        /// The full location of the existing file.
+        location: String,
+    },
+    /// The stored file's size differs from the bytes sent.
+    #[error("{location} holds {stored} bytes after writing {sent}; the destination lost data")]
+    SizeMismatch {
+        /// The full location.
+        location: String,
+        /// Bytes sent.
+        sent: u64,
+        /// Bytes stored.
+        stored: u64,
+    },
+    /// A path that is not a plain relative path below the base.
+    #[error("refusing path {path:?}: not a relative path below the destination's base")]
+    BadPath {
+        /// The rejected path.
+        path: String,
+    },
+}
+
+impl DestinationError {
+    /// Whether trying again later may succeed: I/O failures that look like a
+    /// connection or a momentary condition, not a refusal.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DestinationError::Io { source, .. } => !matches!(
+                source.kind(),
+                std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::InvalidInput
+                    | std::io::ErrorKind::InvalidData
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    /// The entry's name (one path component).
+    pub name: String,
+    /// Whether it is a directory.
+    pub is_dir: bool,
+    /// Size in bytes (0 for directories).
+    pub size: u64,
+    /// Last modification, when the destination reports it.
+    pub modified: Option<std::time::SystemTime>,
+}
+
+/// A file being written. Dropping it without [`Upload::finish`] abandons the
+/// file where it is; the caller removes it.
+#[async_trait]
+pub trait Upload: Send {
+    /// Appends bytes.
+    ///
+    /// # Errors
+    /// Write failures.
+    async fn write(&mut self, buf: &[u8]) -> Result<(), DestinationError>;
+
+    /// Makes the file durable and closes it, then checks that the stored size
+    /// equals the bytes written, and returns that size.
+    ///
+    /// # Errors
+    /// Flush, sync and close failures; [`DestinationError::SizeMismatch`].
+    async fn finish(self: Box<Self>) -> Result<u64, DestinationError>;
+}
+
+/// A place to store files. Paths are relative, `/`-separated, below the base.
+#[async_trait]
+pub trait Destination: Send + Sync {
+    /// Where this is, for messages and the run record (never with secrets).
+    fn describe(&self) -> String;
+
+    /// Creates a new file for writing, with its parent directories (mode 0700);
+    /// the file is mode 0600. Fails if the file exists.
+    ///
+    /// # Errors
+    /// I/O failures.
+    async fn create(&self, path: &str) -> Result<Box<dyn Upload>, DestinationError>;
+
+    /// Renames `from` to `to`, refusing to replace an existing `to`.
+    ///
+    /// # Errors
+    /// [`DestinationError::AlreadyExists`], I/O failures.
+    async fn rename(&self, from: &str, to: &str) -> Result<(), DestinationError>;
+
+    /// Lists a directory; a missing directory lists as empty.
+    ///
+    /// # Errors
+    /// I/O failures.
+    async fn list(&self, dir: &str) -> Result<Vec<DirEntry>, DestinationError>;
+
+    /// Opens a file for reading.
+    ///
+    /// # Errors
+    /// I/O failures, including a missing file.
+    async fn open(&self, path: &str)
+        -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError>;
+
+    /// Deletes a file; a missing file is not an error.
+    ///
+    /// # Errors
+    /// I/O failures.
+    async fn delete(&self, path: &str) -> Result<(), DestinationError>;
+
+    /// Removes an empty directory; a missing directory is not an error.
+    ///
+    /// # Errors
+    /// I/O failures, including a directory that is not empty.
+    async fn remove_dir(&self, path: &str) -> Result<(), DestinationError>;
+}
+
+/// Opens the configured destination.
+///
+/// # Errors
+/// When the destination cannot be set up (e.g. the base cannot be created).
+pub async fn open(config: &DestinationConfig) -> Result<Box<dyn Destination>, DestinationError> {
+    match config {
+        DestinationConfig::Local { path } => Ok(Box::new(LocalDir::open(path).await?)),
+    }
+}
+
+/// Splits a relative path into its components, refusing anything that could
+/// leave the base: absolute paths, `..`, `.`, empty components.
+///
+/// # Errors
+/// [`DestinationError::BadPath`].
+pub fn components(path: &str) -> Result<Vec<&str>, DestinationError> {
+    let parts: Vec<&str> = path.split('/').collect();
+    if path.is_empty()
+        || parts
+            .iter()
+            .any(|p| p.is_empty() || *p == "." || *p == ".." || p.contains('\0'))
+    {
+        return Err(DestinationError::BadPath {
+            path: path.to_string(),
+        });
+    }
+    Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn components_refuse_escapes() {
+        assert_eq!(components("a/b/c").unwrap(), vec!["a", "b", "c"]);
+        for bad in ["", "/a", "a/", "a//b", "../a", "a/./b", "a/../../b"] {
+            assert!(components(bad).is_err(), "{bad:?}");
+        }
+    }
+}

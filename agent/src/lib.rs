@@ -1,0 +1,18 @@
+//! etcd-backup-agent: an on-node agent that takes verified etcd snapshots and
+//! the node's static-pod resources, and stores them as atomic backup sets.
+//!
+//! # Layout
+//! - [`config`]: the YAML config file, parsed and validated completely up front.
+//! - [`etcd`]: the local etcd member: status, and the snapshot stream with its
+//!   digest check ([`etcd::SnapshotVerifier`]).
+//! - [`resources`]: which static-pod files to bundle, and the streamed tar.gz.
+//! - [`destination`]: where sets are stored, one trait; a local directory.
+//! - [`backup`]: one run, the set protocol (partial names, rename, manifest last).
+//! - [`cli`]: the command line, exit codes and logging set-up; `main.rs` only calls it.
+
+pub mod backup;
+pub mod cli;
+pub mod config;
+pub mod destination;
+pub mod etcd;
+pub mod resources;

@@ -1,0 +1,17 @@
+//! The contract of etcd-backup-agent: pure data, serde, no I/O.
+//!
+//! Anything that is written to a destination or sent over the wire is described
+//! here, so that the agent, its tests and any other reader agree on one shape.
+//!
+//! # Layout
+//! - [`naming`]: backup-set timestamps, file names and the set's path.
+//! - [`manifest`]: `manifest.json`, the file whose presence makes a set complete.
+
+pub mod manifest;
+pub mod naming;
+
+pub use manifest::{FileKind, Manifest, ManifestEtcd, ManifestFile, MANIFEST_FORMAT_VERSION};
+pub use naming::{
+    is_valid_name_component, InvalidTimestamp, SetId, SetTimestamp, MANIFEST_FILE_NAME,
+    PARTIAL_SUFFIX,
+};

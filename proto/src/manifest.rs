@@ -1,0 +1,149 @@
+//! `manifest.json`: what a backup set holds, and the checksums to prove it.
+//!
+//! The manifest is written last; its presence is what makes a set complete.
+//! It holds no secrets (sizes, hashes, IDs, times), so it is never encrypted.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::naming::SetTimestamp;
+
+/// The `format_version` this crate writes. Readers refuse newer versions.
+pub const MANIFEST_FORMAT_VERSION: u32 = 1;
+
+/// The content of `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Bumped on any change a reader of an older version would misread.
+    pub format_version: u32,
+    /// `cluster_name` of the agent that took the backup.
+    pub cluster: String,
+    /// `node_name` of the agent that took the backup.
+    pub node: String,
+    /// The set's timestamp, also its directory name.
+    pub timestamp: SetTimestamp,
+    /// When the run started (before connecting to etcd).
+    pub started_at: DateTime<Utc>,
+    /// When the last data file was stored, just before the manifest was written.
+    pub finished_at: DateTime<Utc>,
+    /// Version of the agent that wrote the set.
+    pub agent_version: String,
+    /// What etcd said about itself when the snapshot started.
+    pub etcd: ManifestEtcd,
+    /// Which static-pod resources layout was bundled (`openshift`, `kubeadm`, `none`).
+    pub resources_layout: String,
+    /// Every data file of the set, the snapshot first.
+    pub files: Vec<ManifestFile>,
+}
+
+/// The etcd member a snapshot was taken from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestEtcd {
+    /// The endpoint the snapshot was streamed from.
+    pub endpoint: String,
+    /// etcd cluster ID, 16 lower-case hex digits as `etcdctl -w table` shows it.
+    pub cluster_id: String,
+    /// etcd member ID, 16 lower-case hex digits.
+    pub member_id: String,
+    /// etcd server version, e.g. `3.5.16`.
+    pub version: String,
+    /// The store revision in the response header of the status call made just
+    /// before the snapshot started. The snapshot holds at least this revision.
+    pub revision: i64,
+    /// The member's database size in bytes as reported by the same call.
+    pub db_size: i64,
+}
+
+/// What a data file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    /// The etcd snapshot, including etcd's 32-byte SHA-256 trailer, exactly as
+    /// `etcdctl snapshot save` writes it.
+    Snapshot,
+    /// The static-pod resources tarball.
+    Resources,
+}
+
+/// One data file of a set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// File name inside the set directory.
+    pub name: String,
+    /// What the file is.
+    pub kind: FileKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 of the whole file, lower-case hex.
+    pub sha256: String,
+}
+
+impl Manifest {
+    /// The entry of the given kind, if the set has one.
+    pub fn file(&self, kind: FileKind) -> Option<&ManifestFile> {
+        self.files.iter().find(|f| f.kind == kind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let ts: SetTimestamp = "2026-11-24_120000".parse().unwrap();
+        Manifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            cluster: "prod".into(),
+            node: "master-0".into(),
+            timestamp: ts,
+            started_at: ts.as_datetime(),
+            finished_at: ts.as_datetime() + chrono::Duration::seconds(3),
+            agent_version: "0.1.0".into(),
+            etcd: ManifestEtcd {
+                endpoint: "https://10.0.0.5:2379".into(),
+                cluster_id: "cdf818194e3a8c32".into(),
+                member_id: "8e9e05c52164694d".into(),
+                version: "3.5.16".into(),
+                revision: 42,
+                db_size: 20480,
+            },
+            resources_layout: "openshift".into(),
+            files: vec![
+                ManifestFile {
+                    name: ts.snapshot_file_name(),
+                    kind: FileKind::Snapshot,
+                    size: 20512,
+                    sha256: "00".repeat(32),
+                },
+                ManifestFile {
+                    name: ts.resources_file_name(),
+                    kind: FileKind::Resources,
+                    size: 1000,
+                    sha256: "11".repeat(32),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn manifest_round_trips_through_json() {
+        let m = sample();
+        let json = serde_json::to_string_pretty(&m).unwrap();
+        assert!(
+            json.contains("\"timestamp\": \"2026-11-24_120000\""),
+            "{json}"
+        );
+        assert!(json.contains("\"kind\": \"snapshot\""), "{json}");
+        let back: Manifest = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.file(FileKind::Resources).unwrap().size, 1000);
+    }
+
+    #[test]
+    fn manifest_with_bad_timestamp_is_rejected() {
+        let json = serde_json::to_string(&sample())
+            .unwrap()
+            .replace("2026-11-24_120000", "yesterday");
+        assert!(serde_json::from_str::<Manifest>(&json).is_err());
+    }
+}

@@ -1,0 +1,200 @@
+//! Backup-set naming.
+//!
+//! A set lives at `<cluster>/<node>/<ts>/` below a destination's base, and holds
+//! `snapshot_<ts>.db`, `static_kuberesources_<ts>.tar.gz` and `manifest.json`.
+//! `<ts>` is UTC `YYYY-MM-DD_HHMMSS`, the shape OpenShift's `cluster-backup.sh`
+//! uses, so a fetched set directory can be handed to `cluster-restore.sh` as it is.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The file whose presence makes a set complete. Written last, deleted first.
+pub const MANIFEST_FILE_NAME: &str = "manifest.json";
+
+/// Suffix of a file that is still being written. Such a file is never part of a
+/// complete set; retention removes stale ones.
+pub const PARTIAL_SUFFIX: &str = ".partial";
+
+const TS_FORMAT: &str = "%Y-%m-%d_%H%M%S";
+
+/// The UTC second a backup run started, which names its set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SetTimestamp(DateTime<Utc>);
+
+/// A string that is not a `YYYY-MM-DD_HHMMSS` set timestamp.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{value:?} is not a backup-set timestamp of the form YYYY-MM-DD_HHMMSS (UTC)")]
+pub struct InvalidTimestamp {
+    /// The rejected text.
+    pub value: String,
+}
+
+impl SetTimestamp {
+    /// The timestamp of `at`, truncated to the second.
+    pub fn new(at: DateTime<Utc>) -> Self {
+        Self(at.trunc_subsecs(0))
+    }
+
+    /// The instant as a chrono value.
+    pub fn as_datetime(&self) -> DateTime<Utc> {
+        self.0
+    }
+
+    /// `snapshot_<ts>.db`, the name `cluster-backup.sh` gives the snapshot.
+    pub fn snapshot_file_name(&self) -> String {
+        format!("snapshot_{self}.db")
+    }
+
+    /// `static_kuberesources_<ts>.tar.gz`, the name `cluster-backup.sh` gives the
+    /// static-pod resources.
+    pub fn resources_file_name(&self) -> String {
+        format!("static_kuberesources_{self}.tar.gz")
+    }
+}
+
+impl fmt::Display for SetTimestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.format(TS_FORMAT))
+    }
+}
+
+impl FromStr for SetTimestamp {
+    type Err = InvalidTimestamp;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = || InvalidTimestamp {
+            value: s.to_string(),
+        };
+        // chrono accepts some variations (missing zero padding); the set name
+        // must round-trip exactly, so compare the re-rendered text too.
+        let naive = NaiveDateTime::parse_from_str(s, TS_FORMAT).map_err(|_| invalid())?;
+        let ts = Self(naive.and_utc());
+        if ts.to_string() != s {
+            return Err(invalid());
+        }
+        Ok(ts)
+    }
+}
+
+impl Serialize for SetTimestamp {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SetTimestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Whether `s` can be used as one path component of a set's location
+/// (a cluster or node name): non-empty, at most 253 bytes, no `/`, no NUL,
+/// not `.` or `..`, and no leading `.` so it cannot hide or look like a partial.
+pub fn is_valid_name_component(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && !s.starts_with('.')
+        && !s.contains(['/', '\0', '\\'])
+        && !s.chars().any(char::is_control)
+}
+
+/// Where one backup set lives, relative to a destination's base directory.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SetId {
+    /// The cluster's name, from the agent's config.
+    pub cluster: String,
+    /// The node that took the backup.
+    pub node: String,
+    /// When the run started.
+    pub timestamp: SetTimestamp,
+}
+
+impl SetId {
+    /// The set's directory: `<cluster>/<node>/<ts>`.
+    pub fn dir(&self) -> String {
+        format!("{}/{}/{}", self.cluster, self.node, self.timestamp)
+    }
+
+    /// A file inside the set's directory.
+    pub fn file(&self, name: &str) -> String {
+        format!("{}/{}", self.dir(), name)
+    }
+}
+
+impl fmt::Display for SetId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.dir())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn timestamp_renders_like_cluster_backup_sh() {
+        let at = Utc.with_ymd_and_hms(2026, 3, 7, 4, 5, 6).unwrap();
+        let ts = SetTimestamp::new(at + chrono::Duration::milliseconds(999));
+        assert_eq!(ts.to_string(), "2026-03-07_040506");
+        assert_eq!(ts.snapshot_file_name(), "snapshot_2026-03-07_040506.db");
+        assert_eq!(
+            ts.resources_file_name(),
+            "static_kuberesources_2026-03-07_040506.tar.gz"
+        );
+    }
+
+    #[test]
+    fn timestamp_parses_only_its_own_shape() {
+        let ts: SetTimestamp = "2026-11-24_235959".parse().unwrap();
+        assert_eq!(ts.to_string(), "2026-11-24_235959");
+        for bad in [
+            "",
+            "2026-11-24",
+            "2026-11-24_23595",
+            "2026-11-24 235959",
+            "2026-1-24_235959",
+            "2026-13-24_235959",
+            "2026-11-24_235959x",
+            "latest",
+        ] {
+            assert!(bad.parse::<SetTimestamp>().is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn timestamps_order_by_time() {
+        let a: SetTimestamp = "2026-01-01_000000".parse().unwrap();
+        let b: SetTimestamp = "2026-01-01_000001".parse().unwrap();
+        assert!(a < b);
+    }
+
+    #[test]
+    fn name_components_reject_path_tricks() {
+        for ok in ["master-0", "prod", "ip-10-0-1-2.ec2.internal", "a"] {
+            assert!(is_valid_name_component(ok), "{ok:?}");
+        }
+        for bad in ["", ".", "..", ".hidden", "a/b", "a\\b", "a\0b", "a\nb"] {
+            assert!(!is_valid_name_component(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn set_id_paths() {
+        let id = SetId {
+            cluster: "prod".into(),
+            node: "master-0".into(),
+            timestamp: "2026-11-24_120000".parse().unwrap(),
+        };
+        assert_eq!(id.dir(), "prod/master-0/2026-11-24_120000");
+        assert_eq!(
+            id.file(MANIFEST_FILE_NAME),
+            "prod/master-0/2026-11-24_120000/manifest.json"
+        );
+    }
+}
