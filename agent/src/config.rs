@@ -98,7 +98,18 @@ struct RawResources {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDestination {
-    local: Option<RawLocal>,
+    /// `Some(None)` for a key given with no value (`local:`), so the error can
+    /// name the missing `path` rather than claim there is no destination.
+    #[serde(default, deserialize_with = "present")]
+    local: Option<Option<RawLocal>>,
+}
+
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -590,7 +601,7 @@ impl Validator {
             );
             return None;
         };
-        match local.path {
+        match local.unwrap_or_default().path {
             Some(path) if !path.as_os_str().is_empty() => Some(DestinationConfig::Local { path }),
             _ => {
                 self.error(

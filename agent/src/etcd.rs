@@ -41,6 +41,8 @@ pub enum EtcdError {
         detail: String,
         /// What to do, when we can tell.
         hint: String,
+        /// A TLS problem: retrying will not help until a person fixes it.
+        tls: bool,
     },
     /// The member did not answer in time.
     #[error("etcd at {endpoint} did not answer within {after:?} (etcd.dial_timeout); check that the member is running and reachable from this node")]
@@ -77,7 +79,7 @@ impl EtcdError {
     pub fn is_transient(&self) -> bool {
         match self {
             EtcdError::TlsFile { .. } => false,
-            EtcdError::Connect { hint, .. } => hint.is_empty(),
+            EtcdError::Connect { tls, .. } => !tls,
             EtcdError::DialTimeout { .. } | EtcdError::Call { .. } | EtcdError::Stalled { .. } => {
                 true
             }
@@ -206,6 +208,7 @@ impl EtcdMember {
                 endpoint: endpoint_text.clone(),
                 detail: etcd_error_detail(&e),
                 hint: String::new(),
+                tls: false,
             })?;
         Ok(Self {
             endpoint: url,
@@ -280,17 +283,20 @@ fn etcd_error_detail(e: &etcd_client::Error) -> String {
 fn connect_error(endpoint: &str, e: &(dyn std::error::Error + 'static)) -> EtcdError {
     let detail = chain(e);
     let lower = detail.to_lowercase();
-    let hint = if lower.contains("certificate") || lower.contains("unknownissuer") {
-        "; the server's TLS certificate was not accepted: check that etcd.ca_file is the CA that signed etcd's serving certificate and that the endpoint's host is in its SANs"
+    let (hint, tls) = if lower.contains("certificate") || lower.contains("unknownissuer") {
+        ("; the server's TLS certificate was not accepted: check that etcd.ca_file is the CA that signed etcd's serving certificate and that the endpoint's host is in its SANs", true)
     } else if lower.contains("handshake") || lower.contains("tls") || lower.contains("alert") {
-        "; the TLS handshake failed: check etcd.cert_file/etcd.key_file (etcd requires a client certificate its CA signed) and that the endpoint speaks https"
+        ("; the TLS handshake failed: check etcd.cert_file/etcd.key_file (etcd requires a client certificate its CA signed) and that the endpoint speaks https", true)
+    } else if lower.contains("refused") {
+        ("; nothing listens there: check that the etcd member on this node is running and that etcd.endpoints[0] is its client URL", false)
     } else {
-        ""
+        ("", false)
     };
     EtcdError::Connect {
         endpoint: endpoint.to_string(),
         detail,
         hint: hint.to_string(),
+        tls,
     }
 }
 

@@ -1,1 +1,85 @@
+//! End-to-end harness: real etcd, real `etcdctl`, the real agent binary.
+//!
+//! Every helper starts its process on free loopback ports (127.0.0.1 only), in
+//! its own temporary directory, and kills it when dropped. A missing tool is a
+//! panic with the package to install, never a skipped test.
+//!
+//! # Layout
+//! - [`etcd`]: a throwaway etcd member (plain or TLS), `etcdctl`, keyspace dumps.
+//! - [`tls`]: a CA, server and client certificates made on the fly.
+//! - [`agent`]: the agent binary, config files for it, and its runs.
+//! - [`fake_etcd`]: a gRPC Maintenance server that serves a tampered snapshot.
+//! - [`fixtures`]: `/etc/kubernetes` trees in the OpenShift and kubeadm shapes.
 
+pub mod agent;
+pub mod etcd;
+pub mod fake_etcd;
+pub mod fixtures;
+pub mod tls;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// Panics with an install hint when `tool` is not on `PATH`.
+pub fn require_tool(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{tool}` is not installed; run scripts/test (it installs the `{package}` package) or `apt-get install {package}`"
+    );
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every regular file below `dir`, as paths relative to it, sorted.
+pub fn files_below(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                out.push(p.strip_prefix(base).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// The directories holding a `manifest.json` below `dir`: the complete sets.
+pub fn complete_sets(dir: &Path) -> Vec<String> {
+    files_below(dir)
+        .into_iter()
+        .filter_map(|f| f.strip_suffix("/manifest.json").map(str::to_string))
+        .collect()
+}

@@ -1,0 +1,195 @@
+//! The real `etcd-backup-agent` binary, its config files and its runs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::etcd::EtcdServer;
+
+/// The agent binary, built once per test process with the workspace's cargo.
+///
+/// `ETCD_BACKUP_AGENT_BIN` overrides it (to test an installed binary).
+pub fn agent_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("ETCD_BACKUP_AGENT_BIN") {
+            return PathBuf::from(p);
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "etcd-backup-agent",
+            "--bin",
+            "etcd-backup-agent",
+            "--message-format=json",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::inherit());
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().expect("run cargo build for the agent binary");
+        assert!(
+            out.status.success(),
+            "cargo build of etcd-backup-agent failed"
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| {
+                v["reason"] == "compiler-artifact" && v["target"]["name"] == "etcd-backup-agent"
+            })
+            .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+            .expect("cargo reported no etcd-backup-agent executable")
+    })
+    .clone()
+}
+
+/// What the agent's config file says; rendered to YAML by [`AgentConfig::yaml`].
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// `node_name`.
+    pub node_name: String,
+    /// `cluster_name`.
+    pub cluster_name: String,
+    /// `etcd.endpoints`.
+    pub endpoints: Vec<String>,
+    /// `etcd.ca_file`, `etcd.cert_file`, `etcd.key_file`.
+    pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// `etcd.dial_timeout`.
+    pub dial_timeout: String,
+    /// `etcd.stall_timeout`.
+    pub stall_timeout: String,
+    /// `resources.layout`.
+    pub layout: String,
+    /// `resources.root`.
+    pub root: Option<PathBuf>,
+    /// `destination.local.path`.
+    pub destination: PathBuf,
+}
+
+impl AgentConfig {
+    /// A config that backs up `etcd` (no resources) into `destination`.
+    pub fn new(etcd: &EtcdServer, destination: &Path) -> Self {
+        let tls = etcd.tls.as_ref().map(|t| {
+            (
+                t.ca_cert.clone(),
+                t.client_cert.clone(),
+                t.client_key.clone(),
+            )
+        });
+        Self::for_endpoint(&etcd.client_url, tls, destination)
+    }
+
+    /// A config for any endpoint.
+    pub fn for_endpoint(
+        endpoint: &str,
+        tls: Option<(PathBuf, PathBuf, PathBuf)>,
+        destination: &Path,
+    ) -> Self {
+        Self {
+            node_name: "master-0".into(),
+            cluster_name: "test".into(),
+            endpoints: vec![endpoint.to_string()],
+            tls,
+            dial_timeout: "5s".into(),
+            stall_timeout: "10s".into(),
+            layout: "none".into(),
+            root: None,
+            destination: destination.to_path_buf(),
+        }
+    }
+
+    /// The YAML text.
+    pub fn yaml(&self) -> String {
+        let mut y = format!(
+            "node_name: {}\ncluster_name: {}\netcd:\n  endpoints: [{}]\n  dial_timeout: {}\n  stall_timeout: {}\n",
+            self.node_name,
+            self.cluster_name,
+            self.endpoints
+                .iter()
+                .map(|e| format!("\"{e}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.dial_timeout,
+            self.stall_timeout
+        );
+        if let Some((ca, cert, key)) = &self.tls {
+            y += &format!(
+                "  ca_file: {}\n  cert_file: {}\n  key_file: {}\n",
+                ca.display(),
+                cert.display(),
+                key.display()
+            );
+        }
+        y += &format!("resources:\n  layout: {}\n", self.layout);
+        if let Some(root) = &self.root {
+            y += &format!("  root: {}\n", root.display());
+        }
+        y += &format!(
+            "destination:\n  local:\n    path: {}\n",
+            self.destination.display()
+        );
+        y
+    }
+
+    /// Writes the YAML to `dir/config.yaml` and returns its path.
+    pub fn write(&self, dir: &Path) -> PathBuf {
+        let p = dir.join("config.yaml");
+        std::fs::write(&p, self.yaml()).expect("write config");
+        p
+    }
+}
+
+/// How a run of the binary ended.
+#[derive(Debug)]
+pub struct AgentRun {
+    /// Exit code (-1 when killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error (the logs).
+    pub stderr: String,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl AgentRun {
+    /// Panics with the output unless the exit code is `code`.
+    pub fn assert_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code, code,
+            "agent exited {} (wanted {code})\nstdout:\n{}\nstderr:\n{}",
+            self.code, self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+/// Runs the agent binary with `args`, no stdin, `RUST_LOG` unset.
+pub fn run_agent(args: &[&str]) -> AgentRun {
+    let bin = agent_bin();
+    let start = Instant::now();
+    let out = Command::new(bin)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("NODE_NAME")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run etcd-backup-agent");
+    AgentRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// `etcd-backup-agent backup --config <config>`.
+pub fn backup(config: &Path) -> AgentRun {
+    run_agent(&["backup", "--config", config.to_str().expect("utf-8 path")])
+}

@@ -1,0 +1,277 @@
+//! A throwaway etcd member on loopback, and `etcdctl`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, GetOptions, TlsOptions};
+use tempfile::TempDir;
+
+use crate::tls::TlsFiles;
+use crate::{free_port, require_tool, wait_for};
+
+/// A running etcd member; killed and its data removed on drop.
+pub struct EtcdServer {
+    child: Option<Child>,
+    /// Holds the data dir and logs; removed on drop.
+    pub dir: TempDir,
+    /// The member's name.
+    pub name: String,
+    /// `http(s)://127.0.0.1:<port>`.
+    pub client_url: String,
+    /// `http://127.0.0.1:<port>`.
+    pub peer_url: String,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// TLS material, when the member serves https.
+    pub tls: Option<TlsFiles>,
+}
+
+impl EtcdServer {
+    /// Starts a fresh single-member cluster over plain http.
+    pub fn start() -> Self {
+        Self::launch(None, None)
+    }
+
+    /// Starts a fresh single-member cluster that serves https and requires
+    /// client certificates signed by `tls`'s CA.
+    pub fn start_tls(tls: TlsFiles) -> Self {
+        Self::launch(Some(tls), None)
+    }
+
+    /// Starts a member on an existing data dir (one made by `etcdctl snapshot
+    /// restore` with `name` and `peer_port`).
+    pub fn start_on(data_dir: PathBuf, name: &str, peer_port: u16) -> Self {
+        Self::launch(None, Some((data_dir, name.to_string(), peer_port)))
+    }
+
+    fn launch(tls: Option<TlsFiles>, existing: Option<(PathBuf, String, u16)>) -> Self {
+        require_tool("etcd", "etcd-server");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{}", free_port());
+        let (data_dir, name, peer_port) = match existing {
+            Some(e) => e,
+            None => (
+                dir.path().join("data"),
+                "test-member".to_string(),
+                free_port(),
+            ),
+        };
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log file");
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--name")
+            .arg(&name)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--listen-client-urls")
+            .arg(&client_url)
+            .arg("--advertise-client-urls")
+            .arg(&client_url)
+            .arg("--listen-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-cluster")
+            .arg(format!("{name}={peer_url}"))
+            .arg("--listen-metrics-urls")
+            .arg(format!("http://127.0.0.1:{}", free_port()))
+            .arg("--logger=zap")
+            .arg("--log-outputs=stderr")
+            .env_remove("ETCD_UNSUPPORTED_ARCH")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        if let Some(t) = &tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca_cert)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd.spawn().expect("start etcd");
+        let server = Self {
+            child: Some(child),
+            dir,
+            name,
+            client_url,
+            peer_url,
+            data_dir,
+            tls,
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&self) {
+        let mut tries = 0;
+        wait_for("etcd to answer", Duration::from_secs(30), || {
+            tries += 1;
+            let out = self.etcdctl(&["endpoint", "health"]);
+            if out.status.success() {
+                Some(())
+            } else {
+                if tries % 40 == 0 {
+                    eprintln!(
+                        "still waiting for etcd: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                None
+            }
+        });
+    }
+
+    /// The member's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+    }
+
+    /// Runs `etcdctl` (API v3) against this member.
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        let mut cmd = etcdctl_command();
+        cmd.arg("--endpoints").arg(&self.client_url);
+        if let Some(t) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(&t.ca_cert)
+                .arg("--cert")
+                .arg(&t.client_cert)
+                .arg("--key")
+                .arg(&t.client_key);
+        }
+        cmd.args(args).output().expect("run etcdctl")
+    }
+
+    /// An etcd-client connected to this member.
+    pub async fn client(&self) -> Client {
+        let mut opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(5));
+        if let Some(t) = &self.tls {
+            opts = opts.with_tls(
+                TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(
+                        std::fs::read(&t.ca_cert).unwrap(),
+                    ))
+                    .identity(etcd_client::Identity::from_pem(
+                        std::fs::read(&t.client_cert).unwrap(),
+                        std::fs::read(&t.client_key).unwrap(),
+                    )),
+            );
+        }
+        Client::connect([self.client_url.as_str()], Some(opts))
+            .await
+            .expect("connect to test etcd")
+    }
+
+    /// Stops the member (SIGKILL) now.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `etcdctl` with API v3 selected and no environment leaking in.
+pub fn etcdctl_command() -> Command {
+    require_tool("etcdctl", "etcd-client");
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
+        .env_remove("ETCDCTL_ENDPOINTS")
+        .env_remove("ETCDCTL_CACERT")
+        .env_remove("ETCDCTL_CERT")
+        .env_remove("ETCDCTL_KEY")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Every key and value, in key order.
+pub async fn dump(client: &mut Client) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let resp = client
+        .get(vec![0u8], Some(GetOptions::new().with_from_key()))
+        .await
+        .expect("range over the keyspace");
+    resp.kvs()
+        .iter()
+        .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
+        .collect()
+}
+
+/// Writes `n` keys under `prefix`, overwrites every third and deletes every
+/// fifth, so the snapshot holds history, not just a flat keyspace.
+pub async fn write_history(client: &mut Client, prefix: &str, n: usize) {
+    for i in 0..n {
+        client
+            .put(
+                format!("{prefix}/{i:05}"),
+                format!("value-{i}-{}", "x".repeat(i % 97)),
+                None,
+            )
+            .await
+            .expect("put");
+    }
+    for i in (0..n).step_by(3) {
+        client
+            .put(format!("{prefix}/{i:05}"), format!("overwritten-{i}"), None)
+            .await
+            .expect("overwrite");
+    }
+    for i in (0..n).step_by(5) {
+        client
+            .delete(format!("{prefix}/{i:05}"), None)
+            .await
+            .expect("delete");
+    }
+}
+
+/// `etcdctl snapshot status -w json` of a snapshot file.
+pub fn snapshot_status(file: &Path) -> serde_json::Value {
+    let out = etcdctl_command()
+        .args(["snapshot", "status", "-w", "json"])
+        .arg(file)
+        .output()
+        .expect("run etcdctl snapshot status");
+    assert!(
+        out.status.success(),
+        "etcdctl snapshot status {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("snapshot status json")
+}
+
+/// Restores `snapshot` with the real `etcdctl snapshot restore` into a new
+/// data dir and starts a member on it.
+pub fn restore_and_start(snapshot: &Path, work: &Path) -> EtcdServer {
+    let name = "restored";
+    let peer_port = free_port();
+    let data_dir = work.join("restored-data");
+    let out = etcdctl_command()
+        .args(["snapshot", "restore"])
+        .arg(snapshot)
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .arg("--name")
+        .arg(name)
+        .arg("--initial-cluster")
+        .arg(format!("{name}=http://127.0.0.1:{peer_port}"))
+        .arg("--initial-advertise-peer-urls")
+        .arg(format!("http://127.0.0.1:{peer_port}"))
+        .output()
+        .expect("run etcdctl snapshot restore");
+    assert!(
+        out.status.success(),
+        "etcdctl snapshot restore {}: {}",
+        snapshot.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    EtcdServer::start_on(data_dir, name, peer_port)
+}

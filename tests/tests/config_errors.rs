@@ -1,0 +1,192 @@
+//! Every kind of bad configuration exits 2 and names its field; nothing is
+//! started and nothing is written.
+
+use etcd_backup_tests::agent::run_agent;
+
+fn check(yaml: &str) -> etcd_backup_tests::agent::AgentRun {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("config.yaml");
+    std::fs::write(&p, yaml).unwrap();
+    let run = run_agent(&["backup", "--config", p.to_str().unwrap()]);
+    assert!(
+        !dir.path().join("backups").exists(),
+        "a bad config wrote a backup"
+    );
+    run
+}
+
+fn good(dest_dir: &str) -> String {
+    format!(
+        "node_name: master-0\netcd:\n  endpoints: [\"http://127.0.0.1:1\"]\nresources:\n  layout: none\ndestination:\n  local:\n    path: {dest_dir}\n"
+    )
+}
+
+#[test]
+fn each_bad_value_exits_2_naming_its_field() {
+    let base = good("/nonexistent-dir-for-config-test/backups");
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            base.replace("http://127.0.0.1:1", "htp://x"),
+            "etcd.endpoints[0]",
+            "invalid URL \"htp://x\"",
+        ),
+        (
+            base.replace("http://127.0.0.1:1", "http://127.0.0.1"),
+            "etcd.endpoints[0]",
+            "port",
+        ),
+        (
+            base.replace("[\"http://127.0.0.1:1\"]", "[]"),
+            "etcd.endpoints",
+            "empty",
+        ),
+        (
+            base.replace("  endpoints", "  dial_timeout: soon\n  endpoints"),
+            "etcd.dial_timeout",
+            "invalid duration",
+        ),
+        (
+            base.replace("  endpoints", "  stall_timeout: 0s\n  endpoints"),
+            "etcd.stall_timeout",
+            "zero",
+        ),
+        (
+            base.replace("  endpoints", "  ca_file: /nonexistent/ca.crt\n  endpoints"),
+            "etcd.ca_file",
+            "/nonexistent/ca.crt",
+        ),
+        (
+            base.replace("http://", "https://"),
+            "etcd.ca_file",
+            "required with https",
+        ),
+        (
+            base.replace("layout: none", "layout: windows"),
+            "resources.layout",
+            "expected one of openshift, kubeadm, none",
+        ),
+        (
+            base.replace("layout: none", "layout: kubeadm\n  root: /nonexistent/k8s"),
+            "resources.root",
+            "/nonexistent/k8s",
+        ),
+        (
+            base.replace("node_name: master-0", "node_name: ../up"),
+            "node_name",
+            "directory name",
+        ),
+        (
+            format!("{base}cluster_name: a/b\n"),
+            "cluster_name",
+            "directory name",
+        ),
+        (
+            base.replace("    path: /nonexistent-dir-for-config-test/backups\n", ""),
+            "destination.local.path",
+            "required",
+        ),
+        (
+            base.replace(
+                "  local:\n    path: /nonexistent-dir-for-config-test/backups\n",
+                "  s3: {}\n",
+            ),
+            "destination.s3",
+            "unknown field `s3`",
+        ),
+        (
+            format!("{base}colour: blue\n"),
+            "colour",
+            "unknown field `colour`",
+        ),
+        (
+            base.replace("  endpoints", "  endpoint: x\n  endpoints"),
+            "etcd.endpoint",
+            "unknown field `endpoint`",
+        ),
+        (
+            base.replace("[\"http://127.0.0.1:1\"]", "5"),
+            "etcd.endpoints",
+            "invalid type",
+        ),
+        (
+            format!("{base}log:\n  format: xml\n"),
+            "log.format",
+            "text or json",
+        ),
+        (
+            "etcd:\n  endpoints: [\"unclosed\n  x: {\n".to_string(),
+            "",
+            "line ",
+        ),
+    ];
+    for (yaml, field, message) in cases {
+        let run = check(&yaml);
+        assert_eq!(run.code, 2, "config:\n{yaml}\nstderr:\n{}", run.stderr);
+        assert!(
+            run.stderr.contains(&format!("  {field}: ")) || field.is_empty(),
+            "field {field} not named for config:\n{yaml}\nstderr:\n{}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains(message),
+            "message {message:?} missing:\n{}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn several_problems_are_reported_together() {
+    let run = check(
+        "etcd:\n  endpoints: [\"ftp://x:1\"]\n  dial_timeout: ten\nresources:\n  layout: windows\n",
+    );
+    assert_eq!(run.code, 2);
+    for field in [
+        "etcd.endpoints[0]",
+        "etcd.dial_timeout",
+        "resources.layout",
+        "destination",
+    ] {
+        assert!(
+            run.stderr.contains(&format!("  {field}: ")),
+            "{field}:\n{}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn missing_config_file_and_bad_arguments_exit_2() {
+    let run = run_agent(&["backup", "--config", "/nonexistent/config.yaml"]);
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("/nonexistent/config.yaml"),
+        "{}",
+        run.stderr
+    );
+    let run = run_agent(&["backup"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("--config"), "{}", run.stderr);
+    let run = run_agent(&["backup", "--config", "x", "--password", "hunter2"]);
+    assert_eq!(run.code, 2);
+    let run = run_agent(&["frobnicate"]);
+    assert_eq!(run.code, 2);
+}
+
+#[test]
+fn check_config_accepts_a_good_file_and_lists_problems_of_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("config.yaml");
+    std::fs::write(&p, good(dir.path().join("backups").to_str().unwrap())).unwrap();
+    let run = run_agent(&["check-config", "--config", p.to_str().unwrap()]);
+    run.assert_code(0);
+    assert!(run.stdout.contains("valid"), "{}", run.stdout);
+    std::fs::write(&p, "etcd: {}\n").unwrap();
+    let run = run_agent(&["check-config", "--config", p.to_str().unwrap()]);
+    run.assert_code(2);
+    assert!(
+        run.stderr.contains("etcd.endpoints: required"),
+        "{}",
+        run.stderr
+    );
+}

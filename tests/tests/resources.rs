@@ -1,0 +1,173 @@
+//! The static-pod resources tarball holds exactly what the layout names, with
+//! modes and mtimes kept, and never follows a symlink out of the root.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+use etcd_backup_proto::{FileKind, Manifest};
+use etcd_backup_tests::agent::{backup, AgentConfig};
+use etcd_backup_tests::etcd::EtcdServer;
+use etcd_backup_tests::fixtures::{kubeadm_tree, openshift_tree, tar_gz_entries};
+use etcd_backup_tests::{complete_sets, files_below};
+use sha2::{Digest, Sha256};
+
+struct Bundled {
+    manifest: Manifest,
+    tarball: std::path::PathBuf,
+    _work: tempfile::TempDir,
+}
+
+fn back_up_tree(
+    etcd: &EtcdServer,
+    layout: &str,
+    build: impl FnOnce(&std::path::Path) -> Vec<String>,
+) -> (Bundled, Vec<String>, std::path::PathBuf) {
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("etc-kubernetes");
+    std::fs::create_dir(&root).unwrap();
+    let expected = build(&root);
+    let dest = work.path().join("backups");
+    let mut cfg = AgentConfig::new(etcd, &dest);
+    cfg.layout = layout.into();
+    cfg.root = Some(root.clone());
+    backup(&cfg.write(work.path())).assert_code(0);
+    let sets = complete_sets(&dest);
+    assert_eq!(sets.len(), 1, "{:?}", files_below(&dest));
+    let set_dir = dest.join(&sets[0]);
+    let manifest: Manifest =
+        serde_json::from_slice(&std::fs::read(set_dir.join("manifest.json")).unwrap()).unwrap();
+    let entry = manifest
+        .file(FileKind::Resources)
+        .expect("resources in manifest")
+        .clone();
+    let tarball = set_dir.join(&entry.name);
+    assert_eq!(
+        entry.name,
+        format!("static_kuberesources_{}.tar.gz", manifest.timestamp)
+    );
+    let bytes = std::fs::read(&tarball).unwrap();
+    assert_eq!(entry.size, bytes.len() as u64);
+    assert_eq!(entry.sha256, hex::encode(Sha256::digest(&bytes)));
+    assert_eq!(
+        std::fs::metadata(&tarball).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    (
+        Bundled {
+            manifest,
+            tarball,
+            _work: work,
+        },
+        expected,
+        root,
+    )
+}
+
+#[test]
+fn openshift_layout_takes_the_live_revisions_only() {
+    let etcd = EtcdServer::start();
+    let (b, expected, root) = back_up_tree(&etcd, "openshift", openshift_tree);
+    assert_eq!(b.manifest.resources_layout, "openshift");
+    let entries = tar_gz_entries(&b.tarball);
+    let mut paths: Vec<String> = entries.iter().map(|e| e.path.clone()).collect();
+    paths.sort();
+    assert_eq!(paths, expected);
+
+    // The encryption config of the live kube-apiserver revision came along.
+    let enc = entries
+        .iter()
+        .find(|e| e.path == "static-pod-resources/kube-apiserver-pod-7/secrets/encryption-config/encryption-config")
+        .unwrap();
+    assert_eq!(enc.content, b"kind: EncryptionConfiguration\n");
+
+    // Modes and mtimes are kept.
+    for e in entries.iter().filter(|e| e.kind == 'f') {
+        let meta = std::fs::symlink_metadata(root.join(&e.path)).unwrap();
+        assert_eq!(e.mode, meta.mode() & 0o7777, "{}", e.path);
+        assert_eq!(e.mtime, meta.mtime() as u64, "{}", e.path);
+        assert_eq!(
+            e.content,
+            std::fs::read(root.join(&e.path)).unwrap(),
+            "{}",
+            e.path
+        );
+    }
+    assert!(entries.iter().any(|e| e.kind == 'f' && e.mode == 0o600));
+    assert!(entries.iter().any(|e| e.kind == 'f' && e.mode == 0o644));
+
+    // The symlink out of the root is stored as a link, not followed.
+    let link = entries
+        .iter()
+        .find(|e| e.path.ends_with("/outside"))
+        .unwrap();
+    assert_eq!(link.kind, 'l');
+    assert_eq!(link.link.as_deref(), Some("/etc"));
+    assert!(
+        !entries.iter().any(|e| e.path.contains("outside/")),
+        "followed the symlink"
+    );
+}
+
+#[test]
+fn kubeadm_layout_takes_manifests_pki_and_the_encryption_config() {
+    let etcd = EtcdServer::start();
+    let (b, expected, _root) = back_up_tree(&etcd, "kubeadm", kubeadm_tree);
+    assert_eq!(b.manifest.resources_layout, "kubeadm");
+    let mut paths: Vec<String> = tar_gz_entries(&b.tarball)
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    paths.sort();
+    assert_eq!(paths, expected);
+}
+
+#[test]
+fn missing_static_pod_manifest_is_named_and_nothing_is_written() {
+    let etcd = EtcdServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("etc-kubernetes");
+    std::fs::create_dir(&root).unwrap();
+    openshift_tree(&root);
+    std::fs::remove_file(root.join("manifests/kube-scheduler-pod.yaml")).unwrap();
+    let dest = work.path().join("backups");
+    let mut cfg = AgentConfig::new(&etcd, &dest);
+    cfg.layout = "openshift".into();
+    cfg.root = Some(root.clone());
+    let run = backup(&cfg.write(work.path()));
+    run.assert_code(1);
+    assert!(run.stderr.contains("stage resources"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(
+            &root
+                .join("manifests/kube-scheduler-pod.yaml")
+                .display()
+                .to_string()
+        ),
+        "{}",
+        run.stderr
+    );
+    assert!(files_below(&dest).is_empty(), "{:?}", files_below(&dest));
+}
+
+#[test]
+fn revision_directory_that_is_a_symlink_out_of_root_is_refused() {
+    let etcd = EtcdServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("etc-kubernetes");
+    std::fs::create_dir(&root).unwrap();
+    openshift_tree(&root);
+    let outside = work.path().join("outside-rev");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret"), "not for the backup").unwrap();
+    let rev = root.join("static-pod-resources/etcd-pod-2");
+    std::fs::remove_dir_all(&rev).unwrap();
+    std::os::unix::fs::symlink(&outside, &rev).unwrap();
+    let dest = work.path().join("backups");
+    let mut cfg = AgentConfig::new(&etcd, &dest);
+    cfg.layout = "openshift".into();
+    cfg.root = Some(root);
+    let run = backup(&cfg.write(work.path()));
+    run.assert_code(1);
+    assert!(run.stderr.contains("etcd-pod-2"), "{}", run.stderr);
+    assert!(run.stderr.contains("symbolic link"), "{}", run.stderr);
+    assert!(files_below(&dest).is_empty());
+}
