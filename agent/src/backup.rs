@@ -497,3 +497,217 @@ impl<'a> Run<'a> {
 pub fn partial(path: &str) -> String {
     format!("{path}{PARTIAL_SUFFIX}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Environment;
+    use crate::destination::{DirEntry, LocalDir};
+    use crate::etcd::SnapshotStream;
+    use async_trait::async_trait;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncRead;
+
+    /// An in-memory member serving a fake database with a correct digest.
+    struct MemorySource {
+        stream: Vec<u8>,
+    }
+
+    impl MemorySource {
+        fn new(pages: usize) -> Self {
+            let mut stream: Vec<u8> = (0..pages * 512).map(|i| (i % 253) as u8).collect();
+            let digest = Sha256::digest(&stream);
+            stream.extend_from_slice(&digest);
+            Self { stream }
+        }
+    }
+
+    struct Chunks(std::vec::IntoIter<Vec<u8>>);
+
+    #[async_trait]
+    impl SnapshotStream for Chunks {
+        async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, EtcdError> {
+            Ok(self.0.next())
+        }
+    }
+
+    #[async_trait]
+    impl SnapshotSource for MemorySource {
+        async fn member_info(&mut self) -> Result<MemberInfo, EtcdError> {
+            Ok(MemberInfo {
+                endpoint: "memory://".into(),
+                cluster_id: 1,
+                member_id: 2,
+                version: "3.5.0".into(),
+                revision: 9,
+                db_size: (self.stream.len() - 32) as i64,
+                leader: 2,
+            })
+        }
+
+        async fn snapshot(&mut self) -> Result<Box<dyn SnapshotStream>, EtcdError> {
+            let chunks: Vec<Vec<u8>> = self.stream.chunks(1000).map(<[u8]>::to_vec).collect();
+            Ok(Box::new(Chunks(chunks.into_iter())))
+        }
+    }
+
+    /// A local directory whose n-th rename fails, as a destination that drops
+    /// the connection half-way through publishing a set.
+    struct FailingRename {
+        inner: LocalDir,
+        fail_at: usize,
+        renames: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Destination for FailingRename {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        async fn create(&self, path: &str) -> Result<Box<dyn Upload>, DestinationError> {
+            self.inner.create(path).await
+        }
+        async fn rename(&self, from: &str, to: &str) -> Result<(), DestinationError> {
+            if self.renames.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
+                return Err(DestinationError::Io {
+                    op: "cannot rename into",
+                    location: to.to_string(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "connection reset",
+                    ),
+                });
+            }
+            self.inner.rename(from, to).await
+        }
+        async fn list(&self, dir: &str) -> Result<Vec<DirEntry>, DestinationError> {
+            self.inner.list(dir).await
+        }
+        async fn open(
+            &self,
+            path: &str,
+        ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
+            self.inner.open(path).await
+        }
+        async fn delete(&self, path: &str) -> Result<(), DestinationError> {
+            self.inner.delete(path).await
+        }
+        async fn remove_dir(&self, path: &str) -> Result<(), DestinationError> {
+            self.inner.remove_dir(path).await
+        }
+    }
+
+    fn config(dest: &std::path::Path, root: Option<&std::path::Path>) -> Config {
+        let resources = match root {
+            Some(r) => format!("resources:\n  layout: kubeadm\n  root: {}\n", r.display()),
+            None => "resources:\n  layout: none\n".to_string(),
+        };
+        let text = format!(
+            "node_name: n\ncluster_name: c\netcd:\n  endpoints: [\"http://127.0.0.1:1\"]\n{resources}destination:\n  local:\n    path: {}\n",
+            dest.display()
+        );
+        Config::parse(
+            &text,
+            &Environment {
+                node_name: None,
+                hostname: None,
+            },
+        )
+        .unwrap()
+    }
+
+    fn kubeadm_root(dir: &std::path::Path) -> std::path::PathBuf {
+        let root = dir.join("k8s");
+        std::fs::create_dir_all(root.join("manifests")).unwrap();
+        std::fs::create_dir_all(root.join("pki")).unwrap();
+        std::fs::write(
+            root.join("manifests/kube-apiserver.yaml"),
+            "- kube-apiserver\n",
+        )
+        .unwrap();
+        std::fs::write(root.join("pki/ca.crt"), "CA").unwrap();
+        root
+    }
+
+    fn all_files(dir: &std::path::Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.path().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn complete_set_has_both_files_and_the_manifest_last() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = kubeadm_root(tmp.path());
+        let base = tmp.path().join("dest");
+        let cfg = config(&base, Some(&root));
+        let dest = LocalDir::open(&base).await.unwrap();
+        let mut source = MemorySource::new(8);
+        let report = run_with_source(&cfg, &mut source, &dest).await.unwrap();
+        let ts = report.set.timestamp;
+        let files = all_files(&base.join(report.set.dir()));
+        assert_eq!(
+            files,
+            vec![
+                "manifest.json".to_string(),
+                ts.snapshot_file_name(),
+                ts.resources_file_name()
+            ]
+        );
+        let m = &report.manifest;
+        assert_eq!(m.files[0].size, source.stream.len() as u64);
+        assert_eq!(
+            m.files[0].sha256,
+            hex::encode(Sha256::digest(&source.stream))
+        );
+        assert_eq!(
+            (m.etcd.revision, m.etcd.member_id.as_str()),
+            (9, "0000000000000002")
+        );
+        let stages: Vec<&str> = report.stages.iter().map(|s| s.stage.as_str()).collect();
+        assert_eq!(
+            stages,
+            ["connect", "snapshot", "resources", "upload", "manifest"]
+        );
+    }
+
+    #[tokio::test]
+    async fn failure_while_publishing_removes_everything_the_run_wrote() {
+        for fail_at in 1..=3 {
+            let tmp = tempfile::tempdir().unwrap();
+            let root = kubeadm_root(tmp.path());
+            let base = tmp.path().join("dest");
+            let cfg = config(&base, Some(&root));
+            let dest = FailingRename {
+                inner: LocalDir::open(&base).await.unwrap(),
+                fail_at,
+                renames: AtomicUsize::new(0),
+            };
+            let err = run_with_source(&cfg, &mut MemorySource::new(4), &dest)
+                .await
+                .unwrap_err();
+            let want = if fail_at == 3 {
+                Stage::Manifest
+            } else {
+                Stage::Upload
+            };
+            assert_eq!(err.stage, want, "rename {fail_at}");
+            assert!(err.is_transient(), "a reset connection is worth a retry");
+            assert!(
+                all_files(&base).is_empty(),
+                "rename {fail_at}: left {:?}",
+                all_files(&base)
+            );
+        }
+    }
+}
