@@ -15,4 +15,5 @@ pub mod cli;
 pub mod config;
 pub mod destination;
 pub mod etcd;
+pub mod known_hosts;
 pub mod resources;

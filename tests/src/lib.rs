@@ -10,11 +10,13 @@
 //! - [`agent`]: the agent binary, config files for it, and its runs.
 //! - [`fake_etcd`]: a gRPC Maintenance server that serves a tampered snapshot.
 //! - [`fixtures`]: `/etc/kubernetes` trees in the OpenShift and kubeadm shapes.
+//! - [`sshd`]: a throwaway OpenSSH server with its own host key and client keys.
 
 pub mod agent;
 pub mod etcd;
 pub mod fake_etcd;
 pub mod fixtures;
+pub mod sshd;
 pub mod tls;
 
 use std::net::TcpListener;

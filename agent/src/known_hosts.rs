@@ -1,0 +1,1 @@
+//! Placeholder: known_hosts checking is being written.
