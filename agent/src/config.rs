@@ -74,6 +74,7 @@ pub struct RawConfig {
     etcd: Option<RawEtcd>,
     resources: Option<RawResources>,
     destination: Option<RawDestination>,
+    retry: Option<RawRetry>,
     log: Option<RawLog>,
 }
 
@@ -102,6 +103,32 @@ struct RawDestination {
     /// name the missing `path` rather than claim there is no destination.
     #[serde(default, deserialize_with = "present")]
     local: Option<Option<RawLocal>>,
+    #[serde(default, deserialize_with = "present")]
+    sftp: Option<Option<RawSftp>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSftp {
+    host: Option<String>,
+    port: Option<u16>,
+    user: Option<String>,
+    path: Option<String>,
+    known_hosts_file: Option<PathBuf>,
+    host_key_fingerprint: Option<String>,
+    private_key_file: Option<PathBuf>,
+    private_key_passphrase_file: Option<PathBuf>,
+    password_file: Option<PathBuf>,
+    connect_timeout: Option<String>,
+    io_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    attempts: Option<u32>,
+    initial_delay: Option<String>,
+    max_delay: Option<String>,
 }
 
 fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
@@ -139,6 +166,18 @@ pub mod defaults {
     pub const RESOURCES_ROOT: &str = "/etc/kubernetes";
     /// `log.level`.
     pub const LOG_LEVEL: &str = "info";
+    /// `destination.sftp.port`.
+    pub const SFTP_PORT: u16 = 22;
+    /// `destination.sftp.connect_timeout`.
+    pub const SFTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `destination.sftp.io_timeout`.
+    pub const SFTP_IO_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `retry.attempts`: attempts in all, the first included.
+    pub const RETRY_ATTEMPTS: u32 = 3;
+    /// `retry.initial_delay`.
+    pub const RETRY_INITIAL_DELAY: Duration = Duration::from_secs(5);
+    /// `retry.max_delay`.
+    pub const RETRY_MAX_DELAY: Duration = Duration::from_secs(60);
 }
 
 /// The validated configuration.
@@ -154,6 +193,8 @@ pub struct Config {
     pub resources: ResourcesConfig,
     /// Where backup sets are stored.
     pub destination: DestinationConfig,
+    /// How failed attempts are retried.
+    pub retry: RetryConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -219,6 +260,77 @@ pub enum DestinationConfig {
         /// Base directory; sets go below `<path>/<cluster>/<node>/`.
         path: PathBuf,
     },
+    /// `destination.sftp`: a directory on an SFTP server.
+    Sftp(SftpConfig),
+}
+
+impl DestinationConfig {
+    /// Where sets go, for people (no secrets).
+    pub fn describe(&self) -> String {
+        match self {
+            DestinationConfig::Local { path } => format!("local:{}", path.display()),
+            DestinationConfig::Sftp(s) => {
+                format!("sftp://{}@{}:{}{}", s.user, s.host, s.port, s.path)
+            }
+        }
+    }
+}
+
+/// `destination.sftp:`. Secrets are file paths; their contents are read when
+/// connecting and never kept in this struct, printed or logged.
+#[derive(Debug, Clone)]
+pub struct SftpConfig {
+    /// Server host name or address.
+    pub host: String,
+    /// Server port.
+    pub port: u16,
+    /// Login user.
+    pub user: String,
+    /// Base directory on the server.
+    pub path: String,
+    /// How the server's host key is checked.
+    pub host_key: HostKeyCheck,
+    /// How we authenticate.
+    pub auth: SftpAuth,
+    /// TCP connect, SSH handshake and authentication together.
+    pub connect_timeout: Duration,
+    /// Any single SFTP request, or a write that makes no progress, for this long fails.
+    pub io_timeout: Duration,
+}
+
+/// Which host keys are trusted. There is deliberately no "accept any".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostKeyCheck {
+    /// Entries of an OpenSSH known_hosts file.
+    KnownHosts(PathBuf),
+    /// One pinned key, by its `SHA256:` fingerprint.
+    Fingerprint(String),
+}
+
+/// How the agent logs in to the SFTP server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SftpAuth {
+    /// A private key file (ed25519, ECDSA or RSA), optionally encrypted.
+    PrivateKey {
+        /// The key file.
+        key_file: PathBuf,
+        /// A file holding the key's passphrase.
+        passphrase_file: Option<PathBuf>,
+    },
+    /// A file holding the password (one trailing newline is ignored).
+    Password(PathBuf),
+}
+
+/// `retry:`: how a failed attempt is retried. Only failures that may pass
+/// (connections, timeouts) are retried; each retry takes a fresh snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryConfig {
+    /// Attempts in all, the first included; 1 disables retries.
+    pub attempts: u32,
+    /// Delay before the second attempt; doubled for each further one.
+    pub initial_delay: Duration,
+    /// Upper bound of a delay.
+    pub max_delay: Duration,
 }
 
 /// `log:`
@@ -330,6 +442,7 @@ impl Config {
         let etcd = v.etcd(raw.etcd.unwrap_or_default());
         let resources = v.resources(raw.resources.unwrap_or_default());
         let destination = v.destination(raw.destination);
+        let retry = v.retry(raw.retry.unwrap_or_default());
         let log = v.log(raw.log.unwrap_or_default());
 
         if !v.errors.is_empty() {
@@ -349,6 +462,7 @@ impl Config {
                 etcd,
                 resources,
                 destination,
+                retry,
                 log,
             }),
             _ => Err(vec![FieldError {
@@ -587,29 +701,206 @@ impl Validator {
     }
 
     fn destination(&mut self, raw: Option<RawDestination>) -> Option<DestinationConfig> {
+        const KINDS: &str = "destination.local or destination.sftp";
         let Some(raw) = raw else {
             self.error(
                 "destination",
-                "required: configure exactly one of destination.local",
+                format!("required: configure exactly one of {KINDS}"),
             );
             return None;
         };
-        let Some(local) = raw.local else {
-            self.error(
-                "destination",
-                "no destination configured: set exactly one of destination.local",
-            );
-            return None;
-        };
-        match local.unwrap_or_default().path {
-            Some(path) if !path.as_os_str().is_empty() => Some(DestinationConfig::Local { path }),
-            _ => {
+        match (raw.local, raw.sftp) {
+            (None, None) => {
                 self.error(
-                    "destination.local.path",
-                    "required: the directory backup sets are written to",
+                    "destination",
+                    format!("no destination configured: set exactly one of {KINDS}"),
                 );
                 None
             }
+            (Some(_), Some(_)) => {
+                self.error(
+                    "destination",
+                    format!("both local and sftp are set: configure exactly one of {KINDS}"),
+                );
+                None
+            }
+            (Some(local), None) => match local.unwrap_or_default().path {
+                Some(path) if !path.as_os_str().is_empty() => {
+                    Some(DestinationConfig::Local { path })
+                }
+                _ => {
+                    self.error(
+                        "destination.local.path",
+                        "required: the directory backup sets are written to",
+                    );
+                    None
+                }
+            },
+            (None, Some(sftp)) => self
+                .sftp(sftp.unwrap_or_default())
+                .map(DestinationConfig::Sftp),
+        }
+    }
+
+    fn required_text(&mut self, field: &str, value: Option<String>, what: &str) -> Option<String> {
+        match value {
+            Some(v) if !v.trim().is_empty() => Some(v),
+            _ => {
+                self.error(field, format!("required: {what}"));
+                None
+            }
+        }
+    }
+
+    fn sftp(&mut self, raw: RawSftp) -> Option<SftpConfig> {
+        let host = self.required_text(
+            "destination.sftp.host",
+            raw.host,
+            "the SFTP server's host name or address",
+        );
+        if let Some(h) = &host {
+            if h.contains(|c: char| c.is_whitespace() || c == '/' || c == '@') {
+                self.error("destination.sftp.host", format!("{h:?} is not a host name or address; give the port in destination.sftp.port"));
+            }
+        }
+        let port = raw.port.unwrap_or(defaults::SFTP_PORT);
+        if port == 0 {
+            self.error(
+                "destination.sftp.port",
+                "0 is not a port; the SSH default is 22",
+            );
+        }
+        let user = self.required_text(
+            "destination.sftp.user",
+            raw.user,
+            "the login user on the SFTP server",
+        );
+        let path = self.required_text(
+            "destination.sftp.path",
+            raw.path,
+            "the base directory on the server, e.g. /srv/backups",
+        );
+        if let Some(p) = &path {
+            if p.split('/').any(|c| c == "..") {
+                self.error(
+                    "destination.sftp.path",
+                    format!("{p:?} contains '..'; give a plain directory"),
+                );
+            }
+        }
+
+        let host_key = match (raw.known_hosts_file, raw.host_key_fingerprint) {
+            (Some(_), Some(_)) => {
+                self.error(
+                    "destination.sftp.host_key_fingerprint",
+                    "set either known_hosts_file or host_key_fingerprint, not both",
+                );
+                None
+            }
+            (None, None) => {
+                self.error(
+                    "destination.sftp.known_hosts_file",
+                    "required (or host_key_fingerprint): the server's host key must be known in advance; \
+                     get it with `ssh-keyscan -p PORT HOST`, check it with the server's administrator, \
+                     and put the lines in a known_hosts file",
+                );
+                None
+            }
+            (Some(file), None) => {
+                self.readable_file("destination.sftp.known_hosts_file", &file);
+                Some(HostKeyCheck::KnownHosts(file))
+            }
+            (None, Some(fp)) => match crate::known_hosts::parse_sha256_fingerprint(fp.trim()) {
+                Ok(fp) => Some(HostKeyCheck::Fingerprint(fp)),
+                Err(e) => {
+                    self.error("destination.sftp.host_key_fingerprint", e);
+                    None
+                }
+            },
+        };
+
+        let auth = match (raw.private_key_file, raw.password_file) {
+            (Some(_), Some(_)) => {
+                self.error(
+                    "destination.sftp.password_file",
+                    "set either private_key_file or password_file, not both",
+                );
+                None
+            }
+            (None, None) => {
+                self.error(
+                    "destination.sftp.private_key_file",
+                    "required (or password_file): how the agent logs in; secrets are read from files only",
+                );
+                None
+            }
+            (Some(key_file), None) => {
+                self.readable_file("destination.sftp.private_key_file", &key_file);
+                if let Some(p) = &raw.private_key_passphrase_file {
+                    self.readable_file("destination.sftp.private_key_passphrase_file", p);
+                }
+                Some(SftpAuth::PrivateKey {
+                    key_file,
+                    passphrase_file: raw.private_key_passphrase_file,
+                })
+            }
+            (None, Some(password_file)) => {
+                if raw.private_key_passphrase_file.is_some() {
+                    self.error(
+                        "destination.sftp.private_key_passphrase_file",
+                        "only used with private_key_file",
+                    );
+                }
+                self.readable_file("destination.sftp.password_file", &password_file);
+                Some(SftpAuth::Password(password_file))
+            }
+        };
+        let connect_timeout = self.duration(
+            "destination.sftp.connect_timeout",
+            raw.connect_timeout,
+            defaults::SFTP_CONNECT_TIMEOUT,
+        );
+        let io_timeout = self.duration(
+            "destination.sftp.io_timeout",
+            raw.io_timeout,
+            defaults::SFTP_IO_TIMEOUT,
+        );
+        if io_timeout < Duration::from_secs(1) {
+            self.error("destination.sftp.io_timeout", "must be at least 1s");
+        }
+        Some(SftpConfig {
+            host: host?,
+            port,
+            user: user?,
+            path: path?,
+            host_key: host_key?,
+            auth: auth?,
+            connect_timeout,
+            io_timeout,
+        })
+    }
+
+    fn retry(&mut self, raw: RawRetry) -> RetryConfig {
+        let attempts = raw.attempts.unwrap_or(defaults::RETRY_ATTEMPTS);
+        if attempts == 0 {
+            self.error("retry.attempts", "must be at least 1 (1 means no retries)");
+        }
+        let initial_delay = self.duration(
+            "retry.initial_delay",
+            raw.initial_delay,
+            defaults::RETRY_INITIAL_DELAY,
+        );
+        let max_delay = self.duration("retry.max_delay", raw.max_delay, defaults::RETRY_MAX_DELAY);
+        if max_delay < initial_delay {
+            self.error(
+                "retry.max_delay",
+                "must not be less than retry.initial_delay",
+            );
+        }
+        RetryConfig {
+            attempts: attempts.max(1),
+            initial_delay,
+            max_delay,
         }
     }
 

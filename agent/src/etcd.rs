@@ -187,9 +187,10 @@ impl EtcdMember {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
             .keep_alive_while_idle(true)
-            // Larger HTTP/2 windows let etcd keep streaming while we write.
-            .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(8 << 20));
+            // HTTP/2 windows large enough that etcd keeps streaming while we
+            // write, small enough to bound what waits in memory (BENCHMARKS.md).
+            .initial_stream_window_size(Some(2 << 20))
+            .initial_connection_window_size(Some(4 << 20));
         if let Some(tls) = &config.tls {
             endpoint = endpoint
                 .tls_config(tls_options(tls)?)
@@ -389,15 +390,15 @@ impl SnapshotStream for GrpcSnapshotStream {
 
 /// Checks etcd's digest trailer as a snapshot streams past.
 ///
-/// Every byte goes into a SHA-256 of the whole stream (what the stored file
-/// hashes to). All but the last 32 bytes also go into a SHA-256 of the database,
-/// which must equal those last 32 bytes. The last 32 bytes are not known until
-/// the stream ends, so they are held back: memory use is 32 bytes plus two
-/// hash states, whatever the snapshot's size.
+/// All but the last 32 bytes go into a SHA-256 of the database, which must
+/// equal those last 32 bytes. The last 32 bytes are not known until the stream
+/// ends, so they are held back. The SHA-256 of the whole stream (what the stored
+/// file hashes to, for the manifest) is the database hash state continued with
+/// the trailer, so each byte is hashed once. Memory use is 32 bytes plus one
+/// hash state, whatever the snapshot's size.
 #[derive(Debug, Clone, Default)]
 pub struct SnapshotVerifier {
     body: Sha256,
-    file: Sha256,
     held: Vec<u8>,
     total: u64,
 }
@@ -426,7 +427,6 @@ impl SnapshotVerifier {
 
     /// Feeds the next bytes of the stream.
     pub fn update(&mut self, chunk: &[u8]) {
-        self.file.update(chunk);
         self.total += chunk.len() as u64;
         let pending = self.held.len() + chunk.len();
         if pending <= DIGEST_LEN {
@@ -458,9 +458,10 @@ impl SnapshotVerifier {
                 received: self.total,
             });
         }
-        let actual = self.body.finalize();
+        let mut file = self.body.clone();
+        file.update(&self.held);
         let expected = hex::encode(&self.held);
-        let actual = hex::encode(actual);
+        let actual = hex::encode(self.body.finalize());
         if expected != actual {
             return Err(VerifyError::DigestMismatch {
                 expected,
@@ -470,7 +471,7 @@ impl SnapshotVerifier {
         }
         Ok(VerifiedSnapshot {
             size: self.total,
-            file_sha256: hex::encode(self.file.finalize()),
+            file_sha256: hex::encode(file.finalize()),
             etcd_digest: expected,
         })
     }

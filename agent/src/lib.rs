@@ -6,7 +6,9 @@
 //! - [`etcd`]: the local etcd member: status, and the snapshot stream with its
 //!   digest check ([`etcd::SnapshotVerifier`]).
 //! - [`resources`]: which static-pod files to bundle, and the streamed tar.gz.
-//! - [`destination`]: where sets are stored, one trait; a local directory.
+//! - [`destination`]: where sets are stored, one trait; a local directory, SFTP.
+//! - [`known_hosts`]: whether an SFTP server's host key is trusted (OpenSSH
+//!   known_hosts rules, or a pinned fingerprint).
 //! - [`backup`]: one run, the set protocol (partial names, rename, manifest last).
 //! - [`cli`]: the command line, exit codes and logging set-up; `main.rs` only calls it.
 

@@ -6,11 +6,13 @@
 //! lives in [`crate::backup`], so every destination gets it right the same way.
 
 mod local;
+mod sftp;
 
 use async_trait::async_trait;
 use tokio::io::AsyncRead;
 
 pub use local::LocalDir;
+pub use sftp::SftpDir;
 
 use crate::config::DestinationConfig;
 
@@ -43,6 +45,46 @@ pub enum DestinationError {
         /// Bytes stored.
         stored: u64,
     },
+    /// No SSH/SFTP session could be set up (network, timeout, protocol).
+    #[error("cannot connect to {location}: {detail}")]
+    Connect {
+        /// The destination.
+        location: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The server's host key is not trusted; nothing was sent to it.
+    #[error("{detail}")]
+    HostKey {
+        /// The server's host.
+        host: String,
+        /// The server's port.
+        port: u16,
+        /// What was presented and what to do.
+        detail: String,
+    },
+    /// The server refused our credentials, or they could not be loaded.
+    #[error("SFTP authentication as {user} on {host}:{port} failed: {detail}")]
+    Auth {
+        /// The login user.
+        user: String,
+        /// The server's host.
+        host: String,
+        /// The server's port.
+        port: u16,
+        /// What failed and what to check.
+        detail: String,
+    },
+    /// A secret file from the config could not be read.
+    #[error("cannot read {field} {path}: {source}")]
+    Secret {
+        /// The config field.
+        field: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
     /// A path that is not a plain relative path below the base.
     #[error("refusing path {path:?}: not a relative path below the destination's base")]
     BadPath {
@@ -62,7 +104,9 @@ impl DestinationError {
                     | std::io::ErrorKind::NotFound
                     | std::io::ErrorKind::InvalidInput
                     | std::io::ErrorKind::InvalidData
+                    | std::io::ErrorKind::Unsupported
             ),
+            DestinationError::Connect { .. } => true,
             _ => false,
         }
     }
@@ -151,6 +195,7 @@ pub trait Destination: Send + Sync {
 pub async fn open(config: &DestinationConfig) -> Result<Box<dyn Destination>, DestinationError> {
     match config {
         DestinationConfig::Local { path } => Ok(Box::new(LocalDir::open(path).await?)),
+        DestinationConfig::Sftp(c) => Ok(Box::new(SftpDir::new(c.clone()))),
     }
 }
 
