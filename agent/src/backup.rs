@@ -30,6 +30,9 @@ use crate::etcd::{
 };
 use crate::resources::{self, ResourcesError};
 
+/// Snapshot bytes gathered before each destination write.
+const WRITE_BATCH: usize = 1 << 20;
+
 /// The agent's version, recorded in every manifest.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -120,7 +123,10 @@ impl BackupError {
         match &self.cause {
             Cause::Etcd(e) => e.is_transient(),
             Cause::Destination(e) => e.is_transient(),
-            Cause::Verify(_) | Cause::Resources(_) => false,
+            // A digest mismatch means the bytes changed on the way; a fresh
+            // snapshot over a fresh connection is the right next step.
+            Cause::Verify(_) => true,
+            Cause::Resources(_) => false,
             Cause::SetExists { .. } => true,
         }
     }
@@ -148,6 +154,52 @@ pub struct BackupReport {
     pub manifest: Manifest,
     /// Each stage in order.
     pub stages: Vec<StageReport>,
+}
+
+/// Runs a backup with the configured retries: an attempt that fails on
+/// something that may pass (a connection, a timeout, a corrupted stream) is
+/// retried after an exponential, jittered delay, with a fresh destination
+/// connection and a fresh snapshot. Host-key, authentication and configuration
+/// problems fail at once.
+///
+/// # Errors
+/// The last attempt's [`BackupError`].
+pub async fn run_with_retries(config: &Config) -> Result<BackupReport, BackupError> {
+    let retry = config.retry;
+    let mut attempt = 1;
+    loop {
+        let result = match crate::destination::open(&config.destination).await {
+            Ok(dest) => run(config, dest.as_ref()).await,
+            Err(e) => Err(BackupError::new(Stage::Upload, e)),
+        };
+        match result {
+            Err(e) if e.is_transient() && attempt < retry.attempts => {
+                let delay = backoff(&retry, attempt, rand::random::<f64>());
+                tracing::warn!(
+                    attempt,
+                    of = retry.attempts,
+                    retry_in_ms = delay.as_millis() as u64,
+                    error = %e,
+                    "backup attempt failed; retrying with a fresh snapshot"
+                );
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The delay after failed attempt `attempt` (1-based): the initial delay
+/// doubled per attempt, capped, then scaled into `[d/2, d]` by `unit` in
+/// `[0, 1)` so agents that failed together do not retry together.
+pub fn backoff(retry: &crate::config::RetryConfig, attempt: u32, unit: f64) -> Duration {
+    let exp = attempt.saturating_sub(1).min(30);
+    let full = retry
+        .initial_delay
+        .saturating_mul(1u32 << exp)
+        .min(retry.max_delay);
+    full.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
 }
 
 /// Runs one backup against the configured etcd member.
@@ -334,13 +386,25 @@ impl<'a> Run<'a> {
             .map_err(|e| BackupError::new(Stage::Snapshot, e))?;
         let mut up = self.create(&path, Stage::Upload).await?;
         let mut verifier = SnapshotVerifier::new();
+        // etcd sends 32 KiB messages; handing the destination larger writes
+        // means fewer requests (and acknowledgements) on the way out.
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
         while let Some(chunk) = stream
             .next_chunk()
             .await
             .map_err(|e| BackupError::new(Stage::Snapshot, e))?
         {
             verifier.update(&chunk);
-            up.write(&chunk)
+            batch.extend_from_slice(&chunk);
+            if batch.len() >= WRITE_BATCH {
+                up.write(&batch)
+                    .await
+                    .map_err(|e| BackupError::new(Stage::Upload, e))?;
+                batch.clear();
+            }
+        }
+        if !batch.is_empty() {
+            up.write(&batch)
                 .await
                 .map_err(|e| BackupError::new(Stage::Upload, e))?;
         }
@@ -643,6 +707,28 @@ mod tests {
         }
         out.sort();
         out
+    }
+
+    #[test]
+    fn backoff_doubles_is_capped_and_jittered_within_half() {
+        let r = crate::config::RetryConfig {
+            attempts: 10,
+            initial_delay: Duration::from_secs(5),
+            max_delay: Duration::from_secs(60),
+        };
+        assert_eq!(backoff(&r, 1, 0.999_999).as_secs(), 4); // just under 5s
+        assert_eq!(backoff(&r, 1, 0.0), Duration::from_millis(2500));
+        assert_eq!(backoff(&r, 2, 0.0), Duration::from_secs(5));
+        assert_eq!(backoff(&r, 3, 0.0), Duration::from_secs(10));
+        assert_eq!(backoff(&r, 5, 0.0), Duration::from_secs(30));
+        assert_eq!(backoff(&r, 6, 0.0), Duration::from_secs(30));
+        assert_eq!(backoff(&r, 40, 1.0), Duration::from_secs(60));
+        for attempt in 1..8 {
+            for unit in [0.0, 0.3, 0.7, 0.99] {
+                let d = backoff(&r, attempt, unit);
+                assert!(d >= Duration::from_millis(2500) && d <= Duration::from_secs(60));
+            }
+        }
     }
 
     #[tokio::test]

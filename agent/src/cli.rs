@@ -60,7 +60,7 @@ pub fn main() -> ExitCode {
                     c.node_name,
                     c.cluster_name,
                     c.etcd.endpoints[0].as_str().trim_end_matches('/'),
-                    describe_destination(&c)
+                    c.destination.describe()
                 );
                 ExitCode::SUCCESS
             }
@@ -72,7 +72,10 @@ pub fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_logging(&config.log);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
+            // One thread: on a control-plane node the cores belong to etcd and
+            // the API server. It is also faster here, with no hand-offs
+            // between threads on the streaming path (BENCHMARKS.md).
+            let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
@@ -84,12 +87,6 @@ pub fn main() -> ExitCode {
             };
             runtime.block_on(backup_once(&config))
         }
-    }
-}
-
-fn describe_destination(c: &Config) -> String {
-    match &c.destination {
-        crate::config::DestinationConfig::Local { path } => format!("local:{}", path.display()),
     }
 }
 
@@ -129,14 +126,7 @@ pub fn init_logging(log: &LogConfig) {
 }
 
 async fn backup_once(config: &Config) -> ExitCode {
-    let dest = match crate::destination::open(&config.destination).await {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("error: cannot open the destination: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    match crate::backup::run(config, dest.as_ref()).await {
+    match crate::backup::run_with_retries(config).await {
         Ok(report) => {
             let m = &report.manifest;
             println!("backup set {} complete", report.location);

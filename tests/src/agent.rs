@@ -70,6 +70,12 @@ pub struct AgentConfig {
     pub root: Option<PathBuf>,
     /// `destination.local.path`.
     pub destination: PathBuf,
+    /// The whole `destination:` section, replacing `local` (for SFTP).
+    pub destination_yaml: Option<String>,
+    /// `retry.attempts` (1: fail at once, which keeps failure tests fast).
+    pub retry_attempts: u32,
+    /// `retry.initial_delay`.
+    pub retry_initial_delay: String,
 }
 
 impl AgentConfig {
@@ -101,6 +107,9 @@ impl AgentConfig {
             layout: "none".into(),
             root: None,
             destination: destination.to_path_buf(),
+            destination_yaml: None,
+            retry_attempts: 1,
+            retry_initial_delay: "1s".into(),
         }
     }
 
@@ -130,9 +139,18 @@ impl AgentConfig {
         if let Some(root) = &self.root {
             y += &format!("  root: {}\n", root.display());
         }
+        match &self.destination_yaml {
+            Some(d) => y += d,
+            None => {
+                y += &format!(
+                    "destination:\n  local:\n    path: {}\n",
+                    self.destination.display()
+                )
+            }
+        }
         y += &format!(
-            "destination:\n  local:\n    path: {}\n",
-            self.destination.display()
+            "retry:\n  attempts: {}\n  initial_delay: {}\n  max_delay: {}\n",
+            self.retry_attempts, self.retry_initial_delay, self.retry_initial_delay
         );
         y
     }
