@@ -61,3 +61,87 @@ wait_for_etcd() {
   echo "error: etcd at $url did not become healthy within 30s" >&2
   return 1
 }
+
+# The OpenSSH server and client tools (sshd for the throwaway server; ssh-keygen
+# for its keys; sftp for comparisons).
+ensure_ssh_tools() {
+  ensure_tools /usr/sbin/sshd:openssh-server ssh-keygen:openssh-client sftp:openssh-client
+}
+
+# start_sshd DIR: starts a throwaway OpenSSH server on a free 127.0.0.1 port,
+# with its own host key, a generated ed25519 client key for the current user and
+# internal-sftp, all in DIR. Sets SSHD_PORT, SSHD_PID, SSHD_KNOWN_HOSTS (a
+# known_hosts file with the server's key) and SSHD_CLIENT_KEY.
+start_sshd() {
+  local dir=$1
+  mkdir -p "$dir" /run/sshd
+  ssh-keygen -q -t ed25519 -N "" -C "throwaway host key" -f "$dir/host_ed25519_key"
+  ssh-keygen -q -t ed25519 -N "" -C "etcd-backup-agent" -f "$dir/client_ed25519_key"
+  cp "$dir/client_ed25519_key.pub" "$dir/authorized_keys"
+  SSHD_PORT=$(free_port)
+  cat >"$dir/sshd_config" <<CFG
+ListenAddress 127.0.0.1
+Port $SSHD_PORT
+HostKey $dir/host_ed25519_key
+PidFile $dir/sshd.pid
+AuthorizedKeysFile $dir/authorized_keys
+StrictModes no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+UsePAM no
+Subsystem sftp internal-sftp
+CFG
+  /usr/sbin/sshd -D -e -f "$dir/sshd_config" >"$dir/sshd.log" 2>&1 &
+  SSHD_PID=$!
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$SSHD_PORT") 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+  echo "[127.0.0.1]:$SSHD_PORT $(cut -d' ' -f1,2 "$dir/host_ed25519_key.pub")" >"$dir/known_hosts"
+  SSHD_KNOWN_HOSTS=$dir/known_hosts
+  SSHD_CLIENT_KEY=$dir/client_ed25519_key
+}
+
+# start_etcd DIR [extra etcd flags...]: starts a throwaway single-member etcd
+# on free 127.0.0.1 ports with its data in DIR. Sets ETCD_URL and ETCD_PID.
+start_etcd() {
+  local dir=$1
+  shift
+  local client_port peer_port
+  client_port=$(free_port)
+  peer_port=$(free_port)
+  ETCD_URL=http://127.0.0.1:$client_port
+  mkdir -p "$dir"
+  etcd --name throwaway --data-dir "$dir/data" \
+    --listen-client-urls "$ETCD_URL" --advertise-client-urls "$ETCD_URL" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-cluster "throwaway=http://127.0.0.1:$peer_port" \
+    --listen-metrics-urls "http://127.0.0.1:$(free_port)" \
+    "$@" >"$dir/etcd.log" 2>&1 &
+  ETCD_PID=$!
+  wait_for_etcd "$ETCD_URL"
+}
+
+# openshift_tree ROOT [KIB]: an OpenShift-shaped /etc/kubernetes under ROOT:
+# two revisions of each static pod, the manifests pointing at the first, an
+# encryption config, and about KIB KiB of text per revision (default 64).
+openshift_tree() {
+  local root=$1 kib=${2:-64} name rev
+  mkdir -p "$root/manifests"
+  for name in kube-apiserver kube-controller-manager kube-scheduler etcd; do
+    for rev in 3 4; do
+      mkdir -p "$root/static-pod-resources/$name-pod-$rev/configmaps/config" \
+        "$root/static-pod-resources/$name-pod-$rev/secrets/serving-cert"
+      echo "revision: $rev" >"$root/static-pod-resources/$name-pod-$rev/configmaps/config/config.yaml"
+      head -c $((kib * 768)) /dev/urandom | base64 >"$root/static-pod-resources/$name-pod-$rev/secrets/serving-cert/tls.crt"
+    done
+    printf 'kind: Pod\nspec:\n  volumes:\n  - hostPath:\n      path: /etc/kubernetes/static-pod-resources/%s-pod-3\n' "$name" \
+      >"$root/manifests/$name-pod.yaml"
+  done
+  mkdir -p "$root/static-pod-resources/kube-apiserver-pod-3/secrets/encryption-config"
+  echo "kind: EncryptionConfiguration" \
+    >"$root/static-pod-resources/kube-apiserver-pod-3/secrets/encryption-config/encryption-config"
+}
