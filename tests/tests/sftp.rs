@@ -1,0 +1,487 @@
+//! Backups over SFTP to a real OpenSSH server: every supported way to log in,
+//! every way a host key can be wrong, a server killed mid-upload, retries, and
+//! a set that restores with the real `etcdctl`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use etcd_backup_proto::{FileKind, Manifest};
+use etcd_backup_tests::agent::{agent_bin, backup, AgentConfig};
+use etcd_backup_tests::etcd::{dump, restore_and_start, write_history, EtcdServer};
+use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
+use etcd_backup_tests::{complete_sets, files_below, wait_for};
+
+/// How the agent is told to trust the server.
+enum Trust {
+    KnownHosts(String),
+    Fingerprint(String),
+}
+
+/// How the agent logs in.
+enum Login<'a> {
+    Key(&'a ClientKey, Option<&'a str>),
+    Password(String, String),
+}
+
+struct Setup {
+    work: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        Self {
+            work: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn file(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.work.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+
+    /// A config backing up `etcd` to `sshd` under `<sftp_root>/backups`.
+    fn config(
+        &self,
+        etcd: &EtcdServer,
+        sshd: &SshServer,
+        trust: Trust,
+        login: Login,
+    ) -> AgentConfig {
+        let mut cfg = AgentConfig::new(etcd, &self.work.path().join("unused-local"));
+        let trust = match trust {
+            Trust::KnownHosts(lines) => {
+                format!(
+                    "    known_hosts_file: {}\n",
+                    self.file("known_hosts", &lines).display()
+                )
+            }
+            Trust::Fingerprint(fp) => format!("    host_key_fingerprint: \"{fp}\"\n"),
+        };
+        let (user, login) = match login {
+            Login::Key(key, passphrase) => {
+                let mut s = format!("    private_key_file: {}\n", key.private_key.display());
+                if let Some(p) = passphrase {
+                    s += &format!(
+                        "    private_key_passphrase_file: {}\n",
+                        self.file("passphrase", &format!("{p}\n")).display()
+                    );
+                }
+                (SshServer::key_user(), s)
+            }
+            Login::Password(user, password) => (
+                user,
+                format!(
+                    "    password_file: {}\n",
+                    self.file("password", &format!("{password}\n")).display()
+                ),
+            ),
+        };
+        cfg.destination_yaml = Some(format!(
+            "destination:\n  sftp:\n    host: 127.0.0.1\n    port: {}\n    user: {user}\n    path: {}\n{trust}{login}    connect_timeout: 5s\n    io_timeout: 10s\n",
+            sshd.port,
+            sshd.sftp_root.join("backups").display()
+        ));
+        cfg
+    }
+
+    fn write(&self, cfg: &AgentConfig) -> PathBuf {
+        cfg.write(self.work.path())
+    }
+}
+
+fn backups(sshd: &SshServer) -> PathBuf {
+    sshd.sftp_root.join("backups")
+}
+
+fn manifest(set_dir: &Path) -> Manifest {
+    serde_json::from_slice(&std::fs::read(set_dir.join("manifest.json")).unwrap()).unwrap()
+}
+
+fn key_server(keys: &[&ClientKey]) -> SshServer {
+    SshServer::start(SshOptions {
+        authorized_keys: keys.iter().map(|k| k.public_line.clone()).collect(),
+        ..SshOptions::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn set_uploaded_over_sftp_restores_to_the_same_keyspace() {
+    let etcd = EtcdServer::start();
+    let mut client = etcd.client().await;
+    write_history(&mut client, "/registry/secrets/kube-system", 400).await;
+    let before = dump(&mut client).await;
+
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = key_server(&[&key]);
+    let s = Setup::new();
+    let cfg = s.config(
+        &etcd,
+        &sshd,
+        Trust::KnownHosts(sshd.known_hosts_line()),
+        Login::Key(&key, None),
+    );
+    let run = backup(&s.write(&cfg));
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains(&format!(
+            "sftp://{}@127.0.0.1:{}",
+            SshServer::key_user(),
+            sshd.port
+        )),
+        "{}",
+        run.stdout
+    );
+
+    let sets = complete_sets(&backups(&sshd));
+    assert_eq!(sets.len(), 1, "{:?}", files_below(&backups(&sshd)));
+    let set_dir = backups(&sshd).join(&sets[0]);
+    let m = manifest(&set_dir);
+    let snap = m.file(FileKind::Snapshot).unwrap();
+    assert_eq!(
+        std::fs::metadata(set_dir.join(&snap.name)).unwrap().len(),
+        snap.size
+    );
+    assert!(files_below(&backups(&sshd))
+        .iter()
+        .all(|f| !f.ends_with(".partial")));
+
+    // Private modes on the server: 0700 directories, 0600 files.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for dir in [backups(&sshd), backups(&sshd).join("test"), set_dir.clone()] {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    }
+    for f in files_below(&set_dir) {
+        assert_eq!(mode(&set_dir.join(&f)), 0o600, "{f}");
+    }
+
+    let restored = restore_and_start(&set_dir.join(&snap.name), s.work.path());
+    assert!(
+        dump(&mut restored.client().await).await == before,
+        "restored keyspace differs"
+    );
+}
+
+#[test]
+fn ecdsa_rsa_and_passphrase_protected_keys_log_in() {
+    let etcd = EtcdServer::start();
+    let ecdsa = ClientKey::generate(KeyKind::Ecdsa, None);
+    let rsa = ClientKey::generate(KeyKind::Rsa, None);
+    let locked = ClientKey::generate(KeyKind::Ed25519, Some("correct horse"));
+    let sshd = key_server(&[&ecdsa, &rsa, &locked]);
+    for (key, passphrase) in [
+        (&ecdsa, None),
+        (&rsa, None),
+        (&locked, Some("correct horse")),
+    ] {
+        let s = Setup::new();
+        let cfg = s.config(
+            &etcd,
+            &sshd,
+            Trust::KnownHosts(sshd.known_hosts_line()),
+            Login::Key(key, passphrase),
+        );
+        backup(&s.write(&cfg)).assert_code(0);
+        // Sets are named by the second; keep runs apart.
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    assert_eq!(complete_sets(&backups(&sshd)).len(), 3);
+    // RSA signed with SHA-2, not the legacy ssh-rsa (SHA-1).
+    let log = sshd.log();
+    assert!(
+        log.contains("Accepted publickey") && log.contains("RSA SHA256:"),
+        "{log}"
+    );
+
+    // The locked key without its passphrase fails with a hint, and is not retried.
+    let s = Setup::new();
+    let mut cfg = s.config(
+        &etcd,
+        &sshd,
+        Trust::KnownHosts(sshd.known_hosts_line()),
+        Login::Key(&locked, None),
+    );
+    cfg.retry_attempts = 3;
+    cfg.retry_initial_delay = "5s".into();
+    let run = backup(&s.write(&cfg));
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("private_key_passphrase_file"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.elapsed < Duration::from_secs(4),
+        "an auth failure was retried: {:?}",
+        run.elapsed
+    );
+}
+
+#[test]
+fn password_read_from_a_file_logs_in() {
+    let etcd = EtcdServer::start();
+    let sshd = SshServer::start(SshOptions {
+        password_user: true,
+        ..SshOptions::default()
+    });
+    let (user, password) = SshServer::password_account();
+    let s = Setup::new();
+    let cfg = s.config(
+        &etcd,
+        &sshd,
+        Trust::KnownHosts(sshd.known_hosts_line()),
+        Login::Password(user.clone(), password.clone()),
+    );
+    let config = s.write(&cfg);
+    let run = backup(&config);
+    run.assert_code(0);
+    assert_eq!(complete_sets(&backups(&sshd)).len(), 1);
+    // The password never appears in the agent's output or its config.
+    assert!(!run.stderr.contains(&password) && !run.stdout.contains(&password));
+    assert!(!std::fs::read_to_string(&config)
+        .unwrap()
+        .contains(&password));
+
+    // A wrong password: refused, named, not retried.
+    std::fs::write(s.work.path().join("password"), "not-the-password\n").unwrap();
+    let mut cfg = cfg;
+    cfg.retry_attempts = 3;
+    cfg.retry_initial_delay = "5s".into();
+    let run = backup(&s.write(&cfg));
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains(&format!(
+            "SFTP authentication as {user} on 127.0.0.1:{}",
+            sshd.port
+        )),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("password_file"), "{}", run.stderr);
+    assert!(
+        run.elapsed < Duration::from_secs(4),
+        "an auth failure was retried: {:?}",
+        run.elapsed
+    );
+}
+
+#[test]
+fn hashed_known_hosts_and_a_pinned_fingerprint_are_trusted() {
+    let etcd = EtcdServer::start();
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = key_server(&[&key]);
+    let s = Setup::new();
+    let other = ClientKey::generate(KeyKind::Ed25519, None);
+    // A hashed line among unrelated entries, as ~/.ssh/known_hosts looks.
+    let lines = format!(
+        "# managed by hand\nbackup.example.com {}\n{}\n",
+        other.public_line,
+        sshd.hashed_known_hosts_line()
+    );
+    let cfg = s.config(
+        &etcd,
+        &sshd,
+        Trust::KnownHosts(lines),
+        Login::Key(&key, None),
+    );
+    backup(&s.write(&cfg)).assert_code(0);
+    std::thread::sleep(Duration::from_millis(1100));
+    let cfg = s.config(
+        &etcd,
+        &sshd,
+        Trust::Fingerprint(sshd.fingerprint()),
+        Login::Key(&key, None),
+    );
+    backup(&s.write(&cfg)).assert_code(0);
+    assert_eq!(complete_sets(&backups(&sshd)).len(), 2);
+}
+
+/// Refused before authenticating: the message names host and port, nothing
+/// reached the server, sshd saw no login attempt, and it is not retried.
+fn assert_refused(run: &etcd_backup_tests::agent::AgentRun, sshd: &SshServer, wanted: &str) {
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains(&format!("127.0.0.1:{}", sshd.port)),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(wanted),
+        "{wanted:?} not in:\n{}",
+        run.stderr
+    );
+    assert!(
+        files_below(&sshd.sftp_root).is_empty(),
+        "{:?}",
+        files_below(&sshd.sftp_root)
+    );
+    let log = sshd.log();
+    assert!(
+        !log.contains("Accepted") && !log.contains("Failed"),
+        "the client tried to log in:\n{log}"
+    );
+    assert!(
+        run.elapsed < Duration::from_secs(4),
+        "a host-key failure was retried: {:?}",
+        run.elapsed
+    );
+}
+
+#[test]
+fn unknown_host_key_is_refused_before_logging_in() {
+    let etcd = EtcdServer::start();
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = key_server(&[&key]);
+    let s = Setup::new();
+    let other = ClientKey::generate(KeyKind::Ed25519, None);
+    let lines = format!("backup.example.com {}\n", other.public_line);
+    let mut cfg = s.config(
+        &etcd,
+        &sshd,
+        Trust::KnownHosts(lines),
+        Login::Key(&key, None),
+    );
+    cfg.retry_attempts = 3;
+    cfg.retry_initial_delay = "5s".into();
+    assert_refused(&backup(&s.write(&cfg)), &sshd, "is not in");
+}
+
+#[test]
+fn changed_host_key_is_refused_before_logging_in() {
+    let etcd = EtcdServer::start();
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = key_server(&[&key]);
+    let s = Setup::new();
+    // The server's name with somebody else's key: what an attacker would present.
+    let impostor = ClientKey::generate(KeyKind::Ed25519, None);
+    let lines = format!("[127.0.0.1]:{} {}\n", sshd.port, impostor.public_line);
+    let mut cfg = s.config(
+        &etcd,
+        &sshd,
+        Trust::KnownHosts(lines),
+        Login::Key(&key, None),
+    );
+    cfg.retry_attempts = 3;
+    cfg.retry_initial_delay = "5s".into();
+    assert_refused(&backup(&s.write(&cfg)), &sshd, "does not match");
+
+    let wrong_fp = etcd_backup_agent::known_hosts::sha256_fingerprint(b"not the server's key");
+    let mut cfg = s.config(
+        &etcd,
+        &sshd,
+        Trust::Fingerprint(wrong_fp.clone()),
+        Login::Key(&key, None),
+    );
+    cfg.retry_attempts = 3;
+    let run = backup(&s.write(&cfg));
+    assert_refused(&run, &sshd, &wrong_fp);
+    assert!(run.stderr.contains(&sshd.fingerprint()), "{}", run.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sshd_killed_mid_upload_leaves_no_complete_set_and_the_next_run_succeeds() {
+    let etcd = EtcdServer::start();
+    let mut client = etcd.client().await;
+    // ~300 MiB, so the upload takes long enough to be cut in the middle.
+    let value = vec![b'k'; 1024 * 1024];
+    for i in 0..300 {
+        client
+            .put(format!("/registry/big/{i:04}"), value.clone(), None)
+            .await
+            .unwrap();
+    }
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let mut sshd = key_server(&[&key]);
+    let s = Setup::new();
+    let cfg = s.config(
+        &etcd,
+        &sshd,
+        Trust::KnownHosts(sshd.known_hosts_line()),
+        Login::Key(&key, None),
+    );
+    let config = s.write(&cfg);
+
+    let started = Instant::now();
+    let agent = Command::new(agent_bin())
+        .args(["backup", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let root = backups(&sshd);
+    wait_for("an upload in progress", Duration::from_secs(30), || {
+        files_below(&root).into_iter().find(|f| {
+            f.ends_with(".db.partial")
+                && std::fs::metadata(root.join(f))
+                    .map(|m| m.len() > 20 << 20)
+                    .unwrap_or(false)
+        })
+    });
+    sshd.kill_all();
+    let out = agent.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("stage upload"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // Whatever is left is a partial, never a set that looks complete.
+    assert!(complete_sets(&root).is_empty());
+    let left = files_below(&root);
+    assert!(left.iter().all(|f| f.ends_with(".partial")), "{left:?}");
+
+    sshd.restart();
+    std::thread::sleep(Duration::from_millis(1100));
+    backup(&config).assert_code(0);
+    let sets = complete_sets(&root);
+    assert_eq!(sets.len(), 1, "{:?}", files_below(&root));
+    let m = manifest(&root.join(&sets[0]));
+    let snap = m.file(FileKind::Snapshot).unwrap();
+    assert!(snap.size > 300 << 20);
+}
+
+#[test]
+fn a_server_that_comes_back_is_reached_by_a_retry_with_a_fresh_snapshot() {
+    let etcd = EtcdServer::start();
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let mut sshd = key_server(&[&key]);
+    let s = Setup::new();
+    let mut cfg = s.config(
+        &etcd,
+        &sshd,
+        Trust::KnownHosts(sshd.known_hosts_line()),
+        Login::Key(&key, None),
+    );
+    cfg.retry_attempts = 4;
+    cfg.retry_initial_delay = "2s".into();
+    let config = s.write(&cfg);
+    sshd.kill_all();
+
+    let launched = chrono::Utc::now();
+    let agent = Command::new(agent_bin())
+        .args(["backup", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    sshd.restart();
+    let out = agent.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("retrying with a fresh snapshot"),
+        "{stderr}"
+    );
+    let sets = complete_sets(&backups(&sshd));
+    assert_eq!(sets.len(), 1);
+    // The set comes from the later attempt: it started after the back-off
+    // (at least half the 2 s initial delay) that followed the first failure.
+    let m = manifest(&backups(&sshd).join(&sets[0]));
+    let waited = m.started_at - launched;
+    assert!(
+        waited >= chrono::Duration::milliseconds(900),
+        "{waited:?}\n{stderr}"
+    );
+}
