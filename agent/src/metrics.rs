@@ -1,0 +1,450 @@
+//! Prometheus metrics, registered once at start-up behind typed handles.
+//!
+//! Every label value comes from a closed set ([`Trigger`], [`Stage`],
+//! success/failure, a skip reason, an artifact), never from error text, and
+//! every combination is created at start so counters exist at 0 before the
+//! first event (`increase()` and absence alerts then work from the start).
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use etcd_backup_proto::api::Trigger;
+
+use crate::backup::Stage;
+
+/// Buckets of `etcd_backup_duration_seconds`: 1 s to 1 h.
+const DURATION_BUCKETS: [f64; 12] = [
+    1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
+];
+
+const TRIGGERS: [Trigger; 3] = [Trigger::Schedule, Trigger::Http, Trigger::Startup];
+const RESULTS: [&str; 2] = ["success", "failure"];
+/// The `stage` label values of `etcd_backup_failures_total`.
+pub const FAILURE_STAGES: [&str; 7] = [
+    "connect",
+    "snapshot",
+    "verify",
+    "resources",
+    "upload",
+    "manifest",
+    "retention",
+];
+
+/// Why a scheduled start did not run a backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// A run was already in progress.
+    InProgress,
+}
+
+impl SkipReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::InProgress => "in_progress",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RunLabels {
+    trigger: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    stage: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ArtifactLabels {
+    artifact: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+type TimestampGauge = Gauge<f64, AtomicU64>;
+
+/// The agent's metrics.
+pub struct Metrics {
+    registry: Registry,
+    last_success: TimestampGauge,
+    last_attempt: TimestampGauge,
+    last_size: Family<ArtifactLabels, Gauge>,
+    last_revision: Gauge,
+    runs: Family<RunLabels, Counter>,
+    failures: Family<StageLabels, Counter>,
+    skipped: Family<ReasonLabels, Counter>,
+    duration: Family<ResultLabels, Histogram, fn() -> Histogram>,
+    in_progress: Gauge,
+    next_run: TimestampGauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+fn seconds(at: DateTime<Utc>) -> f64 {
+    at.timestamp_millis() as f64 / 1000.0
+}
+
+impl Metrics {
+    /// Registers every metric; `version` labels the build-info metric.
+    pub fn new(version: &str) -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            last_success: TimestampGauge::default(),
+            last_attempt: TimestampGauge::default(),
+            last_size: Family::default(),
+            last_revision: Gauge::default(),
+            runs: Family::default(),
+            failures: Family::default(),
+            skipped: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            in_progress: Gauge::default(),
+            next_run: TimestampGauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "etcd_backup_last_success_timestamp_seconds",
+            "Unix time the newest successful backup finished (0 until the first)",
+            m.last_success.clone(),
+        );
+        registry.register(
+            "etcd_backup_last_attempt_timestamp_seconds",
+            "Unix time the newest backup run started (0 until the first)",
+            m.last_attempt.clone(),
+        );
+        registry.register(
+            "etcd_backup_last_size_bytes",
+            "Size of each file of the newest successful backup",
+            m.last_size.clone(),
+        );
+        registry.register(
+            "etcd_backup_last_revision",
+            "etcd revision recorded by the newest successful backup",
+            m.last_revision.clone(),
+        );
+        registry.register(
+            "etcd_backup_runs",
+            "Backup runs by trigger and result",
+            m.runs.clone(),
+        );
+        registry.register(
+            "etcd_backup_failures",
+            "Failed backup runs by the stage they failed at",
+            m.failures.clone(),
+        );
+        registry.register(
+            "etcd_backup_skipped",
+            "Scheduled backups not started, by reason",
+            m.skipped.clone(),
+        );
+        registry.register(
+            "etcd_backup_duration_seconds",
+            "Wall time of backup runs, retries included",
+            m.duration.clone(),
+        );
+        registry.register(
+            "etcd_backup_in_progress",
+            "1 while a backup run is in progress",
+            m.in_progress.clone(),
+        );
+        registry.register(
+            "etcd_backup_next_run_timestamp_seconds",
+            "Unix time of the next scheduled backup (0 when none is scheduled)",
+            m.next_run.clone(),
+        );
+        registry.register(
+            "etcd_backup_agent_build",
+            "The agent's build",
+            Info::new(vec![("version", version.to_string())]),
+        );
+        for trigger in TRIGGERS {
+            for result in RESULTS {
+                let _ = m.runs.get_or_create(&RunLabels {
+                    trigger: trigger.as_str(),
+                    result,
+                });
+            }
+        }
+        for stage in FAILURE_STAGES {
+            let _ = m.failures.get_or_create(&StageLabels { stage });
+        }
+        let _ = m.skipped.get_or_create(&ReasonLabels {
+            reason: SkipReason::InProgress.as_str(),
+        });
+        for artifact in ["snapshot", "resources"] {
+            let _ = m.last_size.get_or_create(&ArtifactLabels { artifact });
+        }
+        for result in RESULTS {
+            let _ = m.duration.get_or_create(&ResultLabels { result });
+        }
+        Metrics { registry, ..m }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// A run started at `at`.
+    pub fn run_started(&self, at: DateTime<Utc>) {
+        self.last_attempt.set(seconds(at));
+        self.in_progress.set(1);
+    }
+
+    /// A run finished with a complete set.
+    pub fn run_succeeded(
+        &self,
+        trigger: Trigger,
+        took: Duration,
+        finished: DateTime<Utc>,
+        outcome: &SuccessFigures,
+    ) {
+        self.in_progress.set(0);
+        self.last_success.set(seconds(finished));
+        self.runs
+            .get_or_create(&RunLabels {
+                trigger: trigger.as_str(),
+                result: "success",
+            })
+            .inc();
+        self.duration
+            .get_or_create(&ResultLabels { result: "success" })
+            .observe(took.as_secs_f64());
+        self.last_size
+            .get_or_create(&ArtifactLabels {
+                artifact: "snapshot",
+            })
+            .set(i64::try_from(outcome.snapshot_bytes).unwrap_or(i64::MAX));
+        self.last_size
+            .get_or_create(&ArtifactLabels {
+                artifact: "resources",
+            })
+            .set(i64::try_from(outcome.resources_bytes.unwrap_or(0)).unwrap_or(i64::MAX));
+        self.last_revision.set(outcome.revision);
+    }
+
+    /// A run finished without a set, at `stage`.
+    pub fn run_failed(&self, trigger: Trigger, took: Duration, stage: Stage) {
+        self.in_progress.set(0);
+        self.runs
+            .get_or_create(&RunLabels {
+                trigger: trigger.as_str(),
+                result: "failure",
+            })
+            .inc();
+        self.failures
+            .get_or_create(&StageLabels {
+                stage: stage.as_str(),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&ResultLabels { result: "failure" })
+            .observe(took.as_secs_f64());
+    }
+
+    /// A scheduled start was skipped.
+    pub fn skipped(&self, reason: SkipReason) {
+        self.skipped
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// The next scheduled start; `None` clears it.
+    pub fn set_next_run(&self, at: Option<DateTime<Utc>>) {
+        self.next_run.set(at.map(seconds).unwrap_or(0.0));
+    }
+}
+
+/// The figures of a successful run that metrics report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SuccessFigures {
+    /// Size of the snapshot file.
+    pub snapshot_bytes: u64,
+    /// Size of the resources tarball, when the layout makes one.
+    pub resources_bytes: Option<u64>,
+    /// etcd revision in the manifest.
+    pub revision: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .unwrap_or_else(|| panic!("{series} not in:\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn every_series_exists_at_zero_before_the_first_run() {
+        let m = Metrics::new("1.2.3");
+        let text = m.encode();
+        assert_eq!(
+            value(&text, "etcd_backup_last_success_timestamp_seconds"),
+            0.0
+        );
+        assert_eq!(
+            value(&text, "etcd_backup_last_attempt_timestamp_seconds"),
+            0.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "etcd_backup_runs_total{trigger=\"schedule\",result=\"failure\"}"
+            ),
+            0.0
+        );
+        assert_eq!(
+            value(&text, "etcd_backup_failures_total{stage=\"retention\"}"),
+            0.0
+        );
+        assert_eq!(
+            value(&text, "etcd_backup_skipped_total{reason=\"in_progress\"}"),
+            0.0
+        );
+        assert_eq!(
+            value(&text, "etcd_backup_last_size_bytes{artifact=\"resources\"}"),
+            0.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "etcd_backup_duration_seconds_count{result=\"success\"}"
+            ),
+            0.0
+        );
+        assert_eq!(value(&text, "etcd_backup_in_progress"), 0.0);
+        assert_eq!(
+            value(&text, "etcd_backup_agent_build_info{version=\"1.2.3\"}"),
+            1.0
+        );
+        assert!(
+            text.contains(
+                "etcd_backup_duration_seconds_bucket{le=\"3600.0\",result=\"success\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn a_success_and_a_failure_move_the_right_series() {
+        let m = Metrics::new("0");
+        let t0 = DateTime::from_timestamp(1_800_000_000, 500_000_000).unwrap();
+        m.run_started(t0);
+        assert_eq!(value(&m.encode(), "etcd_backup_in_progress"), 1.0);
+        m.run_succeeded(
+            Trigger::Http,
+            Duration::from_secs(3),
+            t0 + chrono::Duration::seconds(3),
+            &SuccessFigures {
+                snapshot_bytes: 20512,
+                resources_bytes: Some(471),
+                revision: 42,
+            },
+        );
+        m.run_started(t0 + chrono::Duration::seconds(60));
+        m.run_failed(Trigger::Schedule, Duration::from_secs(70), Stage::Upload);
+        m.skipped(SkipReason::InProgress);
+        m.set_next_run(Some(t0 + chrono::Duration::seconds(3600)));
+        let text = m.encode();
+        assert_eq!(
+            value(&text, "etcd_backup_last_success_timestamp_seconds"),
+            1_800_000_003.5
+        );
+        assert_eq!(
+            value(&text, "etcd_backup_last_attempt_timestamp_seconds"),
+            1_800_000_060.5
+        );
+        assert_eq!(
+            value(&text, "etcd_backup_last_size_bytes{artifact=\"snapshot\"}"),
+            20512.0
+        );
+        assert_eq!(value(&text, "etcd_backup_last_revision"), 42.0);
+        assert_eq!(
+            value(
+                &text,
+                "etcd_backup_runs_total{trigger=\"http\",result=\"success\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "etcd_backup_runs_total{trigger=\"schedule\",result=\"failure\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(&text, "etcd_backup_failures_total{stage=\"upload\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(&text, "etcd_backup_skipped_total{reason=\"in_progress\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "etcd_backup_duration_seconds_count{result=\"failure\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "etcd_backup_duration_seconds_bucket{le=\"60.0\",result=\"failure\"}"
+            ),
+            0.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "etcd_backup_duration_seconds_bucket{le=\"120.0\",result=\"failure\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(&text, "etcd_backup_next_run_timestamp_seconds"),
+            1_800_003_600.5
+        );
+        assert_eq!(value(&text, "etcd_backup_in_progress"), 0.0);
+    }
+}
