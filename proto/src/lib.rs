@@ -6,7 +6,9 @@
 //! # Layout
 //! - [`naming`]: backup-set timestamps, file names and the set's path.
 //! - [`manifest`]: `manifest.json`, the file whose presence makes a set complete.
+//! - [`api`]: the daemon's HTTP API bodies.
 
+pub mod api;
 pub mod manifest;
 pub mod naming;
 

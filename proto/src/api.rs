@@ -1,0 +1,149 @@
+//! The daemon's HTTP API: request and response bodies, all JSON.
+//!
+//! `POST /v1/backups` answers a [`RunRecord`] (202, or 200/500 with
+//! `?wait=true`); `GET /v1/backups` a [`RunList`]; `GET /v1/backups/{id}` a
+//! [`RunRecord`]; every error an [`ErrorResponse`].
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Where a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Started and not finished.
+    Running,
+    /// Finished with a complete, verified set.
+    Succeeded,
+    /// Finished without a set; `error` says why.
+    Failed,
+}
+
+/// What started a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// The cron schedule.
+    Schedule,
+    /// `POST /v1/backups`.
+    Http,
+    /// `run_on_start` after the daemon started.
+    Startup,
+}
+
+impl Trigger {
+    /// The name used in JSON, logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Schedule => "schedule",
+            Trigger::Http => "http",
+            Trigger::Startup => "startup",
+        }
+    }
+}
+
+/// How one stage of a run went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageRecord {
+    /// `connect`, `snapshot`, `resources`, `upload` or `manifest`.
+    pub stage: String,
+    /// Bytes moved in the stage (0 where that means nothing).
+    pub bytes: u64,
+    /// Wall time of the stage.
+    pub duration_seconds: f64,
+}
+
+/// One backup run, as the daemon remembers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Unique within the daemon's lifetime; appears in every log line of the run.
+    pub id: String,
+    /// Where the run is.
+    pub state: RunState,
+    /// What started it.
+    pub trigger: Trigger,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it finished, once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Attempts made so far (retries included).
+    pub attempts: u32,
+    /// Stages of the successful attempt, in order.
+    #[serde(default)]
+    pub stages: Vec<StageRecord>,
+    /// The complete set, `<cluster>/<node>/<ts>`, once it exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set: Option<String>,
+    /// Where the set is, destination included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// etcd revision recorded in the manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
+    /// The stage a failed run stopped at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_stage: Option<String>,
+    /// Why the run failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /v1/backups`: recent runs, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunList {
+    /// At most the daemon's history bound, newest first.
+    pub runs: Vec<RunRecord>,
+}
+
+/// Every non-2xx answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    /// What went wrong and what to do.
+    pub error: String,
+    /// The run concerned (the one in progress, for a 409).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+}
+
+/// `GET /readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Readiness {
+    /// All checks passed.
+    pub ready: bool,
+    /// The config was loaded and validated.
+    pub config: bool,
+    /// etcd answered a status call.
+    pub etcd: bool,
+    /// The destination was reached at least once.
+    pub destination: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_record_json_shape() {
+        let r = RunRecord {
+            id: "r-1".into(),
+            state: RunState::Running,
+            trigger: Trigger::Http,
+            started_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            finished_at: None,
+            attempts: 1,
+            stages: vec![],
+            set: None,
+            location: None,
+            revision: None,
+            failed_stage: None,
+            error: None,
+        };
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["state"], "running");
+        assert_eq!(v["trigger"], "http");
+        assert!(v.get("error").is_none());
+        let back: RunRecord = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+    }
+}
