@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 
 use etcd_backup_proto::{
     FileKind, Manifest, ManifestEtcd, ManifestFile, SetId, SetTimestamp, MANIFEST_FILE_NAME,
@@ -88,6 +89,9 @@ pub enum Cause {
     /// The destination failed.
     #[error(transparent)]
     Destination(#[from] DestinationError),
+    /// The run was cancelled (shutdown, or Ctrl-C) before it finished.
+    #[error("cancelled before the set was complete; everything this run wrote was removed")]
+    Cancelled,
     /// A set with this run's name exists already.
     #[error(
         "backup set {location} already exists; another run started in the same second, try again"
@@ -128,6 +132,7 @@ impl BackupError {
             Cause::Verify(_) => true,
             Cause::Resources(_) => false,
             Cause::SetExists { .. } => true,
+            Cause::Cancelled => false,
         }
     }
 }
@@ -162,18 +167,17 @@ pub struct BackupReport {
 /// connection and a fresh snapshot. Host-key, authentication and configuration
 /// problems fail at once.
 ///
-/// # Errors
-/// The last attempt's [`BackupError`].
-pub async fn run_with_retries(config: &Config) -> Result<BackupReport, BackupError> {
+/// Cancelling `cancel` stops the run at once; what it wrote is removed.
+pub async fn run_with_retries(config: &Config, cancel: &CancellationToken) -> Outcome {
     let retry = config.retry;
     let mut attempt = 1;
     loop {
         let result = match crate::destination::open(&config.destination).await {
-            Ok(dest) => run(config, dest.as_ref()).await,
+            Ok(dest) => run(config, dest.as_ref(), cancel).await,
             Err(e) => Err(BackupError::new(Stage::Upload, e)),
         };
         match result {
-            Err(e) if e.is_transient() && attempt < retry.attempts => {
+            Err(e) if e.is_transient() && attempt < retry.attempts && !cancel.is_cancelled() => {
                 let delay = backoff(&retry, attempt, rand::random::<f64>());
                 tracing::warn!(
                     attempt,
@@ -182,12 +186,34 @@ pub async fn run_with_retries(config: &Config) -> Result<BackupReport, BackupErr
                     error = %e,
                     "backup attempt failed; retrying with a fresh snapshot"
                 );
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => {
+                        return Outcome {
+                            result: Err(BackupError::new(e.stage, Cause::Cancelled)),
+                            attempts: attempt,
+                        };
+                    }
+                }
                 attempt += 1;
             }
-            other => return other,
+            result => {
+                return Outcome {
+                    result,
+                    attempts: attempt,
+                }
+            }
         }
     }
+}
+
+/// What [`run_with_retries`] ends with.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The last attempt's result.
+    pub result: Result<BackupReport, BackupError>,
+    /// Attempts made, the last included.
+    pub attempts: u32,
 }
 
 /// The delay after failed attempt `attempt` (1-based): the initial delay
@@ -206,16 +232,21 @@ pub fn backoff(retry: &crate::config::RetryConfig, attempt: u32, unit: f64) -> D
 ///
 /// # Errors
 /// [`BackupError`] naming the stage; nothing complete-looking is left behind.
-pub async fn run(config: &Config, dest: &dyn Destination) -> Result<BackupReport, BackupError> {
+pub async fn run(
+    config: &Config,
+    dest: &dyn Destination,
+    cancel: &CancellationToken,
+) -> Result<BackupReport, BackupError> {
     let started_at = Utc::now();
     // Plan first: a missing manifest is a configuration problem, found before
     // etcd is asked for anything.
     let plan =
         resources::plan(&config.resources).map_err(|e| BackupError::new(Stage::Resources, e))?;
     let t = Instant::now();
-    let mut member = EtcdMember::connect(&config.etcd)
-        .await
-        .map_err(|e| BackupError::new(Stage::Connect, e))?;
+    let mut member = tokio::select! {
+        m = EtcdMember::connect(&config.etcd) => m.map_err(|e| BackupError::new(Stage::Connect, e))?,
+        _ = cancel.cancelled() => return Err(BackupError::new(Stage::Connect, Cause::Cancelled)),
+    };
     let connect_time = t.elapsed();
     let mut run = Run::new(config, dest, started_at, plan);
     run.stages.push(StageReport {
@@ -223,7 +254,7 @@ pub async fn run(config: &Config, dest: &dyn Destination) -> Result<BackupReport
         bytes: 0,
         duration: connect_time,
     });
-    run.execute(&mut member).await
+    run.execute(&mut member, cancel).await
 }
 
 /// Runs one backup from any snapshot source (a double in unit tests).
@@ -239,7 +270,7 @@ pub async fn run_with_source(
     let plan =
         resources::plan(&config.resources).map_err(|e| BackupError::new(Stage::Resources, e))?;
     Run::new(config, dest, started_at, plan)
-        .execute(source)
+        .execute(source, &CancellationToken::new())
         .await
 }
 
@@ -252,6 +283,8 @@ struct Run<'a> {
     /// Every path this run created, so a failure can remove them all.
     created: Vec<String>,
     stages: Vec<StageReport>,
+    /// The step in progress, for a cancellation's error.
+    stage: Stage,
 }
 
 impl<'a> Run<'a> {
@@ -274,14 +307,22 @@ impl<'a> Run<'a> {
             plan,
             created: Vec::new(),
             stages: Vec::new(),
+            stage: Stage::Connect,
         }
     }
 
     async fn execute(
         mut self,
         source: &mut dyn SnapshotSource,
+        cancel: &CancellationToken,
     ) -> Result<BackupReport, BackupError> {
-        match self.steps(source).await {
+        let outcome = tokio::select! {
+            r = self.steps(source) => Some(r),
+            _ = cancel.cancelled() => None,
+        };
+        // The steps future is gone here, so `self.stage` says where it stopped.
+        let result = outcome.unwrap_or_else(|| Err(BackupError::new(self.stage, Cause::Cancelled)));
+        match result {
             Ok(manifest) => Ok(BackupReport {
                 location: format!("{}/{}", self.dest.describe(), self.set.dir()),
                 set: self.set,
@@ -328,12 +369,15 @@ impl<'a> Run<'a> {
         );
         self.add_time(Stage::Connect, t.elapsed());
 
+        self.stage = Stage::Snapshot;
         let snapshot = self.snapshot(source, ts).await?;
         let mut files = vec![snapshot];
         if let Some(plan) = self.plan.take() {
+            self.stage = Stage::Resources;
             files.push(self.resources(plan, ts).await?);
         }
 
+        self.stage = Stage::Upload;
         let t = Instant::now();
         for f in &files {
             let final_path = self.set.file(&f.name);
@@ -346,6 +390,7 @@ impl<'a> Run<'a> {
         self.add_time(Stage::Upload, t.elapsed());
 
         let manifest = self.manifest(&member, files);
+        self.stage = Stage::Manifest;
         self.write_manifest(&manifest).await?;
         Ok(manifest)
     }

@@ -33,6 +33,12 @@ pub enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
     },
+    /// Run as a daemon: scheduled backups, the HTTP trigger, metrics (exit 0 after SIGTERM).
+    Run {
+        /// The agent's YAML config file.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Validate a config file and exit (0 valid, 2 with every problem listed).
     CheckConfig {
         /// The agent's YAML config file.
@@ -66,6 +72,35 @@ pub fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Run { config } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if config.daemon.schedule.is_none() {
+                eprintln!("error: {}", crate::daemon::DaemonError::NoSchedule);
+                return ExitCode::from(EXIT_USAGE);
+            }
+            init_logging(&config.log);
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
+            match runtime.block_on(crate::daemon::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "daemon failed");
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
         Command::Backup { config } => {
             let config = match load(&config) {
                 Ok(c) => c,
@@ -126,7 +161,19 @@ pub fn init_logging(log: &LogConfig) {
 }
 
 async fn backup_once(config: &Config) -> ExitCode {
-    match crate::backup::run_with_retries(config).await {
+    // Ctrl-C or SIGTERM stops the run and removes what it wrote.
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let watcher = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            crate::daemon::shutdown_signal().await;
+            tracing::warn!("signal received; cancelling the backup");
+            cancel.cancel();
+        })
+    };
+    let outcome = crate::backup::run_with_retries(config, &cancel).await;
+    watcher.abort();
+    match outcome.result {
         Ok(report) => {
             let m = &report.manifest;
             println!("backup set {} complete", report.location);

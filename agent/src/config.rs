@@ -76,6 +76,19 @@ pub struct RawConfig {
     destination: Option<RawDestination>,
     retry: Option<RawRetry>,
     log: Option<RawLog>,
+    schedule: Option<String>,
+    timezone: Option<String>,
+    jitter: Option<String>,
+    run_on_start: Option<String>,
+    http: Option<RawHttp>,
+    shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Option<String>,
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -178,6 +191,13 @@ pub mod defaults {
     pub const RETRY_INITIAL_DELAY: Duration = Duration::from_secs(5);
     /// `retry.max_delay`.
     pub const RETRY_MAX_DELAY: Duration = Duration::from_secs(60);
+    /// `http.listen`: loopback only, so with the pod on the host network the
+    /// trigger is reachable from this master alone. 10290 is outside the ranges
+    /// OpenShift and kubeadm control planes use (2379-2380, 6443, 9000-9999,
+    /// 10250-10259, 22623-22624, 30000-32767).
+    pub const HTTP_LISTEN: &str = "127.0.0.1:10290";
+    /// `shutdown_grace`: under Kubernetes' default 30 s termination grace.
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 }
 
 /// The validated configuration.
@@ -197,6 +217,37 @@ pub struct Config {
     pub retry: RetryConfig,
     /// Logging.
     pub log: LogConfig,
+    /// What the daemon (`run`) needs beyond a single backup.
+    pub daemon: DaemonConfig,
+}
+
+/// The daemon's settings: schedule, HTTP endpoint, shutdown.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// `schedule` in `timezone`; required by `run`, unused by `backup`.
+    pub schedule: Option<crate::schedule::Schedule>,
+    /// `jitter`: random delay added to each scheduled start.
+    pub jitter: Duration,
+    /// `run_on_start`.
+    pub run_on_start: RunOnStart,
+    /// `http.listen`.
+    pub listen: std::net::SocketAddr,
+    /// `http.token_file`: when set, `POST` needs `Authorization: Bearer <token>`.
+    pub token_file: Option<PathBuf>,
+    /// `shutdown_grace`: how long a run in progress may take after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// `run_on_start`: whether the daemon backs up right after it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOnStart {
+    /// When the newest complete set of this node is older than one schedule
+    /// interval, or there is none.
+    WhenStale,
+    /// Always.
+    Always,
+    /// Never; wait for the schedule.
+    Never,
 }
 
 /// `etcd:`
@@ -444,6 +495,14 @@ impl Config {
         let destination = v.destination(raw.destination);
         let retry = v.retry(raw.retry.unwrap_or_default());
         let log = v.log(raw.log.unwrap_or_default());
+        let daemon = v.daemon(
+            raw.schedule,
+            raw.timezone,
+            raw.jitter,
+            raw.run_on_start,
+            raw.http.unwrap_or_default(),
+            raw.shutdown_grace,
+        );
 
         if !v.errors.is_empty() {
             return Err(v.errors);
@@ -464,6 +523,7 @@ impl Config {
                 destination,
                 retry,
                 log,
+                daemon,
             }),
             _ => Err(vec![FieldError {
                 field: ".".into(),
@@ -878,6 +938,105 @@ impl Validator {
             connect_timeout,
             io_timeout,
         })
+    }
+
+    fn daemon(
+        &mut self,
+        schedule: Option<String>,
+        timezone: Option<String>,
+        jitter: Option<String>,
+        run_on_start: Option<String>,
+        http: RawHttp,
+        shutdown_grace: Option<String>,
+    ) -> DaemonConfig {
+        if let Some(tz) = &timezone {
+            if schedule.is_none() {
+                self.error("timezone", format!("{tz:?} is set but schedule is not"));
+            }
+        }
+        let schedule = schedule.and_then(|expr| {
+            match crate::schedule::Schedule::parse(&expr, timezone.as_deref()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    let field = if matches!(e, crate::schedule::ScheduleError::TimeZone { .. }) {
+                        "timezone"
+                    } else {
+                        "schedule"
+                    };
+                    self.error(field, e.to_string());
+                    None
+                }
+            }
+        });
+        let jitter = match jitter {
+            Some(text) if humantime::parse_duration(text.trim()).is_ok_and(|d| d.is_zero()) => {
+                Duration::ZERO
+            }
+            other => self.duration("jitter", other, Duration::ZERO),
+        };
+        if let (Some(s), false) = (&schedule, jitter.is_zero()) {
+            if let Some(interval) = s.interval_at(chrono::Utc::now()) {
+                if jitter >= interval {
+                    self.error(
+                        "jitter",
+                        format!("{jitter:?} is not shorter than the schedule's interval ({interval:?}); runs would pile up"),
+                    );
+                }
+            }
+        }
+        let run_on_start = match run_on_start.as_deref() {
+            None | Some("when_stale") => RunOnStart::WhenStale,
+            Some("always") => RunOnStart::Always,
+            Some("never") => RunOnStart::Never,
+            Some(other) => {
+                self.error(
+                    "run_on_start",
+                    format!("unknown value {other:?}; expected when_stale, always or never"),
+                );
+                RunOnStart::WhenStale
+            }
+        };
+        let listen_text = http
+            .listen
+            .unwrap_or_else(|| defaults::HTTP_LISTEN.to_string());
+        let listen = match listen_text.parse::<std::net::SocketAddr>() {
+            Ok(a) => {
+                if !a.ip().is_loopback() {
+                    tracing::debug!(listen = %a, "http.listen is not a loopback address");
+                }
+                a
+            }
+            Err(_) => {
+                self.error(
+                    "http.listen",
+                    format!("{listen_text:?} is not an address:port such as 127.0.0.1:10290"),
+                );
+                defaults::HTTP_LISTEN
+                    .parse()
+                    .expect("default listen address parses")
+            }
+        };
+        if let Some(p) = &http.token_file {
+            self.readable_file("http.token_file", p);
+            if let Ok(t) = std::fs::read_to_string(p) {
+                if t.trim().is_empty() {
+                    self.error(
+                        "http.token_file",
+                        format!("{} is empty; put the bearer token in it", p.display()),
+                    );
+                }
+            }
+        }
+        let shutdown_grace =
+            self.duration("shutdown_grace", shutdown_grace, defaults::SHUTDOWN_GRACE);
+        DaemonConfig {
+            schedule,
+            jitter,
+            run_on_start,
+            listen,
+            token_file: http.token_file,
+            shutdown_grace,
+        }
     }
 
     fn retry(&mut self, raw: RawRetry) -> RetryConfig {

@@ -9,13 +9,24 @@
 //! - [`destination`]: where sets are stored, one trait; a local directory, SFTP.
 //! - [`known_hosts`]: whether an SFTP server's host key is trusted (OpenSSH
 //!   known_hosts rules, or a pinned fingerprint).
-//! - [`backup`]: one run, the set protocol (partial names, rename, manifest last).
+//! - [`backup`]: one run, the set protocol (partial names, rename, manifest last),
+//!   retries, cancellation.
+//! - [`schedule`]: when scheduled backups fire: cron in a time zone, jitter, the scheduler loop.
+//! - [`runner`]: one backup at a time; the runs the API shows.
+//! - [`metrics`]: Prometheus metrics behind typed handles.
+//! - [`http`]: the local HTTP API (trigger, runs, health, metrics).
+//! - [`daemon`]: `run`: scheduler, HTTP, readiness and shutdown wired together.
 //! - [`cli`]: the command line, exit codes and logging set-up; `main.rs` only calls it.
 
 pub mod backup;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod destination;
 pub mod etcd;
+pub mod http;
 pub mod known_hosts;
+pub mod metrics;
 pub mod resources;
+pub mod runner;
+pub mod schedule;

@@ -76,6 +76,8 @@ pub struct AgentConfig {
     pub retry_attempts: u32,
     /// `retry.initial_delay`.
     pub retry_initial_delay: String,
+    /// Any further top-level YAML (schedule, http, shutdown_grace, …).
+    pub extra: String,
 }
 
 impl AgentConfig {
@@ -110,6 +112,7 @@ impl AgentConfig {
             destination_yaml: None,
             retry_attempts: 1,
             retry_initial_delay: "1s".into(),
+            extra: String::new(),
         }
     }
 
@@ -152,6 +155,7 @@ impl AgentConfig {
             "retry:\n  attempts: {}\n  initial_delay: {}\n  max_delay: {}\n",
             self.retry_attempts, self.retry_initial_delay, self.retry_initial_delay
         );
+        y += &self.extra;
         y
     }
 

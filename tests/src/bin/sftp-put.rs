@@ -40,7 +40,10 @@ fn main() {
         let dest = SftpDir::new(config);
         let mut input = tokio::fs::File::open(&file).await.expect("open input");
         let start = Instant::now();
-        let mut up = dest.create("sftp-put.bin").await.expect("create remote file");
+        let mut up = dest
+            .create("sftp-put.bin")
+            .await
+            .expect("create remote file");
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0u64;
         loop {
@@ -54,6 +57,9 @@ fn main() {
         let stored = up.finish().await.expect("finish upload");
         assert_eq!(stored, total);
         let secs = start.elapsed().as_secs_f64();
-        println!("{total} bytes in {secs:.3} s: {:.0} MB/s", total as f64 / secs / 1e6);
+        println!(
+            "{total} bytes in {secs:.3} s: {:.0} MB/s",
+            total as f64 / secs / 1e6
+        );
     });
 }

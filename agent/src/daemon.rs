@@ -1,0 +1,364 @@
+//! `etcd-backup-agent run`: the DaemonSet's process. Wires the scheduler, the
+//! HTTP endpoint, readiness probing and shutdown together.
+//!
+//! Shutdown: SIGTERM or SIGINT stops the scheduler and makes `POST` answer
+//! 503; a run in progress gets `shutdown_grace` to finish, then is cancelled
+//! (it removes what it wrote); then the HTTP server stops and the process exits 0.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use etcd_backup_proto::api::Trigger;
+use etcd_backup_proto::{SetTimestamp, MANIFEST_FILE_NAME};
+
+use crate::config::{Config, RunOnStart};
+use crate::destination::{self, Destination, DestinationError};
+use crate::etcd::{EtcdMember, SnapshotSource};
+use crate::http::{self, AppState, ReadyFlags};
+use crate::metrics::{Metrics, SkipReason};
+use crate::runner::{Runner, StartError};
+use crate::schedule::{run_scheduler, SystemClock};
+
+/// How often readiness re-asks etcd for its status.
+const PROBE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long an aborted run may take to remove what it wrote.
+const CLEANUP_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// `run` needs a schedule.
+    #[error("schedule: required for `run` (e.g. schedule: \"0 * * * *\"); for a single backup use `backup`")]
+    NoSchedule,
+    /// The HTTP address could not be bound.
+    #[error("cannot listen on {addr} (http.listen): {source}; is another agent already running on this node, or is the port taken?")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The token file could not be read.
+    #[error("cannot read http.token_file {path}: {source}")]
+    Token {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The HTTP server failed.
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers, Ctrl-C is still there.
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Runs the daemon until a shutdown signal.
+///
+/// # Errors
+/// [`DaemonError`] for problems found while starting; a run's failure is not
+/// an error of the daemon (it is logged, counted and shown in the API).
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let listener = tokio::net::TcpListener::bind(config.daemon.listen)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            addr: config.daemon.listen,
+            source,
+        })?;
+    run_on(config, listener, shutdown_signal()).await
+}
+
+/// Runs the daemon on an already-bound listener until `shutdown` completes
+/// (tests pass a listener on port 0 and their own shutdown future).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_on(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), DaemonError> {
+    let schedule = config
+        .daemon
+        .schedule
+        .clone()
+        .ok_or(DaemonError::NoSchedule)?;
+    let token_sha256 = match &config.daemon.token_file {
+        Some(path) => {
+            let token = std::fs::read_to_string(path).map_err(|source| DaemonError::Token {
+                path: path.clone(),
+                source,
+            })?;
+            Some(http::token_digest(token.trim()))
+        }
+        None => None,
+    };
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new(crate::backup::AGENT_VERSION));
+    let ready = Arc::new(ReadyFlags::default());
+    let runner = {
+        let ready = ready.clone();
+        Runner::new(config.clone(), metrics.clone(), move || {
+            ready.etcd.store(true, Ordering::Relaxed);
+            ready.destination.store(true, Ordering::Relaxed);
+        })
+    };
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let addr = listener.local_addr().ok();
+    tracing::info!(
+        listen = ?addr,
+        schedule = %schedule.describe(),
+        destination = %config.destination.describe(),
+        node = %config.node_name,
+        cluster = %config.cluster_name,
+        version = crate::backup::AGENT_VERSION,
+        "etcd-backup-agent started"
+    );
+
+    // HTTP: up until everything else is done, so runs stay visible during drain.
+    let server_stop = CancellationToken::new();
+    let server = {
+        let state = Arc::new(AppState {
+            runner: runner.clone(),
+            metrics: metrics.clone(),
+            token_sha256,
+            ready: ready.clone(),
+        });
+        let server_stop = server_stop.clone();
+        tokio::spawn(
+            http::serve(listener, http::router(state), async move {
+                server_stop.cancelled().await
+            })
+            .instrument(tracing::info_span!("http")),
+        )
+    };
+
+    tasks.spawn(
+        probe_readiness(config.clone(), ready.clone(), stop.clone())
+            .instrument(tracing::info_span!("readiness")),
+    );
+
+    {
+        let runner = runner.clone();
+        let metrics_next = metrics.clone();
+        let metrics_skip = metrics.clone();
+        let jitter = config.daemon.jitter;
+        let stop = stop.clone();
+        let schedule = schedule.clone();
+        tasks.spawn(
+            async move {
+                run_scheduler(
+                    schedule,
+                    jitter,
+                    Arc::new(SystemClock),
+                    move |next| metrics_next.set_next_run(Some(next)),
+                    move |at| fire_scheduled(&runner, &metrics_skip, at),
+                    stop,
+                )
+                .await;
+                metrics.set_next_run(None);
+            }
+            .instrument(tracing::info_span!("scheduler")),
+        );
+    }
+
+    {
+        let runner = runner.clone();
+        let config = config.clone();
+        let ready = ready.clone();
+        let schedule = schedule.clone();
+        tasks.spawn(
+            async move {
+                let start = match config.daemon.run_on_start {
+                    RunOnStart::Never => false,
+                    RunOnStart::Always => true,
+                    RunOnStart::WhenStale => {
+                        let now = Utc::now();
+                        let interval = schedule.interval_at(now).unwrap_or(Duration::ZERO);
+                        match newest_complete_set(&config).await {
+                            Ok(newest) => {
+                                ready.destination.store(true, Ordering::Relaxed);
+                                let stale = newest.is_none_or(|ts| {
+                                    (now - ts).to_std().unwrap_or(Duration::ZERO) > interval
+                                });
+                                tracing::info!(newest = ?newest.map(|t| t.to_rfc3339()), interval_s = interval.as_secs(), stale, "checked the newest backup of this node");
+                                stale
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot list this node's backups; backing up now");
+                                true
+                            }
+                        }
+                    }
+                };
+                if start {
+                    if let Err(e) = runner.start(Trigger::Startup) {
+                        tracing::info!(reason = %e, "no start-up backup");
+                    }
+                }
+            }
+            .instrument(tracing::info_span!("run_on_start")),
+        );
+    }
+
+    shutdown.await;
+    tracing::info!(
+        grace_s = config.daemon.shutdown_grace.as_secs_f64(),
+        "shutting down: no new backups"
+    );
+    runner.stop_accepting();
+    stop.cancel();
+    tasks.close();
+    let drained = runner
+        .drain(config.daemon.shutdown_grace, CLEANUP_GRACE)
+        .await;
+    tasks.wait().await;
+    server_stop.cancel();
+    let served = server.await;
+    tracing::info!(clean = drained, "stopped");
+    match served {
+        Ok(Err(e)) => Err(DaemonError::Serve(e)),
+        _ => Ok(()),
+    }
+}
+
+/// A scheduled instant arrived: start a backup, or count the skip when one
+/// is in progress.
+pub fn fire_scheduled(runner: &Arc<Runner>, metrics: &Metrics, at: DateTime<Utc>) {
+    match runner.start(Trigger::Schedule) {
+        Ok(h) => tracing::info!(scheduled = %at, run = %h.record.id, "scheduled backup started"),
+        Err(StartError::InProgress { id }) => {
+            metrics.skipped(SkipReason::InProgress);
+            tracing::warn!(scheduled = %at, running = %id, "scheduled backup skipped: a backup is in progress");
+        }
+        Err(StartError::ShuttingDown) => {}
+    }
+}
+
+/// When this node's newest complete set was taken, if it has one.
+///
+/// # Errors
+/// The destination could not be opened or listed.
+pub async fn newest_complete_set(
+    config: &Config,
+) -> Result<Option<DateTime<Utc>>, DestinationError> {
+    let dest = destination::open(&config.destination).await?;
+    newest_in(dest.as_ref(), &config.cluster_name, &config.node_name).await
+}
+
+async fn newest_in(
+    dest: &dyn Destination,
+    cluster: &str,
+    node: &str,
+) -> Result<Option<DateTime<Utc>>, DestinationError> {
+    let dir = format!("{cluster}/{node}");
+    let mut stamps: Vec<SetTimestamp> = dest
+        .list(&dir)
+        .await?
+        .into_iter()
+        .filter(|e| e.is_dir)
+        .filter_map(|e| e.name.parse().ok())
+        .collect();
+    stamps.sort();
+    for ts in stamps.into_iter().rev() {
+        let files = dest.list(&format!("{dir}/{ts}")).await?;
+        if files.iter().any(|f| f.name == MANIFEST_FILE_NAME) {
+            return Ok(Some(ts.as_datetime()));
+        }
+    }
+    Ok(None)
+}
+
+async fn probe_readiness(config: Arc<Config>, ready: Arc<ReadyFlags>, stop: CancellationToken) {
+    loop {
+        let etcd_ok = match EtcdMember::connect(&config.etcd).await {
+            Ok(mut m) => m.member_info().await.is_ok(),
+            Err(_) => false,
+        };
+        if ready.etcd.swap(etcd_ok, Ordering::Relaxed) != etcd_ok {
+            tracing::info!(etcd_ok, "etcd readiness changed");
+        }
+        if !ready.destination.load(Ordering::Relaxed) {
+            let reached = match destination::open(&config.destination).await {
+                Ok(d) => d.list("").await.is_ok(),
+                Err(_) => false,
+            };
+            if reached {
+                ready.destination.store(true, Ordering::Relaxed);
+                tracing::info!("destination reached");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Environment;
+
+    #[tokio::test]
+    async fn a_scheduled_start_during_a_run_is_skipped_and_counted() {
+        // A member that accepts connections and never answers keeps the run busy.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let text = format!(
+            "node_name: n\netcd:\n  endpoints: [\"http://{addr}\"]\n  dial_timeout: 30s\nresources:\n  layout: none\ndestination:\n  local:\n    path: {}\nretry:\n  attempts: 1\n",
+            tmp.path().display()
+        );
+        let env = Environment {
+            node_name: None,
+            hostname: None,
+        };
+        let config = Arc::new(Config::parse(&text, &env).unwrap());
+        let metrics = Arc::new(Metrics::new("test"));
+        let runner = Runner::new(config, metrics.clone(), || {});
+        let at = Utc::now();
+        fire_scheduled(&runner, &metrics, at);
+        assert!(runner.current().is_some());
+        fire_scheduled(&runner, &metrics, at);
+        fire_scheduled(&runner, &metrics, at);
+        let text = metrics.encode();
+        assert!(
+            text.contains("etcd_backup_skipped_total{reason=\"in_progress\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("etcd_backup_in_progress 1"), "{text}");
+        assert_eq!(runner.list().len(), 1);
+        assert!(
+            runner
+                .drain(Duration::from_millis(10), Duration::from_secs(5))
+                .await
+        );
+        drop(silent);
+    }
+}

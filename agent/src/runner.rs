@@ -1,0 +1,281 @@
+//! One backup at a time: the single-flight gate every trigger goes through,
+//! and the memory of recent runs the HTTP API shows.
+//!
+//! A trigger asks [`Runner::start`]; it gets a new run, or the id of the run
+//! already in progress. Each run is a task with a span carrying its id, so every
+//! log line of the run names it, and updates the metrics when it ends.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use etcd_backup_proto::api::{RunRecord, RunState, StageRecord, Trigger};
+use etcd_backup_proto::FileKind;
+
+use crate::backup::{self, Outcome};
+use crate::config::Config;
+use crate::metrics::{Metrics, SuccessFigures};
+
+/// Finished runs kept in memory for `GET /v1/backups`.
+pub const HISTORY: usize = 50;
+
+/// Why a run was not started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartError {
+    /// Another run is in progress.
+    #[error("backup {id} is already in progress")]
+    InProgress {
+        /// The run in progress.
+        id: String,
+    },
+    /// The daemon is shutting down.
+    #[error("the agent is shutting down and starts no new backups")]
+    ShuttingDown,
+}
+
+/// A run that was started (or is in progress), with a way to wait for its end.
+#[derive(Debug, Clone)]
+pub struct RunHandle {
+    /// The run as it was when the handle was made.
+    pub record: RunRecord,
+    done: watch::Receiver<Option<RunRecord>>,
+}
+
+impl RunHandle {
+    /// Waits for the run to finish and returns its final record.
+    pub async fn finished(mut self) -> RunRecord {
+        loop {
+            if let Some(r) = self.done.borrow_and_update().clone() {
+                return r;
+            }
+            if self.done.changed().await.is_err() {
+                // The run task is gone without a word: report what we have.
+                let mut r = self.record.clone();
+                r.state = RunState::Failed;
+                r.error = Some("the run ended without reporting a result".into());
+                return r;
+            }
+        }
+    }
+}
+
+struct State {
+    accepting: bool,
+    current: Option<RunHandle>,
+    history: VecDeque<RunRecord>,
+}
+
+/// The single-flight gate and run history.
+pub struct Runner {
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    state: Mutex<State>,
+    next_id: AtomicU64,
+    tracker: TaskTracker,
+    /// Cancels the run in progress (when shutdown's grace runs out).
+    abort: CancellationToken,
+    /// Called after every successful run (readiness: etcd and destination work).
+    on_success: Box<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner").finish_non_exhaustive()
+    }
+}
+
+impl Runner {
+    /// A runner for `config`, reporting to `metrics`.
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        on_success: impl Fn() + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            metrics,
+            state: Mutex::new(State {
+                accepting: true,
+                current: None,
+                history: VecDeque::new(),
+            }),
+            next_id: AtomicU64::new(1),
+            tracker: TaskTracker::new(),
+            abort: CancellationToken::new(),
+            on_success: Box::new(on_success),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data; keep serving it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a run unless one is in progress or the daemon is shutting down.
+    ///
+    /// # Errors
+    /// [`StartError::InProgress`] with the running id, [`StartError::ShuttingDown`].
+    pub fn start(self: &Arc<Self>, trigger: Trigger) -> Result<RunHandle, StartError> {
+        let mut state = self.lock();
+        if !state.accepting {
+            return Err(StartError::ShuttingDown);
+        }
+        if let Some(current) = &state.current {
+            return Err(StartError::InProgress {
+                id: current.record.id.clone(),
+            });
+        }
+        let started_at = Utc::now();
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{n}", started_at.format("%Y%m%dT%H%M%SZ"));
+        let record = RunRecord {
+            id: id.clone(),
+            state: RunState::Running,
+            trigger,
+            started_at,
+            finished_at: None,
+            attempts: 0,
+            stages: Vec::new(),
+            set: None,
+            location: None,
+            revision: None,
+            failed_stage: None,
+            error: None,
+        };
+        let (tx, rx) = watch::channel(None);
+        let handle = RunHandle {
+            record: record.clone(),
+            done: rx,
+        };
+        state.current = Some(handle.clone());
+        drop(state);
+
+        self.metrics.run_started(started_at);
+        let runner = Arc::clone(self);
+        let span = tracing::info_span!("run", id = %id, trigger = trigger.as_str());
+        self.tracker.spawn(
+            async move {
+                tracing::info!("backup started");
+                let t = Instant::now();
+                let outcome =
+                    backup::run_with_retries(&runner.config, &runner.abort.child_token()).await;
+                let finished = runner.finish(record, outcome, t.elapsed());
+                let _ = tx.send(Some(finished));
+            }
+            .instrument(span),
+        );
+        Ok(handle)
+    }
+
+    fn finish(&self, mut record: RunRecord, outcome: Outcome, took: Duration) -> RunRecord {
+        let now = Utc::now();
+        record.finished_at = Some(now);
+        record.attempts = outcome.attempts;
+        match outcome.result {
+            Ok(report) => {
+                record.state = RunState::Succeeded;
+                record.stages = report
+                    .stages
+                    .iter()
+                    .map(|s| StageRecord {
+                        stage: s.stage.as_str().to_string(),
+                        bytes: s.bytes,
+                        duration_seconds: s.duration.as_secs_f64(),
+                    })
+                    .collect();
+                record.set = Some(report.set.dir());
+                record.location = Some(report.location.clone());
+                record.revision = Some(report.manifest.etcd.revision);
+                let size = |kind| report.manifest.file(kind).map(|f| f.size);
+                self.metrics.run_succeeded(
+                    record.trigger,
+                    took,
+                    now,
+                    &SuccessFigures {
+                        snapshot_bytes: size(FileKind::Snapshot).unwrap_or(0),
+                        resources_bytes: size(FileKind::Resources),
+                        revision: report.manifest.etcd.revision,
+                    },
+                );
+                (self.on_success)();
+                tracing::info!(set = %report.location, took_ms = took.as_millis() as u64, "backup succeeded");
+            }
+            Err(e) => {
+                record.state = RunState::Failed;
+                record.failed_stage = Some(e.stage.as_str().to_string());
+                record.error = Some(e.to_string());
+                self.metrics.run_failed(record.trigger, took, e.stage);
+                tracing::error!(stage = %e.stage, error = %e, "backup failed");
+            }
+        }
+        let mut state = self.lock();
+        state.current = None;
+        state.history.push_front(record.clone());
+        state.history.truncate(HISTORY);
+        record
+    }
+
+    /// The run in progress, if any.
+    pub fn current(&self) -> Option<RunHandle> {
+        self.lock().current.clone()
+    }
+
+    /// A run by id: in progress or remembered.
+    pub fn get(&self, id: &str) -> Option<RunRecord> {
+        let state = self.lock();
+        if let Some(c) = state.current.as_ref().filter(|c| c.record.id == id) {
+            return Some(c.record.clone());
+        }
+        state.history.iter().find(|r| r.id == id).cloned()
+    }
+
+    /// Recent runs, newest first (the one in progress first of all).
+    pub fn list(&self) -> Vec<RunRecord> {
+        let state = self.lock();
+        state
+            .current
+            .iter()
+            .map(|c| c.record.clone())
+            .chain(state.history.iter().cloned())
+            .collect()
+    }
+
+    /// Refuses new runs from now on.
+    pub fn stop_accepting(&self) {
+        self.lock().accepting = false;
+    }
+
+    /// Waits for the run in progress for up to `grace`; then cancels it (it
+    /// removes what it wrote) and waits for that clean-up for up to
+    /// `cleanup`. Returns whether everything ended in time.
+    pub async fn drain(&self, grace: Duration, cleanup: Duration) -> bool {
+        self.stop_accepting();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "shutdown grace expired; aborting the backup in progress"
+        );
+        self.abort.cancel();
+        if tokio::time::timeout(cleanup, self.tracker.wait())
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        tracing::error!("the aborted backup did not finish its clean-up in time");
+        false
+    }
+}

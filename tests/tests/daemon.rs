@@ -1,0 +1,656 @@
+//! The daemon: the HTTP API against a real etcd and a real destination, the
+//! metrics it exposes, `run_on_start`, and shutdown of the real binary.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use etcd_backup_agent::config::{Config, Environment};
+use etcd_backup_agent::daemon;
+use etcd_backup_proto::api::{ErrorResponse, Readiness, RunList, RunRecord, RunState, Trigger};
+use etcd_backup_proto::{FileKind, Manifest};
+use etcd_backup_tests::agent::{agent_bin, AgentConfig};
+use etcd_backup_tests::etcd::{etcdctl_command, EtcdServer};
+use etcd_backup_tests::fake_etcd::{FakeEtcd, Tamper};
+use etcd_backup_tests::{complete_sets, files_below, free_port, wait_for};
+use reqwest::StatusCode;
+use tokio::sync::oneshot;
+
+/// A daemon running in this process on a port-0 listener.
+struct Daemon {
+    base: String,
+    http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), daemon::DaemonError>>,
+}
+
+impl Daemon {
+    async fn start(cfg: &AgentConfig) -> Self {
+        let env = Environment {
+            node_name: None,
+            hostname: None,
+        };
+        let config = Config::parse(&cfg.yaml(), &env).expect("test config is valid");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(daemon::run_on(config, listener, async {
+            let _ = rx.await;
+        }));
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let d = Self {
+            base,
+            http,
+            stop: Some(tx),
+            task,
+        };
+        for _ in 0..100 {
+            if let Ok(r) = d.http.get(d.url("/healthz")).send().await {
+                if r.status() == StatusCode::OK {
+                    return d;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("daemon did not answer /healthz");
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn post(&self, query: &str) -> (StatusCode, serde_json::Value) {
+        let r = self
+            .http
+            .post(self.url(&format!("/v1/backups{query}")))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap())
+    }
+
+    async fn run(&self, id: &str) -> RunRecord {
+        self.http
+            .get(self.url(&format!("/v1/backups/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn metrics(&self) -> String {
+        let r = self.http.get(self.url("/metrics")).send().await.unwrap();
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"));
+        r.text().await.unwrap()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("daemon stopped in time")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{series} not in:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Hourly schedule, no start-up run: only the API starts backups.
+fn daemon_config(etcd_url: &str, dest: &Path) -> AgentConfig {
+    let mut cfg = AgentConfig::for_endpoint(etcd_url, None, dest);
+    cfg.extra = "schedule: \"0 * * * *\"\nrun_on_start: never\nshutdown_grace: 3s\n".into();
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trigger_then_poll_to_success_and_readiness() {
+    let etcd = EtcdServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("backups");
+    let d = Daemon::start(&daemon_config(&etcd.client_url, &dest)).await;
+
+    // Ready once etcd answered and the destination was reached.
+    let ready = wait_for_async(|| async {
+        let r = d.http.get(d.url("/readyz")).send().await.ok()?;
+        (r.status() == StatusCode::OK).then_some(())?;
+        r.json::<Readiness>().await.ok()
+    })
+    .await;
+    assert!(ready.ready && ready.etcd && ready.destination && ready.config);
+
+    let (status, body) = d.post("").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let started: RunRecord = serde_json::from_value(body).unwrap();
+    assert_eq!(started.state, RunState::Running);
+    assert_eq!(started.trigger, Trigger::Http);
+
+    let done = wait_for_async(|| async {
+        let r = d.run(&started.id).await;
+        (r.state != RunState::Running).then_some(r)
+    })
+    .await;
+    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+    assert!(done.finished_at.unwrap() >= done.started_at);
+    assert_eq!(done.attempts, 1);
+    let stages: Vec<&str> = done.stages.iter().map(|s| s.stage.as_str()).collect();
+    assert_eq!(stages, ["connect", "snapshot", "upload", "manifest"]);
+    let set = done.set.clone().unwrap();
+    assert_eq!(complete_sets(&dest), vec![set.clone()]);
+    let snap_stage = &done.stages[1];
+    let m: Manifest =
+        serde_json::from_slice(&std::fs::read(dest.join(&set).join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(snap_stage.bytes, m.file(FileKind::Snapshot).unwrap().size);
+    assert!(done.location.unwrap().starts_with("local:"));
+
+    let list: RunList = d
+        .http
+        .get(d.url("/v1/backups"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.runs.len(), 1);
+    assert_eq!(list.runs[0].id, started.id);
+
+    let r = d.http.get(d.url("/v1/backups/nope")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let e: ErrorResponse = r.json().await.unwrap();
+    assert!(e.error.contains("nope"));
+    d.stop().await;
+}
+
+async fn wait_for_async<T, F, Fut>(mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "timed out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wait_true_answers_200_on_success_and_500_on_failure_and_metrics_follow() {
+    let mut etcd = EtcdServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("backups");
+    let mut cfg = daemon_config(&etcd.client_url, &dest);
+    cfg.dial_timeout = "1s".into();
+    let d = Daemon::start(&cfg).await;
+
+    let before = metric(
+        &d.metrics().await,
+        "etcd_backup_last_attempt_timestamp_seconds",
+    );
+    assert_eq!(before, 0.0);
+    let t0 = chrono::Utc::now().timestamp() as f64;
+    let (status, body) = d.post("?wait=true").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let ok: RunRecord = serde_json::from_value(body).unwrap();
+    assert_eq!(ok.state, RunState::Succeeded);
+
+    let text = d.metrics().await;
+    let success_at = metric(&text, "etcd_backup_last_success_timestamp_seconds");
+    assert!(
+        success_at >= t0 && success_at <= t0 + 30.0,
+        "{success_at} vs {t0}"
+    );
+    let set = dest.join(ok.set.as_ref().unwrap());
+    let m: Manifest =
+        serde_json::from_slice(&std::fs::read(set.join("manifest.json")).unwrap()).unwrap();
+    let snap = m.file(FileKind::Snapshot).unwrap();
+    let on_disk = std::fs::metadata(set.join(&snap.name)).unwrap().len();
+    assert_eq!(
+        metric(&text, "etcd_backup_last_size_bytes{artifact=\"snapshot\"}"),
+        on_disk as f64
+    );
+    assert_eq!(
+        metric(&text, "etcd_backup_last_revision"),
+        m.etcd.revision as f64
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "etcd_backup_runs_total{trigger=\"http\",result=\"success\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "etcd_backup_runs_total{trigger=\"http\",result=\"failure\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "etcd_backup_duration_seconds_count{result=\"success\"}"
+        ),
+        1.0
+    );
+    assert_eq!(metric(&text, "etcd_backup_in_progress"), 0.0);
+    assert_eq!(
+        metric(&text, "etcd_backup_agent_build_info{version=\"0.1.0\"}"),
+        1.0
+    );
+    let next = metric(&text, "etcd_backup_next_run_timestamp_seconds");
+    assert!(
+        next > t0 && next <= t0 + 3600.0 && next % 3600.0 == 0.0,
+        "next run {next}"
+    );
+
+    // etcd gone: the next run fails at connect, and ?wait=true says 500.
+    etcd.kill();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, body) = d.post("?wait=true").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    let failed: RunRecord = serde_json::from_value(body).unwrap();
+    assert_eq!(failed.state, RunState::Failed);
+    assert_eq!(failed.failed_stage.as_deref(), Some("connect"));
+    assert!(
+        failed.error.as_ref().unwrap().contains("etcd"),
+        "{failed:?}"
+    );
+
+    let text = d.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "etcd_backup_runs_total{trigger=\"http\",result=\"failure\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, "etcd_backup_failures_total{stage=\"connect\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, "etcd_backup_failures_total{stage=\"upload\"}"),
+        0.0
+    );
+    // The success timestamp stays where the success left it; the attempt moved on.
+    assert_eq!(
+        metric(&text, "etcd_backup_last_success_timestamp_seconds"),
+        success_at
+    );
+    assert!(metric(&text, "etcd_backup_last_attempt_timestamp_seconds") > before);
+    assert_eq!(complete_sets(&dest).len(), 1);
+
+    // The documented one-liner: curl exits non-zero exactly when there is no new backup.
+    let curl = Command::new("curl")
+        .args(["-fsS", "-XPOST", &d.url("/v1/backups?wait=true")])
+        .output()
+        .expect("curl");
+    assert!(!curl.status.success());
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_concurrent_posts_start_exactly_one_run() {
+    // A stream that stalls keeps the one run busy for the whole volley.
+    let db = real_db().await;
+    let fake = FakeEtcd::start(db, Tamper::Stall);
+    let work = tempfile::tempdir().unwrap();
+    let mut cfg = daemon_config(&fake.url, &work.path().join("backups"));
+    cfg.stall_timeout = "4s".into();
+    let d = Daemon::start(&cfg).await;
+
+    let mut volley = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let http = d.http.clone();
+        let url = d.url("/v1/backups");
+        volley.spawn(async move {
+            let r = http.post(url).send().await.unwrap();
+            (r.status(), r.json::<serde_json::Value>().await.unwrap())
+        });
+    }
+    let mut accepted = Vec::new();
+    let mut conflicts = Vec::new();
+    while let Some(r) = volley.join_next().await {
+        let (status, body) = r.unwrap();
+        match status {
+            StatusCode::ACCEPTED => accepted.push(body["id"].as_str().unwrap().to_string()),
+            StatusCode::CONFLICT => conflicts.push(body["run_id"].as_str().unwrap().to_string()),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(accepted.len(), 1, "{accepted:?}");
+    assert_eq!(conflicts.len(), 49);
+    assert!(conflicts.iter().all(|id| *id == accepted[0]));
+
+    // ?wait=true on a busy agent waits for the run in progress: here it fails (stall).
+    let (status, body) = d.post("?wait=true").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(body["id"].as_str().unwrap(), accepted[0]);
+    let list: RunList = d
+        .http
+        .get(d.url("/v1/backups"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.runs.len(), 1);
+    d.stop().await;
+}
+
+async fn real_db() -> Vec<u8> {
+    let etcd = EtcdServer::start();
+    let mut client = etcd.client().await;
+    for i in 0..100 {
+        client
+            .put(format!("/k/{i}"), "v".repeat(i * 20), None)
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.db");
+    let out = etcdctl_command()
+        .arg("--endpoints")
+        .arg(&etcd.client_url)
+        .args(["snapshot", "save"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.truncate(bytes.len() - 32);
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_bodies_paths_and_methods_are_checked() {
+    let etcd = EtcdServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let mut cfg = daemon_config(&etcd.client_url, &work.path().join("backups"));
+    cfg.extra += &format!("http:\n  token_file: {}\n", token_file.display());
+    let d = Daemon::start(&cfg).await;
+    let post = |auth: Option<&str>| {
+        let mut r = d.http.post(d.url("/v1/backups?wait=true"));
+        if let Some(a) = auth {
+            r = r.header("Authorization", a);
+        }
+        r.send()
+    };
+
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Basic czNjcmV0LXRva2Vu"),
+        Some("Bearer s3cret-tokenX"),
+    ] {
+        let r = post(auth).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{auth:?}");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        let e: ErrorResponse = r.json().await.unwrap();
+        assert!(e.error.contains("bearer token"));
+    }
+    assert!(files_below(&work.path().join("backups")).is_empty());
+    let r = post(Some("Bearer s3cret-token")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    // Health, readiness, metrics and reads stay open.
+    for path in ["/healthz", "/metrics", "/v1/backups"] {
+        let r = d.http.get(d.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+    }
+
+    let r = d.http.get(d.url("/v2/everything")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(r.json::<ErrorResponse>().await.is_ok());
+    let r = d.http.delete(d.url("/v1/backups")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(r.json::<ErrorResponse>().await.is_ok());
+    let r = d.http.put(d.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+
+    let big = vec![b'x'; 64 * 1024];
+    let r = d
+        .http
+        .post(d.url("/v1/backups"))
+        .header("Authorization", "Bearer s3cret-token")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(r.json::<ErrorResponse>().await.is_ok());
+    let r = d
+        .http
+        .post(d.url("/v1/backups?wait=maybe"))
+        .header("Authorization", "Bearer s3cret-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // Headers beyond hyper's limits are refused, not buffered.
+    let huge = "h".repeat(512 * 1024);
+    let r = d
+        .http
+        .get(d.url("/healthz"))
+        .header("X-Huge", huge)
+        .send()
+        .await;
+    assert!(r.map(|r| r.status().is_client_error()).unwrap_or(true));
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_on_start_backs_up_when_stale_or_always_and_not_when_fresh_or_never() {
+    let etcd = EtcdServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("backups");
+    let startup_runs = |runs: &[RunRecord]| {
+        runs.iter()
+            .filter(|r| r.trigger == Trigger::Startup)
+            .count()
+    };
+
+    async fn runs_after(d: &Daemon, settle: Duration) -> Vec<RunRecord> {
+        tokio::time::sleep(settle).await;
+        let list: RunList = d
+            .http
+            .get(d.url("/v1/backups"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for r in &list.runs {
+            if r.state == RunState::Running {
+                d.http
+                    .get(d.url(&format!("/v1/backups/{}", r.id)))
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+        list.runs
+    }
+
+    // Nothing stored yet: when_stale backs up at once.
+    let mut cfg = daemon_config(&etcd.client_url, &dest);
+    cfg.extra = "schedule: \"0 * * * *\"\nrun_on_start: when_stale\n".into();
+    let d = Daemon::start(&cfg).await;
+    let runs = runs_after(&d, Duration::from_millis(1500)).await;
+    assert_eq!(startup_runs(&runs), 1, "{runs:?}");
+    d.stop().await;
+    assert_eq!(complete_sets(&dest).len(), 1);
+
+    // A set from seconds ago is fresh for an hourly schedule.
+    let d = Daemon::start(&cfg).await;
+    let runs = runs_after(&d, Duration::from_millis(1500)).await;
+    assert_eq!(startup_runs(&runs), 0, "{runs:?}");
+    d.stop().await;
+
+    // always: backs up even so.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    cfg.extra = "schedule: \"0 * * * *\"\nrun_on_start: always\n".into();
+    let d = Daemon::start(&cfg).await;
+    let runs = runs_after(&d, Duration::from_millis(1500)).await;
+    assert_eq!(startup_runs(&runs), 1, "{runs:?}");
+    d.stop().await;
+
+    // never, with nothing stored for another node: no run.
+    let mut other = daemon_config(&etcd.client_url, &dest);
+    other.node_name = "master-9".into();
+    other.extra = "schedule: \"0 * * * *\"\nrun_on_start: never\n".into();
+    let d = Daemon::start(&other).await;
+    let runs = runs_after(&d, Duration::from_millis(1500)).await;
+    assert!(runs.is_empty(), "{runs:?}");
+    d.stop().await;
+}
+
+#[test]
+fn sigterm_during_a_slow_backup_exits_within_the_grace_and_leaves_nothing() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(real_db());
+    let fake = FakeEtcd::start(db, Tamper::Stall);
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("backups");
+    let port = free_port();
+    let mut cfg = AgentConfig::for_endpoint(&fake.url, None, &dest);
+    cfg.stall_timeout = "60s".into();
+    cfg.extra = format!(
+        "schedule: \"0 * * * *\"\nrun_on_start: never\nshutdown_grace: 2s\nhttp:\n  listen: 127.0.0.1:{port}\n"
+    );
+    let config = cfg.write(work.path());
+    let mut child = Command::new(agent_bin())
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/v1/backups");
+    wait_for(
+        "the daemon to accept a backup",
+        Duration::from_secs(20),
+        || {
+            let out = Command::new("curl")
+                .args([
+                    "-sS",
+                    "-XPOST",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    &url,
+                ])
+                .output()
+                .ok()?;
+            (String::from_utf8_lossy(&out.stdout) == "202").then_some(())
+        },
+    );
+    // The stalled stream has written part of the snapshot.
+    wait_for("a partial snapshot", Duration::from_secs(10), || {
+        files_below(&dest)
+            .into_iter()
+            .find(|f| f.ends_with(".db.partial"))
+    });
+    let t = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    // New runs are refused while it drains.
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-XPOST",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    let code = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        code == "503" || code == "000",
+        "POST during shutdown answered {code}"
+    );
+    let status = wait_for("the daemon to exit", Duration::from_secs(15), || {
+        child.try_wait().unwrap()
+    });
+    let elapsed = t.elapsed();
+    let mut stderr = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        elapsed >= Duration::from_millis(1900),
+        "did not wait for the grace: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(2 + 5),
+        "took {elapsed:?}\n{stderr}"
+    );
+    assert!(stderr.contains("shutdown grace expired"), "{stderr}");
+    assert!(complete_sets(&dest).is_empty());
+    assert!(
+        files_below(&dest).is_empty(),
+        "left: {:?}",
+        files_below(&dest)
+    );
+    // Every line of the run carries its id.
+    let run_lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("backup started") || l.contains("backup failed"))
+        .collect();
+    assert!(
+        !run_lines.is_empty() && run_lines.iter().all(|l| l.contains("run{id=")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_without_a_schedule_is_a_usage_error() {
+    let work = tempfile::tempdir().unwrap();
+    let cfg = AgentConfig::for_endpoint("http://127.0.0.1:1", None, &work.path().join("b"));
+    let run = etcd_backup_tests::agent::run_agent(&[
+        "run",
+        "--config",
+        cfg.write(work.path()).to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("schedule: required for `run`"),
+        "{}",
+        run.stderr
+    );
+}
