@@ -39,6 +39,17 @@ pub enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
     },
+    /// Ask the agent running on this node for a backup now, over its local HTTP
+    /// endpoint (http.listen, with http.token_file); waits for the result unless
+    /// --no-wait. Exit 0 when a new backup exists (or was accepted), 1 otherwise.
+    Trigger {
+        /// The agent's YAML config file.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+        /// Return once the run is accepted instead of when it ends.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Validate a config file and exit (0 valid, 2 with every problem listed).
     CheckConfig {
         /// The agent's YAML config file.
@@ -72,6 +83,23 @@ pub fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Trigger { config, no_wait } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
+            runtime.block_on(trigger(&config, !no_wait))
+        }
         Command::Run { config } => {
             let config = match load(&config) {
                 Ok(c) => c,
@@ -190,5 +218,51 @@ async fn backup_once(config: &Config) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+/// `trigger`: POST /v1/backups to the agent on this node.
+async fn trigger(config: &Config, wait: bool) -> ExitCode {
+    let mut addr = config.daemon.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!(
+        "http://{addr}/v1/backups{}",
+        if wait { "?wait=true" } else { "" }
+    );
+    let client = reqwest::Client::new();
+    let mut request = client.post(&url);
+    if let Some(path) = &config.daemon.token_file {
+        match std::fs::read_to_string(path) {
+            Ok(t) => request = request.bearer_auth(t.trim()),
+            Err(e) => {
+                eprintln!("error: cannot read http.token_file {}: {e}", path.display());
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        }
+    }
+    let response = match request.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "error: no answer from the agent at {addr} (http.listen): {}; is `etcd-backup-agent run` running on this node?",
+                crate::etcd::chain(&e)
+            );
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    let pretty = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or(body);
+    if status.is_success() {
+        println!("{pretty}");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("error: the agent answered {status}:\n{pretty}");
+        ExitCode::from(EXIT_FAILURE)
     }
 }

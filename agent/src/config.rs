@@ -89,6 +89,7 @@ pub struct RawConfig {
 struct RawHttp {
     listen: Option<String>,
     token_file: Option<PathBuf>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -234,6 +235,10 @@ pub struct DaemonConfig {
     pub listen: std::net::SocketAddr,
     /// `http.token_file`: when set, `POST` needs `Authorization: Bearer <token>`.
     pub token_file: Option<PathBuf>,
+    /// `http.metrics_listen`: a second listener serving only `/metrics`,
+    /// `/healthz` and `/readyz`, for Prometheus and kubelet probes, which reach
+    /// a host-network pod on the node's address rather than loopback.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// `shutdown_grace`: how long a run in progress may take after SIGTERM.
     pub shutdown_grace: Duration,
 }
@@ -1016,6 +1021,25 @@ impl Validator {
                     .expect("default listen address parses")
             }
         };
+        let metrics_listen =
+            http.metrics_listen
+                .and_then(|text| match text.parse::<std::net::SocketAddr>() {
+                    Ok(a) if a == listen => {
+                        self.error(
+                            "http.metrics_listen",
+                            format!("{text:?} is http.listen itself; give another port"),
+                        );
+                        None
+                    }
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        self.error(
+                            "http.metrics_listen",
+                            format!("{text:?} is not an address:port such as 0.0.0.0:10291"),
+                        );
+                        None
+                    }
+                });
         if let Some(p) = &http.token_file {
             self.readable_file("http.token_file", p);
             if let Ok(t) = std::fs::read_to_string(p) {
@@ -1035,6 +1059,7 @@ impl Validator {
             run_on_start,
             listen,
             token_file: http.token_file,
+            metrics_listen,
             shutdown_grace,
         }
     }
@@ -1202,6 +1227,35 @@ mod tests {
             "  layout: kubeadm\n  root: /nonexistent/etc/kubernetes",
         );
         assert_eq!(fields(&text), vec!["resources.root"]);
+    }
+
+    #[test]
+    fn daemon_keys_have_defaults_and_name_their_fields() {
+        let c = Config::parse(&format!("{MINIMAL}schedule: \"0 * * * *\"\n"), &env()).unwrap();
+        assert!(c.daemon.schedule.is_some());
+        assert_eq!(c.daemon.listen.to_string(), "127.0.0.1:10290");
+        assert_eq!(c.daemon.run_on_start, RunOnStart::WhenStale);
+        assert_eq!(c.daemon.shutdown_grace, Duration::from_secs(25));
+        assert_eq!(c.daemon.jitter, Duration::ZERO);
+        assert!(c.daemon.metrics_listen.is_none());
+        // `backup` needs no schedule.
+        assert!(Config::parse(MINIMAL, &env()).unwrap().daemon.schedule.is_none());
+
+        for (extra, field) in [
+            ("schedule: \"0 * *\"\n", "schedule"),
+            ("schedule: \"0 * * * *\"\ntimezone: Mars/Base\n", "timezone"),
+            ("timezone: UTC\n", "timezone"),
+            ("schedule: \"@hourly\"\njitter: 2h\n", "jitter"),
+            ("run_on_start: sometimes\n", "run_on_start"),
+            ("http:\n  listen: localhost\n", "http.listen"),
+            ("http:\n  metrics_listen: 127.0.0.1:10290\n", "http.metrics_listen"),
+            ("http:\n  token_file: /nonexistent/token\n", "http.token_file"),
+            ("shutdown_grace: forever\n", "shutdown_grace"),
+            ("http:\n  port: 1\n", "http.port"),
+        ] {
+            let f = fields(&format!("{MINIMAL}{extra}"));
+            assert_eq!(f, vec![field.to_string()], "{extra}");
+        }
     }
 
     #[test]

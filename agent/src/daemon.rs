@@ -83,13 +83,18 @@ pub async fn shutdown_signal() {
 /// [`DaemonError`] for problems found while starting; a run's failure is not
 /// an error of the daemon (it is logged, counted and shown in the API).
 pub async fn run(config: Config) -> Result<(), DaemonError> {
-    let listener = tokio::net::TcpListener::bind(config.daemon.listen)
+    let listener = bind(config.daemon.listen).await?;
+    let metrics_listener = match config.daemon.metrics_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    run_on(config, listener, metrics_listener, shutdown_signal()).await
+}
+
+async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, DaemonError> {
+    tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| DaemonError::Bind {
-            addr: config.daemon.listen,
-            source,
-        })?;
-    run_on(config, listener, shutdown_signal()).await
+        .map_err(|source| DaemonError::Bind { addr, source })
 }
 
 /// Runs the daemon on an already-bound listener until `shutdown` completes
@@ -100,6 +105,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 pub async fn run_on(
     config: Config,
     listener: tokio::net::TcpListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), DaemonError> {
     let schedule = config
@@ -142,21 +148,31 @@ pub async fn run_on(
 
     // HTTP: up until everything else is done, so runs stay visible during drain.
     let server_stop = CancellationToken::new();
+    let state = Arc::new(AppState {
+        runner: runner.clone(),
+        metrics: metrics.clone(),
+        token_sha256,
+        ready: ready.clone(),
+    });
     let server = {
-        let state = Arc::new(AppState {
-            runner: runner.clone(),
-            metrics: metrics.clone(),
-            token_sha256,
-            ready: ready.clone(),
-        });
         let server_stop = server_stop.clone();
         tokio::spawn(
-            http::serve(listener, http::router(state), async move {
+            http::serve(listener, http::router(state.clone()), async move {
                 server_stop.cancelled().await
             })
             .instrument(tracing::info_span!("http")),
         )
     };
+    let metrics_server = metrics_listener.map(|l| {
+        tracing::info!(listen = ?l.local_addr().ok(), "serving /metrics, /healthz and /readyz");
+        let server_stop = server_stop.clone();
+        tokio::spawn(
+            http::serve(l, http::metrics_router(state.clone()), async move {
+                server_stop.cancelled().await
+            })
+            .instrument(tracing::info_span!("metrics_http")),
+        )
+    });
 
     tasks.spawn(
         probe_readiness(config.clone(), ready.clone(), stop.clone())
@@ -240,6 +256,9 @@ pub async fn run_on(
     tasks.wait().await;
     server_stop.cancel();
     let served = server.await;
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
     tracing::info!(clean = drained, "stopped");
     match served {
         Ok(Err(e)) => Err(DaemonError::Serve(e)),

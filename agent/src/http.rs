@@ -99,6 +99,32 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// The read-only routes for `http.metrics_listen`: metrics and health, no
+/// trigger and no run details, so exposing it on the node's address gives
+/// nothing away and lets nobody start a backup.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "this listener serves only /metrics, /healthz and /readyz",
+                None,
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this path",
+                None,
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
 /// Serves `router` on an already-bound listener until `shutdown` completes.
 ///
 /// # Errors

@@ -34,7 +34,7 @@ impl Daemon {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(daemon::run_on(config, listener, async {
+        let task = tokio::spawn(daemon::run_on(config, listener, None, async {
             let _ = rx.await;
         }));
         let http = reqwest::Client::builder()
@@ -650,6 +650,96 @@ fn run_without_a_schedule_is_a_usage_error() {
     assert_eq!(run.code, 2, "{}", run.stderr);
     assert!(
         run.stderr.contains("schedule: required for `run`"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn the_binary_serves_metrics_apart_and_trigger_reports_the_result() {
+    let mut etcd = EtcdServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("backups");
+    let (api, metrics_port) = (free_port(), free_port());
+    let token = work.path().join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    let mut cfg = AgentConfig::new(&etcd, &dest);
+    cfg.dial_timeout = "1s".into();
+    cfg.extra = format!(
+        "schedule: \"@daily\"\nrun_on_start: never\nhttp:\n  listen: 127.0.0.1:{api}\n  metrics_listen: 127.0.0.1:{metrics_port}\n  token_file: {}\n",
+        token.display()
+    );
+    let config = cfg.write(work.path());
+    let config = config.to_str().unwrap();
+    let mut child = Command::new(agent_bin())
+        .args(["run", "--config", config])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let m = format!("http://127.0.0.1:{metrics_port}");
+    wait_for("the metrics listener", Duration::from_secs(20), || {
+        (curl(&[&format!("{m}/healthz")]) == "200").then_some(())
+    });
+
+    let run = etcd_backup_tests::agent::run_agent(&["trigger", "--config", config]);
+    run.assert_code(0);
+    let record: RunRecord = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(record.state, RunState::Succeeded);
+    assert_eq!(complete_sets(&dest), vec![record.set.clone().unwrap()]);
+
+    // The metrics listener shows metrics and health, and nothing else.
+    let text = Command::new("curl")
+        .args(["-sS", &format!("{m}/metrics")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert_eq!(
+        metric(
+            &text,
+            "etcd_backup_runs_total{trigger=\"http\",result=\"success\"}"
+        ),
+        1.0
+    );
+    assert_eq!(curl(&[&format!("{m}/readyz")]), "200");
+    assert_eq!(curl(&["-XPOST", &format!("{m}/v1/backups")]), "404");
+    assert_eq!(curl(&[&format!("{m}/v1/backups")]), "404");
+    // The API listener wants the token for POST.
+    assert_eq!(
+        curl(&["-XPOST", &format!("http://127.0.0.1:{api}/v1/backups")]),
+        "401"
+    );
+
+    etcd.kill();
+    let run = etcd_backup_tests::agent::run_agent(&["trigger", "--config", config]);
+    run.assert_code(1);
+    assert!(run.stderr.contains("500"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("\"state\": \"failed\""),
+        "{}",
+        run.stderr
+    );
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = wait_for("the daemon to exit", Duration::from_secs(15), || {
+        child.try_wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(0));
+    let run = etcd_backup_tests::agent::run_agent(&["trigger", "--config", config]);
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("is `etcd-backup-agent run` running"),
         "{}",
         run.stderr
     );
