@@ -974,6 +974,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn scheduler_at_hourly_alias_fires_on_the_hour() {
+        let clock = Arc::new(TokioClock::starting_at(utc(2026, 5, 1, 23, 10, 0)));
+        let h = Harness::start(parse("@hourly", None), Duration::ZERO, clock);
+        tokio::time::sleep(hours(2) + minutes(1)).await;
+        let fired: Vec<_> = h
+            .events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Fire { scheduled, at } => Some((scheduled, at)),
+                _ => None,
+            })
+            .collect();
+        let (a, b) = (utc(2026, 5, 2, 0, 0, 0), utc(2026, 5, 2, 1, 0, 0));
+        assert_eq!(fired, vec![(a, a), (b, b)]);
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn scheduler_hourly_in_new_york_fires_25_times_on_fall_back_day() {
         // Local 2026-11-01 runs from 04:00 UTC (00:00 EDT) to 05:00 UTC next day
         // (00:00 EST): 25 hours, 01:00 twice.
