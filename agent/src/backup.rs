@@ -563,6 +563,7 @@ impl<'a> Run<'a> {
             },
             resources_layout: self.config.resources.layout.as_str().to_string(),
             files,
+            snapshot_status: None,
         }
     }
 

@@ -50,12 +50,67 @@ pub enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// List the complete backup sets at the destination (this node's, by default).
+    List {
+        /// The agent's YAML config file.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+        /// Another node's sets.
+        #[arg(long, conflicts_with = "all_nodes")]
+        node: Option<String>,
+        /// Every node of the cluster.
+        #[arg(long)]
+        all_nodes: bool,
+        /// Also show leftovers of runs that did not finish.
+        #[arg(long)]
+        include_partial: bool,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Stream a set back and check every file against its manifest (exit 0 only when all match).
+    Verify {
+        /// The agent's YAML config file.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+        /// `latest`, a set timestamp (2026-11-24_120000) or <cluster>/<node>/<timestamp>.
+        set: String,
+        /// The node whose set it is (default: this node).
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Download and verify a set into DIR, as cluster-restore.sh expects it.
+    Fetch {
+        /// The agent's YAML config file.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+        /// `latest`, a set timestamp or <cluster>/<node>/<timestamp>.
+        set: String,
+        /// Where to put the files (created if missing; must be empty unless --force).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// The node whose set it is (default: this node).
+        #[arg(long)]
+        node: Option<String>,
+        /// Write into a non-empty DIR.
+        #[arg(long)]
+        force: bool,
+    },
     /// Validate a config file and exit (0 valid, 2 with every problem listed).
     CheckConfig {
         /// The agent's YAML config file.
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
     },
+}
+
+/// Output format of `list`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for programs.
+    Json,
 }
 
 /// Parses the command line, runs the command and returns its exit code.
@@ -83,6 +138,34 @@ pub fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::List {
+            config,
+            node,
+            all_nodes,
+            include_partial,
+            output,
+        } => with_config(&config, |c| async move {
+            let node = if all_nodes {
+                None
+            } else {
+                Some(node.unwrap_or_else(|| c.node_name.clone()))
+            };
+            crate::ops::list(&c, node.as_deref(), include_partial, output).await
+        }),
+        Command::Verify { config, set, node } => with_config(&config, |c| async move {
+            let node = node.unwrap_or_else(|| c.node_name.clone());
+            crate::ops::verify(&c, &node, &set).await
+        }),
+        Command::Fetch {
+            config,
+            set,
+            to,
+            node,
+            force,
+        } => with_config(&config, |c| async move {
+            let node = node.unwrap_or_else(|| c.node_name.clone());
+            crate::ops::fetch(&c, &node, &set, &to, force).await
+        }),
         Command::Trigger { config, no_wait } => {
             let config = match load(&config) {
                 Ok(c) => c,
@@ -264,5 +347,28 @@ async fn trigger(config: &Config, wait: bool) -> ExitCode {
     } else {
         eprintln!("error: the agent answered {status}:\n{pretty}");
         ExitCode::from(EXIT_FAILURE)
+    }
+}
+
+/// Loads the config, sets up logging and a one-thread runtime, and runs `f`.
+fn with_config<F, Fut>(path: &std::path::Path, f: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = ExitCode>,
+{
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(&config.log);
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(f(config)),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }

@@ -1239,7 +1239,11 @@ mod tests {
         assert_eq!(c.daemon.jitter, Duration::ZERO);
         assert!(c.daemon.metrics_listen.is_none());
         // `backup` needs no schedule.
-        assert!(Config::parse(MINIMAL, &env()).unwrap().daemon.schedule.is_none());
+        assert!(Config::parse(MINIMAL, &env())
+            .unwrap()
+            .daemon
+            .schedule
+            .is_none());
 
         for (extra, field) in [
             ("schedule: \"0 * *\"\n", "schedule"),
@@ -1248,8 +1252,14 @@ mod tests {
             ("schedule: \"@hourly\"\njitter: 2h\n", "jitter"),
             ("run_on_start: sometimes\n", "run_on_start"),
             ("http:\n  listen: localhost\n", "http.listen"),
-            ("http:\n  metrics_listen: 127.0.0.1:10290\n", "http.metrics_listen"),
-            ("http:\n  token_file: /nonexistent/token\n", "http.token_file"),
+            (
+                "http:\n  metrics_listen: 127.0.0.1:10290\n",
+                "http.metrics_listen",
+            ),
+            (
+                "http:\n  token_file: /nonexistent/token\n",
+                "http.token_file",
+            ),
             ("shutdown_grace: forever\n", "shutdown_grace"),
             ("http:\n  port: 1\n", "http.port"),
         ] {

@@ -126,13 +126,19 @@ pub async fn run_on(
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new(crate::backup::AGENT_VERSION));
     let ready = Arc::new(ReadyFlags::default());
+    let rescan = Arc::new(tokio::sync::Notify::new());
     let runner = {
         let ready = ready.clone();
-        Runner::new(config.clone(), metrics.clone(), move || {
-            ready.etcd.store(true, Ordering::Relaxed);
-            ready.destination.store(true, Ordering::Relaxed);
+        let rescan = rescan.clone();
+        Runner::new(config.clone(), metrics.clone(), move |succeeded| {
+            if succeeded {
+                ready.etcd.store(true, Ordering::Relaxed);
+                ready.destination.store(true, Ordering::Relaxed);
+            }
+            rescan.notify_one();
         })
     };
+    let sets = Arc::new(std::sync::RwLock::new(Vec::new()));
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let addr = listener.local_addr().ok();
@@ -153,6 +159,7 @@ pub async fn run_on(
         metrics: metrics.clone(),
         token_sha256,
         ready: ready.clone(),
+        sets: sets.clone(),
     });
     let server = {
         let server_stop = server_stop.clone();
@@ -174,6 +181,10 @@ pub async fn run_on(
         )
     });
 
+    tasks.spawn(
+        keep_catalog(config.clone(), metrics.clone(), sets, rescan, stop.clone())
+            .instrument(tracing::info_span!("catalog")),
+    );
     tasks.spawn(
         probe_readiness(config.clone(), ready.clone(), stop.clone())
             .instrument(tracing::info_span!("readiness")),
@@ -313,6 +324,46 @@ async fn newest_in(
     Ok(None)
 }
 
+/// Scans this node's sets at start and after every run, for the API and the
+/// `etcd_backup_sets` gauge.
+async fn keep_catalog(
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    sets: Arc<std::sync::RwLock<Vec<etcd_backup_proto::api::SetSummary>>>,
+    rescan: Arc<tokio::sync::Notify>,
+    stop: CancellationToken,
+) {
+    loop {
+        let scanned = match destination::open(&config.destination).await {
+            Ok(dest) => {
+                crate::catalog::scan(dest.as_ref(), &config.cluster_name, Some(&config.node_name))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match scanned {
+            Ok(cat) => {
+                metrics.set_sets(cat.sets.len());
+                let summaries = cat
+                    .sets
+                    .iter()
+                    .rev()
+                    .map(crate::catalog::CatalogSet::summary)
+                    .collect();
+                if let Ok(mut s) = sets.write() {
+                    *s = summaries;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot scan this node's backup sets"),
+        }
+        tokio::select! {
+            _ = rescan.notified() => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
 async fn probe_readiness(config: Arc<Config>, ready: Arc<ReadyFlags>, stop: CancellationToken) {
     loop {
         let etcd_ok = match EtcdMember::connect(&config.etcd).await {
@@ -360,7 +411,7 @@ mod tests {
         };
         let config = Arc::new(Config::parse(&text, &env).unwrap());
         let metrics = Arc::new(Metrics::new("test"));
-        let runner = Runner::new(config, metrics.clone(), || {});
+        let runner = Runner::new(config, metrics.clone(), |_| {});
         let at = Utc::now();
         fire_scheduled(&runner, &metrics, at);
         assert!(runner.current().is_some());

@@ -46,6 +46,8 @@ pub struct AppState {
     pub token_sha256: Option<[u8; 32]>,
     /// Readiness inputs.
     pub ready: Arc<ReadyFlags>,
+    /// This node's complete sets, newest first, from the last catalog scan.
+    pub sets: Arc<std::sync::RwLock<Vec<etcd_backup_proto::api::SetSummary>>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -253,8 +255,10 @@ async fn start_run(
 }
 
 async fn list_runs(State(state): State<Arc<AppState>>) -> Response {
+    let sets = state.sets.read().map(|s| s.clone()).unwrap_or_default();
     Json(RunList {
         runs: state.runner.list(),
+        sets,
     })
     .into_response()
 }

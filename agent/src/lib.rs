@@ -16,9 +16,13 @@
 //! - [`metrics`]: Prometheus metrics behind typed handles.
 //! - [`http`]: the local HTTP API (trigger, runs, health, metrics).
 //! - [`daemon`]: `run`: scheduler, HTTP, readiness and shutdown wired together.
+//! - [`catalog`]: which complete sets and leftovers a destination holds.
+//! - [`verify`]: streaming a set back against its manifest (`verify`, `fetch`).
+//! - [`ops`]: the operator commands on stored sets (`list`, `verify`, `fetch`).
 //! - [`cli`]: the command line, exit codes and logging set-up; `main.rs` only calls it.
 
 pub mod backup;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -27,6 +31,8 @@ pub mod etcd;
 pub mod http;
 pub mod known_hosts;
 pub mod metrics;
+pub mod ops;
 pub mod resources;
 pub mod runner;
 pub mod schedule;
+pub mod verify;

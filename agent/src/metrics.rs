@@ -95,6 +95,7 @@ pub struct Metrics {
     duration: Family<ResultLabels, Histogram, fn() -> Histogram>,
     in_progress: Gauge,
     next_run: TimestampGauge,
+    sets: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -126,6 +127,7 @@ impl Metrics {
             duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             in_progress: Gauge::default(),
             next_run: TimestampGauge::default(),
+            sets: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -177,6 +179,11 @@ impl Metrics {
             "etcd_backup_next_run_timestamp_seconds",
             "Unix time of the next scheduled backup (0 when none is scheduled)",
             m.next_run.clone(),
+        );
+        registry.register(
+            "etcd_backup_sets",
+            "Complete backup sets of this node at the destination, as of the last scan",
+            m.sets.clone(),
         );
         registry.register(
             "etcd_backup_agent_build",
@@ -278,6 +285,11 @@ impl Metrics {
                 reason: reason.as_str(),
             })
             .inc();
+    }
+
+    /// How many complete sets this node has at the destination.
+    pub fn set_sets(&self, n: usize) {
+        self.sets.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// The next scheduled start; `None` clears it.

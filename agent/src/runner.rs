@@ -81,8 +81,8 @@ pub struct Runner {
     tracker: TaskTracker,
     /// Cancels the run in progress (when shutdown's grace runs out).
     abort: CancellationToken,
-    /// Called after every successful run (readiness: etcd and destination work).
-    on_success: Box<dyn Fn() + Send + Sync>,
+    /// Called after every run with whether it succeeded (readiness, catalog refresh).
+    on_finish: Box<dyn Fn(bool) + Send + Sync>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -96,7 +96,7 @@ impl Runner {
     pub fn new(
         config: Arc<Config>,
         metrics: Arc<Metrics>,
-        on_success: impl Fn() + Send + Sync + 'static,
+        on_finish: impl Fn(bool) + Send + Sync + 'static,
     ) -> Arc<Self> {
         Arc::new(Self {
             config,
@@ -109,7 +109,7 @@ impl Runner {
             next_id: AtomicU64::new(1),
             tracker: TaskTracker::new(),
             abort: CancellationToken::new(),
-            on_success: Box::new(on_success),
+            on_finish: Box::new(on_finish),
         })
     }
 
@@ -204,7 +204,6 @@ impl Runner {
                         revision: report.manifest.etcd.revision,
                     },
                 );
-                (self.on_success)();
                 tracing::info!(set = %report.location, took_ms = took.as_millis() as u64, "backup succeeded");
             }
             Err(e) => {
@@ -215,10 +214,13 @@ impl Runner {
                 tracing::error!(stage = %e.stage, error = %e, "backup failed");
             }
         }
-        let mut state = self.lock();
-        state.current = None;
-        state.history.push_front(record.clone());
-        state.history.truncate(HISTORY);
+        {
+            let mut state = self.lock();
+            state.current = None;
+            state.history.push_front(record.clone());
+            state.history.truncate(HISTORY);
+        }
+        (self.on_finish)(record.state == RunState::Succeeded);
         record
     }
 

@@ -89,11 +89,62 @@ pub struct RunRecord {
     pub error: Option<String>,
 }
 
-/// `GET /v1/backups`: recent runs, newest first.
+/// `GET /v1/backups`: recent runs, newest first, and the node's stored sets.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunList {
     /// At most the daemon's history bound, newest first.
     pub runs: Vec<RunRecord>,
+    /// This node's complete sets at the destination, newest first, as of the
+    /// last catalog scan (after start-up and after each run).
+    #[serde(default)]
+    pub sets: Vec<SetSummary>,
+}
+
+/// One complete set, as `list` and the API show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetSummary {
+    /// `<cluster>/<node>/<timestamp>`.
+    pub set: String,
+    /// The node that took it.
+    pub node: String,
+    /// Its timestamp.
+    pub timestamp: crate::SetTimestamp,
+    /// When the run finished.
+    pub finished_at: DateTime<Utc>,
+    /// Snapshot size in bytes.
+    pub snapshot_bytes: u64,
+    /// Resources tarball size, when the set has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources_bytes: Option<u64>,
+    /// etcd revision.
+    pub revision: i64,
+    /// Keys in the snapshot, when the manifest records its status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_key: Option<u64>,
+}
+
+/// A set directory that is not a complete set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeftoverSummary {
+    /// The directory.
+    pub dir: String,
+    /// Files in it.
+    pub files: Vec<String>,
+    /// Newest modification time, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modified: Option<DateTime<Utc>>,
+    /// Why it is not complete.
+    pub why: String,
+}
+
+/// `list -o json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetList {
+    /// Complete sets, newest first.
+    pub sets: Vec<SetSummary>,
+    /// Leftovers, only with `--include-partial`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leftovers: Vec<LeftoverSummary>,
 }
 
 /// Every non-2xx answer.

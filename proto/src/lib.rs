@@ -12,7 +12,9 @@ pub mod api;
 pub mod manifest;
 pub mod naming;
 
-pub use manifest::{FileKind, Manifest, ManifestEtcd, ManifestFile, MANIFEST_FORMAT_VERSION};
+pub use manifest::{
+    FileKind, Manifest, ManifestEtcd, ManifestFile, SnapshotStatus, MANIFEST_FORMAT_VERSION,
+};
 pub use naming::{
     is_valid_name_component, InvalidTimestamp, SetId, SetTimestamp, MANIFEST_FILE_NAME,
     PARTIAL_SUFFIX,

@@ -34,6 +34,24 @@ pub struct Manifest {
     pub resources_layout: String,
     /// Every data file of the set, the snapshot first.
     pub files: Vec<ManifestFile>,
+    /// What `etcdctl snapshot status` reports for the snapshot, computed by
+    /// the agent from the bbolt file as it was stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_status: Option<SnapshotStatus>,
+}
+
+/// `etcdctl snapshot status -w json` of a snapshot, with its field names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotStatus {
+    /// CRC-32C over every bucket name, key and value, in order.
+    pub hash: u32,
+    /// Main revision of the newest key in the `key` bucket.
+    pub revision: i64,
+    /// Key/value pairs in all buckets.
+    pub total_key: u64,
+    /// Size of the bbolt database in bytes (the trailer excluded).
+    pub total_size: u64,
 }
 
 /// The etcd member a snapshot was taken from.
@@ -122,6 +140,12 @@ mod tests {
                     sha256: "11".repeat(32),
                 },
             ],
+            snapshot_status: Some(SnapshotStatus {
+                hash: 1_251_439_961,
+                revision: 51,
+                total_key: 54,
+                total_size: 24576,
+            }),
         }
     }
 
@@ -134,6 +158,7 @@ mod tests {
             "{json}"
         );
         assert!(json.contains("\"kind\": \"snapshot\""), "{json}");
+        assert!(json.contains("\"totalKey\": 54"), "{json}");
         let back: Manifest = serde_json::from_str(&json).unwrap();
         assert_eq!(back, m);
         assert_eq!(back.file(FileKind::Resources).unwrap().size, 1000);

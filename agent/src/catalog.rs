@@ -1,0 +1,317 @@
+//! What a destination holds: complete sets (those with a valid
+//! `manifest.json`) and leftovers of runs that did not finish.
+//!
+//! Only a parsed, consistent manifest makes a set complete; anything else is a
+//! leftover, listed only on request and removed by retention once stale.
+
+use chrono::{DateTime, Utc};
+use tokio::io::AsyncReadExt;
+
+use etcd_backup_proto::{
+    Manifest, SetId, SetTimestamp, MANIFEST_FILE_NAME, MANIFEST_FORMAT_VERSION, PARTIAL_SUFFIX,
+};
+
+use crate::destination::{Destination, DestinationError};
+
+/// Largest manifest read; a real one is about 1 KiB.
+const MAX_MANIFEST: u64 = 1 << 20;
+
+/// Why the catalog could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// Listing or reading failed.
+    #[error(transparent)]
+    Destination(#[from] DestinationError),
+    /// The set asked for does not exist (or is not complete).
+    #[error("no complete backup set {wanted} for node {node} in {location}{hint}")]
+    NotFound {
+        /// What was asked for.
+        wanted: String,
+        /// The node searched.
+        node: String,
+        /// The destination.
+        location: String,
+        /// What exists instead.
+        hint: String,
+    },
+    /// The set name given is not a timestamp or `latest`.
+    #[error("{given:?} is not a backup set: give `latest`, a set timestamp such as 2026-11-24_120000, or <cluster>/<node>/<timestamp>")]
+    BadSetName {
+        /// What was given.
+        given: String,
+    },
+}
+
+/// A complete set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogSet {
+    /// Where it is.
+    pub id: SetId,
+    /// Its manifest.
+    pub manifest: Manifest,
+}
+
+/// A set directory without a valid manifest, or partial files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leftover {
+    /// The set directory it belongs to.
+    pub dir: String,
+    /// The set's timestamp, from the directory name.
+    pub timestamp: Option<SetTimestamp>,
+    /// Files in it (names only).
+    pub files: Vec<String>,
+    /// Newest modification time among them, when the destination reports it.
+    pub modified: Option<DateTime<Utc>>,
+    /// Why it is not complete.
+    pub why: String,
+}
+
+/// Everything found for the nodes scanned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Catalog {
+    /// Complete sets, oldest first.
+    pub sets: Vec<CatalogSet>,
+    /// Leftovers, oldest first.
+    pub leftovers: Vec<Leftover>,
+}
+
+impl CatalogSet {
+    /// The summary `list` and the API show.
+    pub fn summary(&self) -> etcd_backup_proto::api::SetSummary {
+        let m = &self.manifest;
+        let size = |k| m.file(k).map(|f| f.size);
+        etcd_backup_proto::api::SetSummary {
+            set: self.id.dir(),
+            node: self.id.node.clone(),
+            timestamp: self.id.timestamp,
+            finished_at: m.finished_at,
+            snapshot_bytes: size(etcd_backup_proto::FileKind::Snapshot).unwrap_or(0),
+            resources_bytes: size(etcd_backup_proto::FileKind::Resources),
+            revision: m.snapshot_status.map_or(m.etcd.revision, |s| s.revision),
+            total_key: m.snapshot_status.map(|s| s.total_key),
+        }
+    }
+}
+
+impl Leftover {
+    /// The summary `list --include-partial` shows.
+    pub fn summary(&self) -> etcd_backup_proto::api::LeftoverSummary {
+        etcd_backup_proto::api::LeftoverSummary {
+            dir: self.dir.clone(),
+            files: self.files.clone(),
+            modified: self.modified,
+            why: self.why.clone(),
+        }
+    }
+}
+
+impl Catalog {
+    /// The newest complete set.
+    pub fn latest(&self) -> Option<&CatalogSet> {
+        self.sets.last()
+    }
+}
+
+/// Reads a small file whole.
+///
+/// # Errors
+/// Destination failures; a file larger than `limit`.
+pub async fn read_small(
+    dest: &dyn Destination,
+    path: &str,
+    limit: u64,
+) -> Result<Vec<u8>, DestinationError> {
+    let reader = dest.open(path).await?;
+    let mut buf = Vec::new();
+    reader
+        .take(limit + 1)
+        .read_to_end(&mut buf)
+        .await
+        .map_err(|source| DestinationError::Io {
+            op: "cannot read",
+            location: format!("{}/{path}", dest.describe()),
+            source,
+        })?;
+    if buf.len() as u64 > limit {
+        return Err(DestinationError::Io {
+            op: "refusing to read",
+            location: format!("{}/{path}", dest.describe()),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("larger than {limit} bytes"),
+            ),
+        });
+    }
+    Ok(buf)
+}
+
+/// Why a manifest does not make its set complete, if it doesn't.
+fn manifest_problem(m: &Manifest, id: &SetId, files: &[String]) -> Option<String> {
+    if m.format_version > MANIFEST_FORMAT_VERSION {
+        return Some(format!(
+            "manifest format_version {} is newer than this agent understands ({MANIFEST_FORMAT_VERSION}); upgrade the agent",
+            m.format_version
+        ));
+    }
+    if m.cluster != id.cluster || m.node != id.node || m.timestamp != id.timestamp {
+        return Some(format!(
+            "manifest names {}/{}/{}, but it is stored in {}",
+            m.cluster,
+            m.node,
+            m.timestamp,
+            id.dir()
+        ));
+    }
+    if m.files.is_empty() {
+        return Some("manifest lists no files".into());
+    }
+    for f in &m.files {
+        if !files.contains(&f.name) {
+            return Some(format!("{} is in the manifest but not in the set", f.name));
+        }
+    }
+    None
+}
+
+/// Scans `<cluster>/<node>` (or every node of the cluster when `node` is None).
+///
+/// # Errors
+/// Destination failures while listing or reading manifests.
+pub async fn scan(
+    dest: &dyn Destination,
+    cluster: &str,
+    node: Option<&str>,
+) -> Result<Catalog, CatalogError> {
+    let nodes: Vec<String> = match node {
+        Some(n) => vec![n.to_string()],
+        None => dest
+            .list(cluster)
+            .await?
+            .into_iter()
+            .filter(|e| e.is_dir)
+            .map(|e| e.name)
+            .collect(),
+    };
+    let mut catalog = Catalog::default();
+    for node in nodes {
+        let node_dir = format!("{cluster}/{node}");
+        for entry in dest.list(&node_dir).await? {
+            if !entry.is_dir {
+                continue;
+            }
+            let dir = format!("{node_dir}/{}", entry.name);
+            let timestamp: Option<SetTimestamp> = entry.name.parse().ok();
+            let listing = dest.list(&dir).await?;
+            let files: Vec<String> = listing
+                .iter()
+                .filter(|e| !e.is_dir)
+                .map(|e| e.name.clone())
+                .collect();
+            let modified = listing
+                .iter()
+                .filter_map(|e| e.modified)
+                .max()
+                .or(entry.modified)
+                .map(DateTime::<Utc>::from);
+            let leftover = |why: String| Leftover {
+                dir: dir.clone(),
+                timestamp,
+                files: files.clone(),
+                modified,
+                why,
+            };
+            let Some(ts) = timestamp else {
+                catalog
+                    .leftovers
+                    .push(leftover("the directory name is not a set timestamp".into()));
+                continue;
+            };
+            let id = SetId {
+                cluster: cluster.to_string(),
+                node: node.clone(),
+                timestamp: ts,
+            };
+            if !files.iter().any(|f| f == MANIFEST_FILE_NAME) {
+                catalog
+                    .leftovers
+                    .push(leftover("no manifest.json: the run did not finish".into()));
+                continue;
+            }
+            let bytes = read_small(dest, &id.file(MANIFEST_FILE_NAME), MAX_MANIFEST).await?;
+            match serde_json::from_slice::<Manifest>(&bytes) {
+                Ok(m) => match manifest_problem(&m, &id, &files) {
+                    None => {
+                        if files.iter().any(|f| f.ends_with(PARTIAL_SUFFIX)) {
+                            catalog
+                                .leftovers
+                                .push(leftover("partial files inside a complete set".into()));
+                        }
+                        catalog.sets.push(CatalogSet { id, manifest: m });
+                    }
+                    Some(why) => catalog.leftovers.push(leftover(why)),
+                },
+                Err(e) => catalog
+                    .leftovers
+                    .push(leftover(format!("manifest.json is not valid: {e}"))),
+            }
+        }
+    }
+    catalog
+        .sets
+        .sort_by(|a, b| (a.id.timestamp, &a.id.node).cmp(&(b.id.timestamp, &b.id.node)));
+    catalog
+        .leftovers
+        .sort_by(|a, b| (a.timestamp, &a.dir).cmp(&(b.timestamp, &b.dir)));
+    Ok(catalog)
+}
+
+/// Finds one complete set of `node`: `latest`, a timestamp, or a full
+/// `<cluster>/<node>/<timestamp>` path (which then decides cluster and node).
+///
+/// # Errors
+/// [`CatalogError::BadSetName`], [`CatalogError::NotFound`], destination failures.
+pub async fn find(
+    dest: &dyn Destination,
+    cluster: &str,
+    node: &str,
+    wanted: &str,
+) -> Result<CatalogSet, CatalogError> {
+    let (cluster, node, ts) = match wanted.split('/').collect::<Vec<_>>().as_slice() {
+        ["latest"] => (cluster.to_string(), node.to_string(), None),
+        [ts] => (cluster.to_string(), node.to_string(), Some(*ts)),
+        [c, n, ts] => (c.to_string(), n.to_string(), Some(*ts)),
+        _ => {
+            return Err(CatalogError::BadSetName {
+                given: wanted.to_string(),
+            })
+        }
+    };
+    let ts: Option<SetTimestamp> = match ts {
+        Some(t) => Some(t.parse().map_err(|_| CatalogError::BadSetName {
+            given: wanted.to_string(),
+        })?),
+        None => None,
+    };
+    let catalog = scan(dest, &cluster, Some(&node)).await?;
+    let found = match ts {
+        None => catalog.latest().cloned(),
+        Some(ts) => catalog.sets.iter().find(|s| s.id.timestamp == ts).cloned(),
+    };
+    found.ok_or_else(|| {
+        let incomplete = catalog
+            .leftovers
+            .iter()
+            .find(|l| ts.is_some() && l.timestamp == ts);
+        let hint = match (catalog.latest(), incomplete) {
+            (_, Some(l)) => format!("; that set is incomplete: {}", l.why),
+            (Some(latest), None) => format!("; the newest complete set is {}", latest.id.timestamp),
+            (None, None) => "; it has no complete sets (see `list --all-nodes`)".to_string(),
+        };
+        CatalogError::NotFound {
+            wanted: wanted.to_string(),
+            node: node.clone(),
+            location: dest.describe(),
+            hint,
+        }
+    })
+}

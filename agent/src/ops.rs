@@ -1,0 +1,285 @@
+//! The operator commands on stored sets: `list`, `verify`, `fetch`. Each
+//! prints for people (or JSON) and returns the process exit code.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Mutex;
+
+use etcd_backup_proto::api::SetList;
+
+use crate::catalog::{self, CatalogSet};
+use crate::cli::{Output, EXIT_FAILURE, EXIT_USAGE};
+use crate::config::Config;
+use crate::destination::{self, Destination};
+use crate::verify::{self, FileReport};
+
+/// Sizes for people: 1.1 GiB, 4.2 KiB.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(EXIT_FAILURE)
+}
+
+async fn open(config: &Config) -> Result<Box<dyn Destination>, ExitCode> {
+    destination::open(&config.destination)
+        .await
+        .map_err(|e| fail(format!("cannot open the destination: {e}")))
+}
+
+/// `list`.
+pub async fn list(
+    config: &Config,
+    node: Option<&str>,
+    include_partial: bool,
+    output: Output,
+) -> ExitCode {
+    let dest = match open(config).await {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let cat = match catalog::scan(dest.as_ref(), &config.cluster_name, node).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let list = SetList {
+        sets: cat.sets.iter().rev().map(CatalogSet::summary).collect(),
+        leftovers: if include_partial {
+            cat.leftovers
+                .iter()
+                .rev()
+                .map(catalog::Leftover::summary)
+                .collect()
+        } else {
+            Vec::new()
+        },
+    };
+    match output {
+        Output::Json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&list).expect("a list always serializes")
+            );
+        }
+        Output::Table => {
+            println!(
+                "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  SET",
+                "TIME (UTC)", "NODE", "SNAPSHOT", "RESOURCES", "REVISION", "KEYS"
+            );
+            for s in &list.sets {
+                println!(
+                    "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {}",
+                    s.timestamp.as_datetime().format("%Y-%m-%d %H:%M:%S"),
+                    s.node,
+                    human_bytes(s.snapshot_bytes),
+                    s.resources_bytes.map_or("-".to_string(), human_bytes),
+                    s.revision,
+                    s.total_key.map_or("-".to_string(), |k| k.to_string()),
+                    s.set
+                );
+            }
+            if list.sets.is_empty() {
+                eprintln!(
+                    "no complete sets for {} in {}",
+                    node.map_or("any node".to_string(), |n| format!("node {n}")),
+                    dest.describe()
+                );
+            }
+            for l in &list.leftovers {
+                println!("partial  {}  ({}; {} file(s))", l.dir, l.why, l.files.len());
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// Progress for people: a bar on a terminal, a line per file otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    current: Mutex<String>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg:40} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        Self {
+            bar,
+            current: Mutex::new(String::new()),
+        }
+    }
+
+    fn update(&self, name: &str, done: u64, total: u64) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if *current != name {
+            *current = name.to_string();
+            match &self.bar {
+                Some(bar) => {
+                    bar.reset();
+                    bar.set_length(total);
+                    bar.set_message(name.to_string());
+                }
+                None => eprintln!("reading {name} ({})", human_bytes(total)),
+            }
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn print_reports(reports: &[FileReport]) -> bool {
+    let mut all_ok = true;
+    for r in reports {
+        if r.ok() {
+            println!("ok      {}  ({})", r.name, human_bytes(r.size));
+        } else {
+            all_ok = false;
+            for p in &r.problems {
+                println!("BAD     {}: {p}", r.name);
+            }
+        }
+    }
+    all_ok
+}
+
+async fn find(
+    config: &Config,
+    dest: &dyn Destination,
+    node: &str,
+    wanted: &str,
+) -> Result<CatalogSet, ExitCode> {
+    catalog::find(dest, &config.cluster_name, node, wanted)
+        .await
+        .map_err(|e| match e {
+            catalog::CatalogError::BadSetName { .. } => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_USAGE)
+            }
+            other => fail(other),
+        })
+}
+
+/// `verify`.
+pub async fn verify(config: &Config, node: &str, wanted: &str) -> ExitCode {
+    let dest = match open(config).await {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let set = match find(config, dest.as_ref(), node, wanted).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    println!("verifying {}/{}", dest.describe(), set.id.dir());
+    let progress = Progress::new();
+    let result = verify::verify_set(dest.as_ref(), &set, &|n, d, t| progress.update(n, d, t)).await;
+    progress.finish();
+    match result {
+        Ok(reports) => {
+            if print_reports(&reports) {
+                println!("set {} is intact", set.id.dir());
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("error: set {} does not match its manifest", set.id.dir());
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `fetch`.
+pub async fn fetch(config: &Config, node: &str, wanted: &str, to: &Path, force: bool) -> ExitCode {
+    match std::fs::read_dir(to) {
+        Ok(mut entries) => {
+            if entries.next().is_some() && !force {
+                eprintln!(
+                    "error: {} is not empty; fetch into an empty directory, or pass --force to write into it",
+                    to.display()
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::os::unix::fs::DirBuilderExt;
+            if let Err(e) = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(to)
+            {
+                return fail(format!("cannot create {}: {e}", to.display()));
+            }
+        }
+        Err(e) => return fail(format!("cannot use {}: {e}", to.display())),
+    }
+    let dest = match open(config).await {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let set = match find(config, dest.as_ref(), node, wanted).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    println!(
+        "fetching {}/{} into {}",
+        dest.describe(),
+        set.id.dir(),
+        to.display()
+    );
+    let progress = Progress::new();
+    let result =
+        verify::fetch_set(dest.as_ref(), &set, to, &|n, d, t| progress.update(n, d, t)).await;
+    progress.finish();
+    match result {
+        Ok((reports, written)) => {
+            let ok = print_reports(&reports);
+            for p in &written {
+                println!("wrote   {}", p.display());
+            }
+            if ok {
+                println!(
+                    "set {} fetched and verified; for OpenShift: cluster-restore.sh {}",
+                    set.id.dir(),
+                    to.display()
+                );
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "error: set {} does not match its manifest; the files that failed were not kept",
+                    set.id.dir()
+                );
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+        Err(e) => fail(e),
+    }
+}
