@@ -73,7 +73,7 @@ pub enum Command {
         /// The agent's YAML config file.
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
-        /// `latest`, a set timestamp (2026-11-24_120000) or <cluster>/<node>/<timestamp>.
+        /// `latest`, a set timestamp (2026-11-24_120000) or `<cluster>/<node>/<timestamp>`.
         set: String,
         /// The node whose set it is (default: this node).
         #[arg(long)]
@@ -84,7 +84,7 @@ pub enum Command {
         /// The agent's YAML config file.
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
-        /// `latest`, a set timestamp or <cluster>/<node>/<timestamp>.
+        /// `latest`, a set timestamp or `<cluster>/<node>/<timestamp>`.
         set: String,
         /// Where to put the files (created if missing; must be empty unless --force).
         #[arg(long, value_name = "DIR")]
@@ -95,6 +95,18 @@ pub enum Command {
         /// Write into a non-empty DIR.
         #[arg(long)]
         force: bool,
+    },
+    /// Apply the retention policy to this node's sets (and stale leftovers).
+    Prune {
+        /// The agent's YAML config file.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+        /// Print what would be removed and why; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Another node's sets.
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Validate a config file and exit (0 valid, 2 with every problem listed).
     CheckConfig {
@@ -165,6 +177,14 @@ pub fn main() -> ExitCode {
         } => with_config(&config, |c| async move {
             let node = node.unwrap_or_else(|| c.node_name.clone());
             crate::ops::fetch(&c, &node, &set, &to, force).await
+        }),
+        Command::Prune {
+            config,
+            dry_run,
+            node,
+        } => with_config(&config, |c| async move {
+            let node = node.unwrap_or_else(|| c.node_name.clone());
+            crate::ops::prune(&c, &node, dry_run).await
         }),
         Command::Trigger { config, no_wait } => {
             let config = match load(&config) {
@@ -284,6 +304,16 @@ async fn backup_once(config: &Config) -> ExitCode {
     };
     let outcome = crate::backup::run_with_retries(config, &cancel).await;
     watcher.abort();
+    if outcome.result.is_ok() {
+        let applied = match crate::destination::open(&config.destination).await {
+            Ok(dest) => crate::prune::after_backup(config, dest.as_ref()).await,
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = applied {
+            // The backup itself is complete; say so, but do not hide this.
+            eprintln!("warning: the backup succeeded, but applying retention failed: {e}");
+        }
+    }
     match outcome.result {
         Ok(report) => {
             let m = &report.manifest;

@@ -82,6 +82,19 @@ pub struct RawConfig {
     run_on_start: Option<String>,
     http: Option<RawHttp>,
     shutdown_grace: Option<String>,
+    retention: Option<RawRetention>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    keep_last: Option<u32>,
+    keep_hourly: Option<u32>,
+    keep_daily: Option<u32>,
+    keep_weekly: Option<u32>,
+    keep_monthly: Option<u32>,
+    max_age: Option<String>,
+    stale_partial_after: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -220,6 +233,8 @@ pub struct Config {
     pub log: LogConfig,
     /// What the daemon (`run`) needs beyond a single backup.
     pub daemon: DaemonConfig,
+    /// Which sets `prune` (and the daemon after each success) removes.
+    pub retention: crate::retention::RetentionPolicy,
 }
 
 /// The daemon's settings: schedule, HTTP endpoint, shutdown.
@@ -500,6 +515,7 @@ impl Config {
         let destination = v.destination(raw.destination);
         let retry = v.retry(raw.retry.unwrap_or_default());
         let log = v.log(raw.log.unwrap_or_default());
+        let retention = v.retention(raw.retention.unwrap_or_default());
         let daemon = v.daemon(
             raw.schedule,
             raw.timezone,
@@ -529,6 +545,7 @@ impl Config {
                 retry,
                 log,
                 daemon,
+                retention,
             }),
             _ => Err(vec![FieldError {
                 field: ".".into(),
@@ -1061,6 +1078,38 @@ impl Validator {
             token_file: http.token_file,
             metrics_listen,
             shutdown_grace,
+        }
+    }
+
+    fn retention(&mut self, raw: RawRetention) -> crate::retention::RetentionPolicy {
+        use crate::retention::{parse_duration, RetentionPolicy};
+        let mut duration = |field: &'static str, text: Option<String>| match text {
+            None => None,
+            Some(t) => match parse_duration(field, t.trim()) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    self.error(format!("retention.{}", e.field()), e.to_string());
+                    None
+                }
+            },
+        };
+        let max_age = duration("max_age", raw.max_age);
+        let stale = duration("stale_partial_after", raw.stale_partial_after);
+        let policy = RetentionPolicy {
+            keep_last: raw.keep_last,
+            keep_hourly: raw.keep_hourly,
+            keep_daily: raw.keep_daily,
+            keep_weekly: raw.keep_weekly,
+            keep_monthly: raw.keep_monthly,
+            max_age,
+            stale_partial_after: stale.unwrap_or(crate::retention::DEFAULT_STALE_PARTIAL_AFTER),
+        };
+        match policy.clone().validated() {
+            Ok(p) => p,
+            Err(e) => {
+                self.error(format!("retention.{}", e.field()), e.to_string());
+                RetentionPolicy::default()
+            }
         }
     }
 

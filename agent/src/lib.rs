@@ -11,6 +11,7 @@
 //!   known_hosts rules, or a pinned fingerprint).
 //! - [`backup`]: one run, the set protocol (partial names, rename, manifest last),
 //!   retries, cancellation.
+//! - [`retention`]: which sets to keep and which leftovers to remove, decided without I/O.
 //! - [`schedule`]: when scheduled backups fire: cron in a time zone, jitter, the scheduler loop.
 //! - [`runner`]: one backup at a time; the runs the API shows.
 //! - [`metrics`]: Prometheus metrics behind typed handles.
@@ -18,7 +19,8 @@
 //! - [`daemon`]: `run`: scheduler, HTTP, readiness and shutdown wired together.
 //! - [`catalog`]: which complete sets and leftovers a destination holds.
 //! - [`verify`]: streaming a set back against its manifest (`verify`, `fetch`).
-//! - [`ops`]: the operator commands on stored sets (`list`, `verify`, `fetch`).
+//! - [`prune`]: applying retention to a destination, manifest deleted first.
+//! - [`ops`]: the operator commands on stored sets (`list`, `verify`, `fetch`, `prune`).
 //! - [`cli`]: the command line, exit codes and logging set-up; `main.rs` only calls it.
 
 pub mod backup;
@@ -32,7 +34,9 @@ pub mod http;
 pub mod known_hosts;
 pub mod metrics;
 pub mod ops;
+pub mod prune;
 pub mod resources;
+pub mod retention;
 pub mod runner;
 pub mod schedule;
 pub mod verify;

@@ -278,6 +278,13 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// Applying retention after a successful run failed.
+    pub fn retention_failed(&self) {
+        self.failures
+            .get_or_create(&StageLabels { stage: "retention" })
+            .inc();
+    }
+
     /// A scheduled start was skipped.
     pub fn skipped(&self, reason: SkipReason) {
         self.skipped

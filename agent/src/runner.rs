@@ -166,12 +166,28 @@ impl Runner {
                 let t = Instant::now();
                 let outcome =
                     backup::run_with_retries(&runner.config, &runner.abort.child_token()).await;
+                if outcome.result.is_ok() {
+                    runner.apply_retention().await;
+                }
                 let finished = runner.finish(record, outcome, t.elapsed());
                 let _ = tx.send(Some(finished));
             }
             .instrument(span),
         );
         Ok(handle)
+    }
+
+    /// Retention after a successful run; a failure is logged and counted, the
+    /// run itself stays a success (its set is complete).
+    async fn apply_retention(&self) {
+        let result = match crate::destination::open(&self.config.destination).await {
+            Ok(dest) => crate::prune::after_backup(&self.config, dest.as_ref()).await,
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = result {
+            self.metrics.retention_failed();
+            tracing::error!(error = %e, "applying retention failed");
+        }
     }
 
     fn finish(&self, mut record: RunRecord, outcome: Outcome, took: Duration) -> RunRecord {
