@@ -141,6 +141,16 @@ pub trait SnapshotSource: Send {
     /// # Errors
     /// Connection and RPC failures.
     async fn snapshot(&mut self) -> Result<Box<dyn SnapshotStream>, EtcdError>;
+
+    /// Keys in the keyspace at `revision`, when the member can still tell
+    /// (`None` when that revision is compacted or the source cannot count).
+    ///
+    /// # Errors
+    /// Connection and RPC failures.
+    async fn count_keys_at(&mut self, revision: i64) -> Result<Option<u64>, EtcdError> {
+        let _ = revision;
+        Ok(None)
+    }
 }
 
 /// The raw bytes of a snapshot, chunk by chunk, digest trailer included.
@@ -326,6 +336,32 @@ impl SnapshotSource for EtcdMember {
             db_size: resp.db_size(),
             leader: resp.leader(),
         })
+    }
+
+    async fn count_keys_at(&mut self, revision: i64) -> Result<Option<u64>, EtcdError> {
+        let endpoint = self.endpoint_str();
+        let options = etcd_client::GetOptions::new()
+            .with_from_key()
+            .with_count_only()
+            .with_revision(revision)
+            .with_serializable();
+        let result =
+            tokio::time::timeout(self.dial_timeout, self.client.get(vec![0u8], Some(options)))
+                .await
+                .map_err(|_| EtcdError::DialTimeout {
+                    endpoint: endpoint.clone(),
+                    after: self.dial_timeout,
+                })?;
+        match result {
+            Ok(resp) => Ok(u64::try_from(resp.count()).ok()),
+            // Compacted away already: not knowing is fine, it is not a failure.
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => Ok(None),
+            Err(e) => Err(EtcdError::Call {
+                endpoint,
+                call: "KV.Range",
+                detail: etcd_error_detail(&e),
+            }),
+        }
     }
 
     async fn snapshot(&mut self) -> Result<Box<dyn SnapshotStream>, EtcdError> {

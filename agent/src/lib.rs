@@ -21,6 +21,9 @@
 //! - [`verify`]: streaming a set back against its manifest (`verify`, `fetch`).
 //! - [`prune`]: applying retention to a destination, manifest deleted first.
 //! - [`ops`]: the operator commands on stored sets (`list`, `verify`, `fetch`, `prune`).
+//! - [`restore`]: the platform's restore tool on a verified snapshot; the drill member.
+//! - [`snapshot_status`]: what `etcdctl snapshot status` reports, read from the
+//!   snapshot's bbolt file (or computed as it streams), without etcd's tools.
 //! - [`cli`]: the command line, exit codes and logging set-up; `main.rs` only calls it.
 
 pub mod backup;
@@ -36,7 +39,9 @@ pub mod metrics;
 pub mod ops;
 pub mod prune;
 pub mod resources;
+pub mod restore;
 pub mod retention;
 pub mod runner;
 pub mod schedule;
+pub mod snapshot_status;
 pub mod verify;

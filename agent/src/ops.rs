@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use etcd_backup_proto::api::SetList;
 
@@ -349,5 +350,168 @@ pub async fn prune(config: &Config, node: &str, dry_run: bool) -> ExitCode {
             eprintln!("error: {e}");
         }
         ExitCode::from(EXIT_FAILURE)
+    }
+}
+
+/// Where `restore` takes its snapshot from.
+#[derive(Debug, Clone)]
+pub enum SnapshotSourceArg {
+    /// A stored set, fetched and verified first.
+    Set(String),
+    /// A local file, its digest checked first.
+    File(std::path::PathBuf),
+}
+
+/// Fetches and verifies `wanted` into a new temporary directory beside
+/// `near`, returning the directory (removed on drop) and the snapshot's path.
+async fn fetch_snapshot(
+    config: &Config,
+    node: &str,
+    wanted: &str,
+    near: &Path,
+) -> Result<(tempfile::TempDir, std::path::PathBuf, CatalogSet), ExitCode> {
+    let dest = open(config).await?;
+    let set = find(config, dest.as_ref(), node, wanted).await?;
+    let parent = near
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
+    // The fetched files sit beside the data dir (same filesystem, same care);
+    // a missing parent is created, as the restore tool would.
+    if let Err(e) = std::fs::create_dir_all(parent) {
+        return Err(fail(format!("cannot create {}: {e}", parent.display())));
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix(".etcd-backup-fetch-")
+        .tempdir_in(parent)
+        .map_err(|e| {
+            fail(format!(
+                "cannot create a temporary directory in {}: {e}",
+                parent.display()
+            ))
+        })?;
+    println!("fetching {}/{}", dest.describe(), set.id.dir());
+    let progress = Progress::new();
+    let result = verify::fetch_set(dest.as_ref(), &set, tmp.path(), &|n, d, t| {
+        progress.update(n, d, t)
+    })
+    .await;
+    progress.finish();
+    let (reports, _) = result.map_err(fail)?;
+    if !print_reports(&reports) {
+        return Err(fail(format!(
+            "set {} does not match its manifest; not restoring it",
+            set.id.dir()
+        )));
+    }
+    let snap = set
+        .manifest
+        .file(etcd_backup_proto::FileKind::Snapshot)
+        .map(|f| tmp.path().join(&f.name))
+        .ok_or_else(|| fail(format!("set {} has no snapshot", set.id.dir())))?;
+    Ok((tmp, snap, set))
+}
+
+/// `restore`.
+pub async fn restore(
+    config: &Config,
+    node: &str,
+    source: SnapshotSourceArg,
+    target: &crate::restore::RestoreTarget,
+) -> ExitCode {
+    if let Err(e) = crate::restore::check_data_dir(&target.data_dir) {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let (_tmp, snapshot) = match source {
+        SnapshotSourceArg::File(f) => {
+            if let Err(e) = crate::restore::check_snapshot_file(&f) {
+                return fail(e);
+            }
+            (None, f)
+        }
+        SnapshotSourceArg::Set(wanted) => {
+            match fetch_snapshot(config, node, &wanted, &target.data_dir).await {
+                Ok((tmp, snap, _)) => (Some(tmp), snap),
+                Err(code) => return code,
+            }
+        }
+    };
+    match crate::restore::run_restore(&snapshot, target, false).await {
+        Ok(()) => {
+            println!(
+                "restored into {}; start etcd with --name {} --data-dir {} and the same --initial-cluster",
+                target.data_dir.display(),
+                target.name,
+                target.data_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `drill`.
+pub async fn drill(config: &Config, node: &str, wanted: &str) -> ExitCode {
+    let work = match tempfile::Builder::new()
+        .prefix("etcd-backup-drill-")
+        .tempdir()
+    {
+        Ok(w) => w,
+        Err(e) => return fail(format!("cannot create a temporary directory: {e}")),
+    };
+    let (_tmp, snapshot, set) =
+        match fetch_snapshot(config, node, wanted, &work.path().join("x")).await {
+            Ok(v) => v,
+            Err(code) => return code,
+        };
+    let mut member = match crate::restore::DrillMember::start(&snapshot, work.path()).await {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    let Some(info) = member.wait_ready(Duration::from_secs(60)).await else {
+        let log = std::fs::read_to_string(work.path().join("etcd.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(10).collect();
+        eprintln!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        return fail("the restored member did not start or answer within 60s; its log is above");
+    };
+    let m = &set.manifest;
+    let mut problems = Vec::new();
+    let want_revision = m.snapshot_status.map_or(m.etcd.revision, |s| s.revision);
+    if m.snapshot_status.is_some() && info.revision != want_revision {
+        problems.push(format!(
+            "revision is {}, the manifest says {want_revision}",
+            info.revision
+        ));
+    } else if info.revision < m.etcd.revision {
+        problems.push(format!(
+            "revision is {}, older than the manifest's {}",
+            info.revision, m.etcd.revision
+        ));
+    }
+    let keys = match member.count_keys().await {
+        Ok(k) => k,
+        Err(e) => return fail(format!("the restored member does not serve reads: {e}")),
+    };
+    if let Some(want) = m.etcd.live_keys {
+        if u64::try_from(keys).ok() != Some(want) {
+            problems.push(format!("{keys} keys, the manifest says {want}"));
+        }
+    }
+    println!(
+        "restored {} into a throwaway member at {}: revision {}, {keys} keys",
+        set.id.dir(),
+        member.client_url,
+        info.revision
+    );
+    drop(member);
+    if problems.is_empty() {
+        println!("drill passed: the set restores and serves its data");
+        ExitCode::SUCCESS
+    } else {
+        for p in &problems {
+            eprintln!("drill: {p}");
+        }
+        fail(format!("drill failed for {}", set.id.dir()))
     }
 }

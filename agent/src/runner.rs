@@ -208,7 +208,12 @@ impl Runner {
                     .collect();
                 record.set = Some(report.set.dir());
                 record.location = Some(report.location.clone());
-                record.revision = Some(report.manifest.etcd.revision);
+                record.revision = Some(
+                    report
+                        .manifest
+                        .snapshot_status
+                        .map_or(report.manifest.etcd.revision, |s| s.revision),
+                );
                 let size = |kind| report.manifest.file(kind).map(|f| f.size);
                 self.metrics.run_succeeded(
                     record.trigger,
@@ -217,7 +222,10 @@ impl Runner {
                     &SuccessFigures {
                         snapshot_bytes: size(FileKind::Snapshot).unwrap_or(0),
                         resources_bytes: size(FileKind::Resources),
-                        revision: report.manifest.etcd.revision,
+                        revision: report
+                            .manifest
+                            .snapshot_status
+                            .map_or(report.manifest.etcd.revision, |s| s.revision),
                     },
                 );
                 tracing::info!(set = %report.location, took_ms = took.as_millis() as u64, "backup succeeded");

@@ -67,7 +67,10 @@ pub async fn check_file(
     let path = set.id.file(&entry.name);
     let mut reader = dest.open(&path).await?;
     let mut sha = Sha256::new();
-    let mut digest = (entry.kind == FileKind::Snapshot).then(SnapshotVerifier::new);
+    let is_snapshot = entry.kind == FileKind::Snapshot;
+    let mut digest = is_snapshot.then(SnapshotVerifier::new);
+    let mut status = (is_snapshot && set.manifest.snapshot_status.is_some())
+        .then(crate::snapshot_status::StreamingStatus::new);
     let mut size = 0u64;
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
@@ -86,6 +89,9 @@ pub async fn check_file(
         sha.update(chunk);
         if let Some(d) = digest.as_mut() {
             d.update(chunk);
+        }
+        if let Some(st) = status.as_mut() {
+            st.update(chunk);
         }
         sink(chunk)?;
         size += n as u64;
@@ -108,6 +114,25 @@ pub async fn check_file(
     if let Some(d) = digest {
         if let Err(e) = d.finish() {
             problems.push(format!("etcd digest trailer: {e}"));
+        }
+    }
+    if let (Some(st), Some(want)) = (status, set.manifest.snapshot_status) {
+        match st.finish() {
+            Ok(got) => {
+                let got = etcd_backup_proto::SnapshotStatus {
+                    hash: got.hash,
+                    revision: got.revision,
+                    total_key: got.total_key,
+                    total_size: got.total_size,
+                };
+                if got != want {
+                    problems.push(format!(
+                        "snapshot status is hash {} revision {} keys {} size {}, the manifest says hash {} revision {} keys {} size {}",
+                        got.hash, got.revision, got.total_key, got.total_size, want.hash, want.revision, want.total_key, want.total_size
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!("snapshot status: {e}")),
         }
     }
     Ok(FileReport {

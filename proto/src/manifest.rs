@@ -70,6 +70,10 @@ pub struct ManifestEtcd {
     pub revision: i64,
     /// The member's database size in bytes as reported by the same call.
     pub db_size: i64,
+    /// Keys in the keyspace at the snapshot's revision, counted on the member
+    /// right after the snapshot; what a restored member must serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_keys: Option<u64>,
 }
 
 /// What a data file is.
@@ -124,6 +128,7 @@ mod tests {
                 version: "3.5.16".into(),
                 revision: 42,
                 db_size: 20480,
+                live_keys: Some(3),
             },
             resources_layout: "openshift".into(),
             files: vec![

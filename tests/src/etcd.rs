@@ -275,3 +275,154 @@ pub fn restore_and_start(snapshot: &Path, work: &Path) -> EtcdServer {
     );
     EtcdServer::start_on(data_dir, name, peer_port)
 }
+
+/// One member of a multi-member cluster on loopback.
+pub struct MemberSpec {
+    /// `--name`.
+    pub name: String,
+    /// `--data-dir`.
+    pub data_dir: PathBuf,
+    /// Client port on 127.0.0.1.
+    pub client_port: u16,
+    /// Peer port on 127.0.0.1.
+    pub peer_port: u16,
+}
+
+impl MemberSpec {
+    /// `http://127.0.0.1:<client_port>`.
+    pub fn client_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// `http://127.0.0.1:<peer_port>`.
+    pub fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+}
+
+/// A cluster of several etcd members on loopback; all killed on drop.
+pub struct EtcdCluster {
+    children: Vec<Child>,
+    /// Logs live here.
+    pub dir: TempDir,
+    /// The members.
+    pub members: Vec<MemberSpec>,
+}
+
+impl EtcdCluster {
+    /// `n` fresh members named m0, m1, … with data dirs in a temp dir.
+    pub fn plan(n: usize, dir: &Path) -> Vec<MemberSpec> {
+        (0..n)
+            .map(|i| MemberSpec {
+                name: format!("m{i}"),
+                data_dir: dir.join(format!("m{i}")),
+                client_port: free_port(),
+                peer_port: free_port(),
+            })
+            .collect()
+    }
+
+    /// `m0=http://127.0.0.1:p0,m1=…`.
+    pub fn initial_cluster(members: &[MemberSpec]) -> String {
+        members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts every member (on fresh or restored data dirs) and waits until the
+    /// cluster reports healthy.
+    pub fn start(members: Vec<MemberSpec>) -> Self {
+        require_tool("etcd", "etcd-server");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let initial = Self::initial_cluster(&members);
+        let mut children = Vec::new();
+        for m in &members {
+            let log =
+                std::fs::File::create(dir.path().join(format!("{}.log", m.name))).expect("log");
+            let child = Command::new("etcd")
+                .arg("--name")
+                .arg(&m.name)
+                .arg("--data-dir")
+                .arg(&m.data_dir)
+                .arg("--listen-client-urls")
+                .arg(m.client_url())
+                .arg("--advertise-client-urls")
+                .arg(m.client_url())
+                .arg("--listen-peer-urls")
+                .arg(m.peer_url())
+                .arg("--initial-advertise-peer-urls")
+                .arg(m.peer_url())
+                .arg("--initial-cluster")
+                .arg(&initial)
+                .arg("--initial-cluster-state")
+                .arg("new")
+                .arg("--listen-metrics-urls")
+                .arg(format!("http://127.0.0.1:{}", free_port()))
+                .arg("--logger=zap")
+                .arg("--log-outputs=stderr")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("start etcd member");
+            children.push(child);
+        }
+        let cluster = Self {
+            children,
+            dir,
+            members,
+        };
+        let endpoints = cluster.endpoints();
+        wait_for(
+            "the etcd cluster to be healthy",
+            Duration::from_secs(60),
+            || {
+                let out = etcdctl_command()
+                    .arg("--endpoints")
+                    .arg(&endpoints)
+                    .args(["endpoint", "health"])
+                    .output()
+                    .ok()?;
+                out.status.success().then_some(())
+            },
+        );
+        cluster
+    }
+
+    /// Every client URL, comma-separated.
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(MemberSpec::client_url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `etcdctl` against every member.
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        etcdctl_command()
+            .arg("--endpoints")
+            .arg(self.endpoints())
+            .args(args)
+            .output()
+            .expect("run etcdctl")
+    }
+
+    /// A client of member `i` only.
+    pub async fn client(&self, i: usize) -> Client {
+        Client::connect([self.members[i].client_url()], None)
+            .await
+            .expect("connect to member")
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -75,10 +75,13 @@ async fn snapshot_restores_to_an_identical_keyspace() {
     assert_eq!(manifest.etcd.revision, header["revision"].as_i64().unwrap());
     assert_eq!(manifest.resources_layout, "none");
 
-    // etcdctl accepts the file, digest trailer and all.
+    // etcdctl accepts the file, digest trailer and all, and reports exactly
+    // the status the agent computed while the snapshot streamed.
     let st = snapshot_status(&set_dir.join(&snap.name));
     assert_eq!(st["revision"].as_i64().unwrap(), manifest.etcd.revision);
     assert_eq!(st["totalSize"].as_u64().unwrap() + 32, snap.size);
+    assert_status_matches(&manifest, &st);
+    assert_eq!(manifest.etcd.live_keys, Some(before.len() as u64));
 
     // Restore with etcdctl, start etcd on it, read everything back.
     let restored = restore_and_start(&set_dir.join(&snap.name), work.path());
@@ -89,6 +92,66 @@ async fn snapshot_restores_to_an_identical_keyspace() {
 
     // The stdout summary names the set.
     assert!(run.stdout.contains(&sets[0]), "{}", run.stdout);
+}
+
+fn assert_status_matches(manifest: &Manifest, etcdctl: &serde_json::Value) {
+    let ms = manifest
+        .snapshot_status
+        .expect("the manifest records the snapshot status");
+    assert_eq!(
+        u64::from(ms.hash),
+        etcdctl["hash"].as_u64().unwrap(),
+        "hash"
+    );
+    assert_eq!(
+        ms.revision,
+        etcdctl["revision"].as_i64().unwrap(),
+        "revision"
+    );
+    assert_eq!(
+        ms.total_key,
+        etcdctl["totalKey"].as_u64().unwrap(),
+        "totalKey"
+    );
+    assert_eq!(
+        ms.total_size,
+        etcdctl["totalSize"].as_u64().unwrap(),
+        "totalSize"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_status_after_compaction_and_defrag_equals_etcdctl() {
+    let etcd = EtcdServer::start();
+    let mut client = etcd.client().await;
+    write_history(&mut client, "/registry/events/default", 1500).await;
+    client
+        .put("/registry/huge", vec![b'h'; 500_000], None)
+        .await
+        .unwrap();
+    let rev = client
+        .get("x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    assert!(etcd
+        .etcdctl(&["compaction", "--physical", &rev.to_string()])
+        .status
+        .success());
+    assert!(etcd.etcdctl(&["defrag"]).status.success());
+    write_history(&mut client, "/registry/events/after", 100).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("backups");
+    backup(&AgentConfig::new(&etcd, &dest).write(work.path())).assert_code(0);
+    let set = dest.join(complete_sets(&dest).pop().unwrap());
+    let manifest = read_manifest(&set);
+    let st = snapshot_status(&set.join(&manifest.files[0].name));
+    assert_status_matches(&manifest, &st);
+    // The revision etcd reports for the snapshot is the one the agent read from it.
+    assert!(manifest.snapshot_status.unwrap().revision >= manifest.etcd.revision);
 }
 
 #[tokio::test(flavor = "multi_thread")]
