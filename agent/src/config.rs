@@ -83,6 +83,7 @@ pub struct RawConfig {
     http: Option<RawHttp>,
     shutdown_grace: Option<String>,
     retention: Option<RawRetention>,
+    drill_schedule: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -256,6 +257,8 @@ pub struct DaemonConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// `shutdown_grace`: how long a run in progress may take after SIGTERM.
     pub shutdown_grace: Duration,
+    /// `drill_schedule` (in `timezone`): when the daemon drills the newest set.
+    pub drill_schedule: Option<crate::schedule::Schedule>,
 }
 
 /// `run_on_start`: whether the daemon backs up right after it starts.
@@ -516,6 +519,16 @@ impl Config {
         let retry = v.retry(raw.retry.unwrap_or_default());
         let log = v.log(raw.log.unwrap_or_default());
         let retention = v.retention(raw.retention.unwrap_or_default());
+        let drill_schedule = raw.drill_schedule.and_then(|expr| {
+            match crate::schedule::Schedule::parse(&expr, raw.timezone.as_deref()) {
+                Ok(s) => Some(s),
+                Err(crate::schedule::ScheduleError::TimeZone { .. }) => None, // reported for `schedule`
+                Err(e) => {
+                    v.error("drill_schedule", e.to_string());
+                    None
+                }
+            }
+        });
         let daemon = v.daemon(
             raw.schedule,
             raw.timezone,
@@ -544,7 +557,10 @@ impl Config {
                 destination,
                 retry,
                 log,
-                daemon,
+                daemon: DaemonConfig {
+                    drill_schedule,
+                    ..daemon
+                },
                 retention,
             }),
             _ => Err(vec![FieldError {
@@ -1078,6 +1094,7 @@ impl Validator {
             token_file: http.token_file,
             metrics_listen,
             shutdown_grace,
+            drill_schedule: None,
         }
     }
 

@@ -194,6 +194,7 @@ pub async fn run_on(
         let runner = runner.clone();
         let metrics_next = metrics.clone();
         let metrics_skip = metrics.clone();
+        let metrics_end = metrics.clone();
         let jitter = config.daemon.jitter;
         let stop = stop.clone();
         let schedule = schedule.clone();
@@ -208,9 +209,51 @@ pub async fn run_on(
                     stop,
                 )
                 .await;
-                metrics.set_next_run(None);
+                metrics_end.set_next_run(None);
             }
             .instrument(tracing::info_span!("scheduler")),
+        );
+    }
+
+    if let Some(drills) = config.daemon.drill_schedule.clone() {
+        let config = config.clone();
+        let metrics = metrics.clone();
+        let stop = stop.clone();
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let drill_tasks = tasks.clone();
+        tasks.spawn(
+            async move {
+                run_scheduler(
+                    drills,
+                    Duration::ZERO,
+                    Arc::new(SystemClock),
+                    |_| {},
+                    move |at| {
+                        if busy.swap(true, Ordering::SeqCst) {
+                            tracing::warn!(scheduled = %at, "restore drill skipped: the previous one is still running");
+                            return;
+                        }
+                        let (config, metrics, busy) = (config.clone(), metrics.clone(), busy.clone());
+                        drill_tasks.spawn(
+                            async move {
+                                match crate::restore::run_drill(&config, &config.node_name, "latest").await {
+                                    Ok(d) if d.problems.is_empty() => {
+                                        metrics.drill_succeeded(Utc::now());
+                                        tracing::info!(set = %d.set, revision = d.revision, keys = d.keys, "restore drill passed");
+                                    }
+                                    Ok(d) => tracing::error!(set = %d.set, problems = ?d.problems, "restore drill failed"),
+                                    Err(e) => tracing::error!(error = %e, "restore drill failed"),
+                                }
+                                busy.store(false, Ordering::SeqCst);
+                            }
+                            .instrument(tracing::info_span!("drill")),
+                        );
+                    },
+                    stop,
+                )
+                .await;
+            }
+            .instrument(tracing::info_span!("drill_scheduler")),
         );
     }
 

@@ -96,6 +96,7 @@ pub struct Metrics {
     in_progress: Gauge,
     next_run: TimestampGauge,
     sets: Gauge,
+    last_drill_success: TimestampGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -128,6 +129,7 @@ impl Metrics {
             in_progress: Gauge::default(),
             next_run: TimestampGauge::default(),
             sets: Gauge::default(),
+            last_drill_success: TimestampGauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -184,6 +186,11 @@ impl Metrics {
             "etcd_backup_sets",
             "Complete backup sets of this node at the destination, as of the last scan",
             m.sets.clone(),
+        );
+        registry.register(
+            "etcd_backup_last_drill_success_timestamp_seconds",
+            "When the newest passing restore drill finished (0 until the first; drills run with drill_schedule)",
+            m.last_drill_success.clone(),
         );
         registry.register(
             "etcd_backup_agent_build",
@@ -292,6 +299,11 @@ impl Metrics {
                 reason: reason.as_str(),
             })
             .inc();
+    }
+
+    /// A restore drill passed at `at`.
+    pub fn drill_succeeded(&self, at: DateTime<Utc>) {
+        self.last_drill_success.set(seconds(at));
     }
 
     /// How many complete sets this node has at the destination.

@@ -5,7 +5,6 @@ use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use etcd_backup_proto::api::SetList;
 
@@ -453,65 +452,22 @@ pub async fn restore(
 
 /// `drill`.
 pub async fn drill(config: &Config, node: &str, wanted: &str) -> ExitCode {
-    let work = match tempfile::Builder::new()
-        .prefix("etcd-backup-drill-")
-        .tempdir()
-    {
-        Ok(w) => w,
-        Err(e) => return fail(format!("cannot create a temporary directory: {e}")),
-    };
-    let (_tmp, snapshot, set) =
-        match fetch_snapshot(config, node, wanted, &work.path().join("x")).await {
-            Ok(v) => v,
-            Err(code) => return code,
-        };
-    let mut member = match crate::restore::DrillMember::start(&snapshot, work.path()).await {
-        Ok(m) => m,
-        Err(e) => return fail(e),
-    };
-    let Some(info) = member.wait_ready(Duration::from_secs(60)).await else {
-        let log = std::fs::read_to_string(work.path().join("etcd.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(10).collect();
-        eprintln!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-        return fail("the restored member did not start or answer within 60s; its log is above");
-    };
-    let m = &set.manifest;
-    let mut problems = Vec::new();
-    let want_revision = m.snapshot_status.map_or(m.etcd.revision, |s| s.revision);
-    if m.snapshot_status.is_some() && info.revision != want_revision {
-        problems.push(format!(
-            "revision is {}, the manifest says {want_revision}",
-            info.revision
-        ));
-    } else if info.revision < m.etcd.revision {
-        problems.push(format!(
-            "revision is {}, older than the manifest's {}",
-            info.revision, m.etcd.revision
-        ));
-    }
-    let keys = match member.count_keys().await {
-        Ok(k) => k,
-        Err(e) => return fail(format!("the restored member does not serve reads: {e}")),
-    };
-    if let Some(want) = m.etcd.live_keys {
-        if u64::try_from(keys).ok() != Some(want) {
-            problems.push(format!("{keys} keys, the manifest says {want}"));
+    match crate::restore::run_drill(config, node, wanted).await {
+        Ok(d) => {
+            println!(
+                "restored {} into a throwaway member: revision {}, {} keys",
+                d.set, d.revision, d.keys
+            );
+            if d.problems.is_empty() {
+                println!("drill passed: the set restores and serves its data");
+                ExitCode::SUCCESS
+            } else {
+                for p in &d.problems {
+                    eprintln!("drill: {p}");
+                }
+                fail(format!("drill failed for {}", d.set))
+            }
         }
-    }
-    println!(
-        "restored {} into a throwaway member at {}: revision {}, {keys} keys",
-        set.id.dir(),
-        member.client_url,
-        info.revision
-    );
-    drop(member);
-    if problems.is_empty() {
-        println!("drill passed: the set restores and serves its data");
-        ExitCode::SUCCESS
-    } else {
-        for p in &problems {
-            eprintln!("drill: {p}");
-        }
-        fail(format!("drill failed for {}", set.id.dir()))
+        Err(e) => fail(e),
     }
 }

@@ -307,3 +307,99 @@ impl DrillMember {
         Ok(resp.count())
     }
 }
+
+/// What a drill found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrillOutcome {
+    /// The set drilled.
+    pub set: String,
+    /// The restored member's revision.
+    pub revision: i64,
+    /// Keys it serves.
+    pub keys: i64,
+    /// What differs from the manifest; empty when the drill passed.
+    pub problems: Vec<String>,
+}
+
+/// Fetches and verifies `wanted`, restores it into a temporary data dir,
+/// starts a throwaway member on loopback, and compares what it serves with
+/// the manifest. Everything is removed afterwards.
+///
+/// # Errors
+/// A message for people: the set could not be found, fetched, verified,
+/// restored, or the member did not come up.
+pub async fn run_drill(
+    config: &crate::config::Config,
+    node: &str,
+    wanted: &str,
+) -> Result<DrillOutcome, String> {
+    let work = tempfile::Builder::new()
+        .prefix("etcd-backup-drill-")
+        .tempdir()
+        .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+    let dest = crate::destination::open(&config.destination)
+        .await
+        .map_err(|e| format!("cannot open the destination: {e}"))?;
+    let set = crate::catalog::find(dest.as_ref(), &config.cluster_name, node, wanted)
+        .await
+        .map_err(|e| e.to_string())?;
+    let files = work.path().join("set");
+    std::fs::create_dir(&files).map_err(|e| format!("cannot create {}: {e}", files.display()))?;
+    let (reports, _) = crate::verify::fetch_set(dest.as_ref(), &set, &files, &|_, _, _| {})
+        .await
+        .map_err(|e| e.to_string())?;
+    let bad: Vec<String> = reports
+        .iter()
+        .flat_map(|r| r.problems.iter().map(move |p| format!("{}: {p}", r.name)))
+        .collect();
+    if !bad.is_empty() {
+        return Err(format!(
+            "set {} does not match its manifest: {}",
+            set.id.dir(),
+            bad.join("; ")
+        ));
+    }
+    let m = &set.manifest;
+    let snapshot = m
+        .file(etcd_backup_proto::FileKind::Snapshot)
+        .map(|f| files.join(&f.name))
+        .ok_or_else(|| format!("set {} has no snapshot", set.id.dir()))?;
+    let mut member = DrillMember::start(&snapshot, work.path())
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(info) = member.wait_ready(Duration::from_secs(60)).await else {
+        let log = std::fs::read_to_string(work.path().join("etcd.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        return Err(format!(
+            "the restored member did not start or answer within 60s; the end of its log: {}",
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        ));
+    };
+    let mut problems = Vec::new();
+    match m.snapshot_status {
+        Some(st) if info.revision != st.revision => problems.push(format!(
+            "revision is {}, the manifest says {}",
+            info.revision, st.revision
+        )),
+        None if info.revision < m.etcd.revision => problems.push(format!(
+            "revision is {}, older than the manifest's {}",
+            info.revision, m.etcd.revision
+        )),
+        _ => {}
+    }
+    let keys = member
+        .count_keys()
+        .await
+        .map_err(|e| format!("the restored member does not serve reads: {e}"))?;
+    if let Some(want) = m.etcd.live_keys {
+        if u64::try_from(keys).ok() != Some(want) {
+            problems.push(format!("{keys} keys, the manifest says {want}"));
+        }
+    }
+    Ok(DrillOutcome {
+        set: set.id.dir(),
+        revision: info.revision,
+        keys,
+        problems,
+    })
+}

@@ -744,3 +744,39 @@ fn the_binary_serves_metrics_apart_and_trigger_reports_the_result() {
         run.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scheduled_drill_restores_the_newest_set_and_sets_its_metric() {
+    let etcd = EtcdServer::start();
+    assert!(etcd.etcdctl(&["put", "/k", "v"]).status.success());
+    let work = tempfile::tempdir().unwrap();
+    let mut cfg = daemon_config(&etcd.client_url, &work.path().join("backups"));
+    // Every minute: the first drill comes within 60 s of the start.
+    cfg.extra =
+        "schedule: \"@daily\"\nrun_on_start: always\ndrill_schedule: \"* * * * *\"\n".into();
+    let d = Daemon::start(&cfg).await;
+    assert_eq!(
+        metric(
+            &d.metrics().await,
+            "etcd_backup_last_drill_success_timestamp_seconds"
+        ),
+        0.0
+    );
+    let start = Instant::now();
+    loop {
+        let v = metric(
+            &d.metrics().await,
+            "etcd_backup_last_drill_success_timestamp_seconds",
+        );
+        if v > 0.0 {
+            assert!(v >= chrono::Utc::now().timestamp() as f64 - 120.0);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(110),
+            "no drill passed in time"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    d.stop().await;
+}
