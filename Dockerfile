@@ -1,0 +1,54 @@
+# syntax=docker/dockerfile:1
+#
+# etcd-backup-agent's image: the agent, plus etcdctl and etcdutl for restores.
+#
+#   docker build -t REGISTRY/etcd-backup-agent:0.1.0 .
+#
+# Runtime base: distroless cc (Debian 12). The agent is a glibc binary that
+# needs libc, libm and libgcc_s and nothing else (TLS is rustls, SSH is pure
+# Rust): distroless cc is exactly that, with no shell, no package manager and
+# no curl, so a compromised agent has no tools to work with. To ask a running
+# agent for a backup use `etcd-backup-agent trigger` (INSTALL.md).
+#
+# etcd, etcdctl and etcdutl (Apache-2.0, like this project) are copied from
+# the official etcd image of the same release line as the clusters' etcd:
+# `restore` runs etcdutl (etcdctl on 3.4), and `drill` starts a throwaway etcd
+# on the restored data. They are static Go binaries of roughly 15-30 MB each.
+# Pin both bases by digest (@sha256:...) when you build for production.
+#
+# tests/tests/deploy.rs lints this file with hadolint and checks its shape
+# against the workspace and the DaemonSet (entrypoint, command, user, paths).
+
+ARG RUST_VERSION=1.95
+ARG ETCD_VERSION=v3.5.21
+
+FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
+# protoc: etcd-client generates its gRPC code at build time. Debian stable's
+# packages only change for security fixes, so the version is left to apt.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends protobuf-compiler \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+# The whole workspace is needed to resolve it (tests/ is a member), but only
+# the agent is built.
+COPY Cargo.toml Cargo.lock ./
+COPY proto/ proto/
+COPY agent/ agent/
+COPY tests/ tests/
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    cargo build --release --locked -p etcd-backup-agent --bin etcd-backup-agent
+
+FROM gcr.io/etcd-development/etcd:${ETCD_VERSION} AS etcd
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+LABEL org.opencontainers.image.title="etcd-backup-agent" \
+      org.opencontainers.image.description="Verified etcd snapshots and static-pod resources, shipped atomically" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /src/target/release/etcd-backup-agent /usr/local/bin/etcd-backup-agent
+COPY --from=etcd /usr/local/bin/etcd /usr/local/bin/etcdctl /usr/local/bin/etcdutl /usr/local/bin/
+# Non-root by default. The DaemonSet runs it as uid 0 with every capability
+# dropped, because the certificates it reads on a master are root-owned 0600.
+USER 65532:65532
+ENTRYPOINT ["etcd-backup-agent"]
+CMD ["run", "--config", "/etc/etcd-backup/config.yaml"]
