@@ -28,6 +28,13 @@ ensure_tools() {
   "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# ensure_tools_force PACKAGE...: installs Debian packages unconditionally.
+ensure_tools_force() {
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
 # The tools every script needs: etcd and etcdctl for the real member, protoc
 # for etcd-client's generated gRPC code.
 ensure_base_tools() {

@@ -230,7 +230,7 @@ async fn wait_true_answers_200_on_success_and_500_on_failure_and_metrics_follow(
     );
     assert_eq!(
         metric(&text, "etcd_backup_last_revision"),
-        m.etcd.revision as f64
+        m.snapshot_status.unwrap().revision as f64
     );
     assert_eq!(
         metric(
