@@ -388,6 +388,9 @@ async fn keep_catalog(
         match scanned {
             Ok(cat) => {
                 metrics.set_sets(cat.sets.len());
+                if let Some(latest) = cat.latest() {
+                    metrics.seed_last_success(latest.manifest.finished_at);
+                }
                 let summaries = cat
                     .sets
                     .iter()

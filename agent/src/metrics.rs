@@ -301,6 +301,16 @@ impl Metrics {
             .inc();
     }
 
+    /// The newest complete set at the destination finished at `at`: a daemon
+    /// that starts after a restart reports that, not 0, so staleness alerts
+    /// see the real age of the newest backup. Never moves the gauge back.
+    pub fn seed_last_success(&self, at: DateTime<Utc>) {
+        let s = seconds(at);
+        if self.last_success.get() < s {
+            self.last_success.set(s);
+        }
+    }
+
     /// A restore drill passed at `at`.
     pub fn drill_succeeded(&self, at: DateTime<Utc>) {
         self.last_drill_success.set(seconds(at));

@@ -510,6 +510,24 @@ async fn run_on_start_backs_up_when_stale_or_always_and_not_when_fresh_or_never(
     let d = Daemon::start(&cfg).await;
     let runs = runs_after(&d, Duration::from_millis(1500)).await;
     assert_eq!(startup_runs(&runs), 0, "{runs:?}");
+    // A restarted agent reports the stored set's time, not 0, and lists it.
+    let text = d.metrics().await;
+    let seeded = metric(&text, "etcd_backup_last_success_timestamp_seconds");
+    assert!(
+        seeded > chrono::Utc::now().timestamp() as f64 - 60.0,
+        "{seeded}"
+    );
+    assert_eq!(metric(&text, "etcd_backup_sets"), 1.0);
+    let list: RunList = d
+        .http
+        .get(d.url("/v1/backups"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.sets.len(), 1);
     d.stop().await;
 
     // always: backs up even so.
