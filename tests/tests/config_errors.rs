@@ -190,3 +190,36 @@ fn check_config_accepts_a_good_file_and_lists_problems_of_a_bad_one() {
         run.stderr
     );
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_and_carry_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("config.yaml");
+    let secret = dir.path().join("password");
+    std::fs::write(&secret, "pa55-do-not-log\n").unwrap();
+    let known = dir.path().join("known_hosts");
+    std::fs::write(&known, "").unwrap();
+    let port = etcd_backup_tests::free_port();
+    std::fs::write(
+        &p,
+        format!(
+            "node_name: m\netcd:\n  endpoints: [\"http://127.0.0.1:{port}\"]\nresources:\n  layout: none\ndestination:\n  sftp:\n    host: 127.0.0.1\n    port: {port}\n    user: u\n    path: /x\n    known_hosts_file: {}\n    password_file: {}\nretry:\n  attempts: 1\nlog:\n  format: json\n  level: debug\n",
+            known.display(),
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let run = run_agent(&["backup", "--config", p.to_str().unwrap()]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let json_lines: Vec<serde_json::Value> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(!json_lines.is_empty(), "{}", run.stderr);
+    assert!(json_lines
+        .iter()
+        .all(|v| v["level"].is_string() && v["timestamp"].is_string()));
+    assert!(!run.stderr.contains("pa55-do-not-log"), "{}", run.stderr);
+}
