@@ -477,12 +477,7 @@ impl<'a> Run<'a> {
         // etcd's own problem: record that loudly, but the backup is still the
         // exact bytes etcd sent.
         let status = match status.finish() {
-            Ok(s) => Some(etcd_backup_proto::SnapshotStatus {
-                hash: s.hash,
-                revision: s.revision,
-                total_key: s.total_key,
-                total_size: s.total_size,
-            }),
+            Ok(s) => Some(s),
             Err(e) => {
                 tracing::error!(error = %e, "the snapshot's bbolt structure could not be read; no snapshot status recorded");
                 None

@@ -75,21 +75,18 @@ fn error(status: StatusCode, message: impl Into<String>, run_id: Option<String>)
         .into_response()
 }
 
-/// The API's routes.
-pub fn router(state: Arc<AppState>) -> Router {
+/// Health, readiness and metrics: on both listeners.
+fn open_routes() -> Router<Arc<AppState>> {
     Router::new()
-        .route("/v1/backups", get(list_runs).post(start_run))
-        .route("/v1/backups/{id}", get(get_run))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .fallback(|| async {
-            error(
-                StatusCode::NOT_FOUND,
-                "no such path; see the README for the API",
-                None,
-            )
-        })
+}
+
+/// JSON answers for unknown paths and wrong methods, the body limit, and the state.
+fn finish(routes: Router<Arc<AppState>>, not_found: &'static str, state: Arc<AppState>) -> Router {
+    routes
+        .fallback(move || async move { error(StatusCode::NOT_FOUND, not_found, None) })
         .method_not_allowed_fallback(|| async {
             error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -101,30 +98,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// The API's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    let routes = open_routes()
+        .route("/v1/backups", get(list_runs).post(start_run))
+        .route("/v1/backups/{id}", get(get_run));
+    finish(routes, "no such path; see the README for the API", state)
+}
+
 /// The read-only routes for `http.metrics_listen`: metrics and health, no
 /// trigger and no run details, so exposing it on the node's address gives
 /// nothing away and lets nobody start a backup.
 pub fn metrics_router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .fallback(|| async {
-            error(
-                StatusCode::NOT_FOUND,
-                "this listener serves only /metrics, /healthz and /readyz",
-                None,
-            )
-        })
-        .method_not_allowed_fallback(|| async {
-            error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method not allowed on this path",
-                None,
-            )
-        })
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(state)
+    finish(
+        open_routes(),
+        "this listener serves only /metrics, /healthz and /readyz",
+        state,
+    )
 }
 
 /// Serves `router` on an already-bound listener until `shutdown` completes.

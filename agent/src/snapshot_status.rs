@@ -29,20 +29,10 @@ use std::fmt;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-/// What `etcdctl snapshot status -w json` prints for a snapshot (etcd 3.4 and 3.5; 3.6
-/// adds a `version` field, which deserializing ignores).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SnapshotStatus {
-    /// CRC-32C over every top-level bucket name and the keys and values in it.
-    pub hash: u32,
-    /// Main revision of the last key in the `key` bucket; 0 when that bucket is empty.
-    pub revision: i64,
-    /// Key/value pairs (and nested bucket entries) in all top-level buckets.
-    pub total_key: u64,
-    /// The database size bbolt reports: high water mark × page size.
-    pub total_size: u64,
-}
+/// What `etcdctl snapshot status -w json` prints for a snapshot (etcd 3.4 and
+/// 3.5; 3.6 adds a `version` field, which deserializing ignores). It is stored
+/// in `manifest.json`, so the type lives in `proto`.
+pub use etcd_backup_proto::SnapshotStatus;
 
 /// Why a snapshot's status could not be computed.
 #[derive(Debug, thiserror::Error)]

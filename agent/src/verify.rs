@@ -119,12 +119,6 @@ pub async fn check_file(
     if let (Some(st), Some(want)) = (status, set.manifest.snapshot_status) {
         match st.finish() {
             Ok(got) => {
-                let got = etcd_backup_proto::SnapshotStatus {
-                    hash: got.hash,
-                    revision: got.revision,
-                    total_key: got.total_key,
-                    total_size: got.total_size,
-                };
                 if got != want {
                     problems.push(format!(
                         "snapshot status is hash {} revision {} keys {} size {}, the manifest says hash {} revision {} keys {} size {}",

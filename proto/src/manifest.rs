@@ -44,13 +44,14 @@ pub struct Manifest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotStatus {
-    /// CRC-32C over every bucket name, key and value, in order.
+    /// CRC-32C over every top-level bucket name and the keys and values in it.
     pub hash: u32,
-    /// Main revision of the newest key in the `key` bucket.
+    /// Main revision of the last key in the `key` bucket; 0 when that bucket is empty.
     pub revision: i64,
-    /// Key/value pairs in all buckets.
+    /// Key/value pairs (and nested bucket entries) in all top-level buckets.
     pub total_key: u64,
-    /// Size of the bbolt database in bytes (the trailer excluded).
+    /// The database size bbolt reports: high water mark × page size (the
+    /// digest trailer excluded).
     pub total_size: u64,
 }
 

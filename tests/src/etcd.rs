@@ -426,3 +426,34 @@ impl Drop for EtcdCluster {
         }
     }
 }
+
+/// A real bbolt database (without etcd's digest trailer), `keys` keys of
+/// growing size, saved from a throwaway member with the real `etcdctl`.
+pub async fn real_snapshot_db(keys: usize) -> Vec<u8> {
+    let etcd = EtcdServer::start();
+    let mut client = etcd.client().await;
+    for i in 0..keys {
+        client
+            .put(format!("/k/{i}"), "v".repeat(i * 10), None)
+            .await
+            .expect("put");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("s.db");
+    let out = etcdctl_command()
+        .arg("--endpoints")
+        .arg(&etcd.client_url)
+        .args(["snapshot", "save"])
+        .arg(&file)
+        .output()
+        .expect("run etcdctl snapshot save");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut bytes = std::fs::read(&file).expect("read snapshot");
+    assert_eq!(bytes.len() % 512, 32, "etcdctl keeps the trailer");
+    bytes.truncate(bytes.len() - 32);
+    bytes
+}

@@ -10,7 +10,7 @@ use etcd_backup_agent::daemon;
 use etcd_backup_proto::api::{ErrorResponse, Readiness, RunList, RunRecord, RunState, Trigger};
 use etcd_backup_proto::{FileKind, Manifest};
 use etcd_backup_tests::agent::{agent_bin, AgentConfig};
-use etcd_backup_tests::etcd::{etcdctl_command, EtcdServer};
+use etcd_backup_tests::etcd::{real_snapshot_db, EtcdServer};
 use etcd_backup_tests::fake_etcd::{FakeEtcd, Tamper};
 use etcd_backup_tests::{complete_sets, files_below, free_port, wait_for};
 use reqwest::StatusCode;
@@ -361,27 +361,7 @@ async fn fifty_concurrent_posts_start_exactly_one_run() {
 }
 
 async fn real_db() -> Vec<u8> {
-    let etcd = EtcdServer::start();
-    let mut client = etcd.client().await;
-    for i in 0..100 {
-        client
-            .put(format!("/k/{i}"), "v".repeat(i * 20), None)
-            .await
-            .unwrap();
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("s.db");
-    let out = etcdctl_command()
-        .arg("--endpoints")
-        .arg(&etcd.client_url)
-        .args(["snapshot", "save"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let mut bytes = std::fs::read(&file).unwrap();
-    bytes.truncate(bytes.len() - 32);
-    bytes
+    real_snapshot_db(100).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

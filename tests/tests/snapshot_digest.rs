@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use etcd_backup_tests::agent::{backup, AgentConfig, AgentRun};
-use etcd_backup_tests::etcd::{etcdctl_command, EtcdServer};
+use etcd_backup_tests::etcd::real_snapshot_db;
 use etcd_backup_tests::fake_etcd::{FakeEtcd, Tamper};
 use etcd_backup_tests::{complete_sets, files_below};
 
@@ -14,38 +14,11 @@ use etcd_backup_tests::{complete_sets, files_below};
 fn real_db() -> Vec<u8> {
     static DB: OnceLock<Vec<u8>> = OnceLock::new();
     DB.get_or_init(|| {
-        let etcd = EtcdServer::start();
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap()
-            .block_on(async {
-                let mut client = etcd.client().await;
-                for i in 0..200 {
-                    client
-                        .put(format!("/k/{i}"), "v".repeat(i * 10), None)
-                        .await
-                        .unwrap();
-                }
-            });
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("s.db");
-        let out = etcdctl_command()
-            .arg("--endpoints")
-            .arg(&etcd.client_url)
-            .args(["snapshot", "save"])
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut bytes = std::fs::read(&file).unwrap();
-        assert_eq!(bytes.len() % 512, 32, "etcdctl keeps the trailer");
-        bytes.truncate(bytes.len() - 32);
-        bytes
+            .block_on(real_snapshot_db(200))
     })
     .clone()
 }
