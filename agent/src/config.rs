@@ -490,10 +490,10 @@ impl Config {
     ///
     /// # Errors
     /// Every problem found, each with its field path.
-    pub fn from_raw(raw: RawConfig, env: &Environment) -> Result<Self, Vec<FieldError>> {
+    pub fn from_raw(mut raw: RawConfig, env: &Environment) -> Result<Self, Vec<FieldError>> {
         let mut v = Validator::default();
 
-        let node_name = match raw.node_name.or_else(|| env.node_name.clone()) {
+        let node_name = match raw.node_name.take().or_else(|| env.node_name.clone()) {
             Some(n) => Some(n),
             None => env.hostname.clone(),
         };
@@ -510,8 +510,10 @@ impl Config {
         let cluster_name = v.name_component(
             "cluster_name",
             raw.cluster_name
+                .take()
                 .unwrap_or_else(|| defaults::CLUSTER_NAME.to_string()),
         );
+        expand_node_name(&mut raw, node_name.as_deref().unwrap_or(""), &mut v);
 
         let etcd = v.etcd(raw.etcd.unwrap_or_default());
         let resources = v.resources(raw.resources.unwrap_or_default());
@@ -571,15 +573,85 @@ impl Config {
     }
 }
 
+/// Replaces `${NODE_NAME}` in every file path of the config with this node's
+/// name, so one ConfigMap can name per-node files (OpenShift's client
+/// certificate is `etcd-peer-<node>.crt`). Any other `${...}` is an error.
+fn expand_node_name(raw: &mut RawConfig, node: &str, v: &mut Validator) {
+    fn one(field: &str, path: &mut Option<PathBuf>, node: &str, v: &mut Validator) {
+        let Some(p) = path.as_mut() else { return };
+        let Some(text) = p.to_str() else { return };
+        if !text.contains("${") {
+            return;
+        }
+        let expanded = text.replace("${NODE_NAME}", node);
+        if expanded.contains("${") {
+            v.error(
+                field,
+                format!("{text:?}: only ${{NODE_NAME}} is expanded in paths"),
+            );
+            return;
+        }
+        *p = PathBuf::from(expanded);
+    }
+    if let Some(e) = raw.etcd.as_mut() {
+        one("etcd.ca_file", &mut e.ca_file, node, v);
+        one("etcd.cert_file", &mut e.cert_file, node, v);
+        one("etcd.key_file", &mut e.key_file, node, v);
+    }
+    if let Some(r) = raw.resources.as_mut() {
+        one("resources.root", &mut r.root, node, v);
+    }
+    if let Some(d) = raw.destination.as_mut() {
+        if let Some(Some(l)) = d.local.as_mut() {
+            one("destination.local.path", &mut l.path, node, v);
+        }
+        if let Some(Some(s)) = d.sftp.as_mut() {
+            one(
+                "destination.sftp.known_hosts_file",
+                &mut s.known_hosts_file,
+                node,
+                v,
+            );
+            one(
+                "destination.sftp.private_key_file",
+                &mut s.private_key_file,
+                node,
+                v,
+            );
+            one(
+                "destination.sftp.private_key_passphrase_file",
+                &mut s.private_key_passphrase_file,
+                node,
+                v,
+            );
+            one(
+                "destination.sftp.password_file",
+                &mut s.password_file,
+                node,
+                v,
+            );
+        }
+    }
+    if let Some(h) = raw.http.as_mut() {
+        one("http.token_file", &mut h.token_file, node, v);
+    }
+}
+
 #[derive(Default)]
 struct Validator {
     errors: Vec<FieldError>,
 }
 
 impl Validator {
+    /// Records a problem; only the first per field, since later ones are
+    /// usually consequences of it (an unexpanded path that then cannot be read).
     fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        let field = field.into();
+        if self.errors.iter().any(|e| e.field == field) {
+            return;
+        }
         self.errors.push(FieldError {
-            field: field.into(),
+            field,
             message: message.into(),
         });
     }
@@ -1332,6 +1404,30 @@ mod tests {
             let f = fields(&format!("{MINIMAL}{extra}"));
             assert_eq!(f, vec![field.to_string()], "{extra}");
         }
+    }
+
+    #[test]
+    fn node_name_is_expanded_in_file_paths_and_nothing_else_is() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.crt", "etcd-peer-master-3.crt", "etcd-peer-master-3.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let d = dir.path().display();
+        let text = format!(
+            "node_name: master-3\netcd:\n  endpoints: [\"https://127.0.0.1:2379\"]\n  ca_file: {d}/ca.crt\n  cert_file: {d}/etcd-peer-${{NODE_NAME}}.crt\n  key_file: {d}/etcd-peer-${{NODE_NAME}}.key\nresources:\n  layout: none\ndestination:\n  local:\n    path: /backups/${{NODE_NAME}}\n"
+        );
+        let c = Config::parse(&text, &env()).unwrap();
+        let tls = c.etcd.tls.unwrap();
+        let (cert, _) = tls.client.unwrap();
+        assert_eq!(cert, dir.path().join("etcd-peer-master-3.crt"));
+        match c.destination {
+            DestinationConfig::Local { path } => {
+                assert_eq!(path, PathBuf::from("/backups/master-3"))
+            }
+            other => panic!("{other:?}"),
+        }
+        let bad = text.replace("${NODE_NAME}.key", "${HOSTNAME}.key");
+        assert_eq!(fields(&bad), vec!["etcd.key_file"]);
     }
 
     #[test]
