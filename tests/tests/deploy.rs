@@ -1443,18 +1443,6 @@ fn check_config_fails_naming_the_field_when_a_mount_it_needs_is_missing() {
         (
             "overlays/openshift",
             Platform::Openshift,
-            "/etc/etcd-backup/etcd-client/tls.crt",
-            "etcd.cert_file",
-        ),
-        (
-            "overlays/openshift",
-            Platform::Openshift,
-            "/etc/etcd-backup/etcd-client/tls.key",
-            "etcd.key_file",
-        ),
-        (
-            "overlays/openshift",
-            Platform::Openshift,
             "/etc/kubernetes/static-pod-resources",
             "etcd.ca_file",
         ),
