@@ -87,7 +87,7 @@ impl CatalogSet {
             finished_at: m.finished_at,
             snapshot_bytes: size(etcd_backup_proto::FileKind::Snapshot).unwrap_or(0),
             resources_bytes: size(etcd_backup_proto::FileKind::Resources),
-            revision: m.snapshot_status.map_or(m.etcd.revision, |s| s.revision),
+            revision: m.revision(),
             total_key: m.snapshot_status.map(|s| s.total_key),
         }
     }

@@ -259,43 +259,14 @@ pub fn main() -> ExitCode {
             crate::ops::drill(&c, &node, set.as_deref().unwrap_or("latest")).await
         }),
         Command::Trigger { config, no_wait } => {
-            let config = match load(&config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return ExitCode::from(EXIT_FAILURE);
-                }
-            };
-            runtime.block_on(trigger(&config, !no_wait))
+            with_config(&config, |c| async move { trigger(&c, !no_wait).await })
         }
-        Command::Run { config } => {
-            let config = match load(&config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            if config.daemon.schedule.is_none() {
+        Command::Run { config } => with_config(&config, |c| async move {
+            if c.daemon.schedule.is_none() {
                 eprintln!("error: {}", crate::daemon::DaemonError::NoSchedule);
                 return ExitCode::from(EXIT_USAGE);
             }
-            init_logging(&config.log);
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return ExitCode::from(EXIT_FAILURE);
-                }
-            };
-            match runtime.block_on(crate::daemon::run(config)) {
+            match crate::daemon::run(c).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "daemon failed");
@@ -303,27 +274,9 @@ pub fn main() -> ExitCode {
                     ExitCode::from(EXIT_FAILURE)
                 }
             }
-        }
+        }),
         Command::Backup { config } => {
-            let config = match load(&config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            init_logging(&config.log);
-            // One thread: on a control-plane node the cores belong to etcd and
-            // the API server. It is also faster here, with no hand-offs
-            // between threads on the streaming path (BENCHMARKS.md).
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return ExitCode::from(EXIT_FAILURE);
-                }
-            };
-            runtime.block_on(backup_once(&config))
+            with_config(&config, |c| async move { backup_once(&c).await })
         }
     }
 }
@@ -377,11 +330,7 @@ async fn backup_once(config: &Config) -> ExitCode {
     let outcome = crate::backup::run_with_retries(config, &cancel).await;
     watcher.abort();
     if outcome.result.is_ok() {
-        let applied = match crate::destination::open(&config.destination).await {
-            Ok(dest) => crate::prune::after_backup(config, dest.as_ref()).await,
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = applied {
+        if let Err(e) = crate::prune::after_backup(config).await {
             // The backup itself is complete; say so, but do not hide this.
             eprintln!("warning: the backup succeeded, but applying retention failed: {e}");
         }
@@ -453,6 +402,10 @@ async fn trigger(config: &Config, wait: bool) -> ExitCode {
 }
 
 /// Loads the config, sets up logging and a one-thread runtime, and runs `f`.
+///
+/// One thread: on a control-plane node the cores belong to etcd and the API
+/// server. It is also faster here, with no hand-offs between threads on the
+/// streaming path (BENCHMARKS.md).
 fn with_config<F, Fut>(path: &std::path::Path, f: F) -> ExitCode
 where
     F: FnOnce(Config) -> Fut,

@@ -120,11 +120,22 @@ async fn remove_partials(dest: &dyn Destination, dir: &str) -> Result<(), Destin
 /// logging what went; the caller counts a failure.
 ///
 /// # Errors
-/// The catalog could not be read, or some removals failed (summarised).
-pub async fn after_backup(config: &Config, dest: &dyn Destination) -> Result<PruneReport, String> {
-    let report = prune(dest, config, &config.node_name, Utc::now(), None, false)
+/// The destination or its catalog could not be read, or some removals failed
+/// (summarised).
+pub async fn after_backup(config: &Config) -> Result<PruneReport, String> {
+    let dest = crate::destination::open(&config.destination)
         .await
         .map_err(|e| e.to_string())?;
+    let report = prune(
+        dest.as_ref(),
+        config,
+        &config.node_name,
+        Utc::now(),
+        None,
+        false,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let (kept, _) = retention::counts(&report.decisions);
     if !report.removed_sets.is_empty() || !report.removed_leftovers.is_empty() {
         tracing::info!(

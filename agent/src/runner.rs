@@ -180,11 +180,7 @@ impl Runner {
     /// Retention after a successful run; a failure is logged and counted, the
     /// run itself stays a success (its set is complete).
     async fn apply_retention(&self) {
-        let result = match crate::destination::open(&self.config.destination).await {
-            Ok(dest) => crate::prune::after_backup(&self.config, dest.as_ref()).await,
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = result {
+        if let Err(e) = crate::prune::after_backup(&self.config).await {
             self.metrics.retention_failed();
             tracing::error!(error = %e, "applying retention failed");
         }
@@ -208,12 +204,7 @@ impl Runner {
                     .collect();
                 record.set = Some(report.set.dir());
                 record.location = Some(report.location.clone());
-                record.revision = Some(
-                    report
-                        .manifest
-                        .snapshot_status
-                        .map_or(report.manifest.etcd.revision, |s| s.revision),
-                );
+                record.revision = Some(report.manifest.revision());
                 let size = |kind| report.manifest.file(kind).map(|f| f.size);
                 self.metrics.run_succeeded(
                     record.trigger,
@@ -222,10 +213,7 @@ impl Runner {
                     &SuccessFigures {
                         snapshot_bytes: size(FileKind::Snapshot).unwrap_or(0),
                         resources_bytes: size(FileKind::Resources),
-                        revision: report
-                            .manifest
-                            .snapshot_status
-                            .map_or(report.manifest.etcd.revision, |s| s.revision),
+                        revision: report.manifest.revision(),
                     },
                 );
                 tracing::info!(set = %report.location, took_ms = took.as_millis() as u64, "backup succeeded");

@@ -102,6 +102,13 @@ pub struct ManifestFile {
 }
 
 impl Manifest {
+    /// The set's etcd revision: the snapshot's own (from its status) when
+    /// recorded, else the one etcd reported just before the snapshot.
+    pub fn revision(&self) -> i64 {
+        self.snapshot_status
+            .map_or(self.etcd.revision, |s| s.revision)
+    }
+
     /// The entry of the given kind, if the set has one.
     pub fn file(&self, kind: FileKind) -> Option<&ManifestFile> {
         self.files.iter().find(|f| f.kind == kind)
