@@ -20,12 +20,14 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use etcd_backup_proto::{
-    FileKind, Manifest, ManifestEtcd, ManifestFile, SetId, SetTimestamp, MANIFEST_FILE_NAME,
-    MANIFEST_FORMAT_VERSION, PARTIAL_SUFFIX,
+    FileKind, Manifest, ManifestEncryption, ManifestEtcd, ManifestFile, PlaintextFile, SetId,
+    SetTimestamp, MANIFEST_FILE_NAME, MANIFEST_FORMAT_PLAIN, MANIFEST_FORMAT_VERSION,
+    PARTIAL_SUFFIX,
 };
 
 use crate::config::Config;
 use crate::destination::{Destination, DestinationError, Upload};
+use crate::encryption::{SealingUpload, AGE_SUFFIX};
 use crate::etcd::{
     EtcdError, EtcdMember, MemberInfo, SnapshotSource, SnapshotVerifier, VerifyError,
 };
@@ -435,12 +437,13 @@ impl<'a> Run<'a> {
     ) -> Result<ManifestFile, BackupError> {
         let t = Instant::now();
         let name = ts.snapshot_file_name();
-        let path = partial(&self.set.file(&name));
+        let stored_name = self.stored_name(&name);
+        let path = partial(&self.set.file(&stored_name));
         let mut stream = source
             .snapshot()
             .await
             .map_err(|e| BackupError::new(Stage::Snapshot, e))?;
-        let mut up = self.create(&path, Stage::Upload).await?;
+        let mut up = self.create_sink(&path).await?;
         let mut verifier = SnapshotVerifier::new();
         // What `etcdctl snapshot status` would say, computed from the same
         // bytes as they pass, so no second read of the stored file is needed.
@@ -489,7 +492,8 @@ impl<'a> Run<'a> {
             .await
             .map_err(|e| BackupError::new(Stage::Upload, e))?;
         tracing::info!(
-            bytes = stored,
+            bytes = stored.size,
+            encrypted = stored.sha256.is_some(),
             sha256 = %verified.file_sha256,
             etcd_digest = %verified.etcd_digest,
             elapsed_ms = t.elapsed().as_millis() as u64,
@@ -497,15 +501,10 @@ impl<'a> Run<'a> {
         );
         self.stages.push(StageReport {
             stage: Stage::Snapshot,
-            bytes: stored,
+            bytes: stored.size,
             duration: t.elapsed(),
         });
-        Ok(ManifestFile {
-            name,
-            kind: FileKind::Snapshot,
-            size: stored,
-            sha256: verified.file_sha256,
-        })
+        Ok(stored.entry(name, FileKind::Snapshot, verified.file_sha256))
     }
 
     async fn resources(
@@ -515,8 +514,9 @@ impl<'a> Run<'a> {
     ) -> Result<ManifestFile, BackupError> {
         let t = Instant::now();
         let name = ts.resources_file_name();
-        let path = partial(&self.set.file(&name));
-        let mut up = self.create(&path, Stage::Upload).await?;
+        let stored_name = self.stored_name(&name);
+        let path = partial(&self.set.file(&stored_name));
+        let mut up = self.create_sink(&path).await?;
         let (mut rx, handle) = resources::spawn_archive(plan);
         let mut hasher = Sha256::new();
         let mut sent = 0u64;
@@ -549,9 +549,9 @@ impl<'a> Run<'a> {
             .finish()
             .await
             .map_err(|e| BackupError::new(Stage::Upload, e))?;
-        debug_assert_eq!(stored, sent);
         tracing::info!(
-            bytes = stored,
+            bytes = stored.size,
+            plaintext_bytes = sent,
             entries = stats.entries,
             content_bytes = stats.content_bytes,
             elapsed_ms = t.elapsed().as_millis() as u64,
@@ -559,20 +559,48 @@ impl<'a> Run<'a> {
         );
         self.stages.push(StageReport {
             stage: Stage::Resources,
-            bytes: stored,
+            bytes: stored.size,
             duration: t.elapsed(),
         });
-        Ok(ManifestFile {
-            name,
-            kind: FileKind::Resources,
-            size: stored,
-            sha256: hex::encode(hasher.finalize()),
-        })
+        Ok(stored.entry(name, FileKind::Resources, hex::encode(hasher.finalize())))
+    }
+
+    /// The name a data file is stored under: with `.age` when encrypting.
+    fn stored_name(&self, name: &str) -> String {
+        match self.config.encryption {
+            Some(_) => format!("{name}{AGE_SUFFIX}"),
+            None => name.to_string(),
+        }
+    }
+
+    /// Creates a data file, encrypting what is written to it when configured.
+    async fn create_sink(&mut self, path: &str) -> Result<Sink, BackupError> {
+        let up = self.create(path, Stage::Upload).await?;
+        match &self.config.encryption {
+            None => Ok(Sink::Plain { up, size: 0 }),
+            Some(enc) => {
+                let location = format!("{}/{path}", self.dest.describe());
+                let sealed = SealingUpload::new(up, enc, &location)
+                    .await
+                    .map_err(|e| BackupError::new(Stage::Upload, e))?;
+                Ok(Sink::Sealed {
+                    up: Box::new(sealed),
+                    size: 0,
+                })
+            }
+        }
     }
 
     fn manifest(&self, member: &MemberInfo, files: Vec<ManifestFile>) -> Manifest {
         Manifest {
-            format_version: MANIFEST_FORMAT_VERSION,
+            format_version: match self.config.encryption {
+                Some(_) => MANIFEST_FORMAT_VERSION,
+                None => MANIFEST_FORMAT_PLAIN,
+            },
+            encryption: self.config.encryption.as_ref().map(|e| ManifestEncryption {
+                scheme: crate::encryption::SCHEME.to_string(),
+                recipients: e.recipient_texts(),
+            }),
             cluster: self.set.cluster.clone(),
             node: self.set.node.clone(),
             timestamp: self.set.timestamp,
@@ -626,6 +654,84 @@ impl<'a> Run<'a> {
         }
         if let Err(e) = self.dest.remove_dir(&self.set.dir()).await {
             tracing::debug!(set = %self.set, error = %e, "set directory not removed");
+        }
+    }
+}
+
+/// A data file being written: as is, or encrypted on the way.
+enum Sink {
+    Plain { up: Box<dyn Upload>, size: u64 },
+    Sealed { up: Box<SealingUpload>, size: u64 },
+}
+
+/// A data file as stored.
+struct Stored {
+    /// Bytes stored.
+    size: u64,
+    /// SHA-256 of the stored ciphertext, when encrypted.
+    sha256: Option<String>,
+    /// Plaintext bytes written.
+    plaintext_size: u64,
+}
+
+impl Stored {
+    /// The manifest entry, given the plaintext's name and SHA-256.
+    fn entry(self, name: String, kind: FileKind, plaintext_sha256: String) -> ManifestFile {
+        match self.sha256 {
+            None => ManifestFile {
+                name,
+                kind,
+                size: self.size,
+                sha256: plaintext_sha256,
+                plaintext: None,
+            },
+            Some(sha256) => ManifestFile {
+                name: format!("{name}{AGE_SUFFIX}"),
+                kind,
+                size: self.size,
+                sha256,
+                plaintext: Some(PlaintextFile {
+                    name,
+                    size: self.plaintext_size,
+                    sha256: plaintext_sha256,
+                }),
+            },
+        }
+    }
+}
+
+impl Sink {
+    async fn write(&mut self, buf: &[u8]) -> Result<(), DestinationError> {
+        match self {
+            Sink::Plain { up, size } => {
+                *size += buf.len() as u64;
+                up.write(buf).await
+            }
+            Sink::Sealed { up, size } => {
+                *size += buf.len() as u64;
+                up.write(buf).await
+            }
+        }
+    }
+
+    async fn finish(self) -> Result<Stored, DestinationError> {
+        match self {
+            Sink::Plain { up, size } => {
+                let stored = up.finish().await?;
+                Ok(Stored {
+                    size: stored,
+                    sha256: None,
+                    plaintext_size: size,
+                })
+            }
+            Sink::Sealed { up, size } => {
+                let sealed = up.finish().await?;
+                Ok(Stored {
+                    size: sealed.size,
+                    sha256: Some(sealed.sha256),
+                    plaintext_size: size,
+                })
+            }
         }
     }
 }

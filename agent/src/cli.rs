@@ -78,6 +78,9 @@ pub enum Command {
         /// The node whose set it is (default: this node).
         #[arg(long)]
         node: Option<String>,
+        /// Decrypting an encrypted set.
+        #[command(flatten)]
+        identity: IdentityOpts,
     },
     /// Download and verify a set into DIR, as cluster-restore.sh expects it.
     Fetch {
@@ -95,6 +98,9 @@ pub enum Command {
         /// Write into a non-empty DIR.
         #[arg(long)]
         force: bool,
+        /// Decrypting an encrypted set.
+        #[command(flatten)]
+        identity: IdentityOpts,
     },
     /// Apply the retention policy to this node's sets (and stale leftovers).
     Prune {
@@ -138,6 +144,9 @@ pub enum Command {
         /// The node whose set it is (default: this node).
         #[arg(long)]
         node: Option<String>,
+        /// Decrypting an encrypted set.
+        #[command(flatten)]
+        identity: IdentityOpts,
     },
     /// Restore a set into a throwaway etcd on loopback and check it serves the
     /// backed-up data (exit 0 only then).
@@ -150,6 +159,9 @@ pub enum Command {
         /// The node whose set it is (default: this node).
         #[arg(long)]
         node: Option<String>,
+        /// Decrypting an encrypted set.
+        #[command(flatten)]
+        identity: IdentityOpts,
     },
     /// Validate a config file and exit (0 valid, 2 with every problem listed).
     CheckConfig {
@@ -157,6 +169,27 @@ pub enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
     },
+}
+
+/// The private key that decrypts encrypted sets (default: `encryption.identity_file`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct IdentityOpts {
+    /// An age identity file (AGE-SECRET-KEY-1…, as age-keygen writes it) or an
+    /// SSH private key (ed25519 or RSA) whose public key is a recipient of the set.
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// A file holding the passphrase of a passphrase-protected SSH --identity.
+    #[arg(long, value_name = "FILE", requires = "identity")]
+    pub identity_passphrase_file: Option<PathBuf>,
+}
+
+impl IdentityOpts {
+    fn args(self) -> crate::ops::IdentityArgs {
+        crate::ops::IdentityArgs {
+            identity: self.identity,
+            passphrase_file: self.identity_passphrase_file,
+        }
+    }
 }
 
 /// Output format of `list`.
@@ -207,9 +240,14 @@ pub fn main() -> ExitCode {
             };
             crate::ops::list(&c, node.as_deref(), include_partial, output).await
         }),
-        Command::Verify { config, set, node } => with_config(&config, |c| async move {
+        Command::Verify {
+            config,
+            set,
+            node,
+            identity,
+        } => with_config(&config, |c| async move {
             let node = node.unwrap_or_else(|| c.node_name.clone());
-            crate::ops::verify(&c, &node, &set).await
+            crate::ops::verify(&c, &node, &set, &identity.args()).await
         }),
         Command::Fetch {
             config,
@@ -217,9 +255,10 @@ pub fn main() -> ExitCode {
             to,
             node,
             force,
+            identity,
         } => with_config(&config, |c| async move {
             let node = node.unwrap_or_else(|| c.node_name.clone());
-            crate::ops::fetch(&c, &node, &set, &to, force).await
+            crate::ops::fetch(&c, &node, &set, &to, force, &identity.args()).await
         }),
         Command::Prune {
             config,
@@ -239,6 +278,7 @@ pub fn main() -> ExitCode {
             initial_advertise_peer_urls,
             initial_cluster_token,
             node,
+            identity,
         } => with_config(&config, |c| async move {
             let node = node.unwrap_or_else(|| c.node_name.clone());
             let target = crate::restore::RestoreTarget {
@@ -252,11 +292,17 @@ pub fn main() -> ExitCode {
                 Some(file) => crate::ops::SnapshotSourceArg::File(file),
                 None => crate::ops::SnapshotSourceArg::Set(set.unwrap_or_else(|| "latest".into())),
             };
-            crate::ops::restore(&c, &node, source, &target).await
+            crate::ops::restore(&c, &node, source, &target, &identity.args()).await
         }),
-        Command::Drill { config, set, node } => with_config(&config, |c| async move {
+        Command::Drill {
+            config,
+            set,
+            node,
+            identity,
+        } => with_config(&config, |c| async move {
             let node = node.unwrap_or_else(|| c.node_name.clone());
-            crate::ops::drill(&c, &node, set.as_deref().unwrap_or("latest")).await
+            let wanted = set.as_deref().unwrap_or("latest");
+            crate::ops::drill(&c, &node, wanted, &identity.args()).await
         }),
         Command::Trigger { config, no_wait } => {
             with_config(&config, |c| async move { trigger(&c, !no_wait).await })
@@ -346,6 +392,13 @@ async fn backup_once(config: &Config) -> ExitCode {
                 "  etcd {} member {} (cluster {}), revision {}",
                 m.etcd.version, m.etcd.member_id, m.etcd.cluster_id, m.etcd.revision
             );
+            if let Some(enc) = &m.encryption {
+                println!(
+                    "  encrypted with {} to {} recipient(s); decrypt with --identity, or age -d",
+                    enc.scheme,
+                    enc.recipients.len()
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

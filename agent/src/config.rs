@@ -84,6 +84,16 @@ pub struct RawConfig {
     shutdown_grace: Option<String>,
     retention: Option<RawRetention>,
     drill_schedule: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    encryption: Option<Option<RawEncryption>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEncryption {
+    recipients: Option<Vec<String>>,
+    recipients_file: Option<PathBuf>,
+    identity_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -236,6 +246,8 @@ pub struct Config {
     pub daemon: DaemonConfig,
     /// Which sets `prune` (and the daemon after each success) removes.
     pub retention: crate::retention::RetentionPolicy,
+    /// `encryption`: when set, data files are stored age-encrypted.
+    pub encryption: Option<crate::encryption::EncryptionConfig>,
 }
 
 /// The daemon's settings: schedule, HTTP endpoint, shutdown.
@@ -521,6 +533,7 @@ impl Config {
         let retry = v.retry(raw.retry.unwrap_or_default());
         let log = v.log(raw.log.unwrap_or_default());
         let retention = v.retention(raw.retention.unwrap_or_default());
+        let encryption = raw.encryption.and_then(|e| v.encryption(e));
         let drill_schedule = raw.drill_schedule.and_then(|expr| {
             match crate::schedule::Schedule::parse(&expr, raw.timezone.as_deref()) {
                 Ok(s) => Some(s),
@@ -564,6 +577,7 @@ impl Config {
                     ..daemon
                 },
                 retention,
+                encryption,
             }),
             _ => Err(vec![FieldError {
                 field: ".".into(),
@@ -634,6 +648,15 @@ fn expand_node_name(raw: &mut RawConfig, node: &str, v: &mut Validator) {
     }
     if let Some(h) = raw.http.as_mut() {
         one("http.token_file", &mut h.token_file, node, v);
+    }
+    if let Some(Some(e)) = raw.encryption.as_mut() {
+        one(
+            "encryption.recipients_file",
+            &mut e.recipients_file,
+            node,
+            v,
+        );
+        one("encryption.identity_file", &mut e.identity_file, node, v);
     }
 }
 
@@ -1168,6 +1191,80 @@ impl Validator {
             shutdown_grace,
             drill_schedule: None,
         }
+    }
+
+    /// `encryption:` given (possibly empty): at least one recipient, each valid.
+    fn encryption(
+        &mut self,
+        raw: Option<RawEncryption>,
+    ) -> Option<crate::encryption::EncryptionConfig> {
+        use crate::encryption::{parse_recipient, parse_recipients_file};
+        let raw = raw.unwrap_or_default();
+        let mut recipients: Vec<crate::encryption::Recipient> = Vec::new();
+        let mut ok = true;
+        for (i, text) in raw.recipients.unwrap_or_default().iter().enumerate() {
+            match parse_recipient(text) {
+                Ok(r) => recipients.push(r),
+                Err(e) => {
+                    self.error(format!("encryption.recipients[{i}]"), e);
+                    ok = false;
+                }
+            }
+        }
+        if let Some(path) = &raw.recipients_file {
+            match std::fs::read_to_string(path) {
+                Ok(text) => match parse_recipients_file(&text) {
+                    Ok(list) if list.is_empty() => {
+                        self.error(
+                            "encryption.recipients_file",
+                            format!(
+                                "{} lists no recipient (only blank lines and # comments)",
+                                path.display()
+                            ),
+                        );
+                        ok = false;
+                    }
+                    Ok(list) => recipients.extend(list),
+                    Err(e) => {
+                        self.error(
+                            "encryption.recipients_file",
+                            format!("{}: {e}", path.display()),
+                        );
+                        ok = false;
+                    }
+                },
+                Err(e) => {
+                    self.error(
+                        "encryption.recipients_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        if let Some(path) = &raw.identity_file {
+            self.readable_file("encryption.identity_file", path);
+        }
+        if !ok {
+            return None;
+        }
+        if recipients.is_empty() {
+            self.error(
+                "encryption",
+                "names no recipient: list public keys under encryption.recipients or give encryption.recipients_file (remove the encryption section to store sets unencrypted)",
+            );
+            return None;
+        }
+        let mut unique: Vec<crate::encryption::Recipient> = Vec::new();
+        for r in recipients {
+            if !unique.contains(&r) {
+                unique.push(r);
+            }
+        }
+        Some(crate::encryption::EncryptionConfig {
+            recipients: unique,
+            identity_file: raw.identity_file,
+        })
     }
 
     fn retention(&mut self, raw: RawRetention) -> crate::retention::RetentionPolicy {

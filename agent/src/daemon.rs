@@ -236,7 +236,15 @@ pub async fn run_on(
                         let (config, metrics, busy) = (config.clone(), metrics.clone(), busy.clone());
                         drill_tasks.spawn(
                             async move {
-                                match crate::restore::run_drill(&config, &config.node_name, "latest").await {
+                                let identities = match crate::ops::config_identities(&config) {
+                                    Ok(i) => i,
+                                    Err(e) => {
+                                        tracing::error!(error = %e, "restore drill failed");
+                                        busy.store(false, Ordering::SeqCst);
+                                        return;
+                                    }
+                                };
+                                match crate::restore::run_drill(&config, &config.node_name, "latest", identities.as_ref()).await {
                                     Ok(d) if d.problems.is_empty() => {
                                         metrics.drill_succeeded(Utc::now());
                                         tracing::info!(set = %d.set, revision = d.revision, keys = d.keys, "restore drill passed");

@@ -32,6 +32,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod destination;
+pub mod encryption;
 pub mod etcd;
 pub mod http;
 pub mod known_hosts;

@@ -2,7 +2,7 @@
 //! prints for people (or JSON) and returns the process exit code.
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Mutex;
 
@@ -12,6 +12,7 @@ use crate::catalog::{self, CatalogSet};
 use crate::cli::{Output, EXIT_FAILURE, EXIT_USAGE};
 use crate::config::Config;
 use crate::destination::{self, Destination};
+use crate::encryption::{load_identities, Identities, IdentityError};
 use crate::verify::{self, FileReport};
 
 /// Sizes for people: 1.1 GiB, 4.2 KiB.
@@ -157,11 +158,75 @@ impl Progress {
     }
 }
 
+/// Where the private key to decrypt sets with comes from: `--identity`
+/// (and `--identity-passphrase-file`), else `encryption.identity_file`.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityArgs {
+    /// `--identity FILE`.
+    pub identity: Option<PathBuf>,
+    /// `--identity-passphrase-file FILE`.
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// The identities of `encryption.identity_file`, if configured.
+///
+/// # Errors
+/// The file cannot be read or holds no usable key.
+pub fn config_identities(config: &Config) -> Result<Option<Identities>, IdentityError> {
+    match config
+        .encryption
+        .as_ref()
+        .and_then(|e| e.identity_file.as_ref())
+    {
+        Some(path) => load_identities(path, None).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Loads the identities to decrypt with, if any were given or configured.
+fn identities(config: &Config, args: &IdentityArgs) -> Result<Option<Identities>, ExitCode> {
+    let result = match &args.identity {
+        Some(path) => load_identities(path, args.passphrase_file.as_deref()).map(Some),
+        None => config_identities(config),
+    };
+    result.map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_USAGE)
+    })
+}
+
+/// Says what a set's encryption means for the command at hand.
+fn note_encryption(set: &CatalogSet, ids: Option<&Identities>, without: &str) {
+    match (&set.manifest.encryption, ids) {
+        (Some(enc), None) => println!(
+            "set {} is encrypted ({}) to: {}; {without}",
+            set.id.dir(),
+            enc.scheme,
+            enc.recipients.join(", ")
+        ),
+        (Some(_), Some(ids)) => println!(
+            "set {} is encrypted; decrypting with {}",
+            set.id.dir(),
+            ids.path.display()
+        ),
+        (None, Some(_)) => println!(
+            "set {} is not encrypted; the identity is not needed",
+            set.id.dir()
+        ),
+        (None, None) => {}
+    }
+}
+
 fn print_reports(reports: &[FileReport]) -> bool {
     let mut all_ok = true;
     for r in reports {
         if r.ok() {
-            println!("ok      {}  ({})", r.name, human_bytes(r.size));
+            let how = if r.decrypted {
+                ", decrypted and checked"
+            } else {
+                ""
+            };
+            println!("ok      {}  ({}{how})", r.name, human_bytes(r.size));
         } else {
             all_ok = false;
             for p in &r.problems {
@@ -190,7 +255,11 @@ async fn find(
 }
 
 /// `verify`.
-pub async fn verify(config: &Config, node: &str, wanted: &str) -> ExitCode {
+pub async fn verify(config: &Config, node: &str, wanted: &str, id: &IdentityArgs) -> ExitCode {
+    let ids = match identities(config, id) {
+        Ok(i) => i,
+        Err(code) => return code,
+    };
     let dest = match open(config).await {
         Ok(d) => d,
         Err(code) => return code,
@@ -200,8 +269,16 @@ pub async fn verify(config: &Config, node: &str, wanted: &str) -> ExitCode {
         Err(code) => return code,
     };
     println!("verifying {}/{}", dest.describe(), set.id.dir());
+    note_encryption(
+        &set,
+        ids.as_ref(),
+        "checking the stored ciphertext only (pass --identity FILE to also decrypt and check the plaintext)",
+    );
     let progress = Progress::new();
-    let result = verify::verify_set(dest.as_ref(), &set, &|n, d, t| progress.update(n, d, t)).await;
+    let result = verify::verify_set(dest.as_ref(), &set, ids.as_ref(), &|n, d, t| {
+        progress.update(n, d, t)
+    })
+    .await;
     progress.finish();
     match result {
         Ok(reports) => {
@@ -218,7 +295,18 @@ pub async fn verify(config: &Config, node: &str, wanted: &str) -> ExitCode {
 }
 
 /// `fetch`.
-pub async fn fetch(config: &Config, node: &str, wanted: &str, to: &Path, force: bool) -> ExitCode {
+pub async fn fetch(
+    config: &Config,
+    node: &str,
+    wanted: &str,
+    to: &Path,
+    force: bool,
+    id: &IdentityArgs,
+) -> ExitCode {
+    let ids = match identities(config, id) {
+        Ok(i) => i,
+        Err(code) => return code,
+    };
     match std::fs::read_dir(to) {
         Ok(mut entries) => {
             if entries.next().is_some() && !force {
@@ -255,9 +343,16 @@ pub async fn fetch(config: &Config, node: &str, wanted: &str, to: &Path, force: 
         set.id.dir(),
         to.display()
     );
+    note_encryption(
+        &set,
+        ids.as_ref(),
+        "the files are written as stored (.age): cluster-restore.sh cannot use them; pass --identity FILE to write them decrypted",
+    );
     let progress = Progress::new();
-    let result =
-        verify::fetch_set(dest.as_ref(), &set, to, &|n, d, t| progress.update(n, d, t)).await;
+    let result = verify::fetch_set(dest.as_ref(), &set, to, ids.as_ref(), &|n, d, t| {
+        progress.update(n, d, t)
+    })
+    .await;
     progress.finish();
     match result {
         Ok((reports, written)) => {
@@ -265,7 +360,13 @@ pub async fn fetch(config: &Config, node: &str, wanted: &str, to: &Path, force: 
             for p in &written {
                 println!("wrote   {}", p.display());
             }
-            if ok {
+            if ok && set.manifest.encryption.is_some() && ids.is_none() {
+                println!(
+                    "set {} fetched and its ciphertext verified; decrypt each file with age -d -i KEYFILE, or fetch again with --identity",
+                    set.id.dir()
+                );
+                ExitCode::SUCCESS
+            } else if ok {
                 println!(
                     "set {} fetched and verified; for OpenShift: cluster-restore.sh {}",
                     set.id.dir(),
@@ -368,9 +469,18 @@ async fn fetch_snapshot(
     node: &str,
     wanted: &str,
     near: &Path,
+    ids: Option<&Identities>,
 ) -> Result<(tempfile::TempDir, std::path::PathBuf, CatalogSet), ExitCode> {
     let dest = open(config).await?;
     let set = find(config, dest.as_ref(), node, wanted).await?;
+    if let (Some(enc), None) = (&set.manifest.encryption, ids) {
+        eprintln!(
+            "error: set {} is encrypted to {}; pass --identity FILE with the private key of one of them (an age identity file or an SSH private key)",
+            set.id.dir(),
+            enc.recipients.join(", ")
+        );
+        return Err(ExitCode::from(EXIT_USAGE));
+    }
     let parent = near
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -391,7 +501,8 @@ async fn fetch_snapshot(
         })?;
     println!("fetching {}/{}", dest.describe(), set.id.dir());
     let progress = Progress::new();
-    let result = verify::fetch_set(dest.as_ref(), &set, tmp.path(), &|n, d, t| {
+    note_encryption(&set, ids, "");
+    let result = verify::fetch_set(dest.as_ref(), &set, tmp.path(), ids, &|n, d, t| {
         progress.update(n, d, t)
     })
     .await;
@@ -406,7 +517,7 @@ async fn fetch_snapshot(
     let snap = set
         .manifest
         .file(etcd_backup_proto::FileKind::Snapshot)
-        .map(|f| tmp.path().join(&f.name))
+        .map(|f| tmp.path().join(verify::local_name(f, ids.is_some())))
         .ok_or_else(|| fail(format!("set {} has no snapshot", set.id.dir())))?;
     Ok((tmp, snap, set))
 }
@@ -417,11 +528,16 @@ pub async fn restore(
     node: &str,
     source: SnapshotSourceArg,
     target: &crate::restore::RestoreTarget,
+    id: &IdentityArgs,
 ) -> ExitCode {
     if let Err(e) = crate::restore::check_data_dir(&target.data_dir) {
         eprintln!("error: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
+    let ids = match identities(config, id) {
+        Ok(i) => i,
+        Err(code) => return code,
+    };
     let (_tmp, snapshot) = match source {
         SnapshotSourceArg::File(f) => {
             if let Err(e) = crate::restore::check_snapshot_file(&f) {
@@ -430,7 +546,7 @@ pub async fn restore(
             (None, f)
         }
         SnapshotSourceArg::Set(wanted) => {
-            match fetch_snapshot(config, node, &wanted, &target.data_dir).await {
+            match fetch_snapshot(config, node, &wanted, &target.data_dir, ids.as_ref()).await {
                 Ok((tmp, snap, _)) => (Some(tmp), snap),
                 Err(code) => return code,
             }
@@ -451,8 +567,12 @@ pub async fn restore(
 }
 
 /// `drill`.
-pub async fn drill(config: &Config, node: &str, wanted: &str) -> ExitCode {
-    match crate::restore::run_drill(config, node, wanted).await {
+pub async fn drill(config: &Config, node: &str, wanted: &str, id: &IdentityArgs) -> ExitCode {
+    let ids = match identities(config, id) {
+        Ok(i) => i,
+        Err(code) => return code,
+    };
+    match crate::restore::run_drill(config, node, wanted, ids.as_ref()).await {
         Ok(d) => {
             println!(
                 "restored {} into a throwaway member: revision {}, {} keys",

@@ -79,6 +79,12 @@ pub fn check_data_dir(path: &Path) -> Result<(), RestoreError> {
 /// [`RestoreError::BadSnapshot`], read failures.
 pub fn check_snapshot_file(path: &Path) -> Result<(), RestoreError> {
     use std::io::Read;
+    if crate::encryption::is_age_file(path).unwrap_or(false) {
+        return Err(RestoreError::BadSnapshot {
+            path: path.to_path_buf(),
+            detail: "the file is age-encrypted; restore the set with --identity FILE instead, or decrypt it first (age -d -i KEYFILE -o snapshot.db FILE)".to_string(),
+        });
+    }
     let mut f = std::fs::File::open(path).map_err(|source| RestoreError::Io {
         op: "cannot open",
         path: path.to_path_buf(),
@@ -332,6 +338,7 @@ pub async fn run_drill(
     config: &crate::config::Config,
     node: &str,
     wanted: &str,
+    identities: Option<&crate::encryption::Identities>,
 ) -> Result<DrillOutcome, String> {
     let work = tempfile::Builder::new()
         .prefix("etcd-backup-drill-")
@@ -343,11 +350,19 @@ pub async fn run_drill(
     let set = crate::catalog::find(dest.as_ref(), &config.cluster_name, node, wanted)
         .await
         .map_err(|e| e.to_string())?;
+    if let (Some(enc), None) = (&set.manifest.encryption, identities) {
+        return Err(format!(
+            "set {} is encrypted to {}; a drill must decrypt it: set encryption.identity_file, or pass --identity FILE",
+            set.id.dir(),
+            enc.recipients.join(", ")
+        ));
+    }
     let files = work.path().join("set");
     std::fs::create_dir(&files).map_err(|e| format!("cannot create {}: {e}", files.display()))?;
-    let (reports, _) = crate::verify::fetch_set(dest.as_ref(), &set, &files, &|_, _, _| {})
-        .await
-        .map_err(|e| e.to_string())?;
+    let (reports, _) =
+        crate::verify::fetch_set(dest.as_ref(), &set, &files, identities, &|_, _, _| {})
+            .await
+            .map_err(|e| e.to_string())?;
     let bad: Vec<String> = reports
         .iter()
         .flat_map(|r| r.problems.iter().map(move |p| format!("{}: {p}", r.name)))
@@ -362,7 +377,7 @@ pub async fn run_drill(
     let m = &set.manifest;
     let snapshot = m
         .file(etcd_backup_proto::FileKind::Snapshot)
-        .map(|f| files.join(&f.name))
+        .map(|f| files.join(crate::verify::local_name(f, identities.is_some())))
         .ok_or_else(|| format!("set {} has no snapshot", set.id.dir()))?;
     let mut member = DrillMember::start(&snapshot, work.path())
         .await

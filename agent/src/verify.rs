@@ -7,12 +7,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
 use etcd_backup_proto::{FileKind, ManifestFile};
 
 use crate::catalog::CatalogSet;
 use crate::destination::{Destination, DestinationError};
+use crate::encryption::Identities;
 use crate::etcd::SnapshotVerifier;
 
 /// What was found for one file.
@@ -20,8 +22,10 @@ use crate::etcd::SnapshotVerifier;
 pub struct FileReport {
     /// File name in the set.
     pub name: String,
-    /// Bytes read back.
+    /// Bytes read back (as stored).
     pub size: u64,
+    /// Whether the file was decrypted and its plaintext checked too.
+    pub decrypted: bool,
     /// Everything that differs from the manifest; empty when the file is good.
     pub problems: Vec<String>,
 }
@@ -47,93 +51,332 @@ pub enum CheckError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// The identity given cannot decrypt the set.
+    #[error("{file}: {message}")]
+    Identity {
+        /// The stored file.
+        file: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
 }
 
 const READ_CHUNK: usize = 1 << 20;
 
-/// Streams one file of `set` back, checking it against `entry`; every chunk
-/// is also handed to `sink` (fetch writes it; verify passes a no-op), and
-/// `progress` gets the running byte count.
+/// Reads `reader` to its end in chunks, handing each to `each`.
+async fn read_all<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    mut each: impl FnMut(&[u8]) -> Result<(), CheckError>,
+) -> Result<(), std::io::Error> {
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if let Err(e) = each(&buf[..n]) {
+            // Carried out through the io::Error channel and unwrapped by the caller.
+            return Err(std::io::Error::other(SinkFailed(Some(e))));
+        }
+    }
+}
+
+/// A sink failure carried through `read_all`'s io::Error.
+#[derive(Debug)]
+struct SinkFailed(Option<CheckError>);
+
+impl std::fmt::Display for SinkFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("sink failed")
+    }
+}
+
+impl std::error::Error for SinkFailed {}
+
+/// The sink's error, if `e` carries one.
+fn sink_error(e: &mut std::io::Error) -> Option<CheckError> {
+    e.get_mut()
+        .and_then(|inner| inner.downcast_mut::<SinkFailed>())
+        .and_then(|s| s.0.take())
+}
+
+/// The checks made on a file's content (the plaintext, when encrypted).
+struct ContentChecks {
+    sha: Sha256,
+    size: u64,
+    digest: Option<SnapshotVerifier>,
+    status: Option<crate::snapshot_status::StreamingStatus>,
+}
+
+impl ContentChecks {
+    fn new(is_snapshot: bool, want_status: bool) -> Self {
+        Self {
+            sha: Sha256::new(),
+            size: 0,
+            digest: is_snapshot.then(SnapshotVerifier::new),
+            status: (is_snapshot && want_status).then(crate::snapshot_status::StreamingStatus::new),
+        }
+    }
+
+    fn update(&mut self, chunk: &[u8]) {
+        self.sha.update(chunk);
+        self.size += chunk.len() as u64;
+        if let Some(d) = self.digest.as_mut() {
+            d.update(chunk);
+        }
+        if let Some(st) = self.status.as_mut() {
+            st.update(chunk);
+        }
+    }
+
+    /// Compares with what the manifest says; `what` prefixes size and hash problems.
+    fn finish(
+        self,
+        what: &str,
+        size: u64,
+        sha256: &str,
+        status: Option<etcd_backup_proto::SnapshotStatus>,
+        problems: &mut Vec<String>,
+    ) {
+        if self.size != size {
+            problems.push(format!(
+                "{what}size is {} bytes, the manifest says {size}",
+                self.size
+            ));
+        }
+        let actual = hex::encode(self.sha.finalize());
+        if actual != sha256 {
+            problems.push(format!(
+                "{what}sha256 is {actual}, the manifest says {sha256}"
+            ));
+        }
+        if let Some(d) = self.digest {
+            if let Err(e) = d.finish() {
+                problems.push(format!("etcd digest trailer: {e}"));
+            }
+        }
+        if let (Some(st), Some(want)) = (self.status, status) {
+            match st.finish() {
+                Ok(got) => {
+                    if got != want {
+                        problems.push(format!(
+                            "snapshot status is hash {} revision {} keys {} size {}, the manifest says hash {} revision {} keys {} size {}",
+                            got.hash, got.revision, got.total_key, got.total_size, want.hash, want.revision, want.total_key, want.total_size
+                        ));
+                    }
+                }
+                Err(e) => problems.push(format!("snapshot status: {e}")),
+            }
+        }
+    }
+}
+
+/// How decrypting a file ended.
+enum Decrypted {
+    /// The whole plaintext was read.
+    Done,
+    /// The header could not be read or no identity unwrapped its key.
+    Header(age::DecryptError),
+    /// The payload failed (damaged, truncated, or the read failed).
+    Payload(std::io::Error),
+    /// The sink failed.
+    Sink(CheckError),
+}
+
+/// An `AsyncRead` that hashes and counts what passes, and remembers whether
+/// the error it passed on came from the destination.
+struct Counting<'a, R> {
+    inner: R,
+    sha: &'a mut Sha256,
+    size: &'a mut u64,
+    failed: &'a mut bool,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counting<'_, R> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        match &r {
+            std::task::Poll::Ready(Ok(())) => {
+                let new = &buf.filled()[before..];
+                this.sha.update(new);
+                *this.size += new.len() as u64;
+            }
+            std::task::Poll::Ready(Err(_)) => *this.failed = true,
+            std::task::Poll::Pending => {}
+        }
+        r
+    }
+}
+
+/// Streams one file of `set` back, checking it against `entry`. Every chunk
+/// of content is handed to `sink` (fetch writes it; verify passes a no-op):
+/// the plaintext when the file is encrypted and `identities` are given, else
+/// the bytes as stored. `progress` gets the running count of stored bytes read.
+///
+/// Without identities, an encrypted file's ciphertext size and SHA-256 are
+/// checked; with them, it is also decrypted, and the plaintext's size and
+/// SHA-256, the etcd digest and the snapshot status are checked.
 ///
 /// # Errors
-/// Read failures of the destination and failures of `sink`.
+/// Read failures of the destination, failures of `sink`, and identities that
+/// cannot decrypt the file ([`CheckError::Identity`]).
 pub async fn check_file(
     dest: &dyn Destination,
     set: &CatalogSet,
     entry: &ManifestFile,
+    identities: Option<&Identities>,
     mut sink: impl FnMut(&[u8]) -> Result<(), CheckError>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<FileReport, CheckError> {
     let path = set.id.file(&entry.name);
-    let mut reader = dest.open(&path).await?;
-    let mut sha = Sha256::new();
+    let location = format!("{}/{path}", dest.describe());
+    let read_error = |source| {
+        CheckError::Destination(DestinationError::Io {
+            op: "cannot read",
+            location: location.clone(),
+            source,
+        })
+    };
+    let reader = dest.open(&path).await?;
     let is_snapshot = entry.kind == FileKind::Snapshot;
-    let mut digest = is_snapshot.then(SnapshotVerifier::new);
-    let mut status = (is_snapshot && set.manifest.snapshot_status.is_some())
-        .then(crate::snapshot_status::StreamingStatus::new);
-    let mut size = 0u64;
-    let mut buf = vec![0u8; READ_CHUNK];
-    loop {
-        let n = reader
-            .read(&mut buf)
-            .await
-            .map_err(|source| DestinationError::Io {
-                op: "cannot read",
-                location: format!("{}/{path}", dest.describe()),
-                source,
-            })?;
-        if n == 0 {
-            break;
-        }
-        let chunk = &buf[..n];
-        sha.update(chunk);
-        if let Some(d) = digest.as_mut() {
-            d.update(chunk);
-        }
-        if let Some(st) = status.as_mut() {
-            st.update(chunk);
-        }
-        sink(chunk)?;
-        size += n as u64;
-        progress(size);
-    }
+    let want_status = set.manifest.snapshot_status.is_some();
     let mut problems = Vec::new();
-    if size != entry.size {
+
+    let (Some(plain), Some(ids)) = (entry.plaintext.as_ref(), identities) else {
+        // As stored: a plain file gets every check; an encrypted one, without
+        // a key, its ciphertext's size and hash.
+        let mut reader = reader;
+        let mut checks = ContentChecks::new(is_snapshot && entry.plaintext.is_none(), want_status);
+        let result = read_all(&mut reader, |chunk| {
+            checks.update(chunk);
+            progress(checks.size);
+            sink(chunk)
+        })
+        .await;
+        if let Err(mut e) = result {
+            return Err(sink_error(&mut e).unwrap_or_else(|| read_error(e)));
+        }
+        let size = checks.size;
+        checks.finish(
+            "",
+            entry.size,
+            &entry.sha256,
+            set.manifest.snapshot_status,
+            &mut problems,
+        );
+        return Ok(FileReport {
+            name: entry.name.clone(),
+            size,
+            decrypted: false,
+            problems,
+        });
+    };
+
+    let mut cipher_sha = Sha256::new();
+    let mut cipher_size = 0u64;
+    let mut read_failed = false;
+    let mut checks = ContentChecks::new(is_snapshot, want_status);
+    let recipients = set
+        .manifest
+        .encryption
+        .as_ref()
+        .map(|e| e.recipients.clone())
+        .unwrap_or_default();
+    let outcome = {
+        let counting = Counting {
+            inner: reader,
+            sha: &mut cipher_sha,
+            size: &mut cipher_size,
+            failed: &mut read_failed,
+        };
+        let input = tokio::io::BufReader::with_capacity(READ_CHUNK, counting).compat();
+        match age::Decryptor::new_async_buffered(input).await {
+            Err(e) => Decrypted::Header(e),
+            Ok(decryptor) => match decryptor.decrypt_async(ids.iter()) {
+                Err(e) => Decrypted::Header(e),
+                Ok(reader) => {
+                    let mut plaintext = reader.compat();
+                    let result = read_all(&mut plaintext, |chunk| {
+                        checks.update(chunk);
+                        sink(chunk)
+                    })
+                    .await;
+                    match result {
+                        Ok(()) => Decrypted::Done,
+                        Err(mut e) => match sink_error(&mut e) {
+                            Some(s) => Decrypted::Sink(s),
+                            None => Decrypted::Payload(e),
+                        },
+                    }
+                }
+            },
+        }
+    };
+    progress(cipher_size);
+    match outcome {
+        Decrypted::Done => {}
+        Decrypted::Sink(e) => return Err(e),
+        Decrypted::Header(age::DecryptError::Io(e)) | Decrypted::Payload(e) if read_failed => {
+            return Err(read_error(e));
+        }
+        Decrypted::Header(
+            e @ (age::DecryptError::NoMatchingKeys | age::DecryptError::KeyDecryptionFailed),
+        ) => {
+            return Err(CheckError::Identity {
+                file: entry.name.clone(),
+                message: crate::encryption::explain_decrypt_error(&e, ids, &recipients),
+            });
+        }
+        // A damaged header or payload is a finding about the file.
+        Decrypted::Header(e) => problems.push(format!("cannot decrypt: {e}")),
+        Decrypted::Payload(e) => problems.push(format!(
+            "cannot decrypt after {} plaintext bytes: {e}",
+            checks.size
+        )),
+    }
+    if cipher_size != entry.size {
         problems.push(format!(
-            "size is {size} bytes, the manifest says {}",
+            "size is {cipher_size} bytes, the manifest says {}",
             entry.size
         ));
     }
-    let actual = hex::encode(sha.finalize());
+    let actual = hex::encode(cipher_sha.finalize());
     if actual != entry.sha256 {
         problems.push(format!(
             "sha256 is {actual}, the manifest says {}",
             entry.sha256
         ));
     }
-    if let Some(d) = digest {
-        if let Err(e) = d.finish() {
-            problems.push(format!("etcd digest trailer: {e}"));
-        }
-    }
-    if let (Some(st), Some(want)) = (status, set.manifest.snapshot_status) {
-        match st.finish() {
-            Ok(got) => {
-                if got != want {
-                    problems.push(format!(
-                        "snapshot status is hash {} revision {} keys {} size {}, the manifest says hash {} revision {} keys {} size {}",
-                        got.hash, got.revision, got.total_key, got.total_size, want.hash, want.revision, want.total_key, want.total_size
-                    ));
-                }
-            }
-            Err(e) => problems.push(format!("snapshot status: {e}")),
-        }
+    if problems.is_empty() {
+        checks.finish(
+            "decrypted ",
+            plain.size,
+            &plain.sha256,
+            set.manifest.snapshot_status,
+            &mut problems,
+        );
     }
     Ok(FileReport {
         name: entry.name.clone(),
-        size,
+        size: cipher_size,
+        decrypted: true,
         problems,
     })
+}
+
+/// The name `fetch` gives a file locally: decrypted files get their plaintext name.
+pub fn local_name(entry: &ManifestFile, decrypting: bool) -> &str {
+    if decrypting {
+        entry.plaintext_name()
+    } else {
+        &entry.name
+    }
 }
 
 /// Checks every file of `set`.
@@ -143,14 +386,17 @@ pub async fn check_file(
 pub async fn verify_set(
     dest: &dyn Destination,
     set: &CatalogSet,
+    identities: Option<&Identities>,
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<Vec<FileReport>, CheckError> {
     let mut reports = Vec::new();
     for entry in &set.manifest.files {
         let name = entry.name.clone();
         let total = entry.size;
-        let report =
-            check_file(dest, set, entry, |_| Ok(()), &|n| progress(&name, n, total)).await?;
+        let report = check_file(dest, set, entry, identities, |_| Ok(()), &|n| {
+            progress(&name, n, total)
+        })
+        .await?;
         reports.push(report);
     }
     Ok(reports)
@@ -158,8 +404,10 @@ pub async fn verify_set(
 
 /// Downloads and checks every file of `set` into `dir`. Each file is written as
 /// `<name>.partial`, synced, checked, and only then renamed to `<name>`; a file
-/// that fails its check is deleted. Returns the reports and the final paths of
-/// the files that passed.
+/// that fails its check is deleted. With `identities`, encrypted files are
+/// written decrypted, under their plaintext names (`snapshot_<ts>.db`);
+/// without, as stored. Returns the reports and the final paths of the files
+/// that passed.
 ///
 /// # Errors
 /// As [`check_file`].
@@ -167,18 +415,16 @@ pub async fn fetch_set(
     dest: &dyn Destination,
     set: &CatalogSet,
     dir: &Path,
+    identities: Option<&Identities>,
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<(Vec<FileReport>, Vec<PathBuf>), CheckError> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut reports = Vec::new();
     let mut written = Vec::new();
     for entry in &set.manifest.files {
-        let final_path = dir.join(&entry.name);
-        let partial = dir.join(format!(
-            "{}{}",
-            entry.name,
-            etcd_backup_proto::PARTIAL_SUFFIX
-        ));
+        let local_name = local_name(entry, identities.is_some());
+        let final_path = dir.join(local_name);
+        let partial = dir.join(format!("{local_name}{}", etcd_backup_proto::PARTIAL_SUFFIX));
         let local = |path: &Path| {
             let path = path.to_path_buf();
             move |source| CheckError::Local { path, source }
@@ -196,6 +442,7 @@ pub async fn fetch_set(
             dest,
             set,
             entry,
+            identities,
             |chunk| file.write_all(chunk).map_err(local(&partial)),
             &|n| progress(&name, n, total),
         )

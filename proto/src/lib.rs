@@ -13,7 +13,8 @@ pub mod manifest;
 pub mod naming;
 
 pub use manifest::{
-    FileKind, Manifest, ManifestEtcd, ManifestFile, SnapshotStatus, MANIFEST_FORMAT_VERSION,
+    FileKind, Manifest, ManifestEncryption, ManifestEtcd, ManifestFile, PlaintextFile,
+    SnapshotStatus, MANIFEST_FORMAT_PLAIN, MANIFEST_FORMAT_VERSION,
 };
 pub use naming::{
     is_valid_name_component, InvalidTimestamp, SetId, SetTimestamp, MANIFEST_FILE_NAME,

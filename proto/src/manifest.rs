@@ -8,8 +8,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::naming::SetTimestamp;
 
-/// The `format_version` this crate writes. Readers refuse newer versions.
-pub const MANIFEST_FORMAT_VERSION: u32 = 1;
+/// The newest `format_version` this crate reads and writes. Readers refuse
+/// newer versions.
+///
+/// - 1: plaintext sets.
+/// - 2: adds client-side encryption ([`Manifest::encryption`],
+///   [`ManifestFile::plaintext`]). Only encrypted sets are written as 2, so
+///   agents that know only version 1 still read plaintext sets, and refuse
+///   encrypted ones instead of misreading them.
+pub const MANIFEST_FORMAT_VERSION: u32 = 2;
+
+/// The `format_version` of a set written without encryption.
+pub const MANIFEST_FORMAT_PLAIN: u32 = 1;
 
 /// The content of `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +48,19 @@ pub struct Manifest {
     /// the agent from the bbolt file as it was stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_status: Option<SnapshotStatus>,
+    /// How the data files are encrypted; absent when they are stored as is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<ManifestEncryption>,
+}
+
+/// How a set's data files are encrypted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestEncryption {
+    /// `age`: each data file is a binary age v1 file.
+    pub scheme: String,
+    /// The public keys each file is encrypted to (age `age1…`, `ssh-ed25519 …`,
+    /// `ssh-rsa …`); the private key of any one of them decrypts the set.
+    pub recipients: Vec<String>,
 }
 
 /// `etcdctl snapshot status -w json` of a snapshot, with its field names.
@@ -95,10 +118,33 @@ pub struct ManifestFile {
     pub name: String,
     /// What the file is.
     pub kind: FileKind,
+    /// Size in bytes as stored.
+    pub size: u64,
+    /// SHA-256 of the whole file as stored (the ciphertext, when encrypted),
+    /// lower-case hex: checkable without any key.
+    pub sha256: String,
+    /// For an encrypted file, what decrypting it must give.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plaintext: Option<PlaintextFile>,
+}
+
+/// The decrypted form of an encrypted data file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaintextFile {
+    /// The name to give the decrypted file (the stored name without `.age`):
+    /// `snapshot_<ts>.db`, `static_kuberesources_<ts>.tar.gz`.
+    pub name: String,
     /// Size in bytes.
     pub size: u64,
-    /// SHA-256 of the whole file, lower-case hex.
+    /// SHA-256 of the plaintext, lower-case hex.
     pub sha256: String,
+}
+
+impl ManifestFile {
+    /// The name the file has once decrypted (its stored name when it is not encrypted).
+    pub fn plaintext_name(&self) -> &str {
+        self.plaintext.as_ref().map_or(&self.name, |p| &p.name)
+    }
 }
 
 impl Manifest {
@@ -145,12 +191,14 @@ mod tests {
                     kind: FileKind::Snapshot,
                     size: 20512,
                     sha256: "00".repeat(32),
+                    plaintext: None,
                 },
                 ManifestFile {
                     name: ts.resources_file_name(),
                     kind: FileKind::Resources,
                     size: 1000,
                     sha256: "11".repeat(32),
+                    plaintext: None,
                 },
             ],
             snapshot_status: Some(SnapshotStatus {
@@ -159,7 +207,38 @@ mod tests {
                 total_key: 54,
                 total_size: 24576,
             }),
+            encryption: None,
         }
+    }
+
+    #[test]
+    fn plaintext_manifest_has_no_encryption_fields() {
+        let json = serde_json::to_string(&sample()).unwrap();
+        assert!(!json.contains("encryption"), "{json}");
+        assert!(!json.contains("plaintext"), "{json}");
+    }
+
+    #[test]
+    fn encrypted_manifest_round_trips_and_names_plaintext() {
+        let mut m = sample();
+        m.encryption = Some(ManifestEncryption {
+            scheme: "age".into(),
+            recipients: vec!["age1abc".into()],
+        });
+        let f = &mut m.files[0];
+        f.plaintext = Some(PlaintextFile {
+            name: f.name.clone(),
+            size: 20512,
+            sha256: "22".repeat(32),
+        });
+        f.name.push_str(".age");
+        let back: Manifest = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(
+            back.files[0].plaintext_name(),
+            "snapshot_2026-11-24_120000.db"
+        );
+        assert_eq!(back.files[1].plaintext_name(), back.files[1].name);
     }
 
     #[test]
