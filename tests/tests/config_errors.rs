@@ -223,3 +223,85 @@ fn json_logs_are_one_object_per_line_and_carry_no_secret() {
         .all(|v| v["level"].is_string() && v["timestamp"].is_string()));
     assert!(!run.stderr.contains("pa55-do-not-log"), "{}", run.stderr);
 }
+
+#[test]
+fn bad_encryption_settings_exit_2_naming_the_field_and_never_echo_a_secret_key() {
+    let base = good("/nonexistent-dir-for-config-test/backups");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "AGE-SECRET-KEY-1GFPYYSJZGFPYYSJZGFPYYSJZGFPYYSJZGFPYYSJZGFPYYSJZGFPQ4EGAEX";
+    let bad_file = dir.path().join("recipients.txt");
+    std::fs::write(&bad_file, "# team\nage1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p\nssh-dss AAAAB3NzaC1kc3M=\n").unwrap();
+    let empty_file = dir.path().join("empty.txt");
+    std::fs::write(&empty_file, "# nobody yet\n\n").unwrap();
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            format!("{base}encryption:\n"),
+            "encryption",
+            "names no recipient",
+        ),
+        (
+            format!("{base}encryption:\n  recipients: []\n"),
+            "encryption",
+            "names no recipient",
+        ),
+        (
+            format!("{base}encryption:\n  recipients: [age1nope]\n"),
+            "encryption.recipients[0]",
+            "not a valid age public key",
+        ),
+        (
+            format!("{base}encryption:\n  recipients: [\"{secret}\"]\n"),
+            "encryption.recipients[0]",
+            "age-keygen -y",
+        ),
+        (
+            format!("{base}encryption:\n  recipients: [\"ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBEmKSENjQEezOmxkZMy7opKgwFB9nkt5YRrYMjNuG5N87uRgg6CLrbo5wAdT/y6v0mKV0U2w0WZ2YB/++Tpockg=\"]\n"),
+            "encryption.recipients[0]",
+            "ssh-ed25519 or ssh-rsa",
+        ),
+        (
+            format!("{base}encryption:\n  recipients_file: /nonexistent/recipients.txt\n"),
+            "encryption.recipients_file",
+            "cannot read /nonexistent/recipients.txt",
+        ),
+        (
+            format!("{base}encryption:\n  recipients_file: {}\n", bad_file.display()),
+            "encryption.recipients_file",
+            "line 3:",
+        ),
+        (
+            format!("{base}encryption:\n  recipients_file: {}\n", empty_file.display()),
+            "encryption.recipients_file",
+            "lists no recipient",
+        ),
+        (
+            format!("{base}encryption:\n  recipients: [age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p]\n  identity_file: /nonexistent/id.txt\n"),
+            "encryption.identity_file",
+            "/nonexistent/id.txt",
+        ),
+        (
+            format!("{base}encryption:\n  recipient: [age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p]\n"),
+            "",
+            "unknown field `recipient`",
+        ),
+    ];
+    for (yaml, field, message) in cases {
+        let run = check(&yaml);
+        assert_eq!(run.code, 2, "config:\n{yaml}\nstderr:\n{}", run.stderr);
+        assert!(
+            run.stderr.contains(&format!("  {field}: ")) || field.is_empty(),
+            "field {field} not named for config:\n{yaml}\nstderr:\n{}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains(message),
+            "message {message:?} missing:\n{}",
+            run.stderr
+        );
+        assert!(
+            !run.stderr.contains(&secret[15..]),
+            "a secret key was echoed:\n{}",
+            run.stderr
+        );
+    }
+}
