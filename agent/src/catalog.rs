@@ -89,6 +89,7 @@ impl CatalogSet {
             resources_bytes: size(etcd_backup_proto::FileKind::Resources),
             revision: m.revision(),
             total_key: m.snapshot_status.map(|s| s.total_key),
+            encrypted: m.encryption.is_some(),
         }
     }
 }

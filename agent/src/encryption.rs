@@ -167,9 +167,20 @@ impl EncryptionConfig {
     }
 }
 
-/// A `Write` whose bytes the async side takes out between writes.
+/// A `Write` whose bytes are taken out after each write.
 #[derive(Clone, Default)]
 struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+impl SharedBuf {
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(
+            &mut *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
 
 impl std::io::Write for SharedBuf {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -185,16 +196,55 @@ impl std::io::Write for SharedBuf {
     }
 }
 
-/// A file being written encrypted: plaintext in, age ciphertext out to the
-/// destination, hashed on the way. Memory is one write's worth of ciphertext.
-pub struct SealingUpload {
-    inner: Box<dyn Upload>,
-    /// Taken by [`SealingUpload::finish`].
-    writer: Option<age::stream::StreamWriter<SharedBuf>>,
+/// The CPU side of a sealed file: the age stream and the ciphertext hash.
+/// It moves to a blocking thread for each batch, so encrypting one batch
+/// overlaps receiving the next.
+struct Sealer {
+    writer: age::stream::StreamWriter<SharedBuf>,
     buf: SharedBuf,
-    spare: Vec<u8>,
     sha: Sha256,
     size: u64,
+}
+
+impl Sealer {
+    /// Encrypts `plain`; returns the ciphertext produced (whole 64 KiB chunks).
+    fn seal(mut self, plain: &[u8]) -> std::io::Result<(Self, Vec<u8>)> {
+        use std::io::Write;
+        self.writer.write_all(plain)?;
+        let out = self.buf.take();
+        self.sha.update(&out);
+        self.size += out.len() as u64;
+        Ok((self, out))
+    }
+
+    /// Ends the stream: the last chunk, and the hash and size of all ciphertext.
+    fn end(self) -> std::io::Result<(Vec<u8>, String, u64)> {
+        let Self {
+            writer,
+            buf,
+            mut sha,
+            size,
+        } = self;
+        writer.finish()?;
+        let out = buf.take();
+        sha.update(&out);
+        let size = size + out.len() as u64;
+        Ok((out, hex::encode(sha.finalize()), size))
+    }
+}
+
+type Sealing = tokio::task::JoinHandle<std::io::Result<(Sealer, Vec<u8>)>>;
+
+/// A file being written encrypted: plaintext in, age ciphertext out to the
+/// destination, hashed on the way. One batch is encrypted on a blocking
+/// thread while the caller prepares the next; memory is about two batches.
+pub struct SealingUpload {
+    inner: Box<dyn Upload>,
+    /// The sealer when no batch is in flight.
+    idle: Option<Sealer>,
+    /// The batch being encrypted.
+    pending: Option<Sealing>,
+    location: String,
 }
 
 /// What a finished encrypted file is.
@@ -232,47 +282,53 @@ impl SealingUpload {
             .map_err(|e| encrypt_error(location, e))?;
         let mut up = Self {
             inner,
-            writer: Some(writer),
-            buf,
-            spare: Vec::new(),
-            sha: Sha256::new(),
-            size: 0,
+            idle: None,
+            pending: None,
+            location: location.to_string(),
         };
-        up.drain().await?;
+        // The header, written by wrap_output.
+        let header = buf.take();
+        let mut sha = Sha256::new();
+        sha.update(&header);
+        up.idle = Some(Sealer {
+            writer,
+            buf,
+            sha,
+            size: header.len() as u64,
+        });
+        up.inner.write(&header).await?;
         Ok(up)
     }
 
-    /// Sends what the encryptor produced so far.
-    async fn drain(&mut self) -> Result<(), DestinationError> {
-        {
-            let mut out = self
-                .buf
-                .0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if out.is_empty() {
-                return Ok(());
+    /// Waits for the batch in flight and sends its ciphertext.
+    async fn settle(&mut self) -> Result<(), DestinationError> {
+        if let Some(job) = self.pending.take() {
+            let (sealer, out) = job
+                .await
+                .map_err(|e| encrypt_error(&self.location, e))?
+                .map_err(|e| encrypt_error(&self.location, e))?;
+            self.idle = Some(sealer);
+            if !out.is_empty() {
+                self.inner.write(&out).await?;
             }
-            std::mem::swap(&mut *out, &mut self.spare);
         }
-        self.sha.update(&self.spare);
-        self.size += self.spare.len() as u64;
-        let result = self.inner.write(&self.spare).await;
-        self.spare.clear();
-        result
+        Ok(())
     }
 
-    /// Encrypts and sends `plain`.
+    /// Encrypts and sends `plain` (the ciphertext of the previous write is
+    /// sent first; this one's is being made when the call returns).
     ///
     /// # Errors
     /// Destination write failures.
     pub async fn write(&mut self, plain: &[u8]) -> Result<(), DestinationError> {
-        use std::io::Write;
-        if let Some(w) = self.writer.as_mut() {
-            // Writing into memory cannot fail.
-            w.write_all(plain).map_err(|e| encrypt_error("memory", e))?;
-        }
-        self.drain().await
+        self.settle().await?;
+        let sealer = self
+            .idle
+            .take()
+            .ok_or_else(|| encrypt_error(&self.location, "the encryptor failed earlier"))?;
+        let plain = plain.to_vec();
+        self.pending = Some(tokio::task::spawn_blocking(move || sealer.seal(&plain)));
+        Ok(())
     }
 
     /// Ends the age stream (its last, authenticated chunk), then finishes the
@@ -281,15 +337,24 @@ impl SealingUpload {
     /// # Errors
     /// As [`Upload::finish`], and a stored size that differs from the ciphertext sent.
     pub async fn finish(mut self) -> Result<Sealed, DestinationError> {
-        if let Some(w) = self.writer.take() {
-            w.finish().map_err(|e| encrypt_error("memory", e))?;
+        self.settle().await?;
+        let sealer = self
+            .idle
+            .take()
+            .ok_or_else(|| encrypt_error(&self.location, "the encryptor failed earlier"))?;
+        let (last, sha256, size) = sealer.end().map_err(|e| encrypt_error(&self.location, e))?;
+        if !last.is_empty() {
+            self.inner.write(&last).await?;
         }
-        self.drain().await?;
         let stored = self.inner.finish().await?;
-        Ok(Sealed {
-            size: stored,
-            sha256: hex::encode(self.sha.finalize()),
-        })
+        if stored != size {
+            return Err(DestinationError::SizeMismatch {
+                location: self.location,
+                sent: size,
+                stored,
+            });
+        }
+        Ok(Sealed { size, sha256 })
     }
 }
 
@@ -528,6 +593,37 @@ mod tests {
         assert!(e.contains("ssh-ed25519 or ssh-rsa"), "{e}");
         let e = parse_recipient("hello").unwrap_err();
         assert!(e.contains("age1"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn sealed_uploads_decrypt_to_the_bytes_written_and_hash_what_is_stored() {
+        use crate::destination::{Destination, LocalDir};
+        let dir = tempfile::tempdir().unwrap();
+        let dest = LocalDir::open(dir.path()).await.unwrap();
+        let id = age::x25519::Identity::generate();
+        let config = EncryptionConfig {
+            recipients: vec![parse_recipient(&id.to_public().to_string()).unwrap()],
+            identity_file: None,
+        };
+        // Uneven writes across age's 64 KiB chunk boundaries.
+        let plain: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let up = dest.create("f.age").await.unwrap();
+        let mut sealed = SealingUpload::new(up, &config, "test").await.unwrap();
+        for part in plain.chunks(100_003) {
+            sealed.write(part).await.unwrap();
+        }
+        let done = sealed.finish().await.unwrap();
+        let stored = std::fs::read(dir.path().join("f.age")).unwrap();
+        assert_eq!(done.size, stored.len() as u64);
+        assert_eq!(done.sha256, hex::encode(Sha256::digest(&stored)));
+        assert!(stored.starts_with(AGE_MAGIC));
+        let decryptor = age::Decryptor::new(&stored[..]).unwrap();
+        let mut reader = decryptor
+            .decrypt(std::iter::once(&id as &dyn age::Identity))
+            .unwrap();
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut back).unwrap();
+        assert!(back == plain);
     }
 
     #[test]

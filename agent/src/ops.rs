@@ -78,18 +78,19 @@ pub async fn list(
         }
         Output::Table => {
             println!(
-                "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  SET",
-                "TIME (UTC)", "NODE", "SNAPSHOT", "RESOURCES", "REVISION", "KEYS"
+                "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  SET",
+                "TIME (UTC)", "NODE", "SNAPSHOT", "RESOURCES", "REVISION", "KEYS", "ENCRYPTED"
             );
             for s in &list.sets {
                 println!(
-                    "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {}",
+                    "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {}",
                     s.timestamp.as_datetime().format("%Y-%m-%d %H:%M:%S"),
                     s.node,
                     human_bytes(s.snapshot_bytes),
                     s.resources_bytes.map_or("-".to_string(), human_bytes),
                     s.revision,
                     s.total_key.map_or("-".to_string(), |k| k.to_string()),
+                    if s.encrypted { "age" } else { "no" },
                     s.set
                 );
             }

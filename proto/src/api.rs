@@ -121,6 +121,9 @@ pub struct SetSummary {
     /// Keys in the snapshot, when the manifest records its status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_key: Option<u64>,
+    /// Whether the data files are encrypted (an identity is needed to restore).
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 /// A set directory that is not a complete set.

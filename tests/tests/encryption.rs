@@ -235,6 +235,13 @@ async fn encrypted_sets_decrypt_with_the_age_tool_to_the_exact_plaintext_and_res
     assert_eq!(dump(&mut restored.client().await).await, f.keyspace);
     drop(restored);
 
+    // list shows the set as encrypted.
+    let run = f.run(&["list", "-o", "json"]);
+    run.assert_code(0);
+    let list: etcd_backup_proto::api::SetList = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(list.sets.len(), 1);
+    assert!(list.sets[0].encrypted);
+
     // verify: the ciphertext without a key; everything with one.
     let run = f.run(&["verify", "latest"]);
     run.assert_code(0);
