@@ -215,12 +215,16 @@ pub fn main() -> ExitCode {
         Command::CheckConfig { config } => match load(&config) {
             Ok(c) => {
                 println!(
-                    "{}: valid (node {}, cluster {}, etcd {}, destination {})",
+                    "{}: valid (node {}, cluster {}, etcd {}, destination {}{})",
                     config.display(),
                     c.node_name,
                     c.cluster_name,
                     c.etcd.endpoints[0].as_str().trim_end_matches('/'),
-                    c.destination.describe()
+                    c.destination.describe(),
+                    c.encryption.as_ref().map_or(String::new(), |e| format!(
+                        ", encrypted with age to {} recipient(s)",
+                        e.recipients.len()
+                    ))
                 );
                 ExitCode::SUCCESS
             }
