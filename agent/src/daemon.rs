@@ -402,8 +402,9 @@ pub fn fire_scheduled(runner: &Arc<Runner>, metrics: &Metrics, at: DateTime<Utc>
 /// `coordination: leader`: whether this node takes the scheduled start at
 /// `at` (the start-up run passes its own start). Asks the local etcd member,
 /// bounded by `etcd.dial_timeout`; a follower (or a member that knows no
-/// leader) counts the skip and logs the leader's id. When the member cannot be asked, the answer is yes: the run
-/// then fails at `connect` and is alerted on, rather than skipped silently.
+/// leader) counts the skip and logs the leader's id. When the member cannot
+/// be asked, the answer is yes: the run then fails at `connect` and is
+/// alerted on, rather than skipped silently.
 pub async fn leader_may_back_up(config: &Config, metrics: &Metrics, at: DateTime<Utc>) -> bool {
     let leadership = crate::coordination::check(&config.etcd).await;
     match &leadership {
