@@ -80,6 +80,7 @@ pub struct RawConfig {
     timezone: Option<String>,
     jitter: Option<String>,
     run_on_start: Option<String>,
+    coordination: Option<String>,
     http: Option<RawHttp>,
     shutdown_grace: Option<String>,
     retention: Option<RawRetention>,
@@ -259,6 +260,8 @@ pub struct DaemonConfig {
     pub jitter: Duration,
     /// `run_on_start`.
     pub run_on_start: RunOnStart,
+    /// `coordination`: which masters back up on a scheduled start.
+    pub coordination: Coordination,
     /// `http.listen`.
     pub listen: std::net::SocketAddr,
     /// `http.token_file`: when set, `POST` needs `Authorization: Bearer <token>`.
@@ -283,6 +286,28 @@ pub enum RunOnStart {
     Always,
     /// Never; wait for the schedule.
     Never,
+}
+
+/// `coordination`: which masters back up when the schedule fires (and at
+/// start-up). HTTP-triggered backups and the `backup` command run on any
+/// master in either mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coordination {
+    /// Every master backs up on its schedule.
+    PerNode,
+    /// Only the master whose etcd member is the raft leader at that moment
+    /// backs up; the others skip and count it.
+    Leader,
+}
+
+impl Coordination {
+    /// The name used in the config file and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Coordination::PerNode => "per_node",
+            Coordination::Leader => "leader",
+        }
+    }
 }
 
 /// `etcd:`
@@ -544,6 +569,7 @@ impl Config {
                 }
             }
         });
+        let coordination = v.coordination(raw.coordination);
         let daemon = v.daemon(
             raw.schedule,
             raw.timezone,
@@ -574,6 +600,7 @@ impl Config {
                 log,
                 daemon: DaemonConfig {
                     drill_schedule,
+                    coordination,
                     ..daemon
                 },
                 retention,
@@ -1185,6 +1212,7 @@ impl Validator {
             schedule,
             jitter,
             run_on_start,
+            coordination: Coordination::PerNode,
             listen,
             token_file: http.token_file,
             metrics_listen,
@@ -1265,6 +1293,20 @@ impl Validator {
             recipients: unique,
             identity_file: raw.identity_file,
         })
+    }
+
+    fn coordination(&mut self, raw: Option<String>) -> Coordination {
+        match raw.as_deref() {
+            None | Some("per_node") => Coordination::PerNode,
+            Some("leader") => Coordination::Leader,
+            Some(other) => {
+                self.error(
+                    "coordination",
+                    format!("unknown value {other:?}; expected per_node or leader"),
+                );
+                Coordination::PerNode
+            }
+        }
     }
 
     fn retention(&mut self, raw: RawRetention) -> crate::retention::RetentionPolicy {
@@ -1470,6 +1512,7 @@ mod tests {
         assert!(c.daemon.schedule.is_some());
         assert_eq!(c.daemon.listen.to_string(), "127.0.0.1:10290");
         assert_eq!(c.daemon.run_on_start, RunOnStart::WhenStale);
+        assert_eq!(c.daemon.coordination, Coordination::PerNode);
         assert_eq!(c.daemon.shutdown_grace, Duration::from_secs(25));
         assert_eq!(c.daemon.jitter, Duration::ZERO);
         assert!(c.daemon.metrics_listen.is_none());
@@ -1486,6 +1529,8 @@ mod tests {
             ("timezone: UTC\n", "timezone"),
             ("schedule: \"@hourly\"\njitter: 2h\n", "jitter"),
             ("run_on_start: sometimes\n", "run_on_start"),
+            ("coordination: raft\n", "coordination"),
+            ("coordination: Leader\n", "coordination"),
             ("http:\n  listen: localhost\n", "http.listen"),
             (
                 "http:\n  metrics_listen: 127.0.0.1:10290\n",
@@ -1501,6 +1546,23 @@ mod tests {
             let f = fields(&format!("{MINIMAL}{extra}"));
             assert_eq!(f, vec![field.to_string()], "{extra}");
         }
+    }
+
+    #[test]
+    fn coordination_takes_per_node_or_leader_and_names_the_allowed_values() {
+        for (text, want) in [
+            ("coordination: per_node\n", Coordination::PerNode),
+            ("coordination: leader\n", Coordination::Leader),
+        ] {
+            let c = Config::parse(&format!("{MINIMAL}{text}"), &env()).unwrap();
+            assert_eq!(c.daemon.coordination, want, "{text}");
+        }
+        let errs = errors(&format!("{MINIMAL}coordination: everyone\n"));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(
+            errs[0].to_string(),
+            "coordination: unknown value \"everyone\"; expected per_node or leader"
+        );
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! `etcd-backup-agent run`: the DaemonSet's process. Wires the scheduler, the
 //! HTTP endpoint, readiness probing and shutdown together.
 //!
+//! With `coordination: leader`, a scheduled start (and the start-up run,
+//! which is scheduled work too) first asks the local etcd member whether it
+//! leads ([`crate::coordination`]); HTTP-triggered runs never ask.
+//!
 //! Shutdown: SIGTERM or SIGINT stops the scheduler and makes `POST` answer
 //! 503; a run in progress gets `shutdown_grace` to finish, then is cancelled
 //! (it removes what it wrote); then the HTTP server stops and the process exits 0.
@@ -17,7 +21,8 @@ use tracing::Instrument;
 use etcd_backup_proto::api::Trigger;
 use etcd_backup_proto::{SetTimestamp, MANIFEST_FILE_NAME};
 
-use crate::config::{Config, RunOnStart};
+use crate::config::{Config, Coordination, RunOnStart};
+use crate::coordination::{member_hex, Leadership};
 use crate::destination::{self, Destination, DestinationError};
 use crate::etcd::{EtcdMember, SnapshotSource};
 use crate::http::{self, AppState, ReadyFlags};
@@ -29,6 +34,11 @@ use crate::schedule::{run_scheduler, SystemClock};
 const PROBE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long an aborted run may take to remove what it wrote.
 const CLEANUP_GRACE: Duration = Duration::from_secs(5);
+/// The longest the catalog goes without a rescan (it is also rescanned after
+/// every run, and every schedule interval when that is shorter), so a node
+/// that does not back up itself (a follower in leader mode) still sees the
+/// cluster's newest set.
+const CATALOG_RESCAN: Duration = Duration::from_secs(300);
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +134,10 @@ pub async fn run_on(
         None => None,
     };
     let config = Arc::new(config);
-    let metrics = Arc::new(Metrics::new(crate::backup::AGENT_VERSION));
+    let metrics = Arc::new(Metrics::with_coordination(
+        crate::backup::AGENT_VERSION,
+        config.daemon.coordination,
+    ));
     let ready = Arc::new(ReadyFlags::default());
     let rescan = Arc::new(tokio::sync::Notify::new());
     let runner = {
@@ -148,6 +161,7 @@ pub async fn run_on(
         destination = %config.destination.describe(),
         node = %config.node_name,
         cluster = %config.cluster_name,
+        coordination = config.daemon.coordination.as_str(),
         version = crate::backup::AGENT_VERSION,
         "etcd-backup-agent started"
     );
@@ -181,9 +195,20 @@ pub async fn run_on(
         )
     });
 
+    let rescan_every = schedule
+        .interval_at(Utc::now())
+        .map_or(CATALOG_RESCAN, |i| i.min(CATALOG_RESCAN))
+        .max(Duration::from_secs(1));
     tasks.spawn(
-        keep_catalog(config.clone(), metrics.clone(), sets, rescan, stop.clone())
-            .instrument(tracing::info_span!("catalog")),
+        keep_catalog(
+            config.clone(),
+            metrics.clone(),
+            sets,
+            rescan,
+            rescan_every,
+            stop.clone(),
+        )
+        .instrument(tracing::info_span!("catalog")),
     );
     tasks.spawn(
         probe_readiness(config.clone(), ready.clone(), stop.clone())
@@ -198,6 +223,9 @@ pub async fn run_on(
         let jitter = config.daemon.jitter;
         let stop = stop.clone();
         let schedule = schedule.clone();
+        let config = config.clone();
+        let checks = tasks.clone();
+        let check_stop = stop.clone();
         tasks.spawn(
             async move {
                 run_scheduler(
@@ -205,7 +233,31 @@ pub async fn run_on(
                     jitter,
                     Arc::new(SystemClock),
                     move |next| metrics_next.set_next_run(Some(next)),
-                    move |at| fire_scheduled(&runner, &metrics_skip, at),
+                    move |at| match config.daemon.coordination {
+                        Coordination::PerNode => fire_scheduled(&runner, &metrics_skip, at),
+                        // The check talks to etcd; the scheduler must not wait for it.
+                        Coordination::Leader => {
+                            let (config, runner, metrics, stop) = (
+                                config.clone(),
+                                runner.clone(),
+                                metrics_skip.clone(),
+                                check_stop.clone(),
+                            );
+                            checks.spawn(
+                                async move {
+                                    tokio::select! {
+                                        go = leader_may_back_up(&config, &metrics, at) => {
+                                            if go {
+                                                fire_scheduled(&runner, &metrics, at);
+                                            }
+                                        }
+                                        () = stop.cancelled() => {}
+                                    }
+                                }
+                                .instrument(tracing::info_span!("leader_check", scheduled = %at)),
+                            );
+                        }
+                    },
                     stop,
                 )
                 .await;
@@ -270,6 +322,7 @@ pub async fn run_on(
         let config = config.clone();
         let ready = ready.clone();
         let schedule = schedule.clone();
+        let metrics_start = metrics.clone();
         tasks.spawn(
             async move {
                 let start = match config.daemon.run_on_start {
@@ -278,13 +331,19 @@ pub async fn run_on(
                     RunOnStart::WhenStale => {
                         let now = Utc::now();
                         let interval = schedule.interval_at(now).unwrap_or(Duration::ZERO);
-                        match newest_complete_set(&config).await {
+                        // In leader mode any node's set counts: a restarted
+                        // master need not back up when another took the tick.
+                        let newest = match config.daemon.coordination {
+                            Coordination::PerNode => newest_complete_set(&config).await,
+                            Coordination::Leader => newest_complete_set_of_cluster(&config).await,
+                        };
+                        match newest {
                             Ok(newest) => {
                                 ready.destination.store(true, Ordering::Relaxed);
                                 let stale = newest.is_none_or(|ts| {
                                     (now - ts).to_std().unwrap_or(Duration::ZERO) > interval
                                 });
-                                tracing::info!(newest = ?newest.map(|t| t.to_rfc3339()), interval_s = interval.as_secs(), stale, "checked the newest backup of this node");
+                                tracing::info!(newest = ?newest.map(|t| t.to_rfc3339()), interval_s = interval.as_secs(), stale, coordination = config.daemon.coordination.as_str(), "checked the newest backup");
                                 stale
                             }
                             Err(e) => {
@@ -294,6 +353,13 @@ pub async fn run_on(
                         }
                     }
                 };
+                let start = start
+                    && match config.daemon.coordination {
+                        Coordination::PerNode => true,
+                        Coordination::Leader => {
+                            leader_may_back_up(&config, &metrics_start, Utc::now()).await
+                        }
+                    };
                 if start {
                     if let Err(e) = runner.start(Trigger::Startup) {
                         tracing::info!(reason = %e, "no start-up backup");
@@ -341,6 +407,47 @@ pub fn fire_scheduled(runner: &Arc<Runner>, metrics: &Metrics, at: DateTime<Utc>
     }
 }
 
+/// `coordination: leader`: whether this node takes the scheduled start at
+/// `at` (the start-up run passes its own start). Asks the local etcd member,
+/// bounded by `etcd.dial_timeout`; a follower (or a member that knows no
+/// leader) counts the skip and logs the leader's id. When the member cannot
+/// be asked, the answer is yes: the run then fails at `connect` and is
+/// alerted on, rather than skipped silently.
+pub async fn leader_may_back_up(config: &Config, metrics: &Metrics, at: DateTime<Utc>) -> bool {
+    let leadership = crate::coordination::check(&config.etcd).await;
+    match &leadership {
+        Leadership::Leader { member_id } => tracing::info!(
+            scheduled = %at,
+            member = %member_hex(*member_id),
+            "this node's etcd member is the leader: it takes the backup"
+        ),
+        Leadership::Follower { member_id, leader } => {
+            metrics.skipped(SkipReason::NotLeader);
+            tracing::info!(
+                scheduled = %at,
+                member = %member_hex(*member_id),
+                leader = %member_hex(*leader),
+                "scheduled backup skipped: this node's etcd member is not the leader (coordination: leader)"
+            );
+        }
+        Leadership::NoLeader { member_id } => {
+            metrics.skipped(SkipReason::NotLeader);
+            tracing::info!(
+                scheduled = %at,
+                member = %member_hex(*member_id),
+                leader = "none",
+                "scheduled backup skipped: this node's etcd member knows no leader (an election, or cut off from the majority)"
+            );
+        }
+        Leadership::Unknown { error } => tracing::warn!(
+            scheduled = %at,
+            error = %error,
+            "cannot ask the local etcd member whether it leads; backing up anyway, so a failure is recorded as a failed run"
+        ),
+    }
+    leadership.backs_up()
+}
+
 /// When this node's newest complete set was taken, if it has one.
 ///
 /// # Errors
@@ -350,6 +457,24 @@ pub async fn newest_complete_set(
 ) -> Result<Option<DateTime<Utc>>, DestinationError> {
     let dest = destination::open(&config.destination).await?;
     newest_in(dest.as_ref(), &config.cluster_name, &config.node_name).await
+}
+
+/// When the cluster's newest complete set (of any node) was taken, if any.
+///
+/// # Errors
+/// The destination could not be opened or listed.
+pub async fn newest_complete_set_of_cluster(
+    config: &Config,
+) -> Result<Option<DateTime<Utc>>, DestinationError> {
+    let dest = destination::open(&config.destination).await?;
+    let mut newest = None;
+    for node in dest.list(&config.cluster_name).await? {
+        if node.is_dir {
+            let ts = newest_in(dest.as_ref(), &config.cluster_name, &node.name).await?;
+            newest = newest.max(ts);
+        }
+    }
+    Ok(newest)
 }
 
 async fn newest_in(
@@ -375,47 +500,59 @@ async fn newest_in(
     Ok(None)
 }
 
-/// Scans this node's sets at start and after every run, for the API and the
-/// `etcd_backup_sets` gauge.
+/// Scans the cluster's sets at start, after every run and every
+/// `rescan_every`: this node's for the API, `etcd_backup_sets` and the seeded
+/// last success; every node's for `etcd_backup_cluster_last_success_timestamp_seconds`.
 async fn keep_catalog(
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     sets: Arc<std::sync::RwLock<Vec<etcd_backup_proto::api::SetSummary>>>,
     rescan: Arc<tokio::sync::Notify>,
+    rescan_every: Duration,
     stop: CancellationToken,
 ) {
     loop {
         let scanned = match destination::open(&config.destination).await {
-            Ok(dest) => {
-                crate::catalog::scan(dest.as_ref(), &config.cluster_name, Some(&config.node_name))
-                    .await
-                    .map_err(|e| e.to_string())
-            }
+            Ok(dest) => crate::catalog::scan(dest.as_ref(), &config.cluster_name, None)
+                .await
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         match scanned {
             Ok(cat) => {
-                metrics.set_sets(cat.sets.len());
-                if let Some(latest) = cat.latest() {
-                    metrics.seed_last_success(latest.manifest.finished_at);
+                if let Some(newest) = cluster_newest(&cat) {
+                    metrics.set_cluster_last_success(&newest.id.node, newest.manifest.finished_at);
                 }
-                let summaries = cat
+                let own: Vec<&crate::catalog::CatalogSet> = cat
                     .sets
                     .iter()
-                    .rev()
-                    .map(crate::catalog::CatalogSet::summary)
+                    .filter(|s| s.id.node == config.node_name)
                     .collect();
+                metrics.set_sets(own.len());
+                if let Some(latest) = own.last() {
+                    metrics.seed_last_success(latest.manifest.finished_at);
+                }
+                let summaries = own.iter().rev().map(|s| s.summary()).collect();
                 if let Ok(mut s) = sets.write() {
                     *s = summaries;
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot scan this node's backup sets"),
+            Err(e) => tracing::warn!(error = %e, "cannot scan the cluster's backup sets"),
         }
         tokio::select! {
             _ = rescan.notified() => {}
+            _ = tokio::time::sleep(rescan_every) => {}
             _ = stop.cancelled() => return,
         }
     }
+}
+
+/// The set that finished last, of any node (ties: the later node name, so
+/// every agent picks the same one).
+fn cluster_newest(cat: &crate::catalog::Catalog) -> Option<&crate::catalog::CatalogSet> {
+    cat.sets.iter().max_by(|a, b| {
+        (a.manifest.finished_at, &a.id.node).cmp(&(b.manifest.finished_at, &b.id.node))
+    })
 }
 
 async fn probe_readiness(config: Arc<Config>, ready: Arc<ReadyFlags>, stop: CancellationToken) {

@@ -14,6 +14,8 @@
 //! - [`retention`]: which sets to keep and which leftovers to remove, decided without I/O.
 //! - [`schedule`]: when scheduled backups fire: cron in a time zone, jitter, the scheduler loop.
 //! - [`runner`]: one backup at a time; the runs the API shows.
+//! - [`coordination`]: `coordination: leader`: whether this master's etcd member
+//!   leads, which decides whether it takes a scheduled backup.
 //! - [`metrics`]: Prometheus metrics behind typed handles.
 //! - [`http`]: the local HTTP API (trigger, runs, health, metrics).
 //! - [`daemon`]: `run`: scheduler, HTTP, readiness and shutdown wired together.
@@ -30,6 +32,7 @@ pub mod backup;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod coordination;
 pub mod daemon;
 pub mod destination;
 pub mod encryption;

@@ -4,8 +4,15 @@
 //! success/failure, a skip reason, an artifact), never from error text, and
 //! every combination is created at start so counters exist at 0 before the
 //! first event (`increase()` and absence alerts then work from the start).
+//!
+//! One exception: `etcd_backup_cluster_last_success_timestamp_seconds` is
+//! labelled with the node that took the cluster's newest set, a name read from
+//! the destination. It has exactly one series once a set exists and none
+//! before (a 0 would claim a backup from 1970); when another node takes the
+//! newest set, the old series is removed before the new one is set.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -20,6 +27,7 @@ use prometheus_client::registry::Registry;
 use etcd_backup_proto::api::Trigger;
 
 use crate::backup::Stage;
+use crate::config::Coordination;
 
 /// Buckets of `etcd_backup_duration_seconds`: 1 s to 1 h.
 const DURATION_BUCKETS: [f64; 12] = [
@@ -44,12 +52,18 @@ pub const FAILURE_STAGES: [&str; 7] = [
 pub enum SkipReason {
     /// A run was already in progress.
     InProgress,
+    /// `coordination: leader`, and this node's etcd member is not the leader
+    /// (or knows no leader, during an election).
+    NotLeader,
 }
 
 impl SkipReason {
+    const ALL: [SkipReason; 2] = [SkipReason::InProgress, SkipReason::NotLeader];
+
     fn as_str(self) -> &'static str {
         match self {
             SkipReason::InProgress => "in_progress",
+            SkipReason::NotLeader => "not_leader",
         }
     }
 }
@@ -80,6 +94,11 @@ struct ResultLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node: String,
+}
+
 type TimestampGauge = Gauge<f64, AtomicU64>;
 
 /// The agent's metrics.
@@ -97,6 +116,9 @@ pub struct Metrics {
     next_run: TimestampGauge,
     sets: Gauge,
     last_drill_success: TimestampGauge,
+    cluster_last_success: Family<NodeLabels, TimestampGauge>,
+    /// The node whose series `cluster_last_success` holds, if any.
+    cluster_node: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -114,8 +136,15 @@ fn seconds(at: DateTime<Utc>) -> f64 {
 }
 
 impl Metrics {
-    /// Registers every metric; `version` labels the build-info metric.
+    /// Registers every metric for an agent in `coordination: per_node` mode;
+    /// `version` labels the build-info metric.
     pub fn new(version: &str) -> Self {
+        Self::with_coordination(version, Coordination::PerNode)
+    }
+
+    /// Registers every metric; `version` labels the build-info metric and
+    /// `coordination` the mode metric, so alert rules can tell modes apart.
+    pub fn with_coordination(version: &str, coordination: Coordination) -> Self {
         let mut registry = Registry::default();
         let m = Metrics {
             last_success: TimestampGauge::default(),
@@ -130,6 +159,8 @@ impl Metrics {
             next_run: TimestampGauge::default(),
             sets: Gauge::default(),
             last_drill_success: TimestampGauge::default(),
+            cluster_last_success: Family::default(),
+            cluster_node: Mutex::new(None),
             registry: Registry::default(),
         };
         registry.register(
@@ -193,6 +224,16 @@ impl Metrics {
             m.last_drill_success.clone(),
         );
         registry.register(
+            "etcd_backup_cluster_last_success_timestamp_seconds",
+            "When the cluster's newest complete backup set finished, whichever node took it (label node); no series until a set exists",
+            m.cluster_last_success.clone(),
+        );
+        registry.register(
+            "etcd_backup_coordination",
+            "Which masters back up on schedule (coordination): per_node or leader",
+            Info::new(vec![("mode", coordination.as_str().to_string())]),
+        );
+        registry.register(
             "etcd_backup_agent_build",
             "The agent's build",
             Info::new(vec![("version", version.to_string())]),
@@ -208,9 +249,11 @@ impl Metrics {
         for stage in FAILURE_STAGES {
             let _ = m.failures.get_or_create(&StageLabels { stage });
         }
-        let _ = m.skipped.get_or_create(&ReasonLabels {
-            reason: SkipReason::InProgress.as_str(),
-        });
+        for reason in SkipReason::ALL {
+            let _ = m.skipped.get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            });
+        }
         for artifact in ["snapshot", "resources"] {
             let _ = m.last_size.get_or_create(&ArtifactLabels { artifact });
         }
@@ -311,6 +354,25 @@ impl Metrics {
         }
     }
 
+    /// The cluster's newest complete set (of any node) was taken by `node` and
+    /// finished at `at`. Keeps exactly one series: a series of another node is
+    /// removed first, so a scrape never sees two (at worst, in between, none).
+    pub fn set_cluster_last_success(&self, node: &str, at: DateTime<Utc>) {
+        // A panic while holding the lock leaves a plain Option; keep using it.
+        let mut current = self.cluster_node.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_deref() != Some(node) {
+            if let Some(old) = current.take() {
+                self.cluster_last_success.remove(&NodeLabels { node: old });
+            }
+            *current = Some(node.to_string());
+        }
+        self.cluster_last_success
+            .get_or_create(&NodeLabels {
+                node: node.to_string(),
+            })
+            .set(seconds(at));
+    }
+
     /// A restore drill passed at `at`.
     pub fn drill_succeeded(&self, at: DateTime<Utc>) {
         self.last_drill_success.set(seconds(at));
@@ -379,6 +441,19 @@ mod tests {
         assert_eq!(
             value(&text, "etcd_backup_skipped_total{reason=\"in_progress\"}"),
             0.0
+        );
+        assert_eq!(
+            value(&text, "etcd_backup_skipped_total{reason=\"not_leader\"}"),
+            0.0
+        );
+        assert_eq!(
+            value(&text, "etcd_backup_coordination_info{mode=\"per_node\"}"),
+            1.0
+        );
+        // No set yet: no cluster series at all rather than a 0 from 1970.
+        assert!(
+            !text.contains("etcd_backup_cluster_last_success_timestamp_seconds{"),
+            "{text}"
         );
         assert_eq!(
             value(&text, "etcd_backup_last_size_bytes{artifact=\"resources\"}"),
@@ -487,5 +562,48 @@ mod tests {
             1_800_003_600.5
         );
         assert_eq!(value(&text, "etcd_backup_in_progress"), 0.0);
+    }
+
+    fn cluster_series(text: &str) -> Vec<&str> {
+        text.lines()
+            .filter(|l| l.starts_with("etcd_backup_cluster_last_success_timestamp_seconds{"))
+            .collect()
+    }
+
+    #[test]
+    fn the_cluster_series_follows_the_node_that_took_the_newest_set_and_stays_one() {
+        let m = Metrics::with_coordination("0", Coordination::Leader);
+        assert_eq!(
+            value(
+                &m.encode(),
+                "etcd_backup_coordination_info{mode=\"leader\"}"
+            ),
+            1.0
+        );
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        m.set_cluster_last_success("master-0", t0);
+        m.set_cluster_last_success("master-0", t0 + chrono::Duration::seconds(60));
+        let text = m.encode();
+        assert_eq!(
+            cluster_series(&text),
+            [
+                "etcd_backup_cluster_last_success_timestamp_seconds{node=\"master-0\"} 1800000060.0"
+            ]
+        );
+        m.set_cluster_last_success("master-2", t0 + chrono::Duration::seconds(120));
+        let text = m.encode();
+        assert_eq!(
+            cluster_series(&text),
+            [
+                "etcd_backup_cluster_last_success_timestamp_seconds{node=\"master-2\"} 1800000120.0"
+            ]
+        );
+        m.set_cluster_last_success("master-0", t0 + chrono::Duration::seconds(180));
+        assert_eq!(
+            cluster_series(&m.encode()),
+            [
+                "etcd_backup_cluster_last_success_timestamp_seconds{node=\"master-0\"} 1800000180.0"
+            ]
+        );
     }
 }

@@ -2,7 +2,11 @@
 //! start delay (jitter), and the loop that sleeps until each fire time.
 //!
 //! Schedules are by the minute: five fields (minute hour day-of-month month
-//! day-of-week) or an `@alias`. Seconds and year fields are refused.
+//! day-of-week) or an `@alias`. Seconds and year fields are refused. The one
+//! exception is `@every <duration>` (`@every 30m`): it fires at every whole
+//! multiple of the duration since 1970-01-01 UTC, so every agent of a cluster
+//! fires at the same instants whenever each started (leader coordination
+//! relies on that), and the time zone does not apply to it.
 //!
 //! # Daylight saving time
 //!
@@ -82,9 +86,20 @@ pub struct Schedule {
     expr: String,
     /// The zone whose wall clock the expression is read on.
     zone: Tz,
-    /// The parsed five-field expression (aliases already expanded).
-    cron: Cron,
+    /// When it fires.
+    kind: Kind,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    /// The parsed five-field expression (aliases already expanded).
+    Cron(Box<Cron>),
+    /// `@every <duration>`: at every whole multiple of it since the Unix epoch.
+    Every(Duration),
+}
+
+/// The shortest `@every` interval.
+const MIN_EVERY: Duration = Duration::from_secs(1);
 
 impl Schedule {
     /// Parses a 5-field cron expression or an @alias (`@hourly`, `@daily`,
@@ -112,6 +127,13 @@ impl Schedule {
             expr: expr.to_string(),
             reason,
         };
+        if let Some(every) = every_duration(trimmed) {
+            return Ok(Schedule {
+                expr: trimmed.to_string(),
+                zone,
+                kind: Kind::Every(every.map_err(invalid)?),
+            });
+        }
         let five_fields = expand_alias(trimmed).map_err(invalid)?;
         check_field_count(five_fields).map_err(invalid)?;
         let cron = minute_parser()
@@ -120,7 +142,7 @@ impl Schedule {
         let schedule = Schedule {
             expr: trimmed.to_string(),
             zone,
-            cron,
+            kind: Kind::Cron(Box::new(cron)),
         };
         // Without a year field, an expression that fires at all fires within
         // every 400-year Gregorian cycle, so a fixed start gives a fixed answer.
@@ -138,11 +160,23 @@ impl Schedule {
     /// The first fire time strictly after `t`; `None` if there is none (only
     /// from the year 5000 on, where croner stops searching).
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let cron = match &self.kind {
+            Kind::Cron(cron) => cron,
+            Kind::Every(every) => {
+                let step = i64::try_from(every.as_millis()).ok()?;
+                let next = t
+                    .timestamp_millis()
+                    .div_euclid(step)
+                    .checked_add(1)?
+                    .checked_mul(step)?;
+                return DateTime::from_timestamp_millis(next);
+            }
+        };
         let mut from = t.with_timezone(&self.zone);
         // croner searches whole seconds from the second after `from`, so its
         // answer is always later; the loop only guards that contract.
         for _ in 0..3 {
-            let next = self.cron.find_next_occurrence(&from, false).ok()?;
+            let next = cron.find_next_occurrence(&from, false).ok()?;
             if next.with_timezone(&Utc) > t {
                 return Some(next.with_timezone(&Utc));
             }
@@ -222,10 +256,29 @@ fn expand_alias(expr: &str) -> Result<&str, String> {
         "@yearly" | "@annually" => Ok("0 0 1 1 *"),
         _ => Err(
             "unknown alias; use @hourly, @daily (or @midnight), @weekly, @monthly, \
-                  @yearly (or @annually), or 5 fields such as \"0 * * * *\""
+                  @yearly (or @annually), @every <duration>, or 5 fields such as \"0 * * * *\""
                 .to_string(),
         ),
     }
+}
+
+/// `Some` when `expr` is an `@every` schedule: its interval, or why it is
+/// refused. Whole seconds only, since a set is named by the second it started.
+fn every_duration(expr: &str) -> Option<Result<Duration, String>> {
+    let (word, rest) = expr.split_once(char::is_whitespace).unwrap_or((expr, ""));
+    if !word.eq_ignore_ascii_case("@every") {
+        return None;
+    }
+    let rest = rest.trim();
+    let hint = "give a duration with a unit, such as \"@every 30m\" or \"@every 1h\"";
+    Some(match humantime::parse_duration(rest) {
+        _ if rest.is_empty() => Err(format!("@every needs a duration; {hint}")),
+        Err(e) => Err(format!("invalid duration {rest:?}: {e}; {hint}")),
+        Ok(d) if d < MIN_EVERY || d.subsec_nanos() != 0 => Err(format!(
+            "{rest:?} is not a whole number of seconds of at least 1s; {hint}"
+        )),
+        Ok(d) => Ok(d),
+    })
 }
 
 /// Refuses anything but five fields, with a specific word for seconds and
@@ -630,6 +683,64 @@ mod tests {
             got.starts_with("invalid cron expression \"@minutely\": unknown alias; use @hourly"),
             "{got}"
         );
+    }
+
+    #[test]
+    fn every_fires_at_multiples_of_its_interval_since_the_epoch() {
+        let s = parse("@every 5s", None);
+        assert_eq!(
+            s.next_after(utc(2026, 5, 1, 10, 17, 33)),
+            Some(utc(2026, 5, 1, 10, 17, 35))
+        );
+        // Strictly after: a fire time is not its own next one.
+        assert_eq!(
+            s.next_after(utc(2026, 5, 1, 10, 17, 35)),
+            Some(utc(2026, 5, 1, 10, 17, 40))
+        );
+        assert_eq!(
+            s.next_after(utc(2026, 5, 1, 10, 17, 34) + TimeDelta::milliseconds(999)),
+            Some(utc(2026, 5, 1, 10, 17, 35))
+        );
+        assert_eq!(
+            s.interval_at(utc(2026, 5, 1, 0, 0, 0)),
+            Some(Duration::from_secs(5))
+        );
+        // The same instants whatever the time zone: agents agree on a tick.
+        let berlin = parse("@every 30m", Some("Europe/Berlin"));
+        assert_eq!(
+            berlin.next_after(utc(2026, 3, 29, 0, 40, 0)),
+            Some(utc(2026, 3, 29, 1, 0, 0))
+        );
+        assert_eq!(
+            parse(" @EVERY 1h ", None).describe(),
+            "\"@EVERY 1h\" in UTC"
+        );
+    }
+
+    #[test]
+    fn every_needs_a_whole_number_of_seconds() {
+        for (expr, want) in [
+            ("@every", "@every needs a duration"),
+            ("@every soon", "invalid duration \"soon\""),
+            (
+                "@every 500ms",
+                "\"500ms\" is not a whole number of seconds of at least 1s",
+            ),
+            (
+                "@every 1500ms",
+                "\"1500ms\" is not a whole number of seconds",
+            ),
+            (
+                "@every 0s",
+                "\"0s\" is not a whole number of seconds of at least 1s",
+            ),
+        ] {
+            let got = parse_err(expr, None);
+            assert!(
+                got.starts_with(&format!("invalid cron expression {expr:?}: {want}")),
+                "{expr}: {got}"
+            );
+        }
     }
 
     #[test]

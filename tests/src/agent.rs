@@ -1,11 +1,12 @@
 //! The real `etcd-backup-agent` binary, its config files and its runs.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::etcd::EtcdServer;
+use crate::{free_port, wait_for};
 
 /// The agent binary, built once per test process with the workspace's cargo.
 ///
@@ -214,4 +215,65 @@ pub fn run_agent(args: &[&str]) -> AgentRun {
 /// `etcd-backup-agent backup --config <config>`.
 pub fn backup(config: &Path) -> AgentRun {
     run_agent(&["backup", "--config", config.to_str().expect("utf-8 path")])
+}
+
+/// The agent daemon (`etcd-backup-agent run`) as a child process, its HTTP
+/// API on a free loopback port, its log in a temporary directory; killed on drop.
+pub struct AgentDaemon {
+    child: Option<Child>,
+    /// Holds the config file and the log.
+    pub dir: tempfile::TempDir,
+    /// `http://127.0.0.1:<port>`: the API, `/metrics` included.
+    pub url: String,
+}
+
+impl AgentDaemon {
+    /// Starts `run` with `config` plus an `http.listen` on a free port (so
+    /// `config.extra` must not have an `http:` section), and waits until it
+    /// accepts connections.
+    pub fn start(config: &AgentConfig) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut config = config.clone();
+        config.extra += &format!("http:\n  listen: 127.0.0.1:{port}\n");
+        let file = config.write(dir.path());
+        let log = std::fs::File::create(dir.path().join("agent.log")).expect("log file");
+        let child = Command::new(agent_bin())
+            .args(["run", "--config", file.to_str().expect("utf-8 path")])
+            .env_remove("RUST_LOG")
+            .env_remove("NODE_NAME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd-backup-agent run");
+        let daemon = Self {
+            child: Some(child),
+            dir,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        wait_for("the agent to listen", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        daemon
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Stops the daemon (SIGKILL) now.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for AgentDaemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

@@ -300,6 +300,17 @@ impl MemberSpec {
     }
 }
 
+/// `etcdctl endpoint status` of one member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberStatus {
+    /// The member's id.
+    pub member_id: u64,
+    /// The leader's id as this member sees it (0: none known).
+    pub leader: u64,
+    /// The raft term: unchanged means no election happened in between.
+    pub raft_term: u64,
+}
+
 /// A cluster of several etcd members on loopback; all killed on drop.
 pub struct EtcdCluster {
     children: Vec<Child>,
@@ -408,6 +419,33 @@ impl EtcdCluster {
             .args(args)
             .output()
             .expect("run etcdctl")
+    }
+
+    /// What member `i` says of itself and its leader (`etcdctl endpoint
+    /// status` against it alone); `None` when it does not answer.
+    pub fn status(&self, i: usize) -> Option<MemberStatus> {
+        let out = etcdctl_command()
+            .arg("--endpoints")
+            .arg(self.members[i].client_url())
+            .args(["--command-timeout=2s", "endpoint", "status", "-w", "json"])
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let s = &v[0]["Status"];
+        Some(MemberStatus {
+            member_id: s["header"]["member_id"].as_u64()?,
+            leader: s["leader"].as_u64()?,
+            raft_term: s["raftTerm"].as_u64()?,
+        })
+    }
+
+    /// Stops member `i` (SIGKILL) now; the others keep running.
+    pub fn kill(&mut self, i: usize) {
+        let _ = self.children[i].kill();
+        let _ = self.children[i].wait();
     }
 
     /// A client of member `i` only.

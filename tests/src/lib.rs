@@ -5,9 +5,11 @@
 //! panic with the package to install, never a skipped test.
 //!
 //! # Layout
-//! - [`etcd`]: a throwaway etcd member (plain or TLS), `etcdctl`, keyspace dumps.
+//! - [`etcd`]: a throwaway etcd member (plain or TLS) or cluster, `etcdctl`,
+//!   keyspace dumps.
 //! - [`tls`]: a CA, server and client certificates made on the fly.
-//! - [`agent`]: the agent binary, config files for it, and its runs.
+//! - [`agent`]: the agent binary, config files for it, its runs, and the daemon
+//!   as a child process.
 //! - [`fake_etcd`]: a gRPC Maintenance server that serves a tampered snapshot.
 //! - [`fixtures`]: `/etc/kubernetes` trees in the OpenShift and kubeadm shapes.
 //! - [`sshd`]: a throwaway OpenSSH server with its own host key and client keys.

@@ -114,6 +114,11 @@ fn each_bad_value_exits_2_naming_its_field() {
             "text or json",
         ),
         (
+            format!("{base}coordination: raft\n"),
+            "coordination",
+            "unknown value \"raft\"; expected per_node or leader",
+        ),
+        (
             "etcd:\n  endpoints: [\"unclosed\n  x: {\n".to_string(),
             "",
             "line ",
