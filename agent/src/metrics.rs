@@ -97,6 +97,7 @@ pub struct Metrics {
     next_run: TimestampGauge,
     sets: Gauge,
     last_drill_success: TimestampGauge,
+    http_rate_limited: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -130,6 +131,7 @@ impl Metrics {
             next_run: TimestampGauge::default(),
             sets: Gauge::default(),
             last_drill_success: TimestampGauge::default(),
+            http_rate_limited: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -191,6 +193,11 @@ impl Metrics {
             "etcd_backup_last_drill_success_timestamp_seconds",
             "When the newest passing restore drill finished (0 until the first; drills run with drill_schedule)",
             m.last_drill_success.clone(),
+        );
+        registry.register(
+            "etcd_backup_http_rate_limited",
+            "POST /v1/backups requests refused with 429 because the client triggered a run less than http.trigger_min_interval ago",
+            m.http_rate_limited.clone(),
         );
         registry.register(
             "etcd_backup_agent_build",
@@ -311,6 +318,11 @@ impl Metrics {
         }
     }
 
+    /// A trigger was refused by the rate limit.
+    pub fn http_rate_limited(&self) {
+        self.http_rate_limited.inc();
+    }
+
     /// A restore drill passed at `at`.
     pub fn drill_succeeded(&self, at: DateTime<Utc>) {
         self.last_drill_success.set(seconds(at));
@@ -392,6 +404,7 @@ mod tests {
             0.0
         );
         assert_eq!(value(&text, "etcd_backup_in_progress"), 0.0);
+        assert_eq!(value(&text, "etcd_backup_http_rate_limited_total"), 0.0);
         assert_eq!(
             value(&text, "etcd_backup_agent_build_info{version=\"1.2.3\"}"),
             1.0
@@ -424,6 +437,8 @@ mod tests {
         m.run_started(t0 + chrono::Duration::seconds(60));
         m.run_failed(Trigger::Schedule, Duration::from_secs(70), Stage::Upload);
         m.skipped(SkipReason::InProgress);
+        m.http_rate_limited();
+        m.http_rate_limited();
         m.set_next_run(Some(t0 + chrono::Duration::seconds(3600)));
         let text = m.encode();
         assert_eq!(
@@ -487,5 +502,6 @@ mod tests {
             1_800_003_600.5
         );
         assert_eq!(value(&text, "etcd_backup_in_progress"), 0.0);
+        assert_eq!(value(&text, "etcd_backup_http_rate_limited_total"), 2.0);
     }
 }
