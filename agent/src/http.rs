@@ -3,13 +3,14 @@
 //! JSON everywhere; every error is an [`ErrorResponse`] with the right status.
 //! `POST` can require a bearer token (compared in constant time) and is
 //! rate-limited per client ([`TriggerLimiter`]); health and metrics stay open
-//! so probes and Prometheus need no secret.
+//! so probes and Prometheus need no secret. `GET /v1/openapi.json` describes
+//! it all; tests hold that document to the routes and types served here.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -38,6 +39,9 @@ pub const MAX_BODY: usize = 4096;
 /// trigger started a run are remembered, and runs are one at a time, so
 /// reaching this takes that many runs within one `http.trigger_min_interval`.
 pub const MAX_LIMITED_CLIENTS: usize = 1024;
+
+/// The OpenAPI 3.1 document of [`router`]; `info.version` is filled in when served.
+const OPENAPI: &str = include_str!("openapi.json");
 
 /// What readiness is made of, set by the daemon as it learns things.
 #[derive(Debug, Default)]
@@ -221,7 +225,7 @@ fn error(status: StatusCode, message: impl Into<String>, run_id: Option<String>)
 }
 
 /// A router and the list of what it routes, built together so the list
-/// cannot leave a route out.
+/// cannot leave a route out; tests hold the OpenAPI document to the list.
 struct Api {
     router: Router<Arc<AppState>>,
     routes: Vec<(&'static str, Method)>,
@@ -263,10 +267,11 @@ fn api_routes() -> Api {
         .route(Method::GET, "/v1/backups", list_runs)
         .route(Method::POST, "/v1/backups", start_run)
         .route(Method::GET, "/v1/backups/{id}", get_run)
+        .route(Method::GET, "/v1/openapi.json", openapi)
 }
 
-/// Every (path, method) [`router`] serves, paths in axum's `{param}` form.
-/// `HEAD` is implied by `GET` and not listed.
+/// Every (path, method) [`router`] serves, paths in axum's `{param}` form,
+/// which is also OpenAPI's. `HEAD` is implied by `GET` and not listed.
 pub fn routes() -> Vec<(&'static str, Method)> {
     api_routes().routes
 }
@@ -290,7 +295,7 @@ fn finish(routes: Router<Arc<AppState>>, not_found: &'static str, state: Arc<App
 pub fn router(state: Arc<AppState>) -> Router {
     finish(
         api_routes().router,
-        "no such path; see the README for the API",
+        "no such path; GET /v1/openapi.json describes the API",
         state,
     )
 }
@@ -532,6 +537,25 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         state.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// The OpenAPI document with this build's version.
+pub fn openapi_document() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| {
+        let mut doc: serde_json::Value =
+            serde_json::from_str(OPENAPI).expect("openapi.json is valid JSON (unit-tested)");
+        doc["info"]["version"] = crate::backup::AGENT_VERSION.into();
+        doc.to_string()
+    })
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        openapi_document(),
     )
         .into_response()
 }
@@ -787,5 +811,137 @@ mod tests {
             until_idle(&state).await;
         }
         assert_eq!(state.limiter.tracked(), 0);
+    }
+
+    fn document() -> serde_json::Value {
+        serde_json::from_str(OPENAPI).unwrap()
+    }
+
+    #[test]
+    fn the_openapi_document_lists_exactly_the_routes_served() {
+        let doc = document();
+        let mut documented: Vec<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, ops)| {
+                ops.as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|k| *k != "parameters")
+                    .map(move |m| (path.clone(), m.to_uppercase()))
+            })
+            .collect();
+        let mut served: Vec<(String, String)> = routes()
+            .into_iter()
+            .map(|(p, m)| (p.to_string(), m.to_string()))
+            .collect();
+        documented.sort();
+        served.sort();
+        assert_eq!(documented, served);
+    }
+
+    #[test]
+    fn every_reference_in_the_openapi_document_resolves() {
+        fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    if let Some(r) = m.get("$ref").and_then(|r| r.as_str()) {
+                        out.push(r.to_string());
+                    }
+                    m.values().for_each(|v| refs(v, out));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+                _ => {}
+            }
+        }
+        let doc = document();
+        let mut all = Vec::new();
+        refs(&doc, &mut all);
+        assert!(all.len() > 10);
+        for r in all {
+            let pointer = r.strip_prefix('#').expect("local references only");
+            assert!(doc.pointer(pointer).is_some(), "{r} does not resolve");
+        }
+        let text = OPENAPI;
+        for status in ["401", "404", "409", "413", "429", "500"] {
+            assert!(text.contains(&format!("\"{status}\"")), "{status}");
+        }
+        assert!(doc["components"]["responses"]["MethodNotAllowed"].is_object());
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearerAuth"]["scheme"],
+            "bearer"
+        );
+    }
+
+    #[tokio::test]
+    async fn documented_methods_are_routed_and_others_answer_405_as_json() {
+        let dir = tempfile::tempdir().unwrap();
+        // A token, so probing POST starts no run.
+        let state = state(
+            &refused_endpoint(),
+            "2s",
+            dir.path(),
+            Duration::from_secs(5),
+            Some("t"),
+        );
+        let app = router(state.clone());
+        let doc = document();
+        let all = [
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::PATCH,
+            Method::OPTIONS,
+            Method::TRACE,
+        ];
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            let uri = path.replace("{id}", "some-id");
+            for method in &all {
+                let r = call(&app, method.clone(), &uri, "127.0.0.1", None).await;
+                let listed = ops.get(method.as_str().to_lowercase()).is_some();
+                if listed {
+                    assert_ne!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}");
+                    let fallback = r.body["error"]
+                        .as_str()
+                        .is_some_and(|e| e.starts_with("no such path"));
+                    assert!(!fallback, "{method} {uri} is not routed");
+                } else {
+                    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}");
+                    let e: ErrorResponse = serde_json::from_value(r.body).unwrap();
+                    assert!(e.error.contains("method not allowed"));
+                }
+            }
+        }
+        assert!(state.runner.list().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_document_is_served_with_this_version_on_the_api_listener_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(&refused_endpoint(), "2s", dir.path(), Duration::ZERO, None);
+        let r = call(
+            &router(state.clone()),
+            Method::GET,
+            "/v1/openapi.json",
+            "127.0.0.1",
+            None,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.headers[header::CONTENT_TYPE], "application/json");
+        let mut want = document();
+        want["info"]["version"] = crate::backup::AGENT_VERSION.into();
+        assert_eq!(r.body, want);
+        let r = call(
+            &metrics_router(state),
+            Method::GET,
+            "/v1/openapi.json",
+            "127.0.0.1",
+            None,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
     }
 }

@@ -215,3 +215,82 @@ pub fn run_agent(args: &[&str]) -> AgentRun {
 pub fn backup(config: &Path) -> AgentRun {
     run_agent(&["backup", "--config", config.to_str().expect("utf-8 path")])
 }
+
+/// The agent's daemon (`etcd-backup-agent run`) as a child process on
+/// `127.0.0.1:<port>`; killed on drop unless [`AgentDaemon::stop`]ped.
+pub struct AgentDaemon {
+    child: Option<std::process::Child>,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// Where its standard error (the logs) goes.
+    pub log: PathBuf,
+}
+
+impl AgentDaemon {
+    /// Runs the binary on `config`, whose `http.listen` is `127.0.0.1:<port>`,
+    /// and waits until the port accepts connections.
+    pub fn start(config: &Path, port: u16) -> Self {
+        let log = config.with_extension("log");
+        let file = std::fs::File::create(&log).expect("daemon log file");
+        let child = Command::new(agent_bin())
+            .args(["run", "--config", config.to_str().expect("utf-8 path")])
+            .env_remove("RUST_LOG")
+            .env_remove("NODE_NAME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start etcd-backup-agent run");
+        let mut d = Self {
+            child: Some(child),
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+        };
+        crate::wait_for("the daemon's port", Duration::from_secs(20), || {
+            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("the daemon exited with {status}:\n{}", d.logs());
+            }
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        d
+    }
+
+    /// `base` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The logs so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM (the daemon then drains and exits).
+    pub fn terminate(&self) {
+        if let Some(c) = &self.child {
+            Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .expect("kill -TERM");
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit code.
+    pub fn stop(mut self, timeout: Duration) -> Option<i32> {
+        self.terminate();
+        let mut child = self.child.take()?;
+        let status = crate::wait_for("the daemon to exit", timeout, || {
+            child.try_wait().expect("wait for the daemon")
+        });
+        status.code()
+    }
+}
+
+impl Drop for AgentDaemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
