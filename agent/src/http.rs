@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::connect_info::ConnectInfo;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::handler::Handler;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -498,7 +498,18 @@ async fn list_runs(State(state): State<Arc<AppState>>) -> Response {
     .into_response()
 }
 
-async fn get_run(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+async fn get_run(
+    State(state): State<Arc<AppState>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Response {
+    let Ok(Path(id)) = id else {
+        // Not UTF-8 once percent-decoded: no run has such an id.
+        return error(
+            StatusCode::NOT_FOUND,
+            "no backup run with that id (it is not valid percent-encoded UTF-8)",
+            None,
+        );
+    };
     match state.runner.get(&id) {
         Some(r) => Json(r).into_response(),
         None => error(
