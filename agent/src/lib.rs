@@ -15,7 +15,8 @@
 //! - [`schedule`]: when scheduled backups fire: cron in a time zone, jitter, the scheduler loop.
 //! - [`runner`]: one backup at a time; the runs the API shows.
 //! - [`metrics`]: Prometheus metrics behind typed handles.
-//! - [`http`]: the local HTTP API (trigger, runs, health, metrics).
+//! - [`http`]: the local HTTP API (trigger with its rate limit, runs, health,
+//!   metrics) and its OpenAPI document (`openapi.json` beside it).
 //! - [`daemon`]: `run`: scheduler, HTTP, readiness and shutdown wired together.
 //! - [`catalog`]: which complete sets and leftovers a destination holds.
 //! - [`verify`]: streaming a set back against its manifest (`verify`, `fetch`).
