@@ -115,6 +115,7 @@ struct RawHttp {
     listen: Option<String>,
     token_file: Option<PathBuf>,
     metrics_listen: Option<String>,
+    trigger_min_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -224,6 +225,10 @@ pub mod defaults {
     pub const HTTP_LISTEN: &str = "127.0.0.1:10290";
     /// `shutdown_grace`: under Kubernetes' default 30 s termination grace.
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+    /// `http.trigger_min_interval`: long enough that a client looping on
+    /// `POST` cannot start back-to-back runs, short enough that nobody waits
+    /// for it by hand.
+    pub const TRIGGER_MIN_INTERVAL: Duration = Duration::from_secs(5);
 }
 
 /// The validated configuration.
@@ -270,6 +275,9 @@ pub struct DaemonConfig {
     /// `/healthz` and `/readyz`, for Prometheus and kubelet probes, which reach
     /// a host-network pod on the node's address rather than loopback.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `http.trigger_min_interval`: at most one accepted `POST` per client
+    /// (peer address) in this interval; zero disables the limit.
+    pub trigger_min_interval: Duration,
     /// `shutdown_grace`: how long a run in progress may take after SIGTERM.
     pub shutdown_grace: Duration,
     /// `drill_schedule` (in `timezone`): when the daemon drills the newest set.
@@ -1206,6 +1214,16 @@ impl Validator {
                 }
             }
         }
+        let trigger_min_interval = match http.trigger_min_interval {
+            Some(text) if humantime::parse_duration(text.trim()).is_ok_and(|d| d.is_zero()) => {
+                Duration::ZERO
+            }
+            other => self.duration(
+                "http.trigger_min_interval",
+                other,
+                defaults::TRIGGER_MIN_INTERVAL,
+            ),
+        };
         let shutdown_grace =
             self.duration("shutdown_grace", shutdown_grace, defaults::SHUTDOWN_GRACE);
         DaemonConfig {
@@ -1216,6 +1234,7 @@ impl Validator {
             listen,
             token_file: http.token_file,
             metrics_listen,
+            trigger_min_interval,
             shutdown_grace,
             drill_schedule: None,
         }
@@ -1516,6 +1535,23 @@ mod tests {
         assert_eq!(c.daemon.shutdown_grace, Duration::from_secs(25));
         assert_eq!(c.daemon.jitter, Duration::ZERO);
         assert!(c.daemon.metrics_listen.is_none());
+        assert_eq!(c.daemon.trigger_min_interval, Duration::from_secs(5));
+        let off = format!("{MINIMAL}http:\n  trigger_min_interval: 0s\n");
+        assert_eq!(
+            Config::parse(&off, &env())
+                .unwrap()
+                .daemon
+                .trigger_min_interval,
+            Duration::ZERO
+        );
+        let minute = format!("{MINIMAL}http:\n  trigger_min_interval: 1m\n");
+        assert_eq!(
+            Config::parse(&minute, &env())
+                .unwrap()
+                .daemon
+                .trigger_min_interval,
+            Duration::from_secs(60)
+        );
         // `backup` needs no schedule.
         assert!(Config::parse(MINIMAL, &env())
             .unwrap()
@@ -1541,6 +1577,10 @@ mod tests {
                 "http.token_file",
             ),
             ("shutdown_grace: forever\n", "shutdown_grace"),
+            (
+                "http:\n  trigger_min_interval: often\n",
+                "http.trigger_min_interval",
+            ),
             ("http:\n  port: 1\n", "http.port"),
         ] {
             let f = fields(&format!("{MINIMAL}{extra}"));

@@ -174,6 +174,7 @@ pub async fn run_on(
         token_sha256,
         ready: ready.clone(),
         sets: sets.clone(),
+        limiter: http::TriggerLimiter::new(config.daemon.trigger_min_interval),
     });
     let server = {
         let server_stop = server_stop.clone();

@@ -1,31 +1,47 @@
 //! The local HTTP endpoint: trigger a backup, see runs, health, metrics.
 //!
 //! JSON everywhere; every error is an [`ErrorResponse`] with the right status.
-//! `POST` can require a bearer token (compared in constant time); health and
-//! metrics stay open so probes and Prometheus need no secret.
+//! `POST` can require a bearer token (compared in constant time) and is
+//! rate-limited per client ([`TriggerLimiter`]); health and metrics stay open
+//! so probes and Prometheus need no secret. `GET /v1/openapi.json` describes
+//! it all; tests hold that document to the routes and types served here.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::connect_info::ConnectInfo;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::handler::Handler;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::routing::{on, MethodFilter};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::time::Instant;
 
 use etcd_backup_proto::api::{ErrorResponse, Readiness, RunList, RunRecord, RunState, Trigger};
 
 use crate::metrics::Metrics;
-use crate::runner::{Runner, StartError};
+use crate::runner::{RunHandle, Runner, StartError};
 
 /// Largest request body accepted (the API takes none; this bounds abuse).
 pub const MAX_BODY: usize = 4096;
+
+/// Most clients the trigger rate limit remembers at once. Only clients whose
+/// trigger started a run are remembered, and runs are one at a time, so
+/// reaching this takes that many runs within one `http.trigger_min_interval`.
+pub const MAX_LIMITED_CLIENTS: usize = 1024;
+
+/// The OpenAPI 3.1 document of [`router`]; `info.version` is filled in when served.
+const OPENAPI: &str = include_str!("openapi.json");
 
 /// What readiness is made of, set by the daemon as it learns things.
 #[derive(Debug, Default)]
@@ -48,12 +64,145 @@ pub struct AppState {
     pub ready: Arc<ReadyFlags>,
     /// This node's complete sets, newest first, from the last catalog scan.
     pub sets: Arc<std::sync::RwLock<Vec<etcd_backup_proto::api::SetSummary>>>,
+    /// The per-client rate limit of `POST /v1/backups`.
+    pub limiter: TriggerLimiter,
+}
+
+/// At most one accepted trigger per client (peer IP address) per interval.
+///
+/// A trigger is "accepted" when it started a run; a `409` (run in progress),
+/// `401` or `400` costs nothing. The limiter also serialises the admission of
+/// HTTP triggers, so the order of answers stays: `503` shutting down, `409`
+/// in progress, `429` too soon, then the run starts.
+///
+/// Memory is bounded: expired entries are dropped on every accepted trigger,
+/// and at most [`MAX_LIMITED_CLIENTS`] live ones are kept. When that many
+/// distinct clients started runs within one interval, new clients are refused
+/// until the oldest entry expires: the limit fails closed, never open.
+#[derive(Debug)]
+pub struct TriggerLimiter {
+    interval: Duration,
+    ledger: Mutex<Ledger>,
+}
+
+/// Why a trigger did not start a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The runner refused (in progress, shutting down).
+    Start(StartError),
+    /// This client started a run less than the interval ago.
+    TooSoon {
+        /// How long until the client may trigger again.
+        retry_after: Duration,
+        /// The run this client started last.
+        run_id: String,
+    },
+    /// The limiter is full of clients that are all still limited.
+    Full {
+        /// How long until the oldest entry expires.
+        retry_after: Duration,
+    },
+}
+
+/// Per client: when its last accepted trigger came, and the run it started.
+#[derive(Debug, Default)]
+struct Ledger {
+    entries: HashMap<IpAddr, (Instant, String)>,
+}
+
+impl Ledger {
+    /// Whether `client` may start a run at `now`; drops expired entries.
+    fn check(&mut self, interval: Duration, client: IpAddr, now: Instant) -> Result<(), Refusal> {
+        if let Some((at, run_id)) = self.entries.get(&client) {
+            let free_at = *at + interval;
+            if now < free_at {
+                return Err(Refusal::TooSoon {
+                    retry_after: free_at - now,
+                    run_id: run_id.clone(),
+                });
+            }
+        }
+        self.entries.retain(|_, (at, _)| now < *at + interval);
+        if self.entries.len() >= MAX_LIMITED_CLIENTS {
+            let oldest = self
+                .entries
+                .values()
+                .map(|(at, _)| *at)
+                .min()
+                .unwrap_or(now);
+            return Err(Refusal::Full {
+                retry_after: (oldest + interval).saturating_duration_since(now),
+            });
+        }
+        Ok(())
+    }
+
+    /// `client` started `run_id` at `now` (after a successful [`Ledger::check`]).
+    fn record(&mut self, client: IpAddr, now: Instant, run_id: String) {
+        self.entries.insert(client, (now, run_id));
+    }
+}
+
+impl TriggerLimiter {
+    /// A limiter for `interval` (`http.trigger_min_interval`); zero disables it.
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            ledger: Mutex::new(Ledger::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Ledger> {
+        // Plain data: a panic elsewhere while holding it leaves it usable.
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many clients are remembered now.
+    pub fn tracked(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Starts a run for `client` through `runner` unless the runner refuses
+    /// or `client` started one less than the interval ago.
+    ///
+    /// # Errors
+    /// [`Refusal`]: why no run was started.
+    pub fn admit(&self, client: IpAddr, runner: &Arc<Runner>) -> Result<RunHandle, Refusal> {
+        let client = client.to_canonical();
+        // Held until the run is started (no await): admissions are serial.
+        let mut ledger = self.lock();
+        // The runner's own order first, so a busy or stopping agent answers as
+        // it did before there was a limit.
+        if !runner.is_accepting() {
+            return Err(Refusal::Start(StartError::ShuttingDown));
+        }
+        if let Some(current) = runner.current() {
+            return Err(Refusal::Start(StartError::InProgress {
+                id: current.record.id,
+            }));
+        }
+        let now = Instant::now();
+        if !self.interval.is_zero() {
+            ledger.check(self.interval, client, now)?;
+        }
+        let handle = runner.start(Trigger::Http).map_err(Refusal::Start)?;
+        if !self.interval.is_zero() {
+            ledger.record(client, now, handle.record.id.clone());
+        }
+        Ok(handle)
+    }
+}
+
+/// Whole seconds, rounded up, at least 1: the `Retry-After` value for `d`.
+pub fn retry_after_secs(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppState")
             .field("token_required", &self.token_sha256.is_some())
+            .field("limiter", &self.limiter)
             .finish_non_exhaustive()
     }
 }
@@ -75,12 +224,56 @@ fn error(status: StatusCode, message: impl Into<String>, run_id: Option<String>)
         .into_response()
 }
 
+/// A router and the list of what it routes, built together so the list
+/// cannot leave a route out; tests hold the OpenAPI document to the list.
+struct Api {
+    router: Router<Arc<AppState>>,
+    routes: Vec<(&'static str, Method)>,
+}
+
+impl Api {
+    fn new() -> Self {
+        Self {
+            router: Router::new(),
+            routes: Vec::new(),
+        }
+    }
+
+    /// Routes `method` on `path` to `handler` (a `GET` answers `HEAD` too).
+    fn route<H, T>(mut self, method: Method, path: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, Arc<AppState>>,
+        T: 'static,
+    {
+        let filter = MethodFilter::try_from(method.clone())
+            .unwrap_or_else(|_| panic!("axum cannot route {method}"));
+        self.router = self.router.route(path, on(filter, handler));
+        self.routes.push((path, method));
+        self
+    }
+}
+
 /// Health, readiness and metrics: on both listeners.
-fn open_routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+fn open_routes() -> Api {
+    Api::new()
+        .route(Method::GET, "/healthz", healthz)
+        .route(Method::GET, "/readyz", readyz)
+        .route(Method::GET, "/metrics", metrics)
+}
+
+/// Everything the API listener serves.
+fn api_routes() -> Api {
+    open_routes()
+        .route(Method::GET, "/v1/backups", list_runs)
+        .route(Method::POST, "/v1/backups", start_run)
+        .route(Method::GET, "/v1/backups/{id}", get_run)
+        .route(Method::GET, "/v1/openapi.json", openapi)
+}
+
+/// Every (path, method) [`router`] serves, paths in axum's `{param}` form,
+/// which is also OpenAPI's. `HEAD` is implied by `GET` and not listed.
+pub fn routes() -> Vec<(&'static str, Method)> {
+    api_routes().routes
 }
 
 /// JSON answers for unknown paths and wrong methods, the body limit, and the state.
@@ -100,10 +293,11 @@ fn finish(routes: Router<Arc<AppState>>, not_found: &'static str, state: Arc<App
 
 /// The API's routes.
 pub fn router(state: Arc<AppState>) -> Router {
-    let routes = open_routes()
-        .route("/v1/backups", get(list_runs).post(start_run))
-        .route("/v1/backups/{id}", get(get_run));
-    finish(routes, "no such path; see the README for the API", state)
+    finish(
+        api_routes().router,
+        "no such path; GET /v1/openapi.json describes the API",
+        state,
+    )
 }
 
 /// The read-only routes for `http.metrics_listen`: metrics and health, no
@@ -111,13 +305,14 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// nothing away and lets nobody start a backup.
 pub fn metrics_router(state: Arc<AppState>) -> Router {
     finish(
-        open_routes(),
+        open_routes().router,
         "this listener serves only /metrics, /healthz and /readyz",
         state,
     )
 }
 
 /// Serves `router` on an already-bound listener until `shutdown` completes.
+/// Handlers see the peer's address (the rate limit's client).
 ///
 /// # Errors
 /// Accept-loop I/O failures.
@@ -126,9 +321,12 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +370,7 @@ fn finished_response(record: RunRecord) -> Response {
 
 async fn start_run(
     State(state): State<Arc<AppState>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     params: Result<Query<StartParams>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
@@ -212,7 +411,45 @@ async fn start_run(
             )
         }
     }
-    match state.runner.start(Trigger::Http) {
+    // Without connection info (a router driven in-process) all callers are
+    // one client.
+    let client = peer.map_or(
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        |Extension(ConnectInfo(a))| a.ip(),
+    );
+    let started = match state.limiter.admit(client, &state.runner) {
+        Ok(handle) => Ok(handle),
+        Err(Refusal::Start(e)) => Err(e),
+        Err(Refusal::TooSoon {
+            retry_after,
+            run_id,
+        }) => {
+            state.metrics.http_rate_limited();
+            let secs = retry_after_secs(retry_after);
+            return too_many(
+                secs,
+                format!(
+                    "too many backup triggers: {} started backup {run_id} less than {} ago (http.trigger_min_interval); retry in {secs} s, or follow that run with GET /v1/backups/{run_id}",
+                    client.to_canonical(),
+                    humantime::format_duration(state.limiter.interval),
+                ),
+                Some(run_id),
+            );
+        }
+        Err(Refusal::Full { retry_after }) => {
+            state.metrics.http_rate_limited();
+            let secs = retry_after_secs(retry_after);
+            return too_many(
+                secs,
+                format!(
+                    "too many backup triggers: more than {MAX_LIMITED_CLIENTS} clients started backups within {} (http.trigger_min_interval); retry in {secs} s",
+                    humantime::format_duration(state.limiter.interval),
+                ),
+                None,
+            );
+        }
+    };
+    match started {
         Ok(handle) if wait => finished_response(handle.finished().await),
         Ok(handle) => (StatusCode::ACCEPTED, Json(handle.record)).into_response(),
         Err(StartError::InProgress { id }) if wait => match state.runner.current() {
@@ -244,6 +481,14 @@ async fn start_run(
     }
 }
 
+/// `429` with `Retry-After: secs`.
+fn too_many(secs: u64, message: String, run_id: Option<String>) -> Response {
+    let mut r = error(StatusCode::TOO_MANY_REQUESTS, message, run_id);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    r
+}
+
 async fn list_runs(State(state): State<Arc<AppState>>) -> Response {
     let sets = state.sets.read().map(|s| s.clone()).unwrap_or_default();
     Json(RunList {
@@ -253,7 +498,18 @@ async fn list_runs(State(state): State<Arc<AppState>>) -> Response {
     .into_response()
 }
 
-async fn get_run(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+async fn get_run(
+    State(state): State<Arc<AppState>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Response {
+    let Ok(Path(id)) = id else {
+        // Not UTF-8 once percent-decoded: no run has such an id.
+        return error(
+            StatusCode::NOT_FOUND,
+            "no backup run with that id (it is not valid percent-encoded UTF-8)",
+            None,
+        );
+    };
     match state.runner.get(&id) {
         Some(r) => Json(r).into_response(),
         None => error(
@@ -294,4 +550,409 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.metrics.encode(),
     )
         .into_response()
+}
+
+/// The OpenAPI document with this build's version.
+pub fn openapi_document() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| {
+        let mut doc: serde_json::Value =
+            serde_json::from_str(OPENAPI).expect("openapi.json is valid JSON (unit-tested)");
+        doc["info"]["version"] = crate::backup::AGENT_VERSION.into();
+        doc.to_string()
+    })
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        openapi_document(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Environment};
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    /// A state whose runs back up from `etcd` into a temp dir.
+    fn state(
+        etcd: &str,
+        dial_timeout: &str,
+        dir: &std::path::Path,
+        interval: Duration,
+        token: Option<&str>,
+    ) -> Arc<AppState> {
+        let text = format!(
+            "node_name: n\netcd:\n  endpoints: [\"{etcd}\"]\n  dial_timeout: {dial_timeout}\nresources:\n  layout: none\ndestination:\n  local:\n    path: {}\nretry:\n  attempts: 1\n",
+            dir.display()
+        );
+        let env = Environment {
+            node_name: None,
+            hostname: None,
+        };
+        let config = Arc::new(Config::parse(&text, &env).unwrap());
+        let metrics = Arc::new(Metrics::new("test"));
+        Arc::new(AppState {
+            runner: Runner::new(config, metrics.clone(), |_| {}),
+            metrics,
+            token_sha256: token.map(token_digest),
+            ready: Arc::new(ReadyFlags::default()),
+            sets: Arc::default(),
+            limiter: TriggerLimiter::new(interval),
+        })
+    }
+
+    /// An etcd endpoint where nothing listens: runs fail at once (connect).
+    fn refused_endpoint() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    }
+
+    struct Answer {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: serde_json::Value,
+    }
+
+    async fn call(
+        router: &Router,
+        method: Method,
+        uri: &str,
+        client: &str,
+        token: Option<&str>,
+    ) -> Answer {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let mut req = req.body(Body::empty()).unwrap();
+        let peer: SocketAddr = format!("{client}:40000")
+            .parse()
+            .or_else(|_| format!("[{client}]:40000").parse())
+            .unwrap();
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let r = router.clone().oneshot(req).await.unwrap();
+        let status = r.status();
+        let headers = r.headers().clone();
+        let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn until_idle(state: &AppState) {
+        if let Some(h) = state.runner.current() {
+            h.finished().await;
+        }
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up_and_at_least_one() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_millis(4200)), 5);
+    }
+
+    #[test]
+    fn the_ledger_allows_one_trigger_per_interval_per_client() {
+        let interval = Duration::from_secs(5);
+        let (a, b) = ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap());
+        let t0 = Instant::now();
+        let mut l = Ledger::default();
+        assert_eq!(l.check(interval, a, t0), Ok(()));
+        l.record(a, t0, "r1".into());
+        assert_eq!(
+            l.check(interval, a, t0 + Duration::from_millis(4500)),
+            Err(Refusal::TooSoon {
+                retry_after: Duration::from_millis(500),
+                run_id: "r1".into()
+            })
+        );
+        assert_eq!(l.check(interval, b, t0 + Duration::from_secs(1)), Ok(()));
+        assert_eq!(l.check(interval, a, t0 + interval), Ok(()));
+        // The expired entry was dropped by that check.
+        assert!(l.entries.is_empty());
+    }
+
+    #[test]
+    fn the_ledger_stays_bounded_and_fails_closed_when_full() {
+        let interval = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let mut l = Ledger::default();
+        for i in 0..MAX_LIMITED_CLIENTS {
+            let ip = IpAddr::V4(Ipv4Addr::from(0x7f00_0000 + i as u32 + 1));
+            let at = t0 + Duration::from_millis(i as u64);
+            assert_eq!(l.check(interval, ip, at), Ok(()), "client {i}");
+            l.record(ip, at, format!("r{i}"));
+        }
+        let newcomer = IpAddr::V4(Ipv4Addr::new(127, 9, 9, 9));
+        // Full of live entries: a new client waits for the oldest to expire.
+        assert_eq!(
+            l.check(interval, newcomer, t0 + Duration::from_secs(2)),
+            Err(Refusal::Full {
+                retry_after: Duration::from_secs(3)
+            })
+        );
+        assert_eq!(l.entries.len(), MAX_LIMITED_CLIENTS);
+        // Once the oldest expired there is room again, and the expired went.
+        let later = t0 + interval + Duration::from_millis(10);
+        assert_eq!(l.check(interval, newcomer, later), Ok(()));
+        assert_eq!(l.entries.len(), MAX_LIMITED_CLIENTS - 11);
+        assert_eq!(l.check(interval, newcomer, t0 + 2 * interval), Ok(()));
+        assert!(l.entries.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_second_trigger_within_the_interval_gets_429_with_retry_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(
+            &refused_endpoint(),
+            "2s",
+            dir.path(),
+            Duration::from_secs(5),
+            None,
+        );
+        let app = router(state.clone());
+        let first = call(&app, Method::POST, "/v1/backups", "127.0.0.1", None).await;
+        assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.body);
+        let id = first.body["id"].as_str().unwrap().to_string();
+        until_idle(&state).await;
+
+        for (client, uri) in [
+            ("127.0.0.1", "/v1/backups"),
+            ("127.0.0.1", "/v1/backups?wait=true"),
+            // The same client over IPv6-mapped IPv4.
+            ("::ffff:127.0.0.1", "/v1/backups"),
+        ] {
+            let r = call(&app, Method::POST, uri, client, None).await;
+            assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{client} {uri}");
+            let secs: u64 = r.headers[header::RETRY_AFTER]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=5).contains(&secs), "Retry-After {secs}");
+            let e: ErrorResponse = serde_json::from_value(r.body).unwrap();
+            assert_eq!(e.run_id.as_deref(), Some(id.as_str()));
+            assert!(e.error.contains("http.trigger_min_interval"), "{}", e.error);
+            assert!(
+                e.error.contains(&format!("retry in {secs} s")),
+                "{}",
+                e.error
+            );
+        }
+        assert!(state
+            .metrics
+            .encode()
+            .contains("etcd_backup_http_rate_limited_total 3\n"));
+        // Another client is not limited by the first one.
+        let other = call(&app, Method::POST, "/v1/backups", "127.0.0.2", None).await;
+        assert_eq!(other.status, StatusCode::ACCEPTED, "{}", other.body);
+        until_idle(&state).await;
+        assert_eq!(state.limiter.tracked(), 2);
+        assert_eq!(state.runner.list().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn auth_comes_first_then_shutdown_and_in_progress_then_the_limit() {
+        // A member that accepts connections and never answers keeps a run busy.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let etcd = format!("http://{}", silent.local_addr().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(
+            &etcd,
+            "30s",
+            dir.path(),
+            Duration::from_secs(60),
+            Some("t0k"),
+        );
+        let app = router(state.clone());
+        let post = |token| call(&app, Method::POST, "/v1/backups", "127.0.0.1", token);
+
+        assert_eq!(post(None).await.status, StatusCode::UNAUTHORIZED);
+        let first = post(Some("t0k")).await;
+        assert_eq!(first.status, StatusCode::ACCEPTED);
+        // Busy and rate-limited at once: the run in progress is the answer.
+        let busy = post(Some("t0k")).await;
+        assert_eq!(busy.status, StatusCode::CONFLICT);
+        assert_eq!(busy.body["run_id"], first.body["id"]);
+        assert_eq!(post(Some("wrong")).await.status, StatusCode::UNAUTHORIZED);
+        assert!(state
+            .metrics
+            .encode()
+            .contains("etcd_backup_http_rate_limited_total 0\n"));
+
+        // Stopping: 503 comes before the limit too.
+        state.runner.stop_accepting();
+        assert_eq!(
+            post(Some("t0k")).await.status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert!(
+            state
+                .runner
+                .drain(Duration::from_millis(10), Duration::from_secs(5))
+                .await
+        );
+        assert_eq!(
+            post(Some("t0k")).await.status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        drop(silent);
+    }
+
+    #[tokio::test]
+    async fn a_zero_interval_disables_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(&refused_endpoint(), "2s", dir.path(), Duration::ZERO, None);
+        let app = router(state.clone());
+        for _ in 0..3 {
+            let r = call(&app, Method::POST, "/v1/backups", "127.0.0.1", None).await;
+            assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+            until_idle(&state).await;
+        }
+        assert_eq!(state.limiter.tracked(), 0);
+    }
+
+    fn document() -> serde_json::Value {
+        serde_json::from_str(OPENAPI).unwrap()
+    }
+
+    #[test]
+    fn the_openapi_document_lists_exactly_the_routes_served() {
+        let doc = document();
+        let mut documented: Vec<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, ops)| {
+                ops.as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|k| *k != "parameters")
+                    .map(move |m| (path.clone(), m.to_uppercase()))
+            })
+            .collect();
+        let mut served: Vec<(String, String)> = routes()
+            .into_iter()
+            .map(|(p, m)| (p.to_string(), m.to_string()))
+            .collect();
+        documented.sort();
+        served.sort();
+        assert_eq!(documented, served);
+    }
+
+    #[test]
+    fn every_reference_in_the_openapi_document_resolves() {
+        fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    if let Some(r) = m.get("$ref").and_then(|r| r.as_str()) {
+                        out.push(r.to_string());
+                    }
+                    m.values().for_each(|v| refs(v, out));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+                _ => {}
+            }
+        }
+        let doc = document();
+        let mut all = Vec::new();
+        refs(&doc, &mut all);
+        assert!(all.len() > 10);
+        for r in all {
+            let pointer = r.strip_prefix('#').expect("local references only");
+            assert!(doc.pointer(pointer).is_some(), "{r} does not resolve");
+        }
+        let text = OPENAPI;
+        for status in ["401", "404", "409", "413", "429", "500"] {
+            assert!(text.contains(&format!("\"{status}\"")), "{status}");
+        }
+        assert!(doc["components"]["responses"]["MethodNotAllowed"].is_object());
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearerAuth"]["scheme"],
+            "bearer"
+        );
+    }
+
+    #[tokio::test]
+    async fn documented_methods_are_routed_and_others_answer_405_as_json() {
+        let dir = tempfile::tempdir().unwrap();
+        // A token, so probing POST starts no run.
+        let state = state(
+            &refused_endpoint(),
+            "2s",
+            dir.path(),
+            Duration::from_secs(5),
+            Some("t"),
+        );
+        let app = router(state.clone());
+        let doc = document();
+        let all = [
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::PATCH,
+            Method::OPTIONS,
+            Method::TRACE,
+        ];
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            let uri = path.replace("{id}", "some-id");
+            for method in &all {
+                let r = call(&app, method.clone(), &uri, "127.0.0.1", None).await;
+                let listed = ops.get(method.as_str().to_lowercase()).is_some();
+                if listed {
+                    assert_ne!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}");
+                    let fallback = r.body["error"]
+                        .as_str()
+                        .is_some_and(|e| e.starts_with("no such path"));
+                    assert!(!fallback, "{method} {uri} is not routed");
+                } else {
+                    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}");
+                    let e: ErrorResponse = serde_json::from_value(r.body).unwrap();
+                    assert!(e.error.contains("method not allowed"));
+                }
+            }
+        }
+        assert!(state.runner.list().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_document_is_served_with_this_version_on_the_api_listener_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(&refused_endpoint(), "2s", dir.path(), Duration::ZERO, None);
+        let r = call(
+            &router(state.clone()),
+            Method::GET,
+            "/v1/openapi.json",
+            "127.0.0.1",
+            None,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.headers[header::CONTENT_TYPE], "application/json");
+        let mut want = document();
+        want["info"]["version"] = crate::backup::AGENT_VERSION.into();
+        assert_eq!(r.body, want);
+        let r = call(
+            &metrics_router(state),
+            Method::GET,
+            "/v1/openapi.json",
+            "127.0.0.1",
+            None,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+    }
 }

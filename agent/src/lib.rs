@@ -17,7 +17,8 @@
 //! - [`coordination`]: `coordination: leader`: whether this master's etcd member
 //!   leads, which decides whether it takes a scheduled backup.
 //! - [`metrics`]: Prometheus metrics behind typed handles.
-//! - [`http`]: the local HTTP API (trigger, runs, health, metrics).
+//! - [`http`]: the local HTTP API (trigger with its rate limit, runs, health,
+//!   metrics) and its OpenAPI document (`openapi.json` beside it).
 //! - [`daemon`]: `run`: scheduler, HTTP, readiness and shutdown wired together.
 //! - [`catalog`]: which complete sets and leftovers a destination holds.
 //! - [`verify`]: streaming a set back against its manifest (`verify`, `fetch`).

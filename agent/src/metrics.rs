@@ -119,6 +119,7 @@ pub struct Metrics {
     cluster_last_success: Family<NodeLabels, TimestampGauge>,
     /// The node whose series `cluster_last_success` holds, if any.
     cluster_node: Mutex<Option<String>>,
+    http_rate_limited: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -161,6 +162,7 @@ impl Metrics {
             last_drill_success: TimestampGauge::default(),
             cluster_last_success: Family::default(),
             cluster_node: Mutex::new(None),
+            http_rate_limited: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -232,6 +234,11 @@ impl Metrics {
             "etcd_backup_coordination",
             "Which masters back up on schedule (coordination): per_node or leader",
             Info::new(vec![("mode", coordination.as_str().to_string())]),
+        );
+        registry.register(
+            "etcd_backup_http_rate_limited",
+            "POST /v1/backups requests refused with 429 because the client triggered a run less than http.trigger_min_interval ago",
+            m.http_rate_limited.clone(),
         );
         registry.register(
             "etcd_backup_agent_build",
@@ -373,6 +380,11 @@ impl Metrics {
             .set(seconds(at));
     }
 
+    /// A trigger was refused by the rate limit.
+    pub fn http_rate_limited(&self) {
+        self.http_rate_limited.inc();
+    }
+
     /// A restore drill passed at `at`.
     pub fn drill_succeeded(&self, at: DateTime<Utc>) {
         self.last_drill_success.set(seconds(at));
@@ -467,6 +479,7 @@ mod tests {
             0.0
         );
         assert_eq!(value(&text, "etcd_backup_in_progress"), 0.0);
+        assert_eq!(value(&text, "etcd_backup_http_rate_limited_total"), 0.0);
         assert_eq!(
             value(&text, "etcd_backup_agent_build_info{version=\"1.2.3\"}"),
             1.0
@@ -499,6 +512,8 @@ mod tests {
         m.run_started(t0 + chrono::Duration::seconds(60));
         m.run_failed(Trigger::Schedule, Duration::from_secs(70), Stage::Upload);
         m.skipped(SkipReason::InProgress);
+        m.http_rate_limited();
+        m.http_rate_limited();
         m.set_next_run(Some(t0 + chrono::Duration::seconds(3600)));
         let text = m.encode();
         assert_eq!(
@@ -562,6 +577,7 @@ mod tests {
             1_800_003_600.5
         );
         assert_eq!(value(&text, "etcd_backup_in_progress"), 0.0);
+        assert_eq!(value(&text, "etcd_backup_http_rate_limited_total"), 2.0);
     }
 
     fn cluster_series(text: &str) -> Vec<&str> {

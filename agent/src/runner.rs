@@ -266,6 +266,11 @@ impl Runner {
         self.lock().accepting = false;
     }
 
+    /// Whether new runs are still accepted (not shutting down).
+    pub fn is_accepting(&self) -> bool {
+        self.lock().accepting
+    }
+
     /// Waits for the run in progress for up to `grace`; then cancels it (it
     /// removes what it wrote) and waits for that clean-up for up to
     /// `cleanup`. Returns whether everything ended in time.

@@ -217,50 +217,89 @@ pub fn backup(config: &Path) -> AgentRun {
     run_agent(&["backup", "--config", config.to_str().expect("utf-8 path")])
 }
 
-/// The agent daemon (`etcd-backup-agent run`) as a child process, its HTTP
-/// API on a free loopback port, its log in a temporary directory; killed on drop.
+/// The agent's daemon (`etcd-backup-agent run`) as a child process on
+/// `127.0.0.1:<port>`; killed on drop unless [`AgentDaemon::stop`]ped.
 pub struct AgentDaemon {
     child: Option<Child>,
-    /// Holds the config file and the log.
-    pub dir: tempfile::TempDir,
     /// `http://127.0.0.1:<port>`: the API, `/metrics` included.
-    pub url: String,
+    pub base: String,
+    /// Where its standard error (the logs) goes.
+    pub log: PathBuf,
+    /// The directory of the config and log, when [`AgentDaemon::start_on_free_port`] made it.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl AgentDaemon {
-    /// Starts `run` with `config` plus an `http.listen` on a free port (so
-    /// `config.extra` must not have an `http:` section), and waits until it
-    /// accepts connections.
-    pub fn start(config: &AgentConfig) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let mut config = config.clone();
-        config.extra += &format!("http:\n  listen: 127.0.0.1:{port}\n");
-        let file = config.write(dir.path());
-        let log = std::fs::File::create(dir.path().join("agent.log")).expect("log file");
+    /// Runs the binary on `config`, whose `http.listen` is `127.0.0.1:<port>`,
+    /// and waits until the port accepts connections.
+    pub fn start(config: &Path, port: u16) -> Self {
+        let log = config.with_extension("log");
+        let file = std::fs::File::create(&log).expect("daemon log file");
         let child = Command::new(agent_bin())
-            .args(["run", "--config", file.to_str().expect("utf-8 path")])
+            .args(["run", "--config", config.to_str().expect("utf-8 path")])
             .env_remove("RUST_LOG")
             .env_remove("NODE_NAME")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(file)
             .spawn()
             .expect("start etcd-backup-agent run");
-        let daemon = Self {
+        let mut d = Self {
             child: Some(child),
-            dir,
-            url: format!("http://127.0.0.1:{port}"),
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+            _dir: None,
         };
-        wait_for("the agent to listen", Duration::from_secs(30), || {
+        wait_for("the daemon's port", Duration::from_secs(30), || {
+            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("the daemon exited with {status}:\n{}", d.logs());
+            }
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
-        daemon
+        d
     }
 
-    /// The daemon's log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    /// Runs `config` plus an `http.listen` on a free port (so `config.extra`
+    /// must not have an `http:` section), with its config file and log in a
+    /// new temporary directory.
+    pub fn start_on_free_port(config: &AgentConfig) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut config = config.clone();
+        config.extra += &format!("http:\n  listen: 127.0.0.1:{port}\n");
+        let mut d = Self::start(&config.write(dir.path()), port);
+        d._dir = Some(dir);
+        d
+    }
+
+    /// `base` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The logs so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM (the daemon then drains and exits).
+    pub fn terminate(&self) {
+        if let Some(c) = &self.child {
+            Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .expect("kill -TERM");
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit code.
+    pub fn stop(mut self, timeout: Duration) -> Option<i32> {
+        self.terminate();
+        let mut child = self.child.take()?;
+        let status = wait_for("the daemon to exit", timeout, || {
+            child.try_wait().expect("wait for the daemon")
+        });
+        status.code()
     }
 
     /// Stops the daemon (SIGKILL) now.

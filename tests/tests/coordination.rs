@@ -59,7 +59,7 @@ fn by_tick(sets: &[Set]) -> BTreeMap<i64, Set> {
 }
 
 async fn metrics(agent: &AgentDaemon) -> String {
-    reqwest::get(format!("{}/metrics", agent.url))
+    reqwest::get(agent.url("/metrics"))
         .await
         .and_then(|r| r.error_for_status())
         .expect("GET /metrics")
@@ -147,14 +147,14 @@ async fn only_the_leaders_agent_backs_up_each_tick_and_the_new_leader_takes_over
             cfg.extra = format!(
                 "schedule: \"@every {TICK}s\"\nrun_on_start: never\ncoordination: leader\n"
             );
-            AgentDaemon::start(&cfg)
+            AgentDaemon::start_on_free_port(&cfg)
         })
         .collect();
     let logs = |agents: &[AgentDaemon]| {
         agents
             .iter()
             .enumerate()
-            .map(|(i, a)| format!("--- agent master-{i}:\n{}", a.log()))
+            .map(|(i, a)| format!("--- agent master-{i}:\n{}", a.logs()))
             .collect::<Vec<_>>()
             .join("\n")
     };

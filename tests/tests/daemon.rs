@@ -200,6 +200,8 @@ async fn wait_true_answers_200_on_success_and_500_on_failure_and_metrics_follow(
     let dest = work.path().join("backups");
     let mut cfg = daemon_config(&etcd.client_url, &dest);
     cfg.dial_timeout = "1s".into();
+    // Three triggers in a few seconds, from one client.
+    cfg.extra += "http:\n  trigger_min_interval: 0s\n";
     let d = Daemon::start(&cfg).await;
 
     let before = metric(
@@ -664,7 +666,7 @@ fn the_binary_serves_metrics_apart_and_trigger_reports_the_result() {
     let mut cfg = AgentConfig::new(&etcd, &dest);
     cfg.dial_timeout = "1s".into();
     cfg.extra = format!(
-        "schedule: \"@daily\"\nrun_on_start: never\nhttp:\n  listen: 127.0.0.1:{api}\n  metrics_listen: 127.0.0.1:{metrics_port}\n  token_file: {}\n",
+        "schedule: \"@daily\"\nrun_on_start: never\nhttp:\n  listen: 127.0.0.1:{api}\n  metrics_listen: 127.0.0.1:{metrics_port}\n  token_file: {}\n  trigger_min_interval: 0s\n",
         token.display()
     );
     let config = cfg.write(work.path());
