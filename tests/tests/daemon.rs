@@ -415,8 +415,9 @@ async fn token_bodies_paths_and_methods_are_checked() {
     assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
 
     let big = vec![b'x'; 64 * 1024];
-    let r = d
-        .http
+    // A client of its own: the server closes this connection after the 413,
+    // and a shared pool could hand it to the next request.
+    let r = reqwest::Client::new()
         .post(d.url("/v1/backups"))
         .header("Authorization", "Bearer s3cret-token")
         .body(big)
