@@ -15,6 +15,23 @@ fn check(yaml: &str) -> etcd_backup_tests::agent::AgentRun {
     run
 }
 
+/// Runs `backup` on `yaml`: exit 2, `field` named (unless empty), `message` said.
+fn exits_2_naming(yaml: &str, field: &str, message: &str) -> etcd_backup_tests::agent::AgentRun {
+    let run = check(yaml);
+    assert_eq!(run.code, 2, "config:\n{yaml}\nstderr:\n{}", run.stderr);
+    assert!(
+        run.stderr.contains(&format!("  {field}: ")) || field.is_empty(),
+        "field {field} not named for config:\n{yaml}\nstderr:\n{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(message),
+        "message {message:?} missing:\n{}",
+        run.stderr
+    );
+    run
+}
+
 fn good(dest_dir: &str) -> String {
     format!(
         "node_name: master-0\netcd:\n  endpoints: [\"http://127.0.0.1:1\"]\nresources:\n  layout: none\ndestination:\n  local:\n    path: {dest_dir}\n"
@@ -125,18 +142,7 @@ fn each_bad_value_exits_2_naming_its_field() {
         ),
     ];
     for (yaml, field, message) in cases {
-        let run = check(&yaml);
-        assert_eq!(run.code, 2, "config:\n{yaml}\nstderr:\n{}", run.stderr);
-        assert!(
-            run.stderr.contains(&format!("  {field}: ")) || field.is_empty(),
-            "field {field} not named for config:\n{yaml}\nstderr:\n{}",
-            run.stderr
-        );
-        assert!(
-            run.stderr.contains(message),
-            "message {message:?} missing:\n{}",
-            run.stderr
-        );
+        exits_2_naming(&yaml, field, message);
     }
 }
 
@@ -291,18 +297,7 @@ fn bad_encryption_settings_exit_2_naming_the_field_and_never_echo_a_secret_key()
         ),
     ];
     for (yaml, field, message) in cases {
-        let run = check(&yaml);
-        assert_eq!(run.code, 2, "config:\n{yaml}\nstderr:\n{}", run.stderr);
-        assert!(
-            run.stderr.contains(&format!("  {field}: ")) || field.is_empty(),
-            "field {field} not named for config:\n{yaml}\nstderr:\n{}",
-            run.stderr
-        );
-        assert!(
-            run.stderr.contains(message),
-            "message {message:?} missing:\n{}",
-            run.stderr
-        );
+        let run = exits_2_naming(&yaml, field, message);
         assert!(
             !run.stderr.contains(&secret[15..]),
             "a secret key was echoed:\n{}",

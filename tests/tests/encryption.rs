@@ -98,6 +98,32 @@ impl Fixture {
         all.extend_from_slice(&args[1..]);
         run_agent(&all)
     }
+
+    /// `restore <source…> --data-dir DIR` as member `m0` on `peer_port`, plus `extra`.
+    fn restore(
+        &self,
+        source: &[&str],
+        data_dir: &Path,
+        peer_port: u16,
+        extra: &[&str],
+    ) -> AgentRun {
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let cluster = format!("m0={peer}");
+        let mut args = vec!["restore"];
+        args.extend_from_slice(source);
+        args.extend_from_slice(&[
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--name",
+            "m0",
+            "--initial-cluster",
+            &cluster,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ]);
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
 }
 
 /// A real etcd with history, a kubeadm tree, and one encrypted backup to an
@@ -301,21 +327,12 @@ async fn encrypted_sets_decrypt_with_the_age_tool_to_the_exact_plaintext_and_res
     // restore --identity and drill --identity go through the real etcdctl.
     let data_dir = f.work.path().join("restored-member");
     let port = etcd_backup_tests::free_port();
-    let peer = format!("http://127.0.0.1:{port}");
-    let run = f.run(&[
-        "restore",
-        "latest",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--name",
-        "m0",
-        "--initial-cluster",
-        &format!("m0={peer}"),
-        "--initial-advertise-peer-urls",
-        &peer,
-        "--identity",
-        f.age.identity.to_str().unwrap(),
-    ]);
+    let run = f.restore(
+        &["latest"],
+        &data_dir,
+        port,
+        &["--identity", f.age.identity.to_str().unwrap()],
+    );
     run.assert_code(0);
     let member = EtcdServer::start_on(data_dir, "m0", port);
     assert_eq!(dump(&mut member.client().await).await, f.keyspace);
@@ -362,20 +379,12 @@ async fn a_wrong_or_missing_identity_is_a_clear_error_that_leaves_no_output() {
         assert_eq!(files_below(&out), Vec::<String>::new(), "no output file");
 
         let data_dir = f.work.path().join("wrong-restore");
-        let run = f.run(&[
-            "restore",
-            "latest",
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-            "--name",
-            "m0",
-            "--initial-cluster",
-            "m0=http://127.0.0.1:2380",
-            "--initial-advertise-peer-urls",
-            "http://127.0.0.1:2380",
-            "--identity",
-            wrong.to_str().unwrap(),
-        ]);
+        let run = f.restore(
+            &["latest"],
+            &data_dir,
+            2380,
+            &["--identity", wrong.to_str().unwrap()],
+        );
         run.assert_code(1);
         assert!(!data_dir.exists(), "a failed restore leaves no data dir");
         let beside: Vec<String> = files_below(f.work.path())
@@ -387,18 +396,7 @@ async fn a_wrong_or_missing_identity_is_a_clear_error_that_leaves_no_output() {
 
     // No identity at all: restore refuses before fetching anything.
     let data_dir = f.work.path().join("no-identity");
-    let run = f.run(&[
-        "restore",
-        "latest",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--name",
-        "m0",
-        "--initial-cluster",
-        "m0=http://127.0.0.1:2380",
-        "--initial-advertise-peer-urls",
-        "http://127.0.0.1:2380",
-    ]);
+    let run = f.restore(&["latest"], &data_dir, 2380, &[]);
     run.assert_code(2);
     assert!(run.stderr.contains("is encrypted to"), "{}", run.stderr);
     assert!(run.stderr.contains("--identity FILE"), "{}", run.stderr);
@@ -434,19 +432,12 @@ async fn a_wrong_or_missing_identity_is_a_clear_error_that_leaves_no_output() {
 
     // A restore of a local .age file says how to decrypt it.
     let sealed = f.file(FileKind::Snapshot);
-    let run = f.run(&[
-        "restore",
-        "--snapshot",
-        sealed.to_str().unwrap(),
-        "--data-dir",
-        f.work.path().join("from-file").to_str().unwrap(),
-        "--name",
-        "m0",
-        "--initial-cluster",
-        "m0=http://127.0.0.1:2380",
-        "--initial-advertise-peer-urls",
-        "http://127.0.0.1:2380",
-    ]);
+    let run = f.restore(
+        &["--snapshot", sealed.to_str().unwrap()],
+        &f.work.path().join("from-file"),
+        2380,
+        &[],
+    );
     run.assert_code(1);
     assert!(run.stderr.contains("age-encrypted"), "{}", run.stderr);
 }
@@ -463,53 +454,41 @@ async fn a_passphrase_protected_ssh_identity_needs_its_passphrase_file() {
     backup(&config).assert_code(0);
     let config = config.to_str().unwrap();
     let key_path = key.private_key.to_str().unwrap();
+    let verify = |passphrase: Option<&str>| {
+        let file = passphrase.map(|p| {
+            let f = work.path().join(format!("pass-{}", p.len()));
+            std::fs::write(&f, format!("{p}\n")).unwrap();
+            f
+        });
+        let mut args = vec![
+            "verify",
+            "--config",
+            config,
+            "latest",
+            "--identity",
+            key_path,
+        ];
+        if let Some(f) = &file {
+            args.extend_from_slice(&["--identity-passphrase-file", f.to_str().unwrap()]);
+        }
+        run_agent(&args)
+    };
 
-    let run = run_agent(&[
-        "verify",
-        "--config",
-        config,
-        "latest",
-        "--identity",
-        key_path,
-    ]);
+    let run = verify(None);
     run.assert_code(2);
     assert!(
         run.stderr.contains("--identity-passphrase-file"),
         "{}",
         run.stderr
     );
-
-    let wrong = work.path().join("wrong-pass");
-    std::fs::write(&wrong, "battery staple\n").unwrap();
-    let run = run_agent(&[
-        "verify",
-        "--config",
-        config,
-        "latest",
-        "--identity",
-        key_path,
-        "--identity-passphrase-file",
-        wrong.to_str().unwrap(),
-    ]);
+    let run = verify(Some("battery staple"));
     run.assert_code(1);
     assert!(
         run.stderr.contains("passphrase does not unlock"),
         "{}",
         run.stderr
     );
-
-    let right = work.path().join("pass");
-    std::fs::write(&right, "correct horse\n").unwrap();
-    let run = run_agent(&[
-        "verify",
-        "--config",
-        config,
-        "latest",
-        "--identity",
-        key_path,
-        "--identity-passphrase-file",
-        right.to_str().unwrap(),
-    ]);
+    let run = verify(Some("correct horse"));
     run.assert_code(0);
     assert!(
         run.stdout.contains("decrypted and checked"),
