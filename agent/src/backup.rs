@@ -494,7 +494,8 @@ impl<'a> Run<'a> {
         tracing::info!(
             bytes = stored.size,
             encrypted = stored.sha256.is_some(),
-            sha256 = %verified.file_sha256,
+            sha256 = %stored.sha256.as_deref().unwrap_or(&verified.file_sha256),
+            plaintext_sha256 = %verified.file_sha256,
             etcd_digest = %verified.etcd_digest,
             elapsed_ms = t.elapsed().as_millis() as u64,
             "snapshot stored and its etcd digest verified"
