@@ -190,6 +190,7 @@ struct Counting<'a, R> {
     sha: &'a mut Sha256,
     size: &'a mut u64,
     failed: &'a mut bool,
+    progress: &'a (dyn Fn(u64) + Sync),
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Counting<'_, R> {
@@ -206,6 +207,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<'_, R> {
                 let new = &buf.filled()[before..];
                 this.sha.update(new);
                 *this.size += new.len() as u64;
+                (this.progress)(*this.size);
             }
             std::task::Poll::Ready(Err(_)) => *this.failed = true,
             std::task::Poll::Pending => {}
@@ -294,6 +296,7 @@ pub async fn check_file(
             sha: &mut cipher_sha,
             size: &mut cipher_size,
             failed: &mut read_failed,
+            progress,
         };
         let input = tokio::io::BufReader::with_capacity(READ_CHUNK, counting).compat();
         match age::Decryptor::new_async_buffered(input).await {
@@ -318,7 +321,6 @@ pub async fn check_file(
             },
         }
     };
-    progress(cipher_size);
     match outcome {
         Decrypted::Done => {}
         Decrypted::Sink(e) => return Err(e),

@@ -339,6 +339,22 @@ async fn encrypted_sets_decrypt_with_the_age_tool_to_the_exact_plaintext_and_res
     let run = f.run(&["drill", "--identity", f.rsa.private_key.to_str().unwrap()]);
     run.assert_code(0);
     assert!(run.stdout.contains("drill passed"), "{}", run.stdout);
+
+    // With encryption.identity_file (what scheduled drills use), no flag is needed.
+    let text = std::fs::read_to_string(&f.config).unwrap();
+    assert!(
+        text.trim_end().ends_with(".txt"),
+        "encryption is the last section:\n{text}"
+    );
+    let with_identity = f.work.path().join("with-identity.yaml");
+    std::fs::write(
+        &with_identity,
+        format!("{text}  identity_file: {}\n", f.age.identity.display()),
+    )
+    .unwrap();
+    let run = run_agent(&["drill", "--config", with_identity.to_str().unwrap()]);
+    run.assert_code(0);
+    assert!(run.stdout.contains("drill passed"), "{}", run.stdout);
 }
 
 #[tokio::test(flavor = "multi_thread")]
