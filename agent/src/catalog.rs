@@ -170,6 +170,22 @@ fn manifest_problem(m: &Manifest, id: &SetId, files: &[String]) -> Option<String
         if !files.contains(&f.name) {
             return Some(format!("{} is in the manifest but not in the set", f.name));
         }
+        // fetch writes a decrypted file under this name: it must be the stored
+        // name without `.age`, never a path of the manifest's choosing.
+        if let Some(p) = &f.plaintext {
+            let expected = f.name.strip_suffix(crate::encryption::AGE_SUFFIX);
+            if expected != Some(p.name.as_str()) {
+                return Some(format!(
+                    "{}: the manifest names its plaintext {:?}; only {:?} is accepted",
+                    f.name,
+                    p.name,
+                    expected.unwrap_or("(a name ending in .age)")
+                ));
+            }
+        }
+    }
+    if m.files.iter().any(|f| f.plaintext.is_some()) != m.encryption.is_some() {
+        return Some("the manifest's encryption and its files' plaintext entries disagree".into());
     }
     None
 }

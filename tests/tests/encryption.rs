@@ -564,4 +564,42 @@ async fn damaged_ciphertext_is_found_with_and_without_a_key() {
         f.age.identity.to_str().unwrap(),
     ])
     .assert_code(0);
+    // A manifest (on a less trusted server) cannot make fetch write outside
+    // its directory: a plaintext name other than the stored name without .age
+    // makes the set a leftover, never fetched.
+    let manifest = f.set_dir.join("manifest.json");
+    let original = std::fs::read_to_string(&manifest).unwrap();
+    let snapshot_name = f
+        .manifest
+        .file(FileKind::Snapshot)
+        .unwrap()
+        .plaintext_name()
+        .to_string();
+    let evil = original.replace(
+        &format!("\"name\": \"{snapshot_name}\""),
+        "\"name\": \"../../evil.db\"",
+    );
+    assert_ne!(evil, original);
+    std::fs::write(&manifest, evil).unwrap();
+    let out = f.work.path().join("evil-fetch");
+    let run = f.run(&[
+        "fetch",
+        "latest",
+        "--to",
+        out.to_str().unwrap(),
+        "--identity",
+        f.age.identity.to_str().unwrap(),
+    ]);
+    run.assert_code(1);
+    assert!(!f.work.path().join("evil.db").exists());
+    let run = f.run(&["list", "--include-partial", "-o", "json"]);
+    run.assert_code(0);
+    let list: etcd_backup_proto::api::SetList = serde_json::from_str(&run.stdout).unwrap();
+    assert!(list.sets.is_empty());
+    assert!(
+        list.leftovers[0].why.contains("names its plaintext"),
+        "{:?}",
+        list.leftovers
+    );
+    std::fs::write(&manifest, original).unwrap();
 }
