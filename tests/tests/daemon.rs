@@ -280,13 +280,19 @@ async fn wait_true_answers_200_on_success_and_500_on_failure_and_metrics_follow(
     );
 
     let text = d.metrics().await;
-    assert_eq!(
-        metric(
-            &text,
-            "etcd_backup_runs_total{trigger=\"http\",result=\"failure\"}"
-        ),
-        1.0
+    let failures = metric(
+        &text,
+        "etcd_backup_runs_total{trigger=\"http\",result=\"failure\"}",
     );
+    if failures != 1.0 {
+        // Seen once in a full parallel run and never reproduced: the run
+        // history says which runs were counted.
+        let runs = d.http.get(d.url("/v1/backups")).send().await.unwrap();
+        panic!(
+            "{failures} failed HTTP runs counted, 1 expected; the runs: {}",
+            runs.text().await.unwrap()
+        );
+    }
     assert_eq!(
         metric(&text, "etcd_backup_failures_total{stage=\"connect\"}"),
         1.0
