@@ -190,6 +190,25 @@ fn manifest_problem(m: &Manifest, id: &SetId, files: &[String]) -> Option<String
     None
 }
 
+/// Manifests already read, by set directory: a complete set's manifest never
+/// changes, so a daemon that rescans the catalog reads each one once.
+#[derive(Debug, Default)]
+pub struct ManifestCache {
+    by_dir: std::collections::HashMap<String, Vec<u8>>,
+}
+
+impl ManifestCache {
+    /// How many manifests are held.
+    pub fn len(&self) -> usize {
+        self.by_dir.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.by_dir.is_empty()
+    }
+}
+
 /// Scans `<cluster>/<node>` (or every node of the cluster when `node` is None).
 ///
 /// # Errors
@@ -199,6 +218,22 @@ pub async fn scan(
     cluster: &str,
     node: Option<&str>,
 ) -> Result<Catalog, CatalogError> {
+    scan_cached(dest, cluster, node, &mut ManifestCache::default()).await
+}
+
+/// [`scan`], reading only the manifests `cache` does not hold yet. The
+/// directories are listed every time (a set that lost its manifest or gained
+/// partial files is seen); entries of directories no longer found are dropped.
+///
+/// # Errors
+/// As [`scan`].
+pub async fn scan_cached(
+    dest: &dyn Destination,
+    cluster: &str,
+    node: Option<&str>,
+    cache: &mut ManifestCache,
+) -> Result<Catalog, CatalogError> {
+    let mut seen = std::collections::HashMap::new();
     let nodes: Vec<String> = match node {
         Some(n) => vec![n.to_string()],
         None => dest
@@ -254,8 +289,13 @@ pub async fn scan(
                     .push(leftover("no manifest.json: the run did not finish".into()));
                 continue;
             }
-            let bytes = read_small(dest, &id.file(MANIFEST_FILE_NAME), MAX_MANIFEST).await?;
-            match serde_json::from_slice::<Manifest>(&bytes) {
+            let bytes = match cache.by_dir.remove(&dir) {
+                Some(b) => b,
+                None => read_small(dest, &id.file(MANIFEST_FILE_NAME), MAX_MANIFEST).await?,
+            };
+            let parsed = serde_json::from_slice::<Manifest>(&bytes);
+            seen.insert(dir.clone(), bytes);
+            match parsed {
                 Ok(m) => match manifest_problem(&m, &id, &files) {
                     None => {
                         if files.iter().any(|f| f.ends_with(PARTIAL_SUFFIX)) {
@@ -273,6 +313,7 @@ pub async fn scan(
             }
         }
     }
+    cache.by_dir = seen;
     catalog
         .sets
         .sort_by(|a, b| (a.id.timestamp, &a.id.node).cmp(&(b.id.timestamp, &b.id.node)));
@@ -331,4 +372,63 @@ pub async fn find(
             hint,
         }
     })
+}
+
+/// Sets written straight to a local directory, for unit tests.
+#[cfg(test)]
+pub(crate) mod test_sets {
+    /// A complete set `c/n/<ts>` (a 2-byte snapshot and its manifest) below `base`.
+    pub fn write_set(base: &std::path::Path, ts: &str) {
+        let dir = base.join("c/n").join(ts);
+        std::fs::create_dir_all(&dir).unwrap();
+        let snap = format!("snapshot_{ts}.db");
+        std::fs::write(dir.join(&snap), b"db").unwrap();
+        let m = serde_json::json!({
+            "format_version": 1, "cluster": "c", "node": "n", "timestamp": ts,
+            "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:01Z",
+            "agent_version": "0", "resources_layout": "none",
+            "etcd": {"endpoint": "e", "cluster_id": "1", "member_id": "2", "version": "3.5.0", "revision": 1, "db_size": 2},
+            "files": [{"name": snap, "kind": "snapshot", "size": 2, "sha256": "00"}]
+        });
+        std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::destination::LocalDir;
+
+    #[tokio::test]
+    async fn a_cached_scan_reads_each_manifest_once_and_still_sees_what_changed() {
+        let tmp = tempfile::tempdir().unwrap();
+        test_sets::write_set(tmp.path(), "2026-01-01_000000");
+        test_sets::write_set(tmp.path(), "2026-01-02_000000");
+        let dest = LocalDir::open(tmp.path()).await.unwrap();
+        let mut cache = ManifestCache::default();
+        let cat = scan_cached(&dest, "c", None, &mut cache).await.unwrap();
+        assert_eq!(cat.sets.len(), 2);
+        assert_eq!(cache.len(), 2);
+
+        // A manifest changed after it was read is not read again (a complete
+        // set's manifest never changes); an uncached scan does read it.
+        let first = tmp.path().join("c/n/2026-01-01_000000/manifest.json");
+        std::fs::write(&first, b"{").unwrap();
+        let cat = scan_cached(&dest, "c", None, &mut cache).await.unwrap();
+        assert_eq!(cat.sets.len(), 2);
+        let fresh = scan(&dest, "c", None).await.unwrap();
+        assert_eq!(fresh.sets.len(), 1);
+        assert!(fresh.leftovers[0].why.contains("not valid"));
+
+        // What the listing shows still counts: a deleted manifest makes a
+        // leftover, a removed set is forgotten, a new one is read.
+        std::fs::remove_file(&first).unwrap();
+        std::fs::remove_dir_all(tmp.path().join("c/n/2026-01-02_000000")).unwrap();
+        test_sets::write_set(tmp.path(), "2026-01-03_000000");
+        let cat = scan_cached(&dest, "c", None, &mut cache).await.unwrap();
+        assert_eq!(cat.sets.len(), 1);
+        assert_eq!(cat.sets[0].id.timestamp.to_string(), "2026-01-03_000000");
+        assert_eq!(cat.leftovers.len(), 1);
+        assert_eq!(cache.len(), 1);
+    }
 }

@@ -512,11 +512,15 @@ async fn keep_catalog(
     rescan_every: Duration,
     stop: CancellationToken,
 ) {
+    // Each rescan lists the sets of every node but reads only new manifests.
+    let mut cache = crate::catalog::ManifestCache::default();
     loop {
         let scanned = match destination::open(&config.destination).await {
-            Ok(dest) => crate::catalog::scan(dest.as_ref(), &config.cluster_name, None)
-                .await
-                .map_err(|e| e.to_string()),
+            Ok(dest) => {
+                crate::catalog::scan_cached(dest.as_ref(), &config.cluster_name, None, &mut cache)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
             Err(e) => Err(e.to_string()),
         };
         match scanned {

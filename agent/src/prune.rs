@@ -211,26 +211,11 @@ mod tests {
         }
     }
 
-    fn write_set(base: &std::path::Path, ts: &str) {
-        let dir = base.join("c/n").join(ts);
-        std::fs::create_dir_all(&dir).unwrap();
-        let snap = format!("snapshot_{ts}.db");
-        std::fs::write(dir.join(&snap), b"db").unwrap();
-        let m = serde_json::json!({
-            "format_version": 1, "cluster": "c", "node": "n", "timestamp": ts,
-            "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:01Z",
-            "agent_version": "0", "resources_layout": "none",
-            "etcd": {"endpoint": "e", "cluster_id": "1", "member_id": "2", "version": "3.5.0", "revision": 1, "db_size": 2},
-            "files": [{"name": snap, "kind": "snapshot", "size": 2, "sha256": "00"}]
-        });
-        std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
-    }
-
     #[tokio::test]
     async fn an_interrupted_prune_never_leaves_a_complete_looking_set() {
         let tmp = tempfile::tempdir().unwrap();
-        write_set(tmp.path(), "2026-01-01_000000");
-        write_set(tmp.path(), "2026-01-02_000000");
+        crate::catalog::test_sets::write_set(tmp.path(), "2026-01-01_000000");
+        crate::catalog::test_sets::write_set(tmp.path(), "2026-01-02_000000");
         let text = format!(
             "node_name: n\ncluster_name: c\netcd:\n  endpoints: [\"http://127.0.0.1:1\"]\nresources:\n  layout: none\ndestination:\n  local:\n    path: {}\nretention:\n  keep_last: 1\n",
             tmp.path().display()
