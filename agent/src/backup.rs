@@ -520,11 +520,9 @@ impl<'a> Run<'a> {
         let mut up = self.create_sink(&path).await?;
         let (mut rx, handle) = resources::spawn_archive(plan);
         let mut hasher = Sha256::new();
-        let mut sent = 0u64;
         let mut upload_error = None;
         while let Some(chunk) = rx.recv().await {
             hasher.update(&chunk);
-            sent += chunk.len() as u64;
             if let Err(e) = up.write(&chunk).await {
                 upload_error = Some(e);
                 break;
@@ -552,7 +550,7 @@ impl<'a> Run<'a> {
             .map_err(|e| BackupError::new(Stage::Upload, e))?;
         tracing::info!(
             bytes = stored.size,
-            plaintext_bytes = sent,
+            plaintext_bytes = stored.plaintext_size,
             entries = stats.entries,
             content_bytes = stats.content_bytes,
             elapsed_ms = t.elapsed().as_millis() as u64,
@@ -578,16 +576,13 @@ impl<'a> Run<'a> {
     async fn create_sink(&mut self, path: &str) -> Result<Sink, BackupError> {
         let up = self.create(path, Stage::Upload).await?;
         match &self.config.encryption {
-            None => Ok(Sink::Plain { up, size: 0 }),
+            None => Ok(Sink::Plain(up)),
             Some(enc) => {
                 let location = format!("{}/{path}", self.dest.describe());
                 let sealed = SealingUpload::new(up, enc, &location)
                     .await
                     .map_err(|e| BackupError::new(Stage::Upload, e))?;
-                Ok(Sink::Sealed {
-                    up: Box::new(sealed),
-                    size: 0,
-                })
+                Ok(Sink::Sealed(Box::new(sealed)))
             }
         }
     }
@@ -661,8 +656,8 @@ impl<'a> Run<'a> {
 
 /// A data file being written: as is, or encrypted on the way.
 enum Sink {
-    Plain { up: Box<dyn Upload>, size: u64 },
-    Sealed { up: Box<SealingUpload>, size: u64 },
+    Plain(Box<dyn Upload>),
+    Sealed(Box<SealingUpload>),
 }
 
 /// A data file as stored.
@@ -704,33 +699,27 @@ impl Stored {
 impl Sink {
     async fn write(&mut self, buf: &[u8]) -> Result<(), DestinationError> {
         match self {
-            Sink::Plain { up, size } => {
-                *size += buf.len() as u64;
-                up.write(buf).await
-            }
-            Sink::Sealed { up, size } => {
-                *size += buf.len() as u64;
-                up.write(buf).await
-            }
+            Sink::Plain(up) => up.write(buf).await,
+            Sink::Sealed(up) => up.write(buf).await,
         }
     }
 
     async fn finish(self) -> Result<Stored, DestinationError> {
         match self {
-            Sink::Plain { up, size } => {
-                let stored = up.finish().await?;
+            Sink::Plain(up) => {
+                let size = up.finish().await?;
                 Ok(Stored {
-                    size: stored,
+                    size,
                     sha256: None,
                     plaintext_size: size,
                 })
             }
-            Sink::Sealed { up, size } => {
+            Sink::Sealed(up) => {
                 let sealed = up.finish().await?;
                 Ok(Stored {
                     size: sealed.size,
                     sha256: Some(sealed.sha256),
-                    plaintext_size: size,
+                    plaintext_size: sealed.plaintext_size,
                 })
             }
         }

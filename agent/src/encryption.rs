@@ -244,6 +244,8 @@ pub struct SealingUpload {
     idle: Option<Sealer>,
     /// The batch being encrypted.
     pending: Option<Sealing>,
+    /// Plaintext bytes written.
+    plaintext_size: u64,
     location: String,
 }
 
@@ -254,6 +256,8 @@ pub struct Sealed {
     pub size: u64,
     /// SHA-256 of the stored ciphertext, lower-case hex.
     pub sha256: String,
+    /// Plaintext bytes encrypted.
+    pub plaintext_size: u64,
 }
 
 fn encrypt_error(location: &str, e: impl fmt::Display) -> DestinationError {
@@ -284,6 +288,7 @@ impl SealingUpload {
             inner,
             idle: None,
             pending: None,
+            plaintext_size: 0,
             location: location.to_string(),
         };
         // The header, written by wrap_output.
@@ -326,6 +331,7 @@ impl SealingUpload {
             .idle
             .take()
             .ok_or_else(|| encrypt_error(&self.location, "the encryptor failed earlier"))?;
+        self.plaintext_size += plain.len() as u64;
         let plain = plain.to_vec();
         self.pending = Some(tokio::task::spawn_blocking(move || sealer.seal(&plain)));
         Ok(())
@@ -354,7 +360,11 @@ impl SealingUpload {
                 stored,
             });
         }
-        Ok(Sealed { size, sha256 })
+        Ok(Sealed {
+            size,
+            sha256,
+            plaintext_size: self.plaintext_size,
+        })
     }
 }
 
@@ -523,16 +533,10 @@ pub fn load_identities(
 /// Whether a file starts like a binary age file.
 pub fn is_age_file(path: &Path) -> std::io::Result<bool> {
     use std::io::Read;
-    let mut head = [0u8; AGE_MAGIC.len()];
-    let mut f = std::fs::File::open(path)?;
-    let mut got = 0;
-    while got < head.len() {
-        let n = f.read(&mut head[got..])?;
-        if n == 0 {
-            return Ok(false);
-        }
-        got += n;
-    }
+    let mut head = Vec::with_capacity(AGE_MAGIC.len());
+    std::fs::File::open(path)?
+        .take(AGE_MAGIC.len() as u64)
+        .read_to_end(&mut head)?;
     Ok(head == AGE_MAGIC)
 }
 
@@ -615,6 +619,7 @@ mod tests {
         let done = sealed.finish().await.unwrap();
         let stored = std::fs::read(dir.path().join("f.age")).unwrap();
         assert_eq!(done.size, stored.len() as u64);
+        assert_eq!(done.plaintext_size, plain.len() as u64);
         assert_eq!(done.sha256, hex::encode(Sha256::digest(&stored)));
         assert!(stored.starts_with(AGE_MAGIC));
         let decryptor = age::Decryptor::new(&stored[..]).unwrap();

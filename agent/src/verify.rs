@@ -100,6 +100,29 @@ fn sink_error(e: &mut std::io::Error) -> Option<CheckError> {
         .and_then(|s| s.0.take())
 }
 
+/// Compares what was read with the manifest's size and SHA-256; `what`
+/// prefixes the problems ("decrypted " for a plaintext).
+fn compare(
+    what: &str,
+    size: u64,
+    sha: Sha256,
+    want_size: u64,
+    want_sha256: &str,
+    problems: &mut Vec<String>,
+) {
+    if size != want_size {
+        problems.push(format!(
+            "{what}size is {size} bytes, the manifest says {want_size}"
+        ));
+    }
+    let actual = hex::encode(sha.finalize());
+    if actual != want_sha256 {
+        problems.push(format!(
+            "{what}sha256 is {actual}, the manifest says {want_sha256}"
+        ));
+    }
+}
+
 /// The checks made on a file's content (the plaintext, when encrypted).
 struct ContentChecks {
     sha: Sha256,
@@ -138,18 +161,7 @@ impl ContentChecks {
         status: Option<etcd_backup_proto::SnapshotStatus>,
         problems: &mut Vec<String>,
     ) {
-        if self.size != size {
-            problems.push(format!(
-                "{what}size is {} bytes, the manifest says {size}",
-                self.size
-            ));
-        }
-        let actual = hex::encode(self.sha.finalize());
-        if actual != sha256 {
-            problems.push(format!(
-                "{what}sha256 is {actual}, the manifest says {sha256}"
-            ));
-        }
+        compare(what, self.size, self.sha, size, sha256, problems);
         if let Some(d) = self.digest {
             if let Err(e) = d.finish() {
                 problems.push(format!("etcd digest trailer: {e}"));
@@ -342,19 +354,14 @@ pub async fn check_file(
             checks.size
         )),
     }
-    if cipher_size != entry.size {
-        problems.push(format!(
-            "size is {cipher_size} bytes, the manifest says {}",
-            entry.size
-        ));
-    }
-    let actual = hex::encode(cipher_sha.finalize());
-    if actual != entry.sha256 {
-        problems.push(format!(
-            "sha256 is {actual}, the manifest says {}",
-            entry.sha256
-        ));
-    }
+    compare(
+        "",
+        cipher_size,
+        cipher_sha,
+        entry.size,
+        &entry.sha256,
+        &mut problems,
+    );
     if problems.is_empty() {
         checks.finish(
             "decrypted ",
