@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use etcd_backup_proto::Manifest;
 use etcd_backup_tests::agent::{AgentConfig, AgentDaemon};
 use etcd_backup_tests::etcd::{EtcdCluster, MemberStatus};
-use etcd_backup_tests::{complete_sets, wait_for};
+use etcd_backup_tests::{complete_sets, wait_for, wait_for_async};
 
 /// Seconds between ticks (`@every 4s`): whole multiples of it since the epoch.
 const TICK: i64 = 4;
@@ -87,25 +87,6 @@ fn cluster_series(text: &str) -> Vec<(String, f64)> {
             (node.to_string(), value.parse().unwrap())
         })
         .collect()
-}
-
-/// Polls `f` until it gives `Some`, or panics after [`DEADLINE`] naming `what`.
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "timed out after {DEADLINE:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 const NOT_LEADER: &str = "etcd_backup_skipped_total{reason=\"not_leader\"}";
@@ -195,7 +176,7 @@ async fn only_the_leaders_agent_backs_up_each_tick_and_the_new_leader_takes_over
         assert_eq!(s.member_id, member_ids[leader0]);
     }
     // The followers keep skipping, and count it; the leader never does.
-    eventually("the followers to skip another tick", || async {
+    wait_for_async("the followers to skip another tick", DEADLINE, || async {
         for &f in &followers {
             if metric(&metrics(&agents[f]).await, NOT_LEADER) <= not_leader_early[f] {
                 return None;
@@ -222,7 +203,7 @@ async fn only_the_leaders_agent_backs_up_each_tick_and_the_new_leader_takes_over
 
     // A follower's cluster metric names the leader's node, in one series.
     let follower = followers[0];
-    let series = eventually("the follower to see the leader's set", || async {
+    let series = wait_for_async("the follower to see the leader's set", DEADLINE, || async {
         let series = cluster_series(&metrics(&agents[follower]).await);
         (series.first()?.0 == format!("master-{leader0}")).then_some(series)
     })
@@ -252,8 +233,9 @@ async fn only_the_leaders_agent_backs_up_each_tick_and_the_new_leader_takes_over
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let other = *followers.iter().find(|&&i| i != leader1).unwrap();
-    let series = eventually(
+    let series = wait_for_async(
         "the remaining follower to see the new leader's set",
+        DEADLINE,
         || async {
             let series = cluster_series(&metrics(&agents[other]).await);
             (series.first()?.0 == format!("master-{leader1}")).then_some(series)

@@ -12,7 +12,7 @@ use etcd_backup_proto::{FileKind, Manifest};
 use etcd_backup_tests::agent::{agent_bin, AgentConfig};
 use etcd_backup_tests::etcd::{real_snapshot_db, EtcdServer};
 use etcd_backup_tests::fake_etcd::{FakeEtcd, Tamper};
-use etcd_backup_tests::{complete_sets, files_below, free_port, wait_for};
+use etcd_backup_tests::{complete_sets, files_below, free_port, wait_for, wait_for_async};
 use reqwest::StatusCode;
 use tokio::sync::oneshot;
 
@@ -126,7 +126,7 @@ async fn trigger_then_poll_to_success_and_readiness() {
     let d = Daemon::start(&daemon_config(&etcd.client_url, &dest)).await;
 
     // Ready once etcd answered and the destination was reached.
-    let ready = wait_for_async(|| async {
+    let ready = wait_for_async("readiness", Duration::from_secs(30), || async {
         let r = d.http.get(d.url("/readyz")).send().await.ok()?;
         (r.status() == StatusCode::OK).then_some(())?;
         r.json::<Readiness>().await.ok()
@@ -140,7 +140,7 @@ async fn trigger_then_poll_to_success_and_readiness() {
     assert_eq!(started.state, RunState::Running);
     assert_eq!(started.trigger, Trigger::Http);
 
-    let done = wait_for_async(|| async {
+    let done = wait_for_async("the run to end", Duration::from_secs(30), || async {
         let r = d.run(&started.id).await;
         (r.state != RunState::Running).then_some(r)
     })
@@ -176,21 +176,6 @@ async fn trigger_then_poll_to_success_and_readiness() {
     let e: ErrorResponse = r.json().await.unwrap();
     assert!(e.error.contains("nope"));
     d.stop().await;
-}
-
-async fn wait_for_async<T, F, Fut>(mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "timed out");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

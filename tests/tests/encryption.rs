@@ -99,6 +99,13 @@ impl Fixture {
         run_agent(&all)
     }
 
+    /// `args` with `--identity key`.
+    fn run_with_identity(&self, args: &[&str], key: &Path) -> AgentRun {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--identity", key.to_str().unwrap()]);
+        self.run(&all)
+    }
+
     /// `restore <source…> --data-dir DIR` as member `m0` on `peer_port`, plus `extra`.
     fn restore(
         &self,
@@ -277,7 +284,7 @@ async fn encrypted_sets_decrypt_with_the_age_tool_to_the_exact_plaintext_and_res
         run.stdout
     );
     for key in [&f.age.identity, &f.ed25519.private_key, &f.rsa.private_key] {
-        let run = f.run(&["verify", "latest", "--identity", key.to_str().unwrap()]);
+        let run = f.run_with_identity(&["verify", "latest"], key);
         run.assert_code(0);
         assert_eq!(
             run.stdout.matches("decrypted and checked").count(),
@@ -290,14 +297,10 @@ async fn encrypted_sets_decrypt_with_the_age_tool_to_the_exact_plaintext_and_res
     // fetch --identity writes the plaintext in the cluster-restore.sh layout,
     // byte-identical to what the age tool gives.
     let out = f.work.path().join("fetched");
-    let run = f.run(&[
-        "fetch",
-        "latest",
-        "--to",
-        out.to_str().unwrap(),
-        "--identity",
-        f.ed25519.private_key.to_str().unwrap(),
-    ]);
+    let run = f.run_with_identity(
+        &["fetch", "latest", "--to", out.to_str().unwrap()],
+        &f.ed25519.private_key,
+    );
     run.assert_code(0);
     let mut names = files_below(&out);
     names.sort();
@@ -336,7 +339,7 @@ async fn encrypted_sets_decrypt_with_the_age_tool_to_the_exact_plaintext_and_res
     run.assert_code(0);
     let member = EtcdServer::start_on(data_dir, "m0", port);
     assert_eq!(dump(&mut member.client().await).await, f.keyspace);
-    let run = f.run(&["drill", "--identity", f.rsa.private_key.to_str().unwrap()]);
+    let run = f.run_with_identity(&["drill"], &f.rsa.private_key);
     run.assert_code(0);
     assert!(run.stdout.contains("drill passed"), "{}", run.stdout);
 
@@ -364,7 +367,7 @@ async fn a_wrong_or_missing_identity_is_a_clear_error_that_leaves_no_output() {
     let other_ssh = ClientKey::generate(KeyKind::Ed25519, None);
 
     for wrong in [&other.identity, &other_ssh.private_key] {
-        let run = f.run(&["verify", "latest", "--identity", wrong.to_str().unwrap()]);
+        let run = f.run_with_identity(&["verify", "latest"], wrong);
         run.assert_code(1);
         assert!(
             run.stderr.contains("can decrypt this set"),
@@ -378,14 +381,7 @@ async fn a_wrong_or_missing_identity_is_a_clear_error_that_leaves_no_output() {
         );
 
         let out = f.work.path().join("wrong-fetch");
-        let run = f.run(&[
-            "fetch",
-            "latest",
-            "--to",
-            out.to_str().unwrap(),
-            "--identity",
-            wrong.to_str().unwrap(),
-        ]);
+        let run = f.run_with_identity(&["fetch", "latest", "--to", out.to_str().unwrap()], wrong);
         run.assert_code(1);
         assert!(
             run.stderr.contains("can decrypt this set"),
@@ -429,7 +425,7 @@ async fn a_wrong_or_missing_identity_is_a_clear_error_that_leaves_no_output() {
     let junk = f.work.path().join("junk.txt");
     std::fs::write(&junk, "hello\n").unwrap();
     for bad in [junk.as_path(), f.ed25519.public_key.as_path()] {
-        let run = f.run(&["verify", "latest", "--identity", bad.to_str().unwrap()]);
+        let run = f.run_with_identity(&["verify", "latest"], bad);
         run.assert_code(2);
         assert!(
             run.stderr.contains("neither an age identity file"),
@@ -528,26 +524,17 @@ async fn damaged_ciphertext_is_found_with_and_without_a_key() {
         let run = f.run(&["verify", "latest"]);
         run.assert_code(1);
         assert!(run.stdout.contains("sha256 is"), "{}", run.stdout);
-        let run = f.run(&[
-            "verify",
-            "latest",
-            "--identity",
-            f.age.identity.to_str().unwrap(),
-        ]);
+        let run = f.run_with_identity(&["verify", "latest"], &f.age.identity);
         run.assert_code(1);
         assert!(run.stdout.contains("cannot decrypt"), "{}", run.stdout);
         // The reference tool agrees the file is damaged.
         assert!(age_decrypt(&f.age.identity, &path).is_err());
 
         let out = f.work.path().join(format!("damaged-{kind:?}"));
-        let run = f.run(&[
-            "fetch",
-            "latest",
-            "--to",
-            out.to_str().unwrap(),
-            "--identity",
-            f.age.identity.to_str().unwrap(),
-        ]);
+        let run = f.run_with_identity(
+            &["fetch", "latest", "--to", out.to_str().unwrap()],
+            &f.age.identity,
+        );
         run.assert_code(1);
         let name = f.manifest.file(kind).unwrap().plaintext_name().to_string();
         assert!(
@@ -557,13 +544,8 @@ async fn damaged_ciphertext_is_found_with_and_without_a_key() {
         );
         std::fs::write(&path, &original).unwrap();
     }
-    f.run(&[
-        "verify",
-        "latest",
-        "--identity",
-        f.age.identity.to_str().unwrap(),
-    ])
-    .assert_code(0);
+    f.run_with_identity(&["verify", "latest"], &f.age.identity)
+        .assert_code(0);
     // A manifest (on a less trusted server) cannot make fetch write outside
     // its directory: a plaintext name other than the stored name without .age
     // makes the set a leftover, never fetched.
@@ -582,14 +564,10 @@ async fn damaged_ciphertext_is_found_with_and_without_a_key() {
     assert_ne!(evil, original);
     std::fs::write(&manifest, evil).unwrap();
     let out = f.work.path().join("evil-fetch");
-    let run = f.run(&[
-        "fetch",
-        "latest",
-        "--to",
-        out.to_str().unwrap(),
-        "--identity",
-        f.age.identity.to_str().unwrap(),
-    ]);
+    let run = f.run_with_identity(
+        &["fetch", "latest", "--to", out.to_str().unwrap()],
+        &f.age.identity,
+    );
     run.assert_code(1);
     assert!(!f.work.path().join("evil.db").exists());
     let run = f.run(&["list", "--include-partial", "-o", "json"]);

@@ -145,6 +145,10 @@ async fn every_answer_of_the_real_agent_matches_its_openapi_document() {
     let mut spec = Spec::fetch(&http, &agent.base).await;
     let url = |p: &str| agent.url(p);
     let bearer = "Bearer s3cret";
+    let post = |query: &str| {
+        http.post(url(&format!("/v1/backups{query}")))
+            .header("authorization", bearer)
+    };
 
     // Readiness comes once etcd answered and the destination was reached.
     let start = Instant::now();
@@ -168,12 +172,7 @@ async fn every_answer_of_the_real_agent_matches_its_openapi_document() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     spec.check("/v1/backups", Method::POST, r).await;
 
-    let r = http
-        .post(url("/v1/backups?wait=true"))
-        .header("authorization", bearer)
-        .send()
-        .await
-        .unwrap();
+    let r = post("?wait=true").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let run = spec.check("/v1/backups", Method::POST, r).await;
     assert_eq!(run["state"], "succeeded");
@@ -184,12 +183,7 @@ async fn every_answer_of_the_real_agent_matches_its_openapi_document() {
     assert!(!run["stages"].as_array().unwrap().is_empty());
     let id = run["id"].as_str().unwrap().to_string();
 
-    let r = http
-        .post(url("/v1/backups"))
-        .header("authorization", bearer)
-        .send()
-        .await
-        .unwrap();
+    let r = post("").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     let limited = spec.check("/v1/backups", Method::POST, r).await;
     assert_eq!(limited["run_id"], id.as_str());
@@ -230,13 +224,7 @@ async fn every_answer_of_the_real_agent_matches_its_openapi_document() {
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     spec.check("/v1/backups", Method::POST, r).await;
     for (query, body) in [("?wait=maybe", ""), ("?force=1", ""), ("", "{\"a\": 1}")] {
-        let r = http
-            .post(url(&format!("/v1/backups{query}")))
-            .header("authorization", bearer)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let r = post(query).body(body).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{query} {body}");
         spec.check("/v1/backups", Method::POST, r).await;
     }
