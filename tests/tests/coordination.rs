@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use etcd_backup_proto::Manifest;
 use etcd_backup_tests::agent::{AgentConfig, AgentDaemon};
 use etcd_backup_tests::etcd::{EtcdCluster, MemberStatus};
-use etcd_backup_tests::{complete_sets, wait_for, wait_for_async};
+use etcd_backup_tests::{complete_sets, metric, wait_for, wait_for_async};
 
 /// Seconds between ticks (`@every 4s`): whole multiples of it since the epoch.
 const TICK: i64 = 4;
@@ -65,14 +65,6 @@ async fn metrics(agent: &AgentDaemon) -> String {
         .expect("GET /metrics")
         .text()
         .await
-        .unwrap()
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("{series} not in:\n{text}"))
-        .parse()
         .unwrap()
 }
 

@@ -12,7 +12,7 @@ use etcd_backup_proto::{FileKind, Manifest};
 use etcd_backup_tests::agent::{agent_bin, AgentConfig};
 use etcd_backup_tests::etcd::{real_snapshot_db, EtcdServer};
 use etcd_backup_tests::fake_etcd::{FakeEtcd, Tamper};
-use etcd_backup_tests::{complete_sets, files_below, free_port, wait_for, wait_for_async};
+use etcd_backup_tests::{complete_sets, files_below, free_port, metric, wait_for, wait_for_async};
 use reqwest::StatusCode;
 use tokio::sync::oneshot;
 
@@ -101,14 +101,6 @@ impl Daemon {
             .unwrap()
             .unwrap();
     }
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("{series} not in:\n{text}"))
-        .parse()
-        .unwrap()
 }
 
 /// Hourly schedule, no start-up run: only the API starts backups.

@@ -3,7 +3,7 @@
 //! against the document's JSON schema; then schemathesis fuzzes the API from
 //! the document.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use etcd_backup_tests::agent::{AgentConfig, AgentDaemon};
@@ -130,17 +130,23 @@ fn daemon_yaml(port: u16, token: &Path, extra: &str) -> String {
     )
 }
 
+/// The agent daemon on a free port, backing up `etcd` into `work/backups`,
+/// with the token `s3cret` (in `work/token`, also returned) and `extra` under `http:`.
+fn start_with_token(etcd: &EtcdServer, work: &Path, extra: &str) -> (AgentDaemon, PathBuf) {
+    let token = work.join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let port = free_port();
+    let mut cfg = AgentConfig::new(etcd, &work.join("backups"));
+    cfg.extra = daemon_yaml(port, &token, extra);
+    (AgentDaemon::start(&cfg.write(work), port), token)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_answer_of_the_real_agent_matches_its_openapi_document() {
     let etcd = EtcdServer::start();
     assert!(etcd.etcdctl(&["put", "/k", "v"]).status.success());
     let work = tempfile::tempdir().unwrap();
-    let token = work.path().join("token");
-    std::fs::write(&token, "s3cret\n").unwrap();
-    let port = free_port();
-    let mut cfg = AgentConfig::new(&etcd, &work.path().join("backups"));
-    cfg.extra = daemon_yaml(port, &token, "  trigger_min_interval: 3s\n");
-    let agent = AgentDaemon::start(&cfg.write(work.path()), port);
+    let (agent, token) = start_with_token(&etcd, work.path(), "  trigger_min_interval: 3s\n");
     let http = reqwest::Client::new();
     let mut spec = Spec::fetch(&http, &agent.base).await;
     let url = |p: &str| agent.url(p);
@@ -346,13 +352,8 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation_in_the_real_
     let etcd = EtcdServer::start();
     assert!(etcd.etcdctl(&["put", "/k", "v"]).status.success());
     let work = tempfile::tempdir().unwrap();
-    let token = work.path().join("token");
-    std::fs::write(&token, "s3cret\n").unwrap();
-    let port = free_port();
     let dest = work.path().join("backups");
-    let mut cfg = AgentConfig::new(&etcd, &dest);
-    cfg.extra = daemon_yaml(port, &token, "");
-    let agent = AgentDaemon::start(&cfg.write(work.path()), port);
+    let (agent, _) = start_with_token(&etcd, work.path(), "");
     // Ready first: a 503 from /readyz before etcd was probed is no fault.
     let http = reqwest::Client::new();
     let start = Instant::now();
