@@ -474,12 +474,8 @@ async fn fetch_snapshot(
 ) -> Result<(tempfile::TempDir, std::path::PathBuf, CatalogSet), ExitCode> {
     let dest = open(config).await?;
     let set = find(config, dest.as_ref(), node, wanted).await?;
-    if let (Some(enc), None) = (&set.manifest.encryption, ids) {
-        eprintln!(
-            "error: set {} is encrypted to {}; pass --identity FILE with the private key of one of them (an age identity file or an SSH private key)",
-            set.id.dir(),
-            enc.recipients.join(", ")
-        );
+    if let Some(why) = verify::missing_identity(&set, ids) {
+        eprintln!("error: {why}");
         return Err(ExitCode::from(EXIT_USAGE));
     }
     let parent = near

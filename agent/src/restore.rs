@@ -350,12 +350,8 @@ pub async fn run_drill(
     let set = crate::catalog::find(dest.as_ref(), &config.cluster_name, node, wanted)
         .await
         .map_err(|e| e.to_string())?;
-    if let (Some(enc), None) = (&set.manifest.encryption, identities) {
-        return Err(format!(
-            "set {} is encrypted to {}; a drill must decrypt it: set encryption.identity_file, or pass --identity FILE",
-            set.id.dir(),
-            enc.recipients.join(", ")
-        ));
+    if let Some(why) = crate::verify::missing_identity(&set, identities) {
+        return Err(why);
     }
     let files = work.path().join("set");
     std::fs::create_dir(&files).map_err(|e| format!("cannot create {}: {e}", files.display()))?;

@@ -379,6 +379,19 @@ pub async fn check_file(
     })
 }
 
+/// Why `set` cannot be restored without a key: it is encrypted and no
+/// identities were given. `None` when it can.
+pub fn missing_identity(set: &CatalogSet, identities: Option<&Identities>) -> Option<String> {
+    match (&set.manifest.encryption, identities) {
+        (Some(enc), None) => Some(format!(
+            "set {} is encrypted to {}; pass --identity FILE with the private key of one of them (an age identity file or an SSH private key), or set encryption.identity_file",
+            set.id.dir(),
+            enc.recipients.join(", ")
+        )),
+        _ => None,
+    }
+}
+
 /// The name `fetch` gives a file locally: decrypted files get their plaintext name.
 pub fn local_name(entry: &ManifestFile, decrypting: bool) -> &str {
     if decrypting {
