@@ -8,7 +8,7 @@ ensure_tools() {
   for pair in "$@"; do
     cmd=${pair%%:*}
     pkg=${pair#*:}
-    if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "$cmd" ]; then
+    if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -e "$cmd" ]; then
       missing+=("$pkg")
     fi
   done
@@ -38,7 +38,7 @@ ensure_tools_force() {
 # The tools every script needs: etcd and etcdctl for the real member, protoc
 # for etcd-client's generated gRPC code.
 ensure_base_tools() {
-  ensure_tools etcd:etcd-server etcdctl:etcd-client protoc:protobuf-compiler \
+  ensure_tools etcd:etcd-server etcdctl:etcd-client protoc:protobuf-compiler /usr/include/google/protobuf/descriptor.proto:libprotobuf-dev \
     curl:curl gcc:gcc
 }
 
