@@ -12,12 +12,15 @@
 //!   as a child process.
 //! - [`fake_etcd`]: a gRPC Maintenance server that serves a tampered snapshot.
 //! - [`fixtures`]: `/etc/kubernetes` trees in the OpenShift and kubeadm shapes.
+//! - [`pod`]: the rendered manifests and a master's file system, to run the
+//!   agent as the DaemonSet does.
 //! - [`sshd`]: a throwaway OpenSSH server with its own host key and client keys.
 
 pub mod agent;
 pub mod etcd;
 pub mod fake_etcd;
 pub mod fixtures;
+pub mod pod;
 pub mod sshd;
 pub mod tls;
 
