@@ -19,15 +19,24 @@
 # tests/tests/deploy.rs lints this file with hadolint and checks its shape
 # against the workspace and the DaemonSet (entrypoint, command, user, paths).
 
+# The three base images are build arguments whose defaults are the public
+# images. Where they cannot be pulled, pass local equivalents: scripts/image
+# --local-bases builds them from Debian packages and this machine's Rust
+# toolchain, and the image test builds with those (docs: README, "The image").
 ARG RUST_VERSION=1.95
 ARG ETCD_VERSION=v3.5.21
+ARG BUILDER_IMAGE=docker.io/library/rust:${RUST_VERSION}-bookworm
+ARG ETCD_IMAGE=gcr.io/etcd-development/etcd:${ETCD_VERSION}
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 
-FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
-# protoc: etcd-client generates its gRPC code at build time. Debian stable's
-# packages only change for security fixes, so the version is left to apt.
+# hadolint ignore=DL3006
+FROM ${BUILDER_IMAGE} AS build
+# protoc and the well-known .proto files it includes (libprotobuf-dev):
+# etcd-client generates its gRPC code at build time. Debian stable's packages
+# only change for security fixes, so the versions are left to apt.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends protobuf-compiler \
+    && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # The whole workspace is needed to resolve it (tests/ is a member), but only
@@ -39,14 +48,17 @@ COPY tests/ tests/
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked -p etcd-backup-agent --bin etcd-backup-agent
 
-FROM gcr.io/etcd-development/etcd:${ETCD_VERSION} AS etcd
+# hadolint ignore=DL3006
+FROM ${ETCD_IMAGE} AS etcd
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+# hadolint ignore=DL3006
+FROM ${RUNTIME_IMAGE}
 LABEL org.opencontainers.image.title="etcd-backup-agent" \
       org.opencontainers.image.description="Verified etcd snapshots and static-pod resources, shipped atomically" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /src/target/release/etcd-backup-agent /usr/local/bin/etcd-backup-agent
-COPY --from=etcd /usr/local/bin/etcd /usr/local/bin/etcdctl /usr/local/bin/etcdutl /usr/local/bin/
+# The etcd image's /usr/local/bin holds exactly etcd, etcdctl and etcdutl.
+COPY --from=etcd /usr/local/bin/ /usr/local/bin/
 # Non-root by default. The DaemonSet runs it as uid 0 with every capability
 # dropped, because the certificates it reads on a master are root-owned 0600.
 USER 65532:65532
