@@ -694,6 +694,128 @@ pub fn spawn_archive(
 mod tests {
     use super::*;
 
+    /// The raw 512-byte headers of an uncompressed archive, long-name entries
+    /// included, with the entry bytes that follow skipped.
+    fn raw_headers(tar: &[u8]) -> Vec<[u8; 512]> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at + 512 <= tar.len() && tar[at..at + 512].iter().any(|b| *b != 0) {
+            let h: [u8; 512] = tar[at..at + 512].try_into().unwrap();
+            let size = tar::Header::from_byte_slice(&h).size().unwrap();
+            out.push(h);
+            at += 512 + size.div_ceil(512) as usize * 512;
+        }
+        out
+    }
+
+    fn archive_of(build: impl FnOnce(&Path)) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("top")).unwrap();
+        build(&dir.path().join("top"));
+        let plan = Plan {
+            root: dir.path().to_path_buf(),
+            paths: vec!["top".into()],
+        };
+        let (gz, _) = write_archive(&plan, Vec::new()).unwrap();
+        let mut tar = Vec::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut tar)
+            .unwrap();
+        tar
+    }
+
+    #[test]
+    fn headers_carry_permission_bits_only_gnu_magic_and_gnu_checksum_spelling() {
+        use std::os::unix::fs::PermissionsExt;
+        let tar = archive_of(|top| {
+            std::fs::write(top.join("key"), "k").unwrap();
+            std::fs::set_permissions(top.join("key"), std::fs::Permissions::from_mode(0o600))
+                .unwrap();
+        });
+        assert_eq!(tar.len() % 10240, 0, "padded to GNU tar's record");
+        let headers = raw_headers(&tar);
+        assert_eq!(headers.len(), 2);
+        for h in &headers {
+            assert_eq!(&h[257..265], b"ustar  \0");
+            let header = tar::Header::from_byte_slice(h);
+            assert_eq!(header.mode().unwrap() & !0o7777, 0, "no file-type bits");
+            // Six octal digits, NUL, space; and the sum right.
+            assert_eq!(&h[154..156], b"\0 ");
+            let stored = u32::from_str_radix(std::str::from_utf8(&h[148..154]).unwrap(), 8);
+            assert_eq!(stored.unwrap(), header.cksum().unwrap());
+        }
+        assert_eq!(&headers[0][..5], b"top/\0", "a directory ends with /");
+        assert_eq!(&headers[0][100..108], b"0000755\0");
+        assert_eq!(&headers[1][..8], b"top/key\0");
+        assert_eq!(&headers[1][100..108], b"0000600\0");
+    }
+
+    #[test]
+    fn long_names_and_targets_go_in_longlink_entries_link_first() {
+        let name = "n".repeat(120);
+        let target = "t".repeat(130);
+        let tar = archive_of(|top| {
+            std::os::unix::fs::symlink(&target, top.join(&name)).unwrap();
+        });
+        let headers = raw_headers(&tar);
+        let kinds: Vec<u8> = headers.iter().map(|h| h[156]).collect();
+        assert_eq!(kinds, b"5KL2");
+        for h in &headers[1..3] {
+            assert_eq!(&h[..14], b"././@LongLink\0");
+            assert_eq!(&h[100..108], b"0000644\0");
+        }
+        // The field holds the first 100 bytes, as GNU tar leaves it.
+        assert_eq!(
+            &headers[3][..100],
+            format!("top/{name}").as_bytes()[..100].as_ref()
+        );
+        let mut archive = tar::Archive::new(&tar[..]);
+        let entries: Vec<(String, Option<String>)> = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.link_name().unwrap().map(|l| l.display().to_string()),
+                )
+            })
+            .collect();
+        assert_eq!(entries[1], (format!("top/{name}"), Some(target)));
+    }
+
+    #[test]
+    fn a_second_name_of_a_file_is_stored_as_a_hard_link_to_the_first() {
+        let tar = archive_of(|top| {
+            std::fs::write(top.join("a"), "content").unwrap();
+            std::fs::hard_link(top.join("a"), top.join("b")).unwrap();
+        });
+        let headers = raw_headers(&tar);
+        let kinds: Vec<u8> = headers.iter().map(|h| h[156]).collect();
+        assert_eq!(kinds, b"501");
+        let link = tar::Header::from_byte_slice(&headers[2]);
+        assert_eq!(link.size().unwrap(), 0);
+        assert_eq!(link.link_name().unwrap().unwrap().to_str(), Some("top/a"));
+    }
+
+    #[test]
+    fn a_file_that_shrank_while_archived_is_an_error_not_a_short_entry() {
+        let mut r = ExactReader {
+            inner: &b"abc"[..],
+            left: 5,
+        };
+        let mut buf = Vec::new();
+        let err = r.read_to_end(&mut buf).unwrap_err();
+        assert!(err.to_string().contains("shrank by 2 bytes"), "{err}");
+        let mut r = ExactReader {
+            inner: &b"abcdef"[..],
+            left: 4,
+        };
+        let mut buf = Vec::new();
+        r.read_to_end(&mut buf).unwrap();
+        assert_eq!(buf, b"abcd", "a file that grew is cut at its header's size");
+    }
+
     #[test]
     fn revision_dir_takes_the_first_numbered_reference() {
         let m = "volumes:\n- hostPath:\n    path: /etc/kubernetes/static-pod-resources/kube-apiserver-certs\n- hostPath:\n    path: /etc/kubernetes/static-pod-resources/kube-apiserver-pod-7\n";

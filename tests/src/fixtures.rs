@@ -198,7 +198,8 @@ pub fn tar_gz_entries(file: &Path) -> Vec<TarEntry> {
 
 /// Adds to an [`openshift_tree`] what a header comparison with GNU tar must
 /// cover: an executable (0755), a private directory (0750), a path and a
-/// symlink target longer than the 100-byte name field, a hard link, files
+/// symlink target longer than the 100-byte name field (and both at once),
+/// hard links (one to a long name), files
 /// owned by `nobody` and by ids no user or group has, and set mtimes.
 /// Returns the top-level paths `cluster-backup.sh` would pass to tar, in its
 /// order (the live revisions).
@@ -230,6 +231,15 @@ pub fn gnu_tar_comparison_tree(root: &Path) -> Vec<String> {
         root.join(format!("{rev}/bin/run-again.sh")),
     )
     .unwrap();
+    // Both a long name and a long target (GNU tar writes K, then L), and a
+    // hard link whose first name is long.
+    symlink(
+        format!("/etc/kubernetes/{}", "u".repeat(120)),
+        root.join(format!("{long}-link")),
+    )
+    .unwrap();
+    let long_dir = std::path::Path::new(&long).parent().unwrap();
+    std::fs::hard_link(root.join(&long), root.join(long_dir).join("zz-hard")).unwrap();
     let etcd_rev = "static-pod-resources/etcd-pod-2";
     write(root, &format!("{etcd_rev}/owned/by-nobody"), "n", 0o640);
     chown(

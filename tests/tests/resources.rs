@@ -232,6 +232,20 @@ fn tarball_headers_are_the_ones_gnu_tar_writes_entry_by_entry() {
                 .any(|h| h.link.as_ref().is_some_and(|l| l.len() > 100)),
         ),
         (
+            "a symlink with a long name and a long target",
+            theirs.iter().any(|h| {
+                h.kind == '2'
+                    && h.path.len() > 100
+                    && h.link.as_ref().is_some_and(|l| l.len() > 100)
+            }),
+        ),
+        (
+            "a hard link to a path over 100 bytes",
+            theirs
+                .iter()
+                .any(|h| h.kind == '1' && h.link.as_ref().is_some_and(|l| l.len() > 100)),
+        ),
+        (
             "root/root",
             theirs
                 .iter()
