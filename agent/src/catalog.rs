@@ -90,6 +90,7 @@ impl CatalogSet {
             revision: m.revision(),
             total_key: m.snapshot_status.map(|s| s.total_key),
             encrypted: m.encryption.is_some(),
+            layout: m.resources_layout.clone(),
         }
     }
 }

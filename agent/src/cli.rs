@@ -82,7 +82,8 @@ pub enum Command {
         #[command(flatten)]
         identity: IdentityOpts,
     },
-    /// Download and verify a set into DIR, as cluster-restore.sh expects it.
+    /// Download and verify a set into DIR, as cluster-restore.sh expects it
+    /// (refused, exit 1, for a set the script cannot use, unless --snapshot-only).
     Fetch {
         /// The agent's YAML config file.
         #[arg(long, short = 'c', value_name = "FILE")]
@@ -98,6 +99,10 @@ pub enum Command {
         /// Write into a non-empty DIR.
         #[arg(long)]
         force: bool,
+        /// Fetch only the snapshot, of any set (DIR is then not a
+        /// cluster-restore.sh directory; restore with `restore --snapshot`).
+        #[arg(long)]
+        snapshot_only: bool,
         /// Decrypting an encrypted set.
         #[command(flatten)]
         identity: IdentityOpts,
@@ -259,10 +264,16 @@ pub fn main() -> ExitCode {
             to,
             node,
             force,
+            snapshot_only,
             identity,
         } => with_config(&config, |c| async move {
             let node = node.unwrap_or_else(|| c.node_name.clone());
-            crate::ops::fetch(&c, &node, &set, &to, force, &identity.args()).await
+            let args = crate::ops::FetchArgs {
+                to,
+                force,
+                snapshot_only,
+            };
+            crate::ops::fetch(&c, &node, &set, &args, &identity.args()).await
         }),
         Command::Prune {
             config,

@@ -78,12 +78,19 @@ pub async fn list(
         }
         Output::Table => {
             println!(
-                "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  SET",
-                "TIME (UTC)", "NODE", "SNAPSHOT", "RESOURCES", "REVISION", "KEYS", "ENCRYPTED"
+                "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<9}  SET",
+                "TIME (UTC)",
+                "NODE",
+                "SNAPSHOT",
+                "RESOURCES",
+                "REVISION",
+                "KEYS",
+                "ENCRYPTED",
+                "LAYOUT"
             );
             for s in &list.sets {
                 println!(
-                    "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {}",
+                    "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<9}  {}",
                     s.timestamp.as_datetime().format("%Y-%m-%d %H:%M:%S"),
                     s.node,
                     human_bytes(s.snapshot_bytes),
@@ -91,6 +98,7 @@ pub async fn list(
                     s.revision,
                     s.total_key.map_or("-".to_string(), |k| k.to_string()),
                     if s.encrypted { "age" } else { "no" },
+                    if s.layout.is_empty() { "-" } else { &s.layout },
                     s.set
                 );
             }
@@ -295,41 +303,46 @@ pub async fn verify(config: &Config, node: &str, wanted: &str, id: &IdentityArgs
     }
 }
 
-/// `fetch`.
+/// What `fetch` was asked for, beyond the set.
+#[derive(Debug, Clone, Default)]
+pub struct FetchArgs {
+    /// `--to DIR`.
+    pub to: PathBuf,
+    /// `--force`: write into a non-empty DIR.
+    pub force: bool,
+    /// `--snapshot-only`: the snapshot alone, whatever the set holds.
+    pub snapshot_only: bool,
+}
+
+/// `fetch`. Everything is downloaded and checked in a temporary directory
+/// first and moved into DIR only when all of it matched, so a failed fetch
+/// leaves DIR as it was (and does not create it).
 pub async fn fetch(
     config: &Config,
     node: &str,
     wanted: &str,
-    to: &Path,
-    force: bool,
+    args: &FetchArgs,
     id: &IdentityArgs,
 ) -> ExitCode {
+    let to = args.to.as_path();
     let ids = match identities(config, id) {
         Ok(i) => i,
         Err(code) => return code,
     };
-    match std::fs::read_dir(to) {
+    let to_exists = match std::fs::read_dir(to) {
         Ok(mut entries) => {
-            if entries.next().is_some() && !force {
+            if entries.next().is_some() && !args.force {
                 eprintln!(
                     "error: {} is not empty; fetch into an empty directory, or pass --force to write into it",
                     to.display()
                 );
                 return ExitCode::from(EXIT_USAGE);
             }
+            true
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            use std::os::unix::fs::DirBuilderExt;
-            if let Err(e) = std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(to)
-            {
-                return fail(format!("cannot create {}: {e}", to.display()));
-            }
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
         Err(e) => return fail(format!("cannot use {}: {e}", to.display())),
-    }
+    };
     let dest = match open(config).await {
         Ok(d) => d,
         Err(code) => return code,
@@ -338,8 +351,45 @@ pub async fn fetch(
         Ok(s) => s,
         Err(code) => return code,
     };
+    if !args.snapshot_only {
+        if let Err(why) = verify::restore_script_ready(&set) {
+            return fail(why);
+        }
+    }
+    // The staging directory is on DIR's filesystem (inside DIR when it
+    // exists, beside it when not), so moving the files in is a rename.
+    let staging = if to_exists {
+        tempfile::Builder::new()
+            .prefix(".etcd-backup-fetch-")
+            .tempdir_in(to)
+    } else {
+        let parent = to
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| Path::new("."));
+        if let Err(e) = std::fs::create_dir_all(parent) {
+            return fail(format!("cannot create {}: {e}", parent.display()));
+        }
+        tempfile::Builder::new()
+            .prefix(".etcd-backup-fetch-")
+            .tempdir_in(parent)
+    };
+    let staging = match staging {
+        Ok(t) => t,
+        Err(e) => {
+            return fail(format!(
+                "cannot create a temporary directory for {}: {e}",
+                to.display()
+            ))
+        }
+    };
+    let what = if args.snapshot_only {
+        "the snapshot of "
+    } else {
+        ""
+    };
     println!(
-        "fetching {}/{} into {}",
+        "fetching {what}{}/{} into {}",
         dest.describe(),
         set.id.dir(),
         to.display()
@@ -347,43 +397,117 @@ pub async fn fetch(
     note_encryption(
         &set,
         ids.as_ref(),
-        "the files are written as stored (.age): cluster-restore.sh cannot use them; pass --identity FILE to write them decrypted",
+        "the files are written as stored (.age), which cluster-restore.sh cannot use; pass --identity FILE to write them decrypted",
     );
+    let only = args
+        .snapshot_only
+        .then_some(etcd_backup_proto::FileKind::Snapshot);
     let progress = Progress::new();
-    let result = verify::fetch_set(dest.as_ref(), &set, to, ids.as_ref(), &|n, d, t| {
-        progress.update(n, d, t)
-    })
+    let result = verify::fetch_set(
+        dest.as_ref(),
+        &set,
+        staging.path(),
+        ids.as_ref(),
+        only,
+        &|n, d, t| progress.update(n, d, t),
+    )
     .await;
     progress.finish();
-    match result {
-        Ok((reports, written)) => {
-            let ok = print_reports(&reports);
-            for p in &written {
-                println!("wrote   {}", p.display());
-            }
-            if ok && set.manifest.encryption.is_some() && ids.is_none() {
-                println!(
-                    "set {} fetched and its ciphertext verified; decrypt each file with age -d -i KEYFILE, or fetch again with --identity",
-                    set.id.dir()
-                );
-                ExitCode::SUCCESS
-            } else if ok {
-                println!(
-                    "set {} fetched and verified; for OpenShift: cluster-restore.sh {}",
-                    set.id.dir(),
-                    to.display()
-                );
-                ExitCode::SUCCESS
-            } else {
-                eprintln!(
-                    "error: set {} does not match its manifest; the files that failed were not kept",
-                    set.id.dir()
-                );
-                ExitCode::from(EXIT_FAILURE)
-            }
-        }
-        Err(e) => fail(e),
+    let (reports, staged) = match result {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    if !print_reports(&reports) {
+        eprintln!(
+            "error: set {} does not match its manifest; nothing was written to {}",
+            set.id.dir(),
+            to.display()
+        );
+        return ExitCode::from(EXIT_FAILURE);
     }
+    let written = match move_into_place(staging, &staged, to, to_exists) {
+        Ok(w) => w,
+        Err(e) => return fail(e),
+    };
+    for p in &written {
+        println!("wrote   {}", p.display());
+    }
+    let encrypted_as_stored = set.manifest.encryption.is_some() && ids.is_none();
+    if args.snapshot_only {
+        println!(
+            "snapshot of set {} fetched and verified; {} holds the snapshot only and is not a cluster-restore.sh directory: restore it with `etcd-backup-agent restore --snapshot FILE` (or etcdutl snapshot restore){}",
+            set.id.dir(),
+            to.display(),
+            if encrypted_as_stored {
+                ", after decrypting it with age -d -i KEYFILE"
+            } else {
+                ""
+            }
+        );
+    } else if encrypted_as_stored {
+        println!(
+            "set {} fetched and its ciphertext verified; {} is not a cluster-restore.sh directory while the files are encrypted: decrypt each file with age -d -i KEYFILE, or fetch again with --identity FILE",
+            set.id.dir(),
+            to.display()
+        );
+    } else {
+        println!(
+            "set {} fetched and verified; {} is a cluster-restore.sh directory: cluster-restore.sh {}",
+            set.id.dir(),
+            to.display(),
+            to.display()
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// Moves the fetched files from `staging` into `to`: the whole directory is
+/// renamed to `to` when `to` did not exist, else each file is renamed into it
+/// (the snapshot last). On an error, what was moved is removed again.
+fn move_into_place(
+    staging: tempfile::TempDir,
+    staged: &[PathBuf],
+    to: &Path,
+    to_exists: bool,
+) -> Result<Vec<PathBuf>, String> {
+    let finals: Vec<PathBuf> = staged
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| to.join(n)))
+        .collect();
+    if !to_exists {
+        let path = staging.keep();
+        return match std::fs::rename(&path, to) {
+            Ok(()) => Ok(finals),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&path);
+                Err(format!(
+                    "cannot move the fetched files to {}: {e}",
+                    to.display()
+                ))
+            }
+        };
+    }
+    // The manifest lists the snapshot first; it goes in last, so DIR never
+    // holds a snapshot without the rest.
+    let mut moved = Vec::new();
+    for (from, dest) in staged.iter().zip(&finals).rev() {
+        if let Err(e) = std::fs::rename(from, dest) {
+            for m in &moved {
+                let _ = std::fs::remove_file(m);
+            }
+            return Err(format!(
+                "cannot move {} into {}: {e}",
+                from.display(),
+                to.display()
+            ));
+        }
+        moved.push(dest.clone());
+    }
+    if let Ok(d) = std::fs::File::open(to) {
+        let _ = d.sync_all();
+    }
+    drop(staging);
+    Ok(finals)
 }
 
 /// `prune`.
@@ -499,7 +623,7 @@ async fn fetch_snapshot(
     println!("fetching {}/{}", dest.describe(), set.id.dir());
     let progress = Progress::new();
     note_encryption(&set, ids, "");
-    let result = verify::fetch_set(dest.as_ref(), &set, tmp.path(), ids, &|n, d, t| {
+    let result = verify::fetch_set(dest.as_ref(), &set, tmp.path(), ids, None, &|n, d, t| {
         progress.update(n, d, t)
     })
     .await;

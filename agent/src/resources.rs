@@ -7,9 +7,13 @@
 //! Paths inside the archive are relative to `resources.root` (the host's
 //! `/etc/kubernetes`), exactly as `tar -C /etc/kubernetes …` gives them, which is
 //! what OpenShift's `cluster-restore.sh` expects. Symbolic links are stored as
-//! links and never followed, so nothing outside the root can get in.
+//! links and never followed, so nothing outside the root can get in. The
+//! headers are the ones GNU `tar -cpzf` writes (the tool `cluster-backup.sh`
+//! uses), so the platform's restore script gets exactly what it is used to.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use tokio::sync::mpsc;
@@ -272,80 +276,349 @@ fn kubeadm_paths(root: &Path) -> Result<Vec<String>, ResourcesError> {
     Ok(paths)
 }
 
-/// Writes the planned tree as tar.gz into `out`.
+/// Writes the planned tree as tar.gz into `out`, with headers exactly as GNU
+/// `tar -cpzf` writes them (see [`GnuArchive`]).
 ///
 /// # Errors
 /// Read failures, and write failures of `out`.
 pub fn write_archive<W: Write>(plan: &Plan, out: W) -> Result<(W, ArchiveStats), ResourcesError> {
     let gz = flate2::write::GzEncoder::new(out, flate2::Compression::default());
-    let mut builder = tar::Builder::new(gz);
-    builder.follow_symlinks(false);
-    builder.mode(tar::HeaderMode::Complete);
+    let mut archive = GnuArchive::new(gz);
     let mut stats = ArchiveStats::default();
     for rel in &plan.paths {
-        append_tree(&mut builder, &plan.root, rel, &mut stats)?;
+        append_tree(&mut archive, &plan.root, rel, &mut stats)?;
     }
-    let archive_err = |source| ResourcesError::Io {
+    let gz = archive.finish().map_err(|source| ResourcesError::Io {
         op: "write the archive for",
         path: plan.root.clone(),
         source,
-    };
-    let gz = builder.into_inner().map_err(archive_err)?;
-    let out = gz.finish().map_err(archive_err)?;
+    })?;
+    let out = gz.finish().map_err(|source| ResourcesError::Io {
+        op: "write the archive for",
+        path: plan.root.clone(),
+        source,
+    })?;
     Ok((out, stats))
 }
 
 fn append_tree<W: Write>(
-    builder: &mut tar::Builder<W>,
+    archive: &mut GnuArchive<W>,
     root: &Path,
     rel: &str,
     stats: &mut ArchiveStats,
 ) -> Result<(), ResourcesError> {
     let full = root.join(rel);
-    let meta = std::fs::symlink_metadata(&full).map_err(|source| ResourcesError::Io {
-        op: "stat",
-        path: full.clone(),
-        source,
-    })?;
+    let io_err = |op: &'static str| {
+        let path = full.clone();
+        move |source| ResourcesError::Io { op, path, source }
+    };
+    let meta = std::fs::symlink_metadata(&full).map_err(io_err("stat"))?;
     let ft = meta.file_type();
-    if !(ft.is_dir() || ft.is_file() || ft.is_symlink()) {
+    if ft.is_dir() {
+        archive.directory(rel, &meta).map_err(io_err("archive"))?;
+    } else if ft.is_symlink() {
+        let target = std::fs::read_link(&full).map_err(io_err("read the link"))?;
+        archive
+            .symlink(rel, &meta, target.as_os_str().as_bytes())
+            .map_err(io_err("archive"))?;
+    } else if ft.is_file() {
+        let file = std::fs::File::open(&full).map_err(io_err("open"))?;
+        if archive.file(rel, &meta, file).map_err(io_err("archive"))? {
+            stats.content_bytes += meta.len();
+        }
+    } else {
         tracing::warn!(path = %full.display(), "skipping special file (socket, fifo or device)");
         return Ok(());
     }
-    builder
-        .append_path_with_name(&full, rel)
-        .map_err(|source| ResourcesError::Io {
-            op: "archive",
-            path: full.clone(),
-            source,
-        })?;
     stats.entries += 1;
-    if ft.is_file() {
-        stats.content_bytes += meta.len();
-    }
     if ft.is_dir() {
         let mut children: Vec<String> = std::fs::read_dir(&full)
-            .map_err(|source| ResourcesError::Io {
-                op: "list",
-                path: full.clone(),
-                source,
-            })?
+            .map_err(io_err("list"))?
             .map(|e| e.map(|e| e.file_name()))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| ResourcesError::Io {
-                op: "list",
-                path: full.clone(),
-                source,
-            })?
+            .map_err(io_err("list"))?
             .into_iter()
             .filter_map(|n| n.into_string().ok())
             .collect();
         children.sort();
         for child in children {
-            append_tree(builder, root, &format!("{rel}/{child}"), stats)?;
+            append_tree(archive, root, &format!("{rel}/{child}"), stats)?;
         }
     }
     Ok(())
+}
+
+/// GNU tar's record size: `tar -c` pads the archive to a multiple of 20 blocks.
+const GNU_RECORD: u64 = 20 * 512;
+
+/// The length of a header's name and link-name fields; longer names go into
+/// a `././@LongLink` entry before the header, as GNU tar does.
+const NAME_FIELD: usize = 100;
+
+/// A tar stream whose headers are byte for byte what GNU tar 1.x writes in its
+/// default (GNU) format for `tar -cp`: `ustar  \0` magic; permission bits only
+/// in `mode`; numeric ids and the owners' names (looked up like GNU tar does,
+/// through the system's user and group database; empty when unknown);
+/// directories named with a trailing `/`; symlinks stored as links with size
+/// 0; a second name of a hard-linked file stored as a hard link; names and
+/// link targets over 100 bytes in `././@LongLink` entries (`L`, `K`); the
+/// checksum written as GNU tar writes it; the end padded to a full record.
+/// `cluster-restore.sh` unpacks it with GNU tar, so it gets what
+/// `cluster-backup.sh` would have given it.
+struct GnuArchive<W: Write> {
+    builder: tar::Builder<CountingWriter<W>>,
+    users: std::collections::HashMap<u32, Vec<u8>>,
+    groups: std::collections::HashMap<u32, Vec<u8>>,
+    /// First archived name of each multiply-linked file, by (device, inode).
+    hard_links: std::collections::HashMap<(u64, u64), String>,
+}
+
+impl<W: Write> GnuArchive<W> {
+    fn new(out: W) -> Self {
+        Self {
+            builder: tar::Builder::new(CountingWriter {
+                inner: out,
+                written: 0,
+            }),
+            users: std::collections::HashMap::new(),
+            groups: std::collections::HashMap::new(),
+            hard_links: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The user name GNU tar would record for `uid`.
+    fn user_name(&mut self, uid: u32) -> Vec<u8> {
+        self.users
+            .entry(uid)
+            .or_insert_with(|| {
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name.into_bytes())
+                    .unwrap_or_default()
+            })
+            .clone()
+    }
+
+    /// The group name GNU tar would record for `gid`.
+    fn group_name(&mut self, gid: u32) -> Vec<u8> {
+        self.groups
+            .entry(gid)
+            .or_insert_with(|| {
+                nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+                    .ok()
+                    .flatten()
+                    .map(|g| g.name.into_bytes())
+                    .unwrap_or_default()
+            })
+            .clone()
+    }
+
+    /// A header for an entry of `meta`, everything but its names set.
+    fn header(&mut self, kind: tar::EntryType, meta: &std::fs::Metadata, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(meta.mode() & 0o7777);
+        h.set_uid(meta.uid().into());
+        h.set_gid(meta.gid().into());
+        h.set_size(size);
+        h.set_mtime(u64::try_from(meta.mtime()).unwrap_or(0));
+        let (user, group) = (self.user_name(meta.uid()), self.group_name(meta.gid()));
+        self.set_owner_names(&mut h, &user, &group);
+        h
+    }
+
+    fn set_owner_names(&self, h: &mut tar::Header, user: &[u8], group: &[u8]) {
+        if let Some(gnu) = h.as_gnu_mut() {
+            copy_field(&mut gnu.uname, user);
+            copy_field(&mut gnu.gname, group);
+        }
+    }
+
+    /// Writes a `././@LongLink` entry of `kind` (`L` for a name, `K` for a
+    /// link target) carrying `name`, NUL-terminated, as GNU tar does: mode
+    /// 0644, owner 0 with uid 0's and gid 0's names, mtime 0.
+    fn long_name(&mut self, kind: u8, name: &[u8]) -> std::io::Result<()> {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::new(kind));
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_size(name.len() as u64 + 1);
+        h.set_mtime(0);
+        let (user, group) = (self.user_name(0), self.group_name(0));
+        self.set_owner_names(&mut h, &user, &group);
+        if let Some(gnu) = h.as_gnu_mut() {
+            copy_field(&mut gnu.name, b"././@LongLink");
+        }
+        set_gnu_checksum(&mut h);
+        self.builder.append(&h, name.chain(&[0u8][..]))
+    }
+
+    /// Names `h` (and its link target), writing long-name entries first when
+    /// they do not fit, then writes it and `data`.
+    fn append(
+        &mut self,
+        mut h: tar::Header,
+        name: &[u8],
+        link: Option<&[u8]>,
+        data: impl std::io::Read,
+    ) -> std::io::Result<()> {
+        if let Some(link) = link {
+            if link.len() > NAME_FIELD {
+                self.long_name(b'K', link)?;
+            }
+        }
+        if name.len() > NAME_FIELD {
+            self.long_name(b'L', name)?;
+        }
+        if let Some(gnu) = h.as_gnu_mut() {
+            copy_field(&mut gnu.name, name);
+            if let Some(link) = link {
+                copy_field(&mut gnu.linkname, link);
+            }
+        }
+        set_gnu_checksum(&mut h);
+        self.builder.append(&h, data)
+    }
+
+    /// If `meta` is a further name of a file already archived, writes a hard
+    /// link to the first name and returns true.
+    fn hard_link(&mut self, rel: &str, meta: &std::fs::Metadata) -> std::io::Result<bool> {
+        if meta.nlink() < 2 {
+            return Ok(false);
+        }
+        match self.hard_links.get(&(meta.dev(), meta.ino())) {
+            Some(first) => {
+                let first = first.clone();
+                let h = self.header(tar::EntryType::Link, meta, 0);
+                self.append(h, rel.as_bytes(), Some(first.as_bytes()), std::io::empty())?;
+                Ok(true)
+            }
+            None => {
+                self.hard_links
+                    .insert((meta.dev(), meta.ino()), rel.to_string());
+                Ok(false)
+            }
+        }
+    }
+
+    fn directory(&mut self, rel: &str, meta: &std::fs::Metadata) -> std::io::Result<()> {
+        let h = self.header(tar::EntryType::Directory, meta, 0);
+        self.append(h, format!("{rel}/").as_bytes(), None, std::io::empty())
+    }
+
+    fn symlink(
+        &mut self,
+        rel: &str,
+        meta: &std::fs::Metadata,
+        target: &[u8],
+    ) -> std::io::Result<()> {
+        if self.hard_link(rel, meta)? {
+            return Ok(());
+        }
+        let h = self.header(tar::EntryType::Symlink, meta, 0);
+        self.append(h, rel.as_bytes(), Some(target), std::io::empty())
+    }
+
+    /// Writes a regular file's entry and content; false when it was written
+    /// as a hard link to an earlier name (no content).
+    fn file(
+        &mut self,
+        rel: &str,
+        meta: &std::fs::Metadata,
+        file: std::fs::File,
+    ) -> std::io::Result<bool> {
+        if self.hard_link(rel, meta)? {
+            return Ok(false);
+        }
+        let size = meta.len();
+        let h = self.header(tar::EntryType::Regular, meta, size);
+        self.append(
+            h,
+            rel.as_bytes(),
+            None,
+            ExactReader {
+                inner: file,
+                left: size,
+            },
+        )?;
+        Ok(true)
+    }
+
+    /// Ends the archive (two zero blocks, then zeros to a full record).
+    fn finish(self) -> std::io::Result<W> {
+        let mut out = self.builder.into_inner()?;
+        let pad = (GNU_RECORD - out.written % GNU_RECORD) % GNU_RECORD;
+        std::io::copy(&mut std::io::repeat(0).take(pad), &mut out)?;
+        Ok(out.inner)
+    }
+}
+
+/// Copies `value` into a fixed header field, truncated to fit and
+/// NUL-padded, as GNU tar does (a field filled to its end has no NUL).
+fn copy_field(field: &mut [u8], value: &[u8]) {
+    let n = value.len().min(field.len());
+    field[..n].copy_from_slice(&value[..n]);
+    field[n..].fill(0);
+}
+
+/// Sets the header checksum the way GNU tar writes it: six octal digits, NUL,
+/// space (the tar crate writes seven digits and a NUL, equally valid but not
+/// the same bytes).
+fn set_gnu_checksum(h: &mut tar::Header) {
+    h.as_old_mut().cksum = *b"        ";
+    let sum: u32 = h.as_bytes().iter().map(|b| u32::from(*b)).sum();
+    let field = format!("{sum:06o}\0 ");
+    h.as_old_mut().cksum.copy_from_slice(field.as_bytes());
+}
+
+/// Reads exactly `left` bytes of a file: a file that grew is cut at the size
+/// in its header, one that shrank is an error (the header is already out).
+struct ExactReader<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for ExactReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the file shrank by {} bytes while it was archived",
+                    self.left
+                ),
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Counts what goes through, for the final record padding.
+struct CountingWriter<W> {
+    inner: W,
+    written: u64,
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(data)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// A `Write` that hands fixed-size chunks to an async reader through a bounded
@@ -420,6 +693,128 @@ pub fn spawn_archive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The raw 512-byte headers of an uncompressed archive, long-name entries
+    /// included, with the entry bytes that follow skipped.
+    fn raw_headers(tar: &[u8]) -> Vec<[u8; 512]> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at + 512 <= tar.len() && tar[at..at + 512].iter().any(|b| *b != 0) {
+            let h: [u8; 512] = tar[at..at + 512].try_into().unwrap();
+            let size = tar::Header::from_byte_slice(&h).size().unwrap();
+            out.push(h);
+            at += 512 + size.div_ceil(512) as usize * 512;
+        }
+        out
+    }
+
+    fn archive_of(build: impl FnOnce(&Path)) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("top")).unwrap();
+        build(&dir.path().join("top"));
+        let plan = Plan {
+            root: dir.path().to_path_buf(),
+            paths: vec!["top".into()],
+        };
+        let (gz, _) = write_archive(&plan, Vec::new()).unwrap();
+        let mut tar = Vec::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut tar)
+            .unwrap();
+        tar
+    }
+
+    #[test]
+    fn headers_carry_permission_bits_only_gnu_magic_and_gnu_checksum_spelling() {
+        use std::os::unix::fs::PermissionsExt;
+        let tar = archive_of(|top| {
+            std::fs::write(top.join("key"), "k").unwrap();
+            std::fs::set_permissions(top.join("key"), std::fs::Permissions::from_mode(0o600))
+                .unwrap();
+        });
+        assert_eq!(tar.len() % 10240, 0, "padded to GNU tar's record");
+        let headers = raw_headers(&tar);
+        assert_eq!(headers.len(), 2);
+        for h in &headers {
+            assert_eq!(&h[257..265], b"ustar  \0");
+            let header = tar::Header::from_byte_slice(h);
+            assert_eq!(header.mode().unwrap() & !0o7777, 0, "no file-type bits");
+            // Six octal digits, NUL, space; and the sum right.
+            assert_eq!(&h[154..156], b"\0 ");
+            let stored = u32::from_str_radix(std::str::from_utf8(&h[148..154]).unwrap(), 8);
+            assert_eq!(stored.unwrap(), header.cksum().unwrap());
+        }
+        assert_eq!(&headers[0][..5], b"top/\0", "a directory ends with /");
+        assert_eq!(&headers[0][100..108], b"0000755\0");
+        assert_eq!(&headers[1][..8], b"top/key\0");
+        assert_eq!(&headers[1][100..108], b"0000600\0");
+    }
+
+    #[test]
+    fn long_names_and_targets_go_in_longlink_entries_link_first() {
+        let name = "n".repeat(120);
+        let target = "t".repeat(130);
+        let tar = archive_of(|top| {
+            std::os::unix::fs::symlink(&target, top.join(&name)).unwrap();
+        });
+        let headers = raw_headers(&tar);
+        let kinds: Vec<u8> = headers.iter().map(|h| h[156]).collect();
+        assert_eq!(kinds, b"5KL2");
+        for h in &headers[1..3] {
+            assert_eq!(&h[..14], b"././@LongLink\0");
+            assert_eq!(&h[100..108], b"0000644\0");
+        }
+        // The field holds the first 100 bytes, as GNU tar leaves it.
+        assert_eq!(
+            &headers[3][..100],
+            format!("top/{name}").as_bytes()[..100].as_ref()
+        );
+        let mut archive = tar::Archive::new(&tar[..]);
+        let entries: Vec<(String, Option<String>)> = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.link_name().unwrap().map(|l| l.display().to_string()),
+                )
+            })
+            .collect();
+        assert_eq!(entries[1], (format!("top/{name}"), Some(target)));
+    }
+
+    #[test]
+    fn a_second_name_of_a_file_is_stored_as_a_hard_link_to_the_first() {
+        let tar = archive_of(|top| {
+            std::fs::write(top.join("a"), "content").unwrap();
+            std::fs::hard_link(top.join("a"), top.join("b")).unwrap();
+        });
+        let headers = raw_headers(&tar);
+        let kinds: Vec<u8> = headers.iter().map(|h| h[156]).collect();
+        assert_eq!(kinds, b"501");
+        let link = tar::Header::from_byte_slice(&headers[2]);
+        assert_eq!(link.size().unwrap(), 0);
+        assert_eq!(link.link_name().unwrap().unwrap().to_str(), Some("top/a"));
+    }
+
+    #[test]
+    fn a_file_that_shrank_while_archived_is_an_error_not_a_short_entry() {
+        let mut r = ExactReader {
+            inner: &b"abc"[..],
+            left: 5,
+        };
+        let mut buf = Vec::new();
+        let err = r.read_to_end(&mut buf).unwrap_err();
+        assert!(err.to_string().contains("shrank by 2 bytes"), "{err}");
+        let mut r = ExactReader {
+            inner: &b"abcdef"[..],
+            left: 4,
+        };
+        let mut buf = Vec::new();
+        r.read_to_end(&mut buf).unwrap();
+        assert_eq!(buf, b"abcd", "a file that grew is cut at its header's size");
+    }
 
     #[test]
     fn revision_dir_takes_the_first_numbered_reference() {

@@ -356,7 +356,7 @@ pub async fn run_drill(
     let files = work.path().join("set");
     std::fs::create_dir(&files).map_err(|e| format!("cannot create {}: {e}", files.display()))?;
     let (reports, _) =
-        crate::verify::fetch_set(dest.as_ref(), &set, &files, identities, &|_, _, _| {})
+        crate::verify::fetch_set(dest.as_ref(), &set, &files, identities, None, &|_, _, _| {})
             .await
             .map_err(|e| e.to_string())?;
     let bad: Vec<String> = reports

@@ -392,6 +392,63 @@ pub fn missing_identity(set: &CatalogSet, identities: Option<&Identities>) -> Op
     }
 }
 
+/// Why OpenShift's `cluster-restore.sh` cannot take a set's directory as it
+/// is. The script needs the snapshot (`snapshot_<ts>.db`) and the
+/// static-pod resources of an OpenShift master
+/// (`static_kuberesources_<ts>.tar.gz`), both in plain form; given a
+/// directory without the tarball, it stops etcd and moves the data directory
+/// away before it fails, leaving the node half restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotForRestoreScript {
+    /// The set was taken with a layout other than `openshift`.
+    #[error("set {set} was taken with resources.layout: {layout} ({what}), so cluster-restore.sh cannot use it: it needs static_kuberesources_*.tar.gz from an OpenShift master (resources.layout: openshift); restore the snapshot with `etcd-backup-agent restore` instead, or pass --snapshot-only to fetch the snapshot alone")]
+    Layout {
+        /// `<cluster>/<node>/<timestamp>`.
+        set: String,
+        /// The manifest's `resources_layout`.
+        layout: String,
+        /// What that layout means for the set.
+        what: &'static str,
+    },
+    /// The manifest names no resources tarball.
+    #[error("set {set} lists no static-pod resources tarball in its manifest, so cluster-restore.sh cannot use it: it needs static_kuberesources_*.tar.gz from an OpenShift master; restore the snapshot with `etcd-backup-agent restore` instead, or pass --snapshot-only to fetch the snapshot alone")]
+    NoResources {
+        /// `<cluster>/<node>/<timestamp>`.
+        set: String,
+    },
+}
+
+/// Whether the files of `set`, once fetched in plain form, make a directory
+/// `cluster-restore.sh` accepts: an `openshift` layout with a resources
+/// tarball. (Encryption is the other condition; it depends on the key at
+/// hand, so the caller checks it.)
+///
+/// # Errors
+/// Why the script cannot use the set.
+pub fn restore_script_ready(set: &CatalogSet) -> Result<(), NotForRestoreScript> {
+    let layout = set.manifest.resources_layout.as_str();
+    if layout != "openshift" {
+        let what = match layout {
+            "none" => "no static-pod resources",
+            "kubeadm" => "kubeadm's manifests and pki, not an OpenShift master's resources",
+            _ => "a layout this agent does not know",
+        };
+        return Err(NotForRestoreScript::Layout {
+            set: set.id.dir(),
+            layout: layout.to_string(),
+            what,
+        });
+    }
+    if set
+        .manifest
+        .file(etcd_backup_proto::FileKind::Resources)
+        .is_none()
+    {
+        return Err(NotForRestoreScript::NoResources { set: set.id.dir() });
+    }
+    Ok(())
+}
+
 /// The name `fetch` gives a file locally: decrypted files get their plaintext name.
 pub fn local_name(entry: &ManifestFile, decrypting: bool) -> &str {
     if decrypting {
@@ -428,8 +485,8 @@ pub async fn verify_set(
 /// `<name>.partial`, synced, checked, and only then renamed to `<name>`; a file
 /// that fails its check is deleted. With `identities`, encrypted files are
 /// written decrypted, under their plaintext names (`snapshot_<ts>.db`);
-/// without, as stored. Returns the reports and the final paths of the files
-/// that passed.
+/// without, as stored. With `only`, just the file of that kind. Returns the
+/// reports and the final paths of the files that passed.
 ///
 /// # Errors
 /// As [`check_file`].
@@ -438,12 +495,18 @@ pub async fn fetch_set(
     set: &CatalogSet,
     dir: &Path,
     identities: Option<&Identities>,
+    only: Option<etcd_backup_proto::FileKind>,
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<(Vec<FileReport>, Vec<PathBuf>), CheckError> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut reports = Vec::new();
     let mut written = Vec::new();
-    for entry in &set.manifest.files {
+    let wanted = set
+        .manifest
+        .files
+        .iter()
+        .filter(|f| only.is_none_or(|k| f.kind == k));
+    for entry in wanted {
         let local_name = local_name(entry, identities.is_some());
         let final_path = dir.join(local_name);
         let partial = dir.join(format!("{local_name}{}", etcd_backup_proto::PARTIAL_SUFFIX));

@@ -124,6 +124,11 @@ pub struct SetSummary {
     /// Whether the data files are encrypted (an identity is needed to restore).
     #[serde(default)]
     pub encrypted: bool,
+    /// The static-pod resources layout the set was taken with (`openshift`,
+    /// `kubeadm`, `none`): only `openshift` sets are cluster-restore.sh
+    /// directories. Empty when an older agent's answer does not say.
+    #[serde(default)]
+    pub layout: String,
 }
 
 /// A set directory that is not a complete set.

@@ -3,7 +3,9 @@
 //! A set lives at `<cluster>/<node>/<ts>/` below a destination's base, and holds
 //! `snapshot_<ts>.db`, `static_kuberesources_<ts>.tar.gz` and `manifest.json`.
 //! `<ts>` is UTC `YYYY-MM-DD_HHMMSS`, the shape OpenShift's `cluster-backup.sh`
-//! uses, so a fetched set directory can be handed to `cluster-restore.sh` as it is.
+//! uses, so the directory of an `openshift`-layout set, in plain form (as
+//! stored when not encrypted, else as `fetch --identity` writes it), can be
+//! handed to `cluster-restore.sh` as it is; other sets cannot.
 
 use std::fmt;
 use std::str::FromStr;

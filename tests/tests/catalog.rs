@@ -1,6 +1,7 @@
 //! Stored sets: `list` shows the complete ones, `verify` catches any changed
 //! byte on either destination, `fetch` hands over only verified files in the
-//! layout `cluster-restore.sh` expects.
+//! layout `cluster-restore.sh` expects, and refuses to present a set the
+//! script cannot use as one.
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +9,7 @@ use etcd_backup_proto::api::SetList;
 use etcd_backup_proto::{FileKind, Manifest};
 use etcd_backup_tests::agent::{backup, run_agent, AgentConfig};
 use etcd_backup_tests::etcd::{snapshot_status, EtcdServer};
-use etcd_backup_tests::fixtures::{kubeadm_tree, tar_gz_entries};
+use etcd_backup_tests::fixtures::{kubeadm_tree, openshift_tree, tar_gz_entries};
 use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
 use etcd_backup_tests::{complete_sets, files_below};
 
@@ -27,13 +28,13 @@ struct Stored {
     expected_tar: Vec<String>,
 }
 
-/// One backup with a kubeadm resources tree, to `cfg`'s destination, whose
+/// One backup with an OpenShift resources tree, to `cfg`'s destination, whose
 /// files live below `files_root` on this machine.
 fn store(etcd: &EtcdServer, work: &Path, mut cfg: AgentConfig, files_root: &Path) -> Stored {
     let root = work.join("etc-kubernetes");
     std::fs::create_dir_all(&root).unwrap();
-    let expected_tar = kubeadm_tree(&root);
-    cfg.layout = "kubeadm".into();
+    let expected_tar = openshift_tree(&root);
+    cfg.layout = "openshift".into();
     cfg.root = Some(root);
     let config = cfg.write(work);
     backup(&config).assert_code(0);
@@ -157,6 +158,14 @@ fn fetch_hands_over_verified_files_in_the_cluster_restore_layout() {
         out.to_str().unwrap(),
     ]);
     run.assert_code(0);
+    assert!(
+        run.stdout.contains(&format!(
+            "{} is a cluster-restore.sh directory",
+            out.display()
+        )),
+        "{}",
+        run.stdout
+    );
     let mut names: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -191,7 +200,8 @@ fn fetch_hands_over_verified_files_in_the_cluster_restore_layout() {
     run.assert_code(2);
     assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
 
-    // A corrupted snapshot is never left under its final name.
+    // A corrupted snapshot leaves nothing behind: no directory that looks
+    // like a set with one file missing, nothing in an existing directory.
     flip_byte(&s.set_dir.join(ts.snapshot_file_name()), 1000);
     let out2 = work.path().join("second");
     let run = run_agent(&[
@@ -203,11 +213,36 @@ fn fetch_hands_over_verified_files_in_the_cluster_restore_layout() {
         out2.to_str().unwrap(),
     ]);
     run.assert_code(1);
-    let left: Vec<String> = files_below(&out2);
+    assert!(run.stderr.contains("nothing was written"), "{}", run.stderr);
+    assert!(!out2.exists(), "{:?}", files_below(&out2));
+    std::fs::create_dir(&out2).unwrap();
+    let run = run_agent(&[
+        "fetch",
+        "--config",
+        config,
+        &ts.to_string(),
+        "--to",
+        out2.to_str().unwrap(),
+    ]);
+    run.assert_code(1);
     assert_eq!(
-        left,
-        vec![ts.resources_file_name()],
-        "only the good file may be kept"
+        std::fs::read_dir(&out2).unwrap().count(),
+        0,
+        "{:?}",
+        files_below(&out2)
+    );
+    assert_eq!(
+        std::fs::read_dir(work.path())
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".etcd-backup-fetch-"))
+            .count(),
+        0,
+        "the staging directory was removed"
     );
 
     // Unknown sets and bad names are named.
@@ -277,4 +312,200 @@ fn list_shows_complete_sets_and_leftovers_only_on_request() {
     assert!(table.stdout.starts_with("TIME (UTC)"), "{}", table.stdout);
     assert!(table.stdout.contains(&mine.sets[0].set), "{}", table.stdout);
     assert!(!table.stdout.contains("2020-01-01"), "{}", table.stdout);
+}
+
+/// `fetch --snapshot-only` into a new `out`: exit 0, the snapshot alone,
+/// restorable by the real etcdutl/etcdctl, and said not to be a
+/// cluster-restore.sh directory.
+fn fetch_snapshot_only(config: &Path, out: &Path, manifest: &Manifest) {
+    let run = run_agent(&[
+        "fetch",
+        "--config",
+        config.to_str().unwrap(),
+        "latest",
+        "--snapshot-only",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains(&format!(
+            "{} holds the snapshot only and is not a cluster-restore.sh directory",
+            out.display()
+        )),
+        "{}",
+        run.stdout
+    );
+    let snapshot = manifest.timestamp.snapshot_file_name();
+    assert_eq!(files_below(out), vec![snapshot.clone()]);
+    let status = snapshot_status(&out.join(&snapshot));
+    assert_eq!(
+        status["totalSize"].as_u64().unwrap() + 32,
+        manifest.file(FileKind::Snapshot).unwrap().size
+    );
+}
+
+/// The refusal: exit 1, the reason, `etcd-backup-agent restore` and
+/// `--snapshot-only` named, and nothing written (a new DIR is not created,
+/// an existing empty one stays empty).
+fn assert_fetch_refused(config: &Path, out: &Path, reason: &str) {
+    for existing in [false, true] {
+        if existing {
+            std::fs::create_dir(out).unwrap();
+        }
+        let run = run_agent(&[
+            "fetch",
+            "--config",
+            config.to_str().unwrap(),
+            "latest",
+            "--to",
+            out.to_str().unwrap(),
+        ]);
+        run.assert_code(1);
+        for needle in [
+            "cluster-restore.sh cannot use it",
+            "static_kuberesources_*.tar.gz from an OpenShift master",
+            "etcd-backup-agent restore",
+            "--snapshot-only",
+            reason,
+        ] {
+            assert!(run.stderr.contains(needle), "{needle}: {}", run.stderr);
+        }
+        assert!(
+            !run.stdout.contains("is a cluster-restore.sh directory"),
+            "{}",
+            run.stdout
+        );
+        if existing {
+            assert_eq!(std::fs::read_dir(out).unwrap().count(), 0);
+            std::fs::remove_dir(out).unwrap();
+        } else {
+            assert!(!out.exists(), "{:?}", files_below(out));
+        }
+    }
+}
+
+fn only_manifest(dest: &Path) -> (PathBuf, Manifest) {
+    let sets = complete_sets(dest);
+    assert_eq!(sets.len(), 1, "{:?}", files_below(dest));
+    let dir = dest.join(&sets[0]);
+    let m = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    (dir, m)
+}
+
+#[test]
+fn fetch_refuses_sets_cluster_restore_sh_cannot_use_unless_snapshot_only() {
+    let etcd = EtcdServer::start();
+    for layout in ["none", "kubeadm"] {
+        let work = tempfile::tempdir().unwrap();
+        let dest = work.path().join("backups");
+        let mut cfg = AgentConfig::new(&etcd, &dest);
+        cfg.layout = layout.into();
+        if layout == "kubeadm" {
+            let root = work.path().join("etc-kubernetes");
+            std::fs::create_dir_all(&root).unwrap();
+            kubeadm_tree(&root);
+            cfg.root = Some(root);
+        }
+        let config = cfg.write(work.path());
+        backup(&config).assert_code(0);
+        let (_, manifest) = only_manifest(&dest);
+        let reason = format!("resources.layout: {layout}");
+        assert_fetch_refused(&config, &work.path().join("fetched"), &reason);
+        fetch_snapshot_only(&config, &work.path().join("snapshot-only"), &manifest);
+    }
+
+    // An openshift set whose manifest lists no tarball is refused too.
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("backups");
+    let s = store(&etcd, work.path(), AgentConfig::new(&etcd, &dest), &dest);
+    let manifest_path = s.set_dir.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    manifest["files"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|f| f["kind"] != "resources");
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+    std::fs::remove_file(s.set_dir.join(s.manifest.timestamp.resources_file_name())).unwrap();
+    verify(&s.config, "latest").assert_code(0);
+    assert_fetch_refused(
+        &s.config,
+        &work.path().join("fetched"),
+        "lists no static-pod resources tarball",
+    );
+}
+
+#[test]
+fn fetch_snapshot_only_of_an_openshift_set_takes_the_snapshot_alone() {
+    let etcd = EtcdServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("backups");
+    let s = store(&etcd, work.path(), AgentConfig::new(&etcd, &dest), &dest);
+    fetch_snapshot_only(&s.config, &work.path().join("snapshot-only"), &s.manifest);
+}
+
+#[test]
+fn list_shows_each_sets_layout_in_the_table_and_json() {
+    let etcd = EtcdServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("backups");
+    let root = work.path().join("etc-kubernetes");
+    std::fs::create_dir_all(&root).unwrap();
+    openshift_tree(&root);
+    let mut config = PathBuf::new();
+    for (i, layout) in ["none", "openshift"].into_iter().enumerate() {
+        let mut cfg = AgentConfig::new(&etcd, &dest);
+        cfg.node_name = format!("master-{i}");
+        cfg.layout = layout.into();
+        cfg.root = Some(root.clone());
+        let dir = work.path().join(layout);
+        std::fs::create_dir_all(&dir).unwrap();
+        config = cfg.write(&dir);
+        backup(&config).assert_code(0);
+    }
+    let run = run_agent(&[
+        "list",
+        "--config",
+        config.to_str().unwrap(),
+        "--all-nodes",
+        "-o",
+        "json",
+    ]);
+    run.assert_code(0);
+    let list: SetList = serde_json::from_str(&run.stdout).unwrap();
+    let mut layouts: Vec<(String, String)> = list
+        .sets
+        .iter()
+        .map(|s| (s.node.clone(), s.layout.clone()))
+        .collect();
+    layouts.sort();
+    assert_eq!(
+        layouts,
+        [
+            ("master-0".to_string(), "none".to_string()),
+            ("master-1".to_string(), "openshift".to_string())
+        ]
+    );
+    let raw: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert!(raw["sets"][0]["layout"].is_string(), "{raw}");
+
+    let table = run_agent(&["list", "--config", config.to_str().unwrap(), "--all-nodes"]);
+    table.assert_code(0);
+    let mut lines = table.stdout.lines();
+    let header = lines.next().unwrap();
+    let column = header.find("LAYOUT").unwrap_or_else(|| panic!("{header}"));
+    for line in lines {
+        let value = line[column..].split_whitespace().next().unwrap();
+        let want = if line.contains("master-0") {
+            "none"
+        } else {
+            "openshift"
+        };
+        assert_eq!(value, want, "{}", table.stdout);
+    }
 }

@@ -15,7 +15,7 @@ use etcd_backup_tests::agent::{backup, run_agent, AgentConfig, AgentRun};
 use etcd_backup_tests::etcd::{
     dump, restore_and_start, snapshot_status, write_history, EtcdServer,
 };
-use etcd_backup_tests::fixtures::{kubeadm_tree, tar_gz_entries};
+use etcd_backup_tests::fixtures::{openshift_tree, tar_gz_entries};
 use etcd_backup_tests::sshd::{ClientKey, KeyKind};
 use etcd_backup_tests::{complete_sets, files_below, require_tool};
 
@@ -133,7 +133,7 @@ impl Fixture {
     }
 }
 
-/// A real etcd with history, a kubeadm tree, and one encrypted backup to an
+/// A real etcd with history, an OpenShift tree, and one encrypted backup to an
 /// age key and an SSH ed25519 key (in the config) and an SSH RSA key (in a
 /// recipients file with comments).
 async fn encrypted_set() -> Fixture {
@@ -159,10 +159,10 @@ async fn encrypted_set() -> Fixture {
 
     let root = work.path().join("etc-kubernetes");
     std::fs::create_dir_all(&root).unwrap();
-    let expected_tar = kubeadm_tree(&root);
+    let expected_tar = openshift_tree(&root);
     let dest = work.path().join("backups");
     let mut cfg = AgentConfig::new(&etcd, &dest);
-    cfg.layout = "kubeadm".into();
+    cfg.layout = "openshift".into();
     cfg.root = Some(root);
     cfg.extra = format!(
         "encryption:\n  recipients:\n    - {}\n    - {}\n  recipients_file: {}\n",
@@ -302,6 +302,11 @@ async fn encrypted_sets_decrypt_with_the_age_tool_to_the_exact_plaintext_and_res
         &f.ed25519.private_key,
     );
     run.assert_code(0);
+    assert!(
+        run.stdout.contains("is a cluster-restore.sh directory"),
+        "{}",
+        run.stdout
+    );
     let mut names = files_below(&out);
     names.sort();
     let mut want = vec![ts.snapshot_file_name(), ts.resources_file_name()];
@@ -311,12 +316,21 @@ async fn encrypted_sets_decrypt_with_the_age_tool_to_the_exact_plaintext_and_res
         let name = path.file_name().unwrap();
         assert!(std::fs::read(out.join(name)).unwrap() == *bytes, "{name:?}");
     }
-    // Without one, it hands over the ciphertext as stored, and says so.
+    // Without one, it hands over the ciphertext as stored, and says the
+    // directory is not one for cluster-restore.sh.
     let out = f.work.path().join("fetched-sealed");
     let run = f.run(&["fetch", "latest", "--to", out.to_str().unwrap()]);
     run.assert_code(0);
     assert!(
-        run.stdout.contains("cluster-restore.sh cannot use them"),
+        run.stdout.contains(&format!(
+            "{} is not a cluster-restore.sh directory while the files are encrypted",
+            out.display()
+        )),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        !run.stdout.contains("is a cluster-restore.sh directory"),
         "{}",
         run.stdout
     );

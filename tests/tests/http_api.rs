@@ -201,6 +201,8 @@ async fn every_answer_of_the_real_agent_matches_its_openapi_document() {
         let list = spec.check("/v1/backups", Method::GET, r).await;
         if !list["sets"].as_array().unwrap().is_empty() {
             assert_eq!(list["runs"][0]["id"], id.as_str());
+            // AgentConfig's default layout; `list` and the API say which.
+            assert_eq!(list["sets"][0]["layout"], "none", "{list}");
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(10), "{list}");

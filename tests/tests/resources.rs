@@ -6,7 +6,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use etcd_backup_proto::{FileKind, Manifest};
 use etcd_backup_tests::agent::{backup, AgentConfig};
 use etcd_backup_tests::etcd::EtcdServer;
-use etcd_backup_tests::fixtures::{kubeadm_tree, openshift_tree, tar_gz_entries};
+use etcd_backup_tests::fixtures::{
+    gnu_tar_comparison_tree, gunzip, kubeadm_tree, openshift_tree, tar_gz_entries, tar_gz_headers,
+};
 use etcd_backup_tests::{complete_sets, files_below};
 use sha2::{Digest, Sha256};
 
@@ -170,4 +172,119 @@ fn revision_directory_that_is_a_symlink_out_of_root_is_refused() {
     assert!(run.stderr.contains("etcd-pod-2"), "{}", run.stderr);
     assert!(run.stderr.contains("symbolic link"), "{}", run.stderr);
     assert!(files_below(&dest).is_empty());
+}
+
+/// What `cluster-backup.sh` runs, on the same tree and paths: GNU tar, with
+/// `--sort=name` so its walk has the agent's (sorted) order.
+fn gnu_tar_czf(root: &std::path::Path, paths: &[String], out: &std::path::Path) {
+    etcd_backup_tests::require_tool("tar", "tar");
+    let status = std::process::Command::new("tar")
+        .arg("-cpzf")
+        .arg(out)
+        .arg("--sort=name")
+        .arg("-C")
+        .arg(root)
+        .args(paths)
+        .status()
+        .expect("run GNU tar");
+    assert!(status.success(), "GNU tar failed: {status}");
+}
+
+#[test]
+fn tarball_headers_are_the_ones_gnu_tar_writes_entry_by_entry() {
+    let etcd = EtcdServer::start();
+    let (b, top_level, root) = back_up_tree(&etcd, "openshift", gnu_tar_comparison_tree);
+    let gnu = b._work.path().join("gnu.tar.gz");
+    gnu_tar_czf(&root, &top_level, &gnu);
+    let ours = tar_gz_headers(&b.tarball);
+    let theirs = tar_gz_headers(&gnu);
+
+    // The fixture has what the comparison is about, in GNU tar's own archive.
+    for (what, found) in [
+        (
+            "a directory with a trailing /",
+            theirs
+                .iter()
+                .any(|h| h.kind == '5' && h.path.ends_with('/')),
+        ),
+        (
+            "a 0755 file",
+            theirs.iter().any(|h| h.kind == '0' && h.mode == 0o755),
+        ),
+        (
+            "a 0600 file",
+            theirs.iter().any(|h| h.kind == '0' && h.mode == 0o600),
+        ),
+        (
+            "a 0644 file",
+            theirs.iter().any(|h| h.kind == '0' && h.mode == 0o644),
+        ),
+        ("a symlink", theirs.iter().any(|h| h.kind == '2')),
+        ("a hard link", theirs.iter().any(|h| h.kind == '1')),
+        (
+            "a path over 100 bytes",
+            theirs.iter().any(|h| h.path.len() > 100),
+        ),
+        (
+            "a link target over 100 bytes",
+            theirs
+                .iter()
+                .any(|h| h.link.as_ref().is_some_and(|l| l.len() > 100)),
+        ),
+        (
+            "a symlink with a long name and a long target",
+            theirs.iter().any(|h| {
+                h.kind == '2'
+                    && h.path.len() > 100
+                    && h.link.as_ref().is_some_and(|l| l.len() > 100)
+            }),
+        ),
+        (
+            "a hard link to a path over 100 bytes",
+            theirs
+                .iter()
+                .any(|h| h.kind == '1' && h.link.as_ref().is_some_and(|l| l.len() > 100)),
+        ),
+        (
+            "root/root",
+            theirs
+                .iter()
+                .any(|h| h.uid == 0 && h.uname == "root" && h.gname == "root"),
+        ),
+        (
+            "an owner with no name",
+            theirs
+                .iter()
+                .any(|h| h.uid == 424_242 && h.uname.is_empty()),
+        ),
+    ] {
+        assert!(found, "the fixture lacks {what}: {theirs:#?}");
+    }
+
+    for (i, (o, t)) in ours.iter().zip(&theirs).enumerate() {
+        assert_eq!(
+            o, t,
+            "entry {i} differs (left: the agent's, right: GNU tar's)"
+        );
+    }
+    assert_eq!(
+        ours.len(),
+        theirs.len(),
+        "entry counts differ; the agent's: {:#?}\nGNU tar's: {:#?}",
+        ours.iter().map(|h| &h.path).collect::<Vec<_>>(),
+        theirs.iter().map(|h| &h.path).collect::<Vec<_>>()
+    );
+
+    // Field by field equal is the point; byte for byte (long-name entries,
+    // checksum spelling, end-of-archive padding) shows nothing was missed.
+    let (ours, theirs) = (gunzip(&b.tarball), gunzip(&gnu));
+    assert_eq!(ours.len(), theirs.len(), "uncompressed lengths differ");
+    if let Some(at) = ours.iter().zip(&theirs).position(|(a, b)| a != b) {
+        let block = at / 512 * 512;
+        panic!(
+            "uncompressed archives first differ at byte {at} (block at {block}):\nours:   {:?}\ntheirs: {:?}",
+            String::from_utf8_lossy(&ours[block..block + 512]),
+            String::from_utf8_lossy(&theirs[block..block + 512])
+        );
+    }
 }
