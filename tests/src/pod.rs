@@ -317,3 +317,116 @@ pub fn sftp_secret(files: &[(&str, String)]) -> Secret {
     );
     secret
 }
+
+/// What the kubelet mounts at one of the agent container's volumeMounts.
+#[derive(Debug, Clone)]
+pub struct PodMount {
+    /// The volumeMount's mountPath.
+    pub mount_path: String,
+    /// The file or directory mounted there: a hostPath under the fake host,
+    /// or the volume's contents written out under the volumes directory.
+    pub source: PathBuf,
+    /// Read-only in the container: as the volumeMount says for hostPath and
+    /// emptyDir; always for ConfigMaps and Secrets, as the kubelet mounts them.
+    pub read_only: bool,
+    /// An emptyDir: a fresh directory (`memory`: a tmpfs).
+    pub empty_dir: Option<EmptyDirMedium>,
+}
+
+/// Where an emptyDir lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmptyDirMedium {
+    /// The node's disk (no medium set).
+    Disk,
+    /// `medium: Memory`, a tmpfs.
+    Memory,
+}
+
+/// The agent container's volumeMounts as the kubelet would resolve them, parents
+/// before children: each hostPath under `host`, each ConfigMap's and Secret's
+/// keys written out under `volumes_dir` (the Secret's with its `defaultMode`),
+/// each emptyDir a new directory there, with subPath and subPathExpr applied.
+/// Panics if a mount's source does not exist (for a hostPath subPath the
+/// kubelet would create an empty directory instead).
+pub fn pod_mounts(
+    host: &Path,
+    volumes_dir: &Path,
+    objects: &[Value],
+    ds: &DaemonSet,
+    secret: &Secret,
+) -> Vec<PodMount> {
+    let c = agent_container(ds);
+    let mut mounts = c.volume_mounts.clone().unwrap_or_default();
+    mounts.sort_by_key(|m| m.mount_path.len());
+    let mut out = Vec::new();
+    for m in &mounts {
+        let v = volume(ds, &m.name);
+        let mut read_only = m.read_only.unwrap_or(false);
+        let mut empty_dir = None;
+        let source_dir = if let Some(hp) = &v.host_path {
+            let p = host.join(hp.path.trim_start_matches('/'));
+            if hp.type_.as_deref() == Some("Directory") {
+                assert!(p.is_dir(), "hostPath {} must be a directory", hp.path);
+            }
+            p
+        } else if let Some(cm) = &v.config_map {
+            let cm: ConfigMap = find(objects, "ConfigMap")
+                .into_iter()
+                .map(|o| roundtrip::<ConfigMap>(o).unwrap())
+                .find(|c| c.metadata.name.as_deref() == Some(cm.name.as_str()))
+                .unwrap_or_else(|| panic!("ConfigMap {} is not rendered", cm.name));
+            let dir = volumes_dir.join(&m.name);
+            for (k, text) in cm.data.unwrap_or_default() {
+                write_file(&dir.join(k), text.as_bytes(), 0o644);
+            }
+            read_only = true;
+            dir
+        } else if let Some(s) = &v.secret {
+            assert_eq!(s.secret_name.as_deref(), secret.metadata.name.as_deref());
+            let mode = u32::try_from(s.default_mode.unwrap_or(0o644)).unwrap();
+            let dir = volumes_dir.join(&m.name);
+            for (k, text) in secret.string_data.clone().unwrap_or_default() {
+                write_file(&dir.join(k), text.as_bytes(), mode);
+            }
+            for (k, bytes) in secret.data.clone().unwrap_or_default() {
+                write_file(&dir.join(k), &bytes.0, mode);
+            }
+            read_only = true;
+            dir
+        } else if let Some(e) = &v.empty_dir {
+            empty_dir = Some(match e.medium.as_deref() {
+                Some("Memory") => EmptyDirMedium::Memory,
+                None | Some("") => EmptyDirMedium::Disk,
+                Some(other) => panic!("emptyDir medium {other:?} is not simulated"),
+            });
+            let dir = volumes_dir.join(&m.name);
+            std::fs::create_dir_all(&dir).unwrap();
+            dir
+        } else {
+            panic!("volume {} is of a kind this test does not simulate", v.name);
+        };
+        let sub = match (&m.sub_path, &m.sub_path_expr) {
+            (Some(s), None) => Some(s.clone()),
+            (None, Some(e)) => Some(expand(e, c)),
+            (None, None) => None,
+            (Some(_), Some(_)) => panic!("{}: subPath and subPathExpr", m.mount_path),
+        };
+        let source = match sub {
+            Some(s) => source_dir.join(s),
+            None => source_dir,
+        };
+        assert!(
+            source.exists(),
+            "the mount at {} has no source: {} does not exist on the node",
+            m.mount_path,
+            source.display()
+        );
+        out.push(PodMount {
+            mount_path: m.mount_path.clone(),
+            source,
+            read_only,
+            empty_dir,
+        });
+    }
+    out
+}

@@ -27,8 +27,8 @@ use etcd_backup_tests::agent::agent_bin;
 use etcd_backup_tests::etcd::EtcdServer;
 use etcd_backup_tests::fixtures::tar_gz_entries;
 use etcd_backup_tests::pod::{
-    agent_config_text, agent_container, daemonset, expand, fake_master, find, manifests, one,
-    pod_spec, read, render, repo, roundtrip, run_ok, sftp_secret, tool, volume, write_file, yaml,
+    agent_config_text, agent_container, daemonset, fake_master, find, manifests, one, pod_mounts,
+    pod_spec, read, render, repo, roundtrip, run_ok, sftp_secret, tool, volume, yaml,
     yaml_documents, Platform, NODE, OVERLAYS,
 };
 use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
@@ -950,78 +950,20 @@ fn overlay_configs_differ_only_in_the_platform_keys() {
 // ---------------------------------------------------------------------------
 
 /// Builds the agent container's file system under `root`, as the kubelet
-/// would mount it: each volumeMount's source (a hostPath under `host`, or a
-/// ConfigMap's or Secret's keys written out with the volume's mode) is copied
-/// to its mountPath, parents before children, symbolic links kept as links.
-/// A copy, not a link, so paths resolve inside `root` as they do in the pod.
-/// Panics if a mount's source does not exist (for a hostPath subPath the
-/// kubelet would create an empty directory instead).
+/// would mount it ([`pod_mounts`]): each mount's source is copied to its
+/// mountPath, parents before children, symbolic links kept as links. A copy,
+/// not a link, so paths resolve inside `root` as they do in the pod.
 fn mount_pod(root: &Path, host: &Path, objects: &[Value], ds: &DaemonSet, secret: &Secret) {
-    let c = agent_container(ds);
     let volumes_dir = root.with_file_name("volumes");
-    let mut mounts = c.volume_mounts.clone().unwrap_or_default();
-    mounts.sort_by_key(|m| m.mount_path.len());
-    for m in &mounts {
-        let v = volume(ds, &m.name);
-        let source_dir = if let Some(hp) = &v.host_path {
-            let p = host.join(hp.path.trim_start_matches('/'));
-            if hp.type_.as_deref() == Some("Directory") {
-                assert!(p.is_dir(), "hostPath {} must be a directory", hp.path);
-            }
-            p
-        } else if let Some(cm) = &v.config_map {
-            let cm: ConfigMap = find(objects, "ConfigMap")
-                .into_iter()
-                .map(|o| roundtrip::<ConfigMap>(o).unwrap())
-                .find(|c| c.metadata.name.as_deref() == Some(cm.name.as_str()))
-                .unwrap_or_else(|| panic!("ConfigMap {} is not rendered", cm.name));
-            let dir = volumes_dir.join(&m.name);
-            for (k, text) in cm.data.unwrap_or_default() {
-                write_file(&dir.join(k), text.as_bytes(), 0o644);
-            }
-            dir
-        } else if let Some(s) = &v.secret {
-            assert_eq!(s.secret_name.as_deref(), secret.metadata.name.as_deref());
-            let mode = u32::try_from(s.default_mode.unwrap_or(0o644)).unwrap();
-            let dir = volumes_dir.join(&m.name);
-            for (k, text) in secret.string_data.clone().unwrap_or_default() {
-                write_file(&dir.join(k), text.as_bytes(), mode);
-            }
-            for (k, bytes) in secret.data.clone().unwrap_or_default() {
-                write_file(&dir.join(k), &bytes.0, mode);
-            }
-            dir
-        } else if v.empty_dir.is_some() {
-            let dir = volumes_dir.join(&m.name);
-            std::fs::create_dir_all(&dir).unwrap();
-            dir
-        } else {
-            panic!("volume {} is of a kind this test does not simulate", v.name);
-        };
-        let sub = match (&m.sub_path, &m.sub_path_expr) {
-            (Some(s), None) => Some(s.clone()),
-            (None, Some(e)) => Some(expand(e, c)),
-            (None, None) => None,
-            (Some(_), Some(_)) => panic!("{}: subPath and subPathExpr", m.mount_path),
-        };
-        let source = match sub {
-            Some(s) => source_dir.join(s),
-            None => source_dir,
-        };
-        assert!(
-            source.exists(),
-            "the mount at {} has no source: {} does not exist on the node",
-            m.mount_path,
-            source.display()
-        );
+    for m in pod_mounts(host, &volumes_dir, objects, ds, secret) {
         let target = root.join(m.mount_path.trim_start_matches('/'));
         std::fs::create_dir_all(target.parent().unwrap()).unwrap();
         if target.is_dir() {
             std::fs::remove_dir_all(&target).unwrap();
         }
         run_ok(
-            Command::new("cp").arg("-a").arg(&source).arg(&target),
-            &format!("cp -a {} {}", source.display(), target.display()),
+            Command::new("cp").arg("-a").arg(&m.source).arg(&target),
+            &format!("cp -a {} {}", m.source.display(), target.display()),
         );
     }
 }

@@ -26,14 +26,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use serde_json::Value;
 
 use etcd_backup_tests::etcd::EtcdServer;
 use etcd_backup_tests::pod::{
-    agent_config_text, agent_container, daemonset, expand, fake_master, find, render, repo,
-    roundtrip, run_ok, sftp_secret, tool, volume, write_file, yaml, Platform, NODE, OVERLAYS,
+    agent_config_text, agent_container, daemonset, expand, fake_master, pod_mounts, render, repo,
+    run_ok, sftp_secret, tool, write_file, yaml, EmptyDirMedium, Platform, NODE, OVERLAYS,
 };
 use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
 use etcd_backup_tests::tls::TlsFiles;
@@ -225,76 +223,31 @@ impl Pod {
 
         let volumes_dir = work.path().join("volumes");
         let mut scratch = Vec::new();
-        let mut mounts = c.volume_mounts.clone().unwrap_or_default();
-        mounts.sort_by_key(|m| m.mount_path.len());
-        for m in &mounts {
-            let v = volume(&ds, &m.name);
-            let mut read_only = m.read_only.unwrap_or(false);
-            let source_dir = if let Some(hp) = &v.host_path {
-                host.join(hp.path.trim_start_matches('/'))
-            } else if let Some(cm) = &v.config_map {
-                let cm_obj: ConfigMap = find(&objects, "ConfigMap")
-                    .into_iter()
-                    .map(|o| roundtrip::<ConfigMap>(o).unwrap())
-                    .find(|o| o.metadata.name.as_deref() == Some(cm.name.as_str()))
-                    .unwrap_or_else(|| panic!("ConfigMap {} is not rendered", cm.name));
-                let dir = volumes_dir.join(&m.name);
-                for (k, text) in cm_obj.data.unwrap_or_default() {
-                    let text = if k == "config.yaml" {
-                        config_text.clone()
-                    } else {
-                        text
-                    };
-                    write_file(&dir.join(k), text.as_bytes(), 0o644);
-                }
-                // The kubelet mounts ConfigMaps and Secrets read-only.
-                read_only = true;
-                dir
-            } else if let Some(s) = &v.secret {
-                assert_eq!(s.secret_name.as_deref(), secret.metadata.name.as_deref());
-                let mode = u32::try_from(s.default_mode.unwrap_or(0o644)).unwrap();
-                let dir = volumes_dir.join(&m.name);
-                let s: &Secret = &secret;
-                for (k, text) in s.string_data.clone().unwrap_or_default() {
-                    write_file(&dir.join(k), text.as_bytes(), mode);
-                }
-                read_only = true;
-                dir
-            } else if let Some(e) = &v.empty_dir {
-                if e.medium.as_deref() == Some("Memory") {
-                    assert!(m.sub_path.is_none() && m.sub_path_expr.is_none());
-                    for a in ["--tmpfs", &m.mount_path] {
-                        push(&mut sandbox, a);
-                    }
+        for m in pod_mounts(&host, &volumes_dir, &objects, &ds, &secret) {
+            match m.empty_dir {
+                Some(EmptyDirMedium::Memory) => {
+                    push(&mut sandbox, "--tmpfs");
+                    push(&mut sandbox, &m.mount_path);
                     continue;
                 }
-                let dir = volumes_dir.join(&m.name);
-                std::fs::create_dir_all(&dir).unwrap();
-                scratch.push((m.mount_path.clone(), dir.clone()));
-                dir
-            } else {
-                panic!("volume {} is of a kind this test does not simulate", v.name);
-            };
-            let sub = match (&m.sub_path, &m.sub_path_expr) {
-                (Some(s), None) => Some(s.clone()),
-                (None, Some(e)) => Some(expand(e, c)),
-                (None, None) => None,
-                (Some(_), Some(_)) => panic!("{}: subPath and subPathExpr", m.mount_path),
-            };
-            let source = match sub {
-                Some(s) => source_dir.join(s),
-                None => source_dir,
-            };
-            assert!(
-                source.exists(),
-                "the mount at {} has no source: {} does not exist on the node",
-                m.mount_path,
-                source.display()
+                Some(EmptyDirMedium::Disk) => {
+                    scratch.push((m.mount_path.clone(), m.source.clone()))
+                }
+                None => {}
+            }
+            push(
+                &mut sandbox,
+                if m.read_only { "--ro-bind" } else { "--bind" },
             );
-            push(&mut sandbox, if read_only { "--ro-bind" } else { "--bind" });
-            push(&mut sandbox, &source);
+            push(&mut sandbox, &m.source);
             push(&mut sandbox, &m.mount_path);
         }
+        // The overlay's config, with what differs from a real master.
+        write_file(
+            &volumes_dir.join("config/config.yaml"),
+            config_text.as_bytes(),
+            0o644,
+        );
         push(&mut sandbox, "--remount-ro");
         push(&mut sandbox, "/");
         // The image's environment, then the container's (NODE_NAME).
@@ -408,17 +361,6 @@ impl Drop for Running {
     }
 }
 
-fn emptydir_mounts(ds: &DaemonSet) -> Vec<String> {
-    let c = agent_container(ds);
-    c.volume_mounts
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|m| volume(ds, &m.name).empty_dir.is_some())
-        .map(|m| m.mount_path)
-        .collect()
-}
-
 #[test]
 fn in_the_image_each_overlay_becomes_ready_backs_up_on_schedule_and_on_trigger() {
     let image = image();
@@ -465,6 +407,9 @@ fn in_the_image_each_overlay_becomes_ready_backs_up_on_schedule_and_on_trigger()
             "{dir}: {first}"
         );
 
+        // Past the scheduled run's last step and its second (set names have
+        // one-second resolution), so the trigger starts a run of its own.
+        std::thread::sleep(Duration::from_secs(2));
         // `kubectl exec ... -- etcd-backup-agent trigger`: the distroless image
         // has no curl, so the agent asks its own daemon.
         let out = pod
@@ -477,8 +422,19 @@ fn in_the_image_each_overlay_becomes_ready_backs_up_on_schedule_and_on_trigger()
             output_text(&out),
             pod.log()
         );
+        let run: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{dir}: trigger's answer: {e}\n{}", output_text(&out)));
+        assert_eq!(run["trigger"], "http", "{dir}: {}", output_text(&out));
+        assert_eq!(run["state"], "succeeded", "{dir}: {}", output_text(&out));
         let sets = complete_sets(&pod.base);
-        assert_eq!(sets.len(), 2, "{dir}: {:?}", files_below(&pod.base));
+        assert_eq!(
+            sets.len(),
+            2,
+            "{dir}: {:?}\ntrigger: {}\nagent: {}",
+            files_below(&pod.base),
+            output_text(&out),
+            pod.log()
+        );
 
         // Both sets hold this master's resources, found through the mounts.
         for set in &sets {
@@ -540,9 +496,9 @@ fn in_the_image_drill_and_restore_work_with_the_etcd_tools_it_carries() {
         assert!(out.status.success(), "{dir}: backup\n{}", output_text(&out));
 
         // The etcd tools the image carries, as `kubectl exec` sees them.
-        for tool in ["etcd", "etcdctl"] {
+        for (tool, version) in [("etcd", "--version"), ("etcdctl", "version")] {
             let out = pod
-                .exec_program(&format!("/usr/local/bin/{tool}"), &["--version"])
+                .exec_program(&format!("/usr/local/bin/{tool}"), &[version])
                 .output()
                 .unwrap();
             assert!(
@@ -569,13 +525,8 @@ fn in_the_image_drill_and_restore_work_with_the_etcd_tools_it_carries() {
 
         // restore into the container's scratch volume, then start a member on
         // the restored data dir outside and read the keys back.
-        let objects = render(dir);
-        let ds = daemonset(&objects);
-        let scratch_mounts = emptydir_mounts(&ds);
-        let tmp = scratch_mounts
-            .iter()
-            .find(|m| m.as_str() == "/tmp")
-            .unwrap_or_else(|| panic!("{dir}: no emptyDir at /tmp: {scratch_mounts:?}"));
+        // The DaemonSet's one writable volume, the emptyDir at /tmp.
+        let tmp = "/tmp";
         let peer_port = free_port();
         let peer = format!("http://127.0.0.1:{peer_port}");
         let data_dir = format!("{tmp}/restored");
