@@ -485,6 +485,7 @@ impl SshServer {
 
     /// `sshd -t`: checks the config and keys without starting.
     fn config_test(&self) -> Result<(), String> {
+        ensure_privsep_dir();
         let out = Command::new(&self.sshd)
             .arg("-t")
             .arg("-f")
@@ -502,11 +503,7 @@ impl SshServer {
     /// Spawns `sshd -D -e -f CONFIG` and waits until it listens and answers
     /// with its banner.
     fn launch(&mut self) -> Result<(), LaunchError> {
-        if !Path::new("/run/sshd").is_dir() {
-            fs::create_dir_all("/run/sshd").expect("create sshd's privsep dir /run/sshd");
-            fs::set_permissions("/run/sshd", fs::Permissions::from_mode(0o755))
-                .expect("chmod /run/sshd");
-        }
+        ensure_privsep_dir();
         let log_start = fs::metadata(self.log_path()).map(|m| m.len()).unwrap_or(0) as usize;
         let log = OpenOptions::new()
             .create(true)
@@ -1097,5 +1094,16 @@ mod tests {
             .output()
             .unwrap();
         assert!(!out.status.success(), "a wrong password was accepted");
+    }
+}
+
+/// sshd (even `sshd -t`) refuses to run without its privilege separation
+/// directory, which only the init system's unit creates: a machine where sshd
+/// was installed but never started as a service has none.
+fn ensure_privsep_dir() {
+    if !Path::new("/run/sshd").is_dir() {
+        fs::create_dir_all("/run/sshd").expect("create sshd's privsep dir /run/sshd");
+        fs::set_permissions("/run/sshd", fs::Permissions::from_mode(0o755))
+            .expect("chmod /run/sshd");
     }
 }
