@@ -525,8 +525,8 @@ async fn keep_catalog(
         };
         match scanned {
             Ok(cat) => {
-                if let Some(newest) = cluster_newest(&cat) {
-                    metrics.set_cluster_last_success(&newest.id.node, newest.manifest.finished_at);
+                if let Some((node, at)) = cluster_newest(&cat) {
+                    metrics.set_cluster_last_success(node, at);
                 }
                 let own: Vec<&crate::catalog::CatalogSet> = cat
                     .sets
@@ -534,8 +534,13 @@ async fn keep_catalog(
                     .filter(|s| s.id.node == config.node_name)
                     .collect();
                 metrics.set_sets(own.len());
-                if let Some(latest) = own.last() {
-                    metrics.seed_last_success(latest.manifest.finished_at);
+                metrics.set_unrecognised(cat.needing_attention(&config.node_name));
+                if let Some(at) = finished_times(&cat)
+                    .filter(|(node, _)| *node == config.node_name)
+                    .map(|(_, at)| at)
+                    .max()
+                {
+                    metrics.seed_last_success(at);
                 }
                 let summaries = own.iter().rev().map(|s| s.summary()).collect();
                 if let Ok(mut s) = sets.write() {
@@ -552,12 +557,24 @@ async fn keep_catalog(
     }
 }
 
+/// When each set finished, with its node: complete sets, and sets with a
+/// newer manifest format (a downgraded agent still has those backups).
+fn finished_times(
+    cat: &crate::catalog::Catalog,
+) -> impl Iterator<Item = (&str, DateTime<Utc>)> + '_ {
+    cat.sets
+        .iter()
+        .map(|s| (s.id.node.as_str(), s.manifest.finished_at))
+        .chain(
+            cat.newer_format()
+                .filter_map(|l| Some((l.node.as_str(), l.finished_at?))),
+        )
+}
+
 /// The set that finished last, of any node (ties: the later node name, so
 /// every agent picks the same one).
-fn cluster_newest(cat: &crate::catalog::Catalog) -> Option<&crate::catalog::CatalogSet> {
-    cat.sets.iter().max_by(|a, b| {
-        (a.manifest.finished_at, &a.id.node).cmp(&(b.manifest.finished_at, &b.id.node))
-    })
+fn cluster_newest(cat: &crate::catalog::Catalog) -> Option<(&str, DateTime<Utc>)> {
+    finished_times(cat).max_by(|a, b| (a.1, a.0).cmp(&(b.1, b.0)))
 }
 
 async fn probe_readiness(config: Arc<Config>, ready: Arc<ReadyFlags>, stop: CancellationToken) {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Mutex;
 
-use etcd_backup_proto::api::SetList;
+use etcd_backup_proto::api::{LeftoverKind, SetList};
 
 use crate::catalog::{self, CatalogSet};
 use crate::cli::{Output, EXIT_FAILURE, EXIT_USAGE};
@@ -102,7 +102,24 @@ pub async fn list(
                 );
             }
             for l in &list.leftovers {
-                println!("partial  {}  ({}; {} file(s))", l.dir, l.why, l.files.len());
+                let what = match l.kind {
+                    LeftoverKind::OwnPartial => "partial",
+                    LeftoverKind::NewerFormat => "newer",
+                    LeftoverKind::Unrecognised => "unknown",
+                };
+                println!(
+                    "{what:<8} {}  ({}; {} file(s))",
+                    l.dir,
+                    l.why,
+                    l.files.len()
+                );
+            }
+            let attention = cat.leftovers.iter().filter(|l| l.needs_attention()).count();
+            if attention > 0 && !include_partial {
+                eprintln!(
+                    "{attention} entr{} this agent did not write or does not understand (never removed); see `list --include-partial`",
+                    if attention == 1 { "y" } else { "ies" }
+                );
             }
         }
     }
@@ -428,6 +445,9 @@ pub async fn prune(config: &Config, node: &str, dry_run: bool) -> ExitCode {
             "{verb:<12} {l}  (leftover older than stale_partial_after {})",
             crate::retention::format_duration(config.retention.stale_partial_after)
         );
+    }
+    for (dir, why) in &report.left_alone {
+        println!("{:<12} {dir}  ({why})", "leave alone");
     }
     let (kept, removed) = crate::retention::counts(&report.decisions);
     println!(

@@ -18,6 +18,9 @@ pub const MANIFEST_FILE_NAME: &str = "manifest.json";
 /// complete set; retention removes stale ones.
 pub const PARTIAL_SUFFIX: &str = ".partial";
 
+/// Suffix of a data file encrypted with age.
+pub const AGE_SUFFIX: &str = ".age";
+
 const TS_FORMAT: &str = "%Y-%m-%d_%H%M%S";
 
 /// The UTC second a backup run started, which names its set.
@@ -52,6 +55,27 @@ impl SetTimestamp {
     /// static-pod resources.
     pub fn resources_file_name(&self) -> String {
         format!("static_kuberesources_{self}.tar.gz")
+    }
+
+    /// Every name the agent gives a data file of this set, as stored: the
+    /// snapshot and the resources tarball, each plain or encrypted.
+    pub fn data_file_names(&self) -> [String; 4] {
+        let (snapshot, resources) = (self.snapshot_file_name(), self.resources_file_name());
+        [
+            format!("{snapshot}{AGE_SUFFIX}"),
+            format!("{resources}{AGE_SUFFIX}"),
+            snapshot,
+            resources,
+        ]
+    }
+
+    /// Whether `name` is one the agent writes while it builds this set and
+    /// renames when done: a data file's name or `manifest.json`, with
+    /// [`PARTIAL_SUFFIX`]. Only such files may be removed as leftovers.
+    pub fn is_own_partial(&self, name: &str) -> bool {
+        name.strip_suffix(PARTIAL_SUFFIX).is_some_and(|stem| {
+            stem == MANIFEST_FILE_NAME || self.data_file_names().iter().any(|n| n == stem)
+        })
     }
 }
 
@@ -164,6 +188,31 @@ mod tests {
             "latest",
         ] {
             assert!(bad.parse::<SetTimestamp>().is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn own_partials_are_exactly_the_names_the_agent_writes_for_that_set() {
+        let ts: SetTimestamp = "2026-11-24_120000".parse().unwrap();
+        for ok in [
+            "snapshot_2026-11-24_120000.db.partial",
+            "snapshot_2026-11-24_120000.db.age.partial",
+            "static_kuberesources_2026-11-24_120000.tar.gz.partial",
+            "static_kuberesources_2026-11-24_120000.tar.gz.age.partial",
+            "manifest.json.partial",
+        ] {
+            assert!(ts.is_own_partial(ok), "{ok:?}");
+        }
+        for bad in [
+            "snapshot_2026-11-24_120000.db",
+            "manifest.json",
+            "snapshot_2026-11-24_120001.db.partial",
+            "notes.txt.partial",
+            ".partial",
+            "snapshot_2026-11-24_120000.db.partial.partial",
+            "x/snapshot_2026-11-24_120000.db.partial",
+        ] {
+            assert!(!ts.is_own_partial(bad), "{bad:?}");
         }
     }
 

@@ -39,13 +39,14 @@ const NAMESPACE: &str = "etcd-backup";
 /// The node the simulated pod runs on.
 const NODE: &str = "master-0";
 /// The alerts the issue asks for, by name.
-const REQUIRED_ALERTS: [&str; 6] = [
+const REQUIRED_ALERTS: [&str; 7] = [
     "EtcdBackupTooOld",
     "EtcdBackupFailing",
     "EtcdBackupNeverSucceeded",
     "EtcdBackupClusterTooOld",
     "EtcdBackupClusterNeverSucceeded",
     "EtcdBackupAgentDown",
+    "EtcdBackupUnrecognisedEntries",
 ];
 
 // ---------------------------------------------------------------------------

@@ -164,10 +164,12 @@ impl super::Destination for LocalDir {
                 let Ok(name) = entry.file_name().into_string() else {
                     continue;
                 };
+                // DirEntry::metadata does not follow symbolic links.
                 let meta = entry.metadata().map_err(io("cannot stat", &entry.path()))?;
                 out.push(DirEntry {
                     name,
                     is_dir: meta.is_dir(),
+                    is_file: meta.file_type().is_file(),
                     size: if meta.is_dir() { 0 } else { meta.len() },
                     modified: meta.modified().ok(),
                 });

@@ -117,8 +117,11 @@ impl DestinationError {
 pub struct DirEntry {
     /// The entry's name (one path component).
     pub name: String,
-    /// Whether it is a directory.
+    /// Whether it is a directory (never true for a symbolic link to one: a
+    /// listing does not follow links).
     pub is_dir: bool,
+    /// Whether it is a regular file (not a symbolic link, device or socket).
+    pub is_file: bool,
     /// Size in bytes (0 for directories).
     pub size: u64,
     /// Last modification, when the destination reports it.

@@ -582,9 +582,11 @@ impl super::Destination for SftpDir {
             .filter(|e| e.file_name() != "." && e.file_name() != "..")
             .map(|e| {
                 let meta = e.metadata();
+                // SFTP's READDIR reports what lstat(2) does: links unfollowed.
                 DirEntry {
                     name: e.file_name(),
                     is_dir: meta.is_dir(),
+                    is_file: meta.file_type().is_file(),
                     size: if meta.is_dir() { 0 } else { meta.len() },
                     modified: meta.modified().ok(),
                 }
