@@ -269,15 +269,14 @@ fn read_manifest(bytes: &[u8], id: &SetId, listing: &[DirEntry]) -> ManifestRead
         Ok(m) => m,
         Err(e) => return ManifestRead::Problem(format!("manifest.json is not valid: {e}")),
     };
-    let files: Vec<String> = listing.iter().map(|e| e.name.clone()).collect();
-    match manifest_problem(&m, id, &files) {
+    match manifest_problem(&m, id, listing) {
         None => ManifestRead::Complete(Box::new(m)),
         Some(why) => ManifestRead::Problem(why),
     }
 }
 
 /// Why a manifest does not make its set complete, if it doesn't.
-fn manifest_problem(m: &Manifest, id: &SetId, files: &[String]) -> Option<String> {
+fn manifest_problem(m: &Manifest, id: &SetId, listing: &[DirEntry]) -> Option<String> {
     if m.cluster != id.cluster || m.node != id.node || m.timestamp != id.timestamp {
         return Some(format!(
             "manifest names {}/{}/{}, but it is stored in {}",
@@ -291,8 +290,14 @@ fn manifest_problem(m: &Manifest, id: &SetId, files: &[String]) -> Option<String
         return Some("manifest lists no files".into());
     }
     for f in &m.files {
-        if !files.contains(&f.name) {
+        let Some(stored) = listing.iter().find(|e| e.name == f.name) else {
             return Some(format!("{} is in the manifest but not in the set", f.name));
+        };
+        if stored.size != f.size {
+            return Some(format!(
+                "{} holds {} bytes, the manifest says {}: the file was truncated or changed after the set was written",
+                f.name, stored.size, f.size
+            ));
         }
         // fetch writes a decrypted file under this name: it must be the stored
         // name without `.age`, never a path of the manifest's choosing.
@@ -570,6 +575,27 @@ pub(crate) mod test_sets {
 mod tests {
     use super::*;
     use crate::destination::LocalDir;
+
+    #[tokio::test]
+    async fn a_set_whose_stored_size_differs_from_its_manifest_is_not_complete() {
+        let tmp = tempfile::tempdir().unwrap();
+        test_sets::write_set(tmp.path(), "2026-01-01_000000");
+        let dest = LocalDir::open(tmp.path()).await.unwrap();
+        assert_eq!(scan(&dest, "c", None).await.unwrap().sets.len(), 1);
+        let snap = tmp
+            .path()
+            .join("c/n/2026-01-01_000000/snapshot_2026-01-01_000000.db");
+        std::fs::write(&snap, b"d").unwrap();
+        let cat = scan(&dest, "c", None).await.unwrap();
+        assert!(cat.sets.is_empty());
+        assert_eq!(cat.leftovers[0].kind, LeftoverKind::Unrecognised);
+        assert!(
+            cat.leftovers[0]
+                .why
+                .contains("holds 1 bytes, the manifest says 2"),
+            "{cat:?}"
+        );
+    }
 
     #[tokio::test]
     async fn a_cached_scan_reads_each_manifest_once_and_still_sees_what_changed() {
