@@ -290,6 +290,9 @@ fn manifest_problem(m: &Manifest, id: &SetId, listing: &[DirEntry]) -> Option<St
         return Some("manifest lists no files".into());
     }
     for f in &m.files {
+        if let Err(e) = id.timestamp.check_file_name(&f.name, false) {
+            return Some(e.to_string());
+        }
         let Some(stored) = listing.iter().find(|e| e.name == f.name) else {
             return Some(format!("{} is in the manifest but not in the set", f.name));
         };

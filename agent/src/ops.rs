@@ -534,8 +534,8 @@ async fn fetch_snapshot(
     let snap = set
         .manifest
         .file(etcd_backup_proto::FileKind::Snapshot)
-        .map(|f| tmp.path().join(verify::local_name(f, ids.is_some())))
         .ok_or_else(|| fail(format!("set {} has no snapshot", set.id.dir())))?;
+    let snap = verify::local_path(tmp.path(), &set, snap, ids.is_some()).map_err(fail)?;
     Ok((tmp, snap, set))
 }
 
