@@ -18,10 +18,20 @@ fn io<'a>(
     op: &'static str,
     location: &'a Path,
 ) -> impl FnOnce(std::io::Error) -> DestinationError + 'a {
-    move |source| DestinationError::Io {
-        op,
-        location: location.display().to_string(),
-        source,
+    move |source| {
+        if super::is_out_of_space(&source) {
+            DestinationError::Full {
+                op,
+                location: location.display().to_string(),
+                detail: source.to_string(),
+            }
+        } else {
+            DestinationError::Io {
+                op,
+                location: location.display().to_string(),
+                source,
+            }
+        }
     }
 }
 
