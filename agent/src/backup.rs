@@ -92,7 +92,7 @@ pub enum Cause {
     #[error(transparent)]
     Destination(#[from] DestinationError),
     /// The run was cancelled (shutdown, or Ctrl-C) before it finished.
-    #[error("cancelled before the set was complete; everything this run wrote was removed")]
+    #[error("cancelled before the set was complete; the files this run wrote were removed")]
     Cancelled,
     /// A set with this run's name exists already.
     #[error(
@@ -106,13 +106,27 @@ pub enum Cause {
 
 /// A failed run: the stage, and why.
 #[derive(Debug, thiserror::Error)]
-#[error("backup failed at stage {stage}: {cause}")]
+#[error("backup failed at stage {stage}: {cause}{}", not_removed_note(.not_removed))]
 pub struct BackupError {
     /// Where it failed.
     pub stage: Stage,
     /// Why.
     #[source]
     pub cause: Cause,
+    /// Files of the run its clean-up could not remove (they are `.partial`
+    /// names or files of an incomplete set, which later clean-up handles).
+    pub not_removed: Vec<String>,
+}
+
+fn not_removed_note(paths: &[String]) -> String {
+    if paths.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; these files of the run could not be removed and are left for the next clean-up: {}",
+            paths.join(", ")
+        )
+    }
 }
 
 impl BackupError {
@@ -120,6 +134,7 @@ impl BackupError {
         Self {
             stage,
             cause: cause.into(),
+            not_removed: Vec::new(),
         }
     }
 
@@ -334,9 +349,9 @@ impl<'a> Run<'a> {
                 manifest,
                 stages: self.stages,
             }),
-            Err(e) => {
+            Err(mut e) => {
                 tracing::warn!(set = %self.set, stage = %e.stage, error = %e, "backup failed; removing what this run wrote");
-                self.clean_up().await;
+                e.not_removed = self.clean_up().await;
                 Err(e)
             }
         }
@@ -392,11 +407,13 @@ impl<'a> Run<'a> {
         let t = Instant::now();
         for f in &files {
             let final_path = self.set.file(&f.name);
-            self.dest
-                .rename(&partial(&final_path), &final_path)
-                .await
-                .map_err(|e| BackupError::new(Stage::Upload, e))?;
-            self.created.push(final_path);
+            let dest = self.dest;
+            self.recorded(
+                final_path.clone(),
+                dest.rename(&partial(&final_path), &final_path),
+            )
+            .await
+            .map_err(|e| BackupError::new(Stage::Upload, e))?;
         }
         self.add_time(Stage::Upload, t.elapsed());
 
@@ -420,14 +437,29 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Records `path` before the operation that may create it, so a run
+    /// cancelled while the destination is carrying it out (the file exists,
+    /// the answer never came) still removes it. A refusal the destination
+    /// answers created nothing of ours: the record is dropped again, so an
+    /// existing file of the same name is never removed.
+    async fn recorded<T>(
+        &mut self,
+        path: String,
+        op: impl std::future::Future<Output = Result<T, DestinationError>>,
+    ) -> Result<T, DestinationError> {
+        self.created.push(path);
+        let result = op.await;
+        if result.is_err() {
+            self.created.pop();
+        }
+        result
+    }
+
     async fn create(&mut self, path: &str, stage: Stage) -> Result<Box<dyn Upload>, BackupError> {
-        let up = self
-            .dest
-            .create(path)
+        let dest = self.dest;
+        self.recorded(path.to_string(), dest.create(path))
             .await
-            .map_err(|e| BackupError::new(stage, e))?;
-        self.created.push(path.to_string());
-        Ok(up)
+            .map_err(|e| BackupError::new(stage, e))
     }
 
     async fn snapshot(
@@ -628,8 +660,10 @@ impl<'a> Run<'a> {
         let mut up = self.create(&path, Stage::Manifest).await?;
         up.write(&json).await.map_err(err)?;
         up.finish().await.map_err(err)?;
-        self.dest.rename(&path, &final_path).await.map_err(err)?;
-        self.created.push(final_path);
+        let dest = self.dest;
+        self.recorded(final_path.clone(), dest.rename(&path, &final_path))
+            .await
+            .map_err(err)?;
         self.stages.push(StageReport {
             stage: Stage::Manifest,
             bytes: json.len() as u64,
@@ -640,17 +674,21 @@ impl<'a> Run<'a> {
 
     /// Removes everything this run wrote, manifest first, so that even an
     /// interrupted clean-up never leaves a set that looks complete.
-    async fn clean_up(&mut self) {
+    /// Returns the paths it could not remove.
+    async fn clean_up(&mut self) -> Vec<String> {
         let mut paths = std::mem::take(&mut self.created);
         paths.sort_by_key(|p| !p.ends_with(MANIFEST_FILE_NAME));
+        let mut not_removed = Vec::new();
         for p in paths {
             if let Err(e) = self.dest.delete(&p).await {
                 tracing::warn!(path = %p, error = %e, "could not remove a file of the failed run; retention removes it later");
+                not_removed.push(p);
             }
         }
         if let Err(e) = self.dest.remove_dir(&self.set.dir()).await {
             tracing::debug!(set = %self.set, error = %e, "set directory not removed");
         }
+        not_removed
     }
 }
 
@@ -827,6 +865,93 @@ mod tests {
         }
         async fn remove_dir(&self, path: &str) -> Result<(), DestinationError> {
             self.inner.remove_dir(path).await
+        }
+    }
+
+    /// A local directory whose n-th create or rename is carried out and then
+    /// never answered, as a server whose reply is lost: only cancelling the
+    /// run ends it.
+    struct SilentAfter {
+        inner: LocalDir,
+        creates_at: usize,
+        renames_at: usize,
+        creates: AtomicUsize,
+        renames: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Destination for SilentAfter {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        async fn create(&self, path: &str) -> Result<Box<dyn Upload>, DestinationError> {
+            let up = self.inner.create(path).await?;
+            if self.creates.fetch_add(1, Ordering::SeqCst) + 1 == self.creates_at {
+                drop(up);
+                return std::future::pending().await;
+            }
+            Ok(up)
+        }
+        async fn rename(&self, from: &str, to: &str) -> Result<(), DestinationError> {
+            self.inner.rename(from, to).await?;
+            if self.renames.fetch_add(1, Ordering::SeqCst) + 1 == self.renames_at {
+                return std::future::pending().await;
+            }
+            Ok(())
+        }
+        async fn list(&self, dir: &str) -> Result<Vec<DirEntry>, DestinationError> {
+            self.inner.list(dir).await
+        }
+        async fn open(
+            &self,
+            path: &str,
+        ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
+            self.inner.open(path).await
+        }
+        async fn delete(&self, path: &str) -> Result<(), DestinationError> {
+            self.inner.delete(path).await
+        }
+        async fn remove_dir(&self, path: &str) -> Result<(), DestinationError> {
+            self.inner.remove_dir(path).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_run_cancelled_while_a_create_or_rename_is_unanswered_leaves_nothing() {
+        // Three creates (snapshot, tarball, manifest partials) and three
+        // renames (the two data files, then the manifest).
+        let cases = (1..=3).map(|n| (n, 0)).chain((1..=3).map(|n| (0, n)));
+        for (creates_at, renames_at) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            let root = kubeadm_root(tmp.path());
+            let base = tmp.path().join("dest");
+            let cfg = config(&base, Some(&root));
+            let dest = SilentAfter {
+                inner: LocalDir::open(&base).await.unwrap(),
+                creates_at,
+                renames_at,
+                creates: AtomicUsize::new(0),
+                renames: AtomicUsize::new(0),
+            };
+            let cancel = CancellationToken::new();
+            let stop = cancel.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                stop.cancel();
+            });
+            let plan = resources::plan(&cfg.resources).unwrap();
+            let err = Run::new(&cfg, &dest, Utc::now(), plan)
+                .execute(&mut MemorySource::new(4), &cancel)
+                .await
+                .unwrap_err();
+            let case = format!("create {creates_at}, rename {renames_at}");
+            assert!(matches!(err.cause, Cause::Cancelled), "{case}: {err}");
+            assert!(err.not_removed.is_empty(), "{case}: {err}");
+            assert!(
+                all_files(&base).is_empty(),
+                "{case}: left {:?}",
+                all_files(&base)
+            );
         }
     }
 

@@ -1,17 +1,23 @@
 //! What a destination holds: complete sets (those with a valid
-//! `manifest.json`) and leftovers of runs that did not finish.
+//! `manifest.json` this agent fully understands) and leftovers: everything
+//! else found in a node's directory.
 //!
-//! Only a parsed, consistent manifest makes a set complete; anything else is a
-//! leftover, listed only on request and removed by retention once stale.
+//! Only a parsed, consistent manifest makes a set complete. A leftover is one
+//! of three kinds ([`LeftoverKind`]): this agent's own `.partial` files of a run
+//! that did not finish (the only kind ever removed, once stale); a set with a
+//! newer manifest `format_version` (kept, and counted as a set for retention
+//! and the age metrics); and anything else, which is reported and never
+//! removed: restic's rule, "never delete what cannot be proven ours".
 
 use chrono::{DateTime, Utc};
 use tokio::io::AsyncReadExt;
 
+pub use etcd_backup_proto::api::LeftoverKind;
 use etcd_backup_proto::{
-    Manifest, SetId, SetTimestamp, MANIFEST_FILE_NAME, MANIFEST_FORMAT_VERSION, PARTIAL_SUFFIX,
+    Manifest, SetId, SetTimestamp, MANIFEST_FILE_NAME, MANIFEST_FORMAT_VERSION,
 };
 
-use crate::destination::{Destination, DestinationError};
+use crate::destination::{Destination, DestinationError, DirEntry};
 
 /// Largest manifest read; a real one is about 1 KiB.
 const MAX_MANIFEST: u64 = 1 << 20;
@@ -51,11 +57,17 @@ pub struct CatalogSet {
     pub manifest: Manifest,
 }
 
-/// A set directory without a valid manifest, or partial files.
+/// An entry of a node's directory that is not a complete set, or a
+/// complete set that also holds files no complete set has.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leftover {
-    /// The set directory it belongs to.
+    /// The set directory it belongs to (or, when the entry is not a
+    /// directory, its path).
     pub dir: String,
+    /// The node whose directory holds it.
+    pub node: String,
+    /// Whether the agent may remove it.
+    pub kind: LeftoverKind,
     /// The set's timestamp, from the directory name.
     pub timestamp: Option<SetTimestamp>,
     /// Files in it (names only).
@@ -64,6 +76,16 @@ pub struct Leftover {
     pub modified: Option<DateTime<Utc>>,
     /// Why it is not complete.
     pub why: String,
+    /// For [`LeftoverKind::NewerFormat`]: when the set finished, as far as
+    /// its manifest says (its `finished_at`, else the set's timestamp).
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl Leftover {
+    /// Whether the agent never removes it and an admin should look at it.
+    pub fn needs_attention(&self) -> bool {
+        self.kind != LeftoverKind::OwnPartial
+    }
 }
 
 /// Everything found for the nodes scanned.
@@ -100,6 +122,7 @@ impl Leftover {
     pub fn summary(&self) -> etcd_backup_proto::api::LeftoverSummary {
         etcd_backup_proto::api::LeftoverSummary {
             dir: self.dir.clone(),
+            kind: self.kind,
             files: self.files.clone(),
             modified: self.modified,
             why: self.why.clone(),
@@ -111,6 +134,31 @@ impl Catalog {
     /// The newest complete set.
     pub fn latest(&self) -> Option<&CatalogSet> {
         self.sets.last()
+    }
+
+    /// Sets with a newer `format_version`: never removed, and counted as
+    /// sets by retention and the age metrics, so a downgraded agent neither
+    /// prunes around them nor reports the backups as missing.
+    pub fn newer_format(&self) -> impl Iterator<Item = &Leftover> {
+        self.leftovers
+            .iter()
+            .filter(|l| l.kind == LeftoverKind::NewerFormat)
+    }
+
+    /// Entries an admin should look at (never removed), of `node`.
+    pub fn needing_attention(&self, node: &str) -> usize {
+        self.leftovers
+            .iter()
+            .filter(|l| l.node == node && l.needs_attention())
+            .count()
+    }
+
+    /// Whether `dir`, a complete set, also holds something this agent did
+    /// not write, so retention must leave it alone.
+    pub fn holds_unrecognised(&self, dir: &str) -> bool {
+        self.leftovers
+            .iter()
+            .any(|l| l.dir == dir && l.kind == LeftoverKind::Unrecognised)
     }
 }
 
@@ -147,14 +195,89 @@ pub async fn read_small(
     Ok(buf)
 }
 
-/// Why a manifest does not make its set complete, if it doesn't.
-fn manifest_problem(m: &Manifest, id: &SetId, files: &[String]) -> Option<String> {
-    if m.format_version > MANIFEST_FORMAT_VERSION {
-        return Some(format!(
-            "manifest format_version {} is newer than this agent understands ({MANIFEST_FORMAT_VERSION}); upgrade the agent",
-            m.format_version
-        ));
+/// The name a set's manifest gets while the set is removed: the set stops
+/// being complete at once, and what is left stays provably this agent's.
+pub const MANIFEST_BEING_REMOVED: &str = "manifest.json.partial";
+
+/// Whether a set without `manifest.json` is one this agent was removing (or
+/// finishing): its `manifest.json.partial` is a manifest this agent reads,
+/// written for this set, and lists every file that is not a `.partial` one.
+async fn being_removed(
+    dest: &dyn Destination,
+    id: &SetId,
+    listing: &[DirEntry],
+    foreign: &[String],
+) -> bool {
+    if !listing.iter().any(|e| e.name == MANIFEST_BEING_REMOVED) {
+        return false;
     }
+    let Ok(bytes) = read_small(dest, &id.file(MANIFEST_BEING_REMOVED), MAX_MANIFEST).await else {
+        return false;
+    };
+    let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else {
+        return false;
+    };
+    m.format_version <= MANIFEST_FORMAT_VERSION
+        && m.cluster == id.cluster
+        && m.node == id.node
+        && m.timestamp == id.timestamp
+        && foreign.iter().all(|n| m.files.iter().any(|f| &f.name == n))
+}
+
+/// The names of `entries`, for messages and plans.
+fn names<'a>(entries: impl Iterator<Item = &'a DirEntry>) -> Vec<String> {
+    entries.map(|e| e.name.clone()).collect()
+}
+
+/// What a set's `manifest.json` says about the set.
+enum ManifestRead {
+    /// A manifest this agent understands, and the set matches it.
+    Complete(Box<Manifest>),
+    /// A newer `format_version`: not read further.
+    Newer {
+        /// The version found.
+        format_version: u32,
+        /// Its `finished_at`, when that is still where this agent looks.
+        finished_at: Option<DateTime<Utc>>,
+    },
+    /// Not valid, or the set does not match it.
+    Problem(String),
+}
+
+fn read_manifest(bytes: &[u8], id: &SetId, listing: &[DirEntry]) -> ManifestRead {
+    /// Only the version first: a newer manifest may not parse as this one.
+    #[derive(serde::Deserialize)]
+    struct Version {
+        format_version: u32,
+    }
+    #[derive(serde::Deserialize)]
+    struct Finished {
+        finished_at: DateTime<Utc>,
+    }
+    let version = match serde_json::from_slice::<Version>(bytes) {
+        Ok(v) => v.format_version,
+        Err(e) => return ManifestRead::Problem(format!("manifest.json is not valid: {e}")),
+    };
+    if version > MANIFEST_FORMAT_VERSION {
+        return ManifestRead::Newer {
+            format_version: version,
+            finished_at: serde_json::from_slice::<Finished>(bytes)
+                .ok()
+                .map(|f| f.finished_at),
+        };
+    }
+    let m = match serde_json::from_slice::<Manifest>(bytes) {
+        Ok(m) => m,
+        Err(e) => return ManifestRead::Problem(format!("manifest.json is not valid: {e}")),
+    };
+    match manifest_problem(&m, id, listing) {
+        None => ManifestRead::Complete(Box::new(m)),
+        Some(why) => ManifestRead::Problem(why),
+    }
+}
+
+/// Why a manifest does not make its set complete, if it doesn't.
+fn manifest_problem(m: &Manifest, id: &SetId, listing: &[DirEntry]) -> Option<String> {
     if m.cluster != id.cluster || m.node != id.node || m.timestamp != id.timestamp {
         return Some(format!(
             "manifest names {}/{}/{}, but it is stored in {}",
@@ -168,8 +291,17 @@ fn manifest_problem(m: &Manifest, id: &SetId, files: &[String]) -> Option<String
         return Some("manifest lists no files".into());
     }
     for f in &m.files {
-        if !files.contains(&f.name) {
+        if let Err(e) = id.timestamp.check_file_name(&f.name, false) {
+            return Some(e.to_string());
+        }
+        let Some(stored) = listing.iter().find(|e| e.name == f.name) else {
             return Some(format!("{} is in the manifest but not in the set", f.name));
+        };
+        if stored.size != f.size {
+            return Some(format!(
+                "{} holds {} bytes, the manifest says {}: the file was truncated or changed after the set was written",
+                f.name, stored.size, f.size
+            ));
         }
         // fetch writes a decrypted file under this name: it must be the stored
         // name without `.age`, never a path of the manifest's choosing.
@@ -249,68 +381,116 @@ pub async fn scan_cached(
     for node in nodes {
         let node_dir = format!("{cluster}/{node}");
         for entry in dest.list(&node_dir).await? {
-            if !entry.is_dir {
-                continue;
-            }
             let dir = format!("{node_dir}/{}", entry.name);
             let timestamp: Option<SetTimestamp> = entry.name.parse().ok();
+            let mut found = Leftover {
+                dir: dir.clone(),
+                node: node.clone(),
+                kind: LeftoverKind::Unrecognised,
+                timestamp,
+                files: Vec::new(),
+                modified: entry.modified.map(DateTime::<Utc>::from),
+                why: String::new(),
+                finished_at: None,
+            };
+            if !entry.is_dir {
+                found.why = if entry.is_file {
+                    "a file, not a set directory: this agent writes no files here".into()
+                } else {
+                    "neither a directory nor a regular file (a symbolic link?): never followed or removed".into()
+                };
+                catalog.leftovers.push(found);
+                continue;
+            }
+            let Some(ts) = timestamp else {
+                found.why = "the directory name is not a set timestamp (YYYY-MM-DD_HHMMSS), so this agent did not make it".into();
+                catalog.leftovers.push(found);
+                continue;
+            };
             let listing = dest.list(&dir).await?;
-            let files: Vec<String> = listing
-                .iter()
-                .filter(|e| !e.is_dir)
-                .map(|e| e.name.clone())
-                .collect();
-            let modified = listing
+            found.files = listing.iter().map(|e| e.name.clone()).collect();
+            found.modified = listing
                 .iter()
                 .filter_map(|e| e.modified)
                 .max()
-                .or(entry.modified)
-                .map(DateTime::<Utc>::from);
-            let leftover = |why: String| Leftover {
-                dir: dir.clone(),
-                timestamp,
-                files: files.clone(),
-                modified,
-                why,
-            };
-            let Some(ts) = timestamp else {
-                catalog
-                    .leftovers
-                    .push(leftover("the directory name is not a set timestamp".into()));
-                continue;
-            };
+                .map(DateTime::<Utc>::from)
+                .or(found.modified);
             let id = SetId {
                 cluster: cluster.to_string(),
                 node: node.clone(),
                 timestamp: ts,
             };
-            if !files.iter().any(|f| f == MANIFEST_FILE_NAME) {
-                catalog
-                    .leftovers
-                    .push(leftover("no manifest.json: the run did not finish".into()));
+            let odd = names(listing.iter().filter(|e| !e.is_file));
+            if !odd.is_empty() {
+                found.why = format!(
+                    "holds {}, which is not a regular file; this agent writes only regular files in a set",
+                    odd.join(", ")
+                );
+                catalog.leftovers.push(found);
+                continue;
+            }
+            if !listing.iter().any(|f| f.name == MANIFEST_FILE_NAME) {
+                let foreign = names(listing.iter().filter(|f| !ts.is_own_partial(&f.name)));
+                if foreign.is_empty() {
+                    found.kind = LeftoverKind::OwnPartial;
+                    found.why =
+                        "no manifest.json: a run of this agent that did not finish (only its .partial files)".into();
+                } else if being_removed(dest, &id, &listing, &foreign).await {
+                    found.kind = LeftoverKind::OwnPartial;
+                    found.why = "no manifest.json: a set this agent was removing (its manifest, renamed to manifest.json.partial, lists the files left)".into();
+                } else {
+                    found.why = format!(
+                        "no manifest.json, and it holds {}, which this agent names so only after it is complete (a run cut off between its renames, or a copy made by hand or by cluster-backup.sh)",
+                        foreign.join(", ")
+                    );
+                }
+                catalog.leftovers.push(found);
                 continue;
             }
             let bytes = match cache.by_dir.remove(&dir) {
                 Some(b) => b,
                 None => read_small(dest, &id.file(MANIFEST_FILE_NAME), MAX_MANIFEST).await?,
             };
-            let parsed = serde_json::from_slice::<Manifest>(&bytes);
+            let read = read_manifest(&bytes, &id, &listing);
             seen.insert(dir.clone(), bytes);
-            match parsed {
-                Ok(m) => match manifest_problem(&m, &id, &files) {
-                    None => {
-                        if files.iter().any(|f| f.ends_with(PARTIAL_SUFFIX)) {
-                            catalog
-                                .leftovers
-                                .push(leftover("partial files inside a complete set".into()));
-                        }
-                        catalog.sets.push(CatalogSet { id, manifest: m });
+            match read {
+                ManifestRead::Complete(m) => {
+                    let known = |n: &str| {
+                        n == MANIFEST_FILE_NAME
+                            || ts.is_own_partial(n)
+                            || m.files.iter().any(|f| f.name == n)
+                    };
+                    let foreign = names(listing.iter().filter(|f| !known(&f.name)));
+                    let partials = names(listing.iter().filter(|f| ts.is_own_partial(&f.name)));
+                    if !foreign.is_empty() {
+                        found.why = format!(
+                            "a complete set that also holds {}, which this agent did not write; retention leaves this set alone",
+                            foreign.join(", ")
+                        );
+                        catalog.leftovers.push(found);
+                    } else if !partials.is_empty() {
+                        found.kind = LeftoverKind::OwnPartial;
+                        found.files = partials;
+                        found.why = "partial files inside a complete set".into();
+                        catalog.leftovers.push(found);
                     }
-                    Some(why) => catalog.leftovers.push(leftover(why)),
-                },
-                Err(e) => catalog
-                    .leftovers
-                    .push(leftover(format!("manifest.json is not valid: {e}"))),
+                    catalog.sets.push(CatalogSet { id, manifest: *m });
+                }
+                ManifestRead::Newer {
+                    format_version,
+                    finished_at,
+                } => {
+                    found.kind = LeftoverKind::NewerFormat;
+                    found.finished_at = finished_at.or(Some(ts.as_datetime()));
+                    found.why = format!(
+                        "manifest format_version {format_version} is newer than this agent understands ({MANIFEST_FORMAT_VERSION}); kept and counted as a set; upgrade the agent to read it"
+                    );
+                    catalog.leftovers.push(found);
+                }
+                ManifestRead::Problem(why) => {
+                    found.why = why;
+                    catalog.leftovers.push(found);
+                }
             }
         }
     }
@@ -399,6 +579,27 @@ pub(crate) mod test_sets {
 mod tests {
     use super::*;
     use crate::destination::LocalDir;
+
+    #[tokio::test]
+    async fn a_set_whose_stored_size_differs_from_its_manifest_is_not_complete() {
+        let tmp = tempfile::tempdir().unwrap();
+        test_sets::write_set(tmp.path(), "2026-01-01_000000");
+        let dest = LocalDir::open(tmp.path()).await.unwrap();
+        assert_eq!(scan(&dest, "c", None).await.unwrap().sets.len(), 1);
+        let snap = tmp
+            .path()
+            .join("c/n/2026-01-01_000000/snapshot_2026-01-01_000000.db");
+        std::fs::write(&snap, b"d").unwrap();
+        let cat = scan(&dest, "c", None).await.unwrap();
+        assert!(cat.sets.is_empty());
+        assert_eq!(cat.leftovers[0].kind, LeftoverKind::Unrecognised);
+        assert!(
+            cat.leftovers[0]
+                .why
+                .contains("holds 1 bytes, the manifest says 2"),
+            "{cat:?}"
+        );
+    }
 
     #[tokio::test]
     async fn a_cached_scan_reads_each_manifest_once_and_still_sees_what_changed() {

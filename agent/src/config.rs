@@ -116,6 +116,7 @@ struct RawHttp {
     token_file: Option<PathBuf>,
     metrics_listen: Option<String>,
     trigger_min_interval: Option<String>,
+    allow_unauthenticated_remote: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1169,8 +1170,15 @@ impl Validator {
             .unwrap_or_else(|| defaults::HTTP_LISTEN.to_string());
         let listen = match listen_text.parse::<std::net::SocketAddr>() {
             Ok(a) => {
-                if !a.ip().is_loopback() {
-                    tracing::debug!(listen = %a, "http.listen is not a loopback address");
+                let unauthenticated = http.token_file.is_none()
+                    && !http.allow_unauthenticated_remote.unwrap_or(false);
+                if !a.ip().is_loopback() && unauthenticated {
+                    self.error(
+                        "http.listen",
+                        format!(
+                            "{a} is not a loopback address and http.token_file is not set, so anyone who reaches the port could start backups (each one a full etcd snapshot); set http.token_file to a file holding a bearer token, listen on 127.0.0.1, or, if a network policy already limits who reaches it, set http.allow_unauthenticated_remote: true"
+                        ),
+                    );
                 }
                 a
             }

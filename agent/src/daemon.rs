@@ -19,11 +19,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use etcd_backup_proto::api::Trigger;
-use etcd_backup_proto::{SetTimestamp, MANIFEST_FILE_NAME};
 
+use crate::catalog::CatalogError;
 use crate::config::{Config, Coordination, RunOnStart};
 use crate::coordination::{member_hex, Leadership};
-use crate::destination::{self, Destination, DestinationError};
+use crate::destination;
 use crate::etcd::{EtcdMember, SnapshotSource};
 use crate::http::{self, AppState, ReadyFlags};
 use crate::metrics::{Metrics, SkipReason};
@@ -449,56 +449,32 @@ pub async fn leader_may_back_up(config: &Config, metrics: &Metrics, at: DateTime
     leadership.backs_up()
 }
 
-/// When this node's newest complete set was taken, if it has one.
+/// When this node's newest set finished, if it has one: a complete set as
+/// the catalog defines it (the one definition), or a newer-format set.
 ///
 /// # Errors
-/// The destination could not be opened or listed.
-pub async fn newest_complete_set(
-    config: &Config,
-) -> Result<Option<DateTime<Utc>>, DestinationError> {
-    let dest = destination::open(&config.destination).await?;
-    newest_in(dest.as_ref(), &config.cluster_name, &config.node_name).await
+/// The destination could not be opened, listed or its manifests read.
+pub async fn newest_complete_set(config: &Config) -> Result<Option<DateTime<Utc>>, CatalogError> {
+    newest_finished(config, Some(&config.node_name)).await
 }
 
-/// When the cluster's newest complete set (of any node) was taken, if any.
+/// When the cluster's newest set (of any node) finished, if any.
 ///
 /// # Errors
-/// The destination could not be opened or listed.
+/// As [`newest_complete_set`].
 pub async fn newest_complete_set_of_cluster(
     config: &Config,
-) -> Result<Option<DateTime<Utc>>, DestinationError> {
-    let dest = destination::open(&config.destination).await?;
-    let mut newest = None;
-    for node in dest.list(&config.cluster_name).await? {
-        if node.is_dir {
-            let ts = newest_in(dest.as_ref(), &config.cluster_name, &node.name).await?;
-            newest = newest.max(ts);
-        }
-    }
-    Ok(newest)
+) -> Result<Option<DateTime<Utc>>, CatalogError> {
+    newest_finished(config, None).await
 }
 
-async fn newest_in(
-    dest: &dyn Destination,
-    cluster: &str,
-    node: &str,
-) -> Result<Option<DateTime<Utc>>, DestinationError> {
-    let dir = format!("{cluster}/{node}");
-    let mut stamps: Vec<SetTimestamp> = dest
-        .list(&dir)
-        .await?
-        .into_iter()
-        .filter(|e| e.is_dir)
-        .filter_map(|e| e.name.parse().ok())
-        .collect();
-    stamps.sort();
-    for ts in stamps.into_iter().rev() {
-        let files = dest.list(&format!("{dir}/{ts}")).await?;
-        if files.iter().any(|f| f.name == MANIFEST_FILE_NAME) {
-            return Ok(Some(ts.as_datetime()));
-        }
-    }
-    Ok(None)
+async fn newest_finished(
+    config: &Config,
+    node: Option<&str>,
+) -> Result<Option<DateTime<Utc>>, CatalogError> {
+    let dest = destination::open(&config.destination).await?;
+    let cat = crate::catalog::scan(dest.as_ref(), &config.cluster_name, node).await?;
+    Ok(finished_times(&cat).map(|(_, at)| at).max())
 }
 
 /// Scans the cluster's sets at start, after every run and every
@@ -525,8 +501,8 @@ async fn keep_catalog(
         };
         match scanned {
             Ok(cat) => {
-                if let Some(newest) = cluster_newest(&cat) {
-                    metrics.set_cluster_last_success(&newest.id.node, newest.manifest.finished_at);
+                if let Some((node, at)) = cluster_newest(&cat) {
+                    metrics.set_cluster_last_success(node, at);
                 }
                 let own: Vec<&crate::catalog::CatalogSet> = cat
                     .sets
@@ -534,8 +510,13 @@ async fn keep_catalog(
                     .filter(|s| s.id.node == config.node_name)
                     .collect();
                 metrics.set_sets(own.len());
-                if let Some(latest) = own.last() {
-                    metrics.seed_last_success(latest.manifest.finished_at);
+                metrics.set_unrecognised(cat.needing_attention(&config.node_name));
+                if let Some(at) = finished_times(&cat)
+                    .filter(|(node, _)| *node == config.node_name)
+                    .map(|(_, at)| at)
+                    .max()
+                {
+                    metrics.seed_last_success(at);
                 }
                 let summaries = own.iter().rev().map(|s| s.summary()).collect();
                 if let Ok(mut s) = sets.write() {
@@ -552,12 +533,24 @@ async fn keep_catalog(
     }
 }
 
+/// When each set finished, with its node: complete sets, and sets with a
+/// newer manifest format (a downgraded agent still has those backups).
+fn finished_times(
+    cat: &crate::catalog::Catalog,
+) -> impl Iterator<Item = (&str, DateTime<Utc>)> + '_ {
+    cat.sets
+        .iter()
+        .map(|s| (s.id.node.as_str(), s.manifest.finished_at))
+        .chain(
+            cat.newer_format()
+                .filter_map(|l| Some((l.node.as_str(), l.finished_at?))),
+        )
+}
+
 /// The set that finished last, of any node (ties: the later node name, so
 /// every agent picks the same one).
-fn cluster_newest(cat: &crate::catalog::Catalog) -> Option<&crate::catalog::CatalogSet> {
-    cat.sets.iter().max_by(|a, b| {
-        (a.manifest.finished_at, &a.id.node).cmp(&(b.manifest.finished_at, &b.id.node))
-    })
+fn cluster_newest(cat: &crate::catalog::Catalog) -> Option<(&str, DateTime<Utc>)> {
+    finished_times(cat).max_by(|a, b| (a.1, a.0).cmp(&(b.1, b.0)))
 }
 
 async fn probe_readiness(config: Arc<Config>, ready: Arc<ReadyFlags>, stop: CancellationToken) {

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use crate::destination::{DestinationError, Upload};
 
 /// Appended to a data file's name when it is stored encrypted.
-pub const AGE_SUFFIX: &str = ".age";
+pub const AGE_SUFFIX: &str = etcd_backup_proto::AGE_SUFFIX;
 
 /// The `scheme` recorded in the manifest.
 pub const SCHEME: &str = "age";

@@ -311,8 +311,30 @@ pub fn metrics_router(state: Arc<AppState>) -> Router {
     )
 }
 
-/// Serves `router` on an already-bound listener until `shutdown` completes.
-/// Handlers see the peer's address (the rate limit's client).
+/// What one listener allows a connection: the figures the README gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// A request's headers must arrive whole within this time after the
+    /// connection is accepted, or it is closed (slowloris). Connections serve
+    /// one request each (no keep-alive), so this is also the idle timeout.
+    pub header_read_timeout: Duration,
+    /// Connections served at once; one more is closed as soon as it is
+    /// accepted, so idle clients cannot use up the process's file descriptors
+    /// (the other listener and the etcd connection need theirs).
+    pub max_connections: usize,
+}
+
+impl ConnectionLimits {
+    /// 10 s for the headers, 64 connections per listener.
+    pub const DEFAULT: Self = Self {
+        header_read_timeout: Duration::from_secs(10),
+        max_connections: 64,
+    };
+}
+
+/// Serves `router` on an already-bound listener until `shutdown` completes,
+/// within [`ConnectionLimits::DEFAULT`]. Handlers see the peer's address (the
+/// rate limit's client).
 ///
 /// # Errors
 /// Accept-loop I/O failures.
@@ -321,12 +343,75 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    serve_with(listener, router, shutdown, ConnectionLimits::DEFAULT).await
+}
+
+/// [`serve`] with the given limits. On `shutdown` it stops accepting and
+/// waits for the requests in progress to be answered.
+///
+/// # Errors
+/// Accept-loop I/O failures other than a momentary one (a connection reset
+/// before it was accepted, out of file descriptors: those are logged and the
+/// loop goes on after a pause).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: ConnectionLimits,
+) -> std::io::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let connections = tokio_util::task::TaskTracker::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept an HTTP connection; trying again in 100ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, max = limits.max_connections, "HTTP connection refused: too many open");
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(
+            router.clone().layer(Extension(ConnectInfo(peer))),
+        );
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .keep_alive(false);
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let conn = builder.serve_connection(io, service);
+            tokio::pin!(conn);
+            // On shutdown an idle connection closes at once; a request in
+            // progress is answered first.
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.as_mut().await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended");
+            }
+            drop(slot);
+        });
+    }
+    stop.cancel();
+    connections.close();
+    connections.wait().await;
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
@@ -605,6 +690,106 @@ mod tests {
             sets: Arc::default(),
             limiter: TriggerLimiter::new(interval),
         })
+    }
+
+    /// Serves `router` on 127.0.0.1:0 within `limits`.
+    async fn serve_on_loopback(router: Router, limits: ConnectionLimits) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve_with(l, router, std::future::pending(), limits));
+        addr
+    }
+
+    /// A whole `GET path` over a fresh connection; the raw response.
+    async fn raw_get(addr: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+        out
+    }
+
+    /// How long until the server closes `s`, sending `trickle` (when not
+    /// empty) every 100 ms meanwhile; `None` if it is still open after 5 s.
+    async fn closed_after(s: &mut tokio::net::TcpStream, trickle: &[u8]) -> Option<Duration> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if !trickle.is_empty() && s.write_all(trickle).await.is_err() {
+                return Some(start.elapsed());
+            }
+            let mut buf = [0u8; 512];
+            match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+                Ok(Ok(_)) | Err(_) => {}
+            }
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn slowloris_and_idle_connections_are_cut_after_the_header_timeout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = state(&refused_endpoint(), "1s", tmp.path(), Duration::ZERO, None);
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_millis(600),
+            max_connections: 8,
+        };
+        let addr = serve_on_loopback(metrics_router(st), limits).await;
+        // Headers trickled a line every 100 ms never complete.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut slow, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let cut = closed_after(&mut slow, b"X-Slow: 1\r\n").await;
+        assert!(
+            cut.is_some_and(|c| c >= Duration::from_millis(500) && c < Duration::from_secs(2)),
+            "{cut:?}"
+        );
+        // A connection that sends nothing is cut as well.
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let cut = closed_after(&mut idle, b"").await;
+        assert!(cut.is_some_and(|c| c < Duration::from_secs(2)), "{cut:?}");
+        // A whole request is still answered.
+        assert!(raw_get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+    }
+
+    #[tokio::test]
+    async fn the_connection_cap_holds_and_the_api_listener_stays_responsive() {
+        use tokio::io::AsyncWriteExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let st = state(&refused_endpoint(), "1s", tmp.path(), Duration::ZERO, None);
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 4,
+        };
+        let metrics_addr = serve_on_loopback(metrics_router(st.clone()), limits).await;
+        let api_addr = serve_on_loopback(router(st), limits).await;
+        let mut idle = Vec::new();
+        for _ in 0..4 {
+            idle.push(tokio::net::TcpStream::connect(metrics_addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // One connection more is closed unanswered.
+        let mut extra = tokio::net::TcpStream::connect(metrics_addr).await.unwrap();
+        let _ = extra
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        let cut = closed_after(&mut extra, b"").await;
+        assert!(cut.is_some_and(|c| c < Duration::from_secs(1)), "{cut:?}");
+        // The API listener has slots of its own.
+        assert!(raw_get(api_addr, "/healthz")
+            .await
+            .starts_with("HTTP/1.1 200"));
+        // A freed slot is served again.
+        drop(idle.pop());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(raw_get(metrics_addr, "/healthz")
+            .await
+            .starts_with("HTTP/1.1 200"));
     }
 
     /// An etcd endpoint where nothing listens: runs fail at once (connect).

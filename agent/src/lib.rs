@@ -22,7 +22,8 @@
 //! - [`daemon`]: `run`: scheduler, HTTP, readiness and shutdown wired together.
 //! - [`catalog`]: which complete sets and leftovers a destination holds.
 //! - [`verify`]: streaming a set back against its manifest (`verify`, `fetch`).
-//! - [`prune`]: applying retention to a destination, manifest deleted first.
+//! - [`prune`]: applying retention to a destination, deleting only names the
+//!   agent writes (manifest renamed away first).
 //! - [`ops`]: the operator commands on stored sets (`list`, `verify`, `fetch`, `prune`).
 //! - [`restore`]: the platform's restore tool on a verified snapshot; the drill member.
 //! - [`snapshot_status`]: what `etcdctl snapshot status` reports, read from the

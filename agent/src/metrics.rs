@@ -115,6 +115,7 @@ pub struct Metrics {
     in_progress: Gauge,
     next_run: TimestampGauge,
     sets: Gauge,
+    unrecognised: Gauge,
     last_drill_success: TimestampGauge,
     cluster_last_success: Family<NodeLabels, TimestampGauge>,
     /// The node whose series `cluster_last_success` holds, if any.
@@ -159,6 +160,7 @@ impl Metrics {
             in_progress: Gauge::default(),
             next_run: TimestampGauge::default(),
             sets: Gauge::default(),
+            unrecognised: Gauge::default(),
             last_drill_success: TimestampGauge::default(),
             cluster_last_success: Family::default(),
             cluster_node: Mutex::new(None),
@@ -219,6 +221,11 @@ impl Metrics {
             "etcd_backup_sets",
             "Complete backup sets of this node at the destination, as of the last scan",
             m.sets.clone(),
+        );
+        registry.register(
+            "etcd_backup_unrecognised_entries",
+            "Entries in this node's directory at the destination that the agent never removes: newer-format sets, damaged or incomplete sets, and anything it did not write (see list --include-partial), as of the last scan",
+            m.unrecognised.clone(),
         );
         registry.register(
             "etcd_backup_last_drill_success_timestamp_seconds",
@@ -395,6 +402,12 @@ impl Metrics {
         self.sets.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
+    /// How many entries of this node's directory the agent leaves alone
+    /// because it cannot prove they are its own.
+    pub fn set_unrecognised(&self, n: usize) {
+        self.unrecognised.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
     /// The next scheduled start; `None` clears it.
     pub fn set_next_run(&self, at: Option<DateTime<Utc>>) {
         self.next_run.set(at.map(seconds).unwrap_or(0.0));
@@ -479,6 +492,7 @@ mod tests {
             0.0
         );
         assert_eq!(value(&text, "etcd_backup_in_progress"), 0.0);
+        assert_eq!(value(&text, "etcd_backup_unrecognised_entries"), 0.0);
         assert_eq!(value(&text, "etcd_backup_http_rate_limited_total"), 0.0);
         assert_eq!(
             value(&text, "etcd_backup_agent_build_info{version=\"1.2.3\"}"),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Mutex;
 
-use etcd_backup_proto::api::SetList;
+use etcd_backup_proto::api::{LeftoverKind, SetList};
 
 use crate::catalog::{self, CatalogSet};
 use crate::cli::{Output, EXIT_FAILURE, EXIT_USAGE};
@@ -110,7 +110,24 @@ pub async fn list(
                 );
             }
             for l in &list.leftovers {
-                println!("partial  {}  ({}; {} file(s))", l.dir, l.why, l.files.len());
+                let what = match l.kind {
+                    LeftoverKind::OwnPartial => "partial",
+                    LeftoverKind::NewerFormat => "newer",
+                    LeftoverKind::Unrecognised => "unknown",
+                };
+                println!(
+                    "{what:<8} {}  ({}; {} file(s))",
+                    l.dir,
+                    l.why,
+                    l.files.len()
+                );
+            }
+            let attention = cat.leftovers.iter().filter(|l| l.needs_attention()).count();
+            if attention > 0 && !include_partial {
+                eprintln!(
+                    "{attention} entr{} this agent did not write or does not understand (never removed); see `list --include-partial`",
+                    if attention == 1 { "y" } else { "ies" }
+                );
             }
         }
     }
@@ -553,6 +570,9 @@ pub async fn prune(config: &Config, node: &str, dry_run: bool) -> ExitCode {
             crate::retention::format_duration(config.retention.stale_partial_after)
         );
     }
+    for (dir, why) in &report.left_alone {
+        println!("{:<12} {dir}  ({why})", "leave alone");
+    }
     let (kept, removed) = crate::retention::counts(&report.decisions);
     println!(
         "{kept} set(s) kept, {removed} {}, {} leftover(s) {}",
@@ -638,8 +658,8 @@ async fn fetch_snapshot(
     let snap = set
         .manifest
         .file(etcd_backup_proto::FileKind::Snapshot)
-        .map(|f| tmp.path().join(verify::local_name(f, ids.is_some())))
         .ok_or_else(|| fail(format!("set {} has no snapshot", set.id.dir())))?;
+    let snap = verify::local_path(tmp.path(), &set, snap, ids.is_some()).map_err(fail)?;
     Ok((tmp, snap, set))
 }
 

@@ -1,30 +1,42 @@
 //! Applying the retention policy to a destination: which sets go (see
 //! [`crate::retention`]), and removing them so that an interrupted prune never
 //! leaves a set that looks complete: `manifest.json` is deleted first.
+//!
+//! Only names this agent writes are deleted: a complete set's manifest and
+//! the files it lists, and the `.partial` files of a set. Everything else the
+//! catalog finds is left alone and reported (see [`crate::catalog`]).
 
 use chrono::{DateTime, Utc};
 
-use etcd_backup_proto::{SetTimestamp, MANIFEST_FILE_NAME, PARTIAL_SUFFIX};
+use etcd_backup_proto::{SetTimestamp, MANIFEST_FILE_NAME};
 
-use crate::catalog::{self, CatalogError};
+use crate::catalog::{self, CatalogError, LeftoverKind, MANIFEST_BEING_REMOVED};
 use crate::config::Config;
 use crate::destination::{Destination, DestinationError};
-use crate::retention::{self, Decision};
+use crate::retention::{self, Decision, Reason};
 
 /// What a prune decided and did.
 #[derive(Debug, Clone, Default)]
 pub struct PruneReport {
-    /// Every complete set, newest first, kept or not, with reasons.
+    /// Every set, newest first, kept or not, with reasons.
     pub decisions: Vec<Decision>,
     /// Set directories removed (or that would be, in a dry run).
     pub removed_sets: Vec<String>,
-    /// Stale leftovers removed (or that would be).
+    /// Stale leftovers of this agent's own runs removed (or that would be).
     pub removed_leftovers: Vec<String>,
+    /// Entries this agent does not remove, as `(path, why)`: newer-format
+    /// sets, sets with files it did not write, and anything else it did not
+    /// make.
+    pub left_alone: Vec<(String, String)>,
     /// Removals that failed; the rest went on.
     pub errors: Vec<String>,
 }
 
 /// Decides and (unless `dry_run`) removes, for one node.
+///
+/// The plan is made from one scan and carried out once; every name deleted
+/// is one the plan holds: a complete set's manifest and the files it lists,
+/// and the `.partial` names this agent writes for a set.
 ///
 /// # Errors
 /// The catalog could not be read; failures of single removals are collected
@@ -38,16 +50,46 @@ pub async fn prune(
     dry_run: bool,
 ) -> Result<PruneReport, CatalogError> {
     let cat = catalog::scan(dest, &config.cluster_name, Some(node)).await?;
-    let stamps: Vec<SetTimestamp> = cat.sets.iter().map(|s| s.id.timestamp).collect();
-    let decisions = retention::decide(&config.retention, &stamps, now);
+    // Sets this agent must not remove still count as sets, so the rules (and
+    // "the newest is never removed") see the real history.
+    let newer: Vec<SetTimestamp> = cat.newer_format().filter_map(|l| l.timestamp).collect();
+    let protected: Vec<SetTimestamp> = cat
+        .sets
+        .iter()
+        .filter(|s| cat.holds_unrecognised(&s.id.dir()))
+        .map(|s| s.id.timestamp)
+        .chain(newer.iter().copied())
+        .collect();
+    let stamps: Vec<SetTimestamp> = cat
+        .sets
+        .iter()
+        .map(|s| s.id.timestamp)
+        .chain(newer.iter().copied())
+        .collect();
+    let mut decisions = retention::decide(&config.retention, &stamps, now);
+    for d in decisions
+        .iter_mut()
+        .filter(|d| protected.contains(&d.timestamp))
+    {
+        d.keep = true;
+        d.reasons.insert(0, Reason::NotUnderstood);
+    }
     let mut report = PruneReport::default();
+    let own_partials = |dir: &str| -> Vec<String> {
+        cat.leftovers
+            .iter()
+            .filter(|l| l.dir == dir && l.kind == LeftoverKind::OwnPartial)
+            .flat_map(|l| l.files.iter().cloned())
+            .collect()
+    };
     for d in decisions.iter().filter(|d| !d.keep) {
         let Some(set) = cat.sets.iter().find(|s| s.id.timestamp == d.timestamp) else {
             continue;
         };
         let dir = set.id.dir();
         if !dry_run {
-            if let Err(e) = remove_set(dest, &dir).await {
+            let data: Vec<String> = set.manifest.files.iter().map(|f| f.name.clone()).collect();
+            if let Err(e) = remove_set(dest, &dir, &data, &own_partials(&dir)).await {
                 report.errors.push(format!("{dir}: {e}"));
                 continue;
             }
@@ -55,8 +97,12 @@ pub async fn prune(
         report.removed_sets.push(dir);
     }
     let complete_dirs: Vec<String> = cat.sets.iter().map(|s| s.id.dir()).collect();
-    let leftovers: Vec<retention::Leftover> = cat
+    let own: Vec<&catalog::Leftover> = cat
         .leftovers
+        .iter()
+        .filter(|l| l.kind == LeftoverKind::OwnPartial)
+        .collect();
+    let candidates: Vec<retention::Leftover> = own
         .iter()
         .map(|l| retention::Leftover {
             path: l.dir.clone(),
@@ -65,53 +111,75 @@ pub async fn prune(
         })
         .collect();
     for stale in
-        retention::stale_leftovers(&config.retention, &leftovers, in_progress.as_ref(), now)
+        retention::stale_leftovers(&config.retention, &candidates, in_progress.as_ref(), now)
     {
-        let inside_complete = complete_dirs.contains(&stale.path);
+        let Some(found) = own.iter().find(|l| l.dir == stale.path) else {
+            continue;
+        };
+        // A set removed above took its partials with it.
+        if report.removed_sets.contains(&found.dir) {
+            continue;
+        }
         if !dry_run {
-            let result = if inside_complete {
-                remove_partials(dest, &stale.path).await
-            } else {
-                remove_dir_and_files(dest, &stale.path).await
-            };
-            if let Err(e) = result {
-                report.errors.push(format!("{}: {e}", stale.path));
+            let keep_dir = complete_dirs.contains(&found.dir);
+            if let Err(e) = remove_files(dest, &found.dir, &found.files, !keep_dir).await {
+                report.errors.push(format!("{}: {e}", found.dir));
                 continue;
             }
         }
-        report.removed_leftovers.push(stale.path.clone());
+        report.removed_leftovers.push(found.dir.clone());
     }
+    report.left_alone = cat
+        .leftovers
+        .iter()
+        .filter(|l| l.needs_attention())
+        .map(|l| (l.dir.clone(), l.why.clone()))
+        .collect();
     report.decisions = decisions;
     Ok(report)
 }
 
-/// Deletes a complete set: the manifest first, so from that moment on the set
-/// is a leftover, never a complete set with missing files.
-async fn remove_set(dest: &dyn Destination, dir: &str) -> Result<(), DestinationError> {
-    dest.delete(&format!("{dir}/{MANIFEST_FILE_NAME}")).await?;
-    remove_dir_and_files(dest, dir).await
+/// Deletes a complete set. The manifest is first renamed to
+/// `manifest.json.partial`, so from that moment on the set is a leftover,
+/// never a complete set with missing files, and one the catalog can prove is
+/// this agent's (that file lists what is left); then the files the manifest
+/// lists and this agent's partials of the set go, the manifest last, then
+/// the directory.
+async fn remove_set(
+    dest: &dyn Destination,
+    dir: &str,
+    data: &[String],
+    partials: &[String],
+) -> Result<(), DestinationError> {
+    let being_removed = format!("{dir}/{MANIFEST_BEING_REMOVED}");
+    if partials.iter().any(|p| p == MANIFEST_BEING_REMOVED) {
+        // A stale one is in the way of the rename; it is ours (a partial name).
+        dest.delete(&being_removed).await?;
+    }
+    dest.rename(&format!("{dir}/{MANIFEST_FILE_NAME}"), &being_removed)
+        .await?;
+    let files: Vec<String> = data
+        .iter()
+        .chain(partials.iter().filter(|p| *p != MANIFEST_BEING_REMOVED))
+        .cloned()
+        .chain([MANIFEST_BEING_REMOVED.to_string()])
+        .collect();
+    remove_files(dest, dir, &files, true).await
 }
 
-async fn remove_dir_and_files(dest: &dyn Destination, dir: &str) -> Result<(), DestinationError> {
-    let files = dest.list(dir).await?;
-    // A manifest, should a leftover have one, goes first here too.
-    let mut names: Vec<&str> = files
-        .iter()
-        .filter(|f| !f.is_dir)
-        .map(|f| f.name.as_str())
-        .collect();
-    names.sort_by_key(|n| *n != MANIFEST_FILE_NAME);
+/// Deletes exactly `names` in `dir`, then the directory when `and_dir` (which
+/// fails, leaving it, should it hold anything else by now).
+async fn remove_files(
+    dest: &dyn Destination,
+    dir: &str,
+    names: &[String],
+    and_dir: bool,
+) -> Result<(), DestinationError> {
     for name in names {
         dest.delete(&format!("{dir}/{name}")).await?;
     }
-    dest.remove_dir(dir).await
-}
-
-async fn remove_partials(dest: &dyn Destination, dir: &str) -> Result<(), DestinationError> {
-    for f in dest.list(dir).await? {
-        if !f.is_dir && f.name.ends_with(PARTIAL_SUFFIX) {
-            dest.delete(&format!("{dir}/{}", f.name)).await?;
-        }
+    if and_dir {
+        dest.remove_dir(dir).await?;
     }
     Ok(())
 }
@@ -137,6 +205,14 @@ pub async fn after_backup(config: &Config) -> Result<PruneReport, String> {
     .await
     .map_err(|e| e.to_string())?;
     let (kept, _) = retention::counts(&report.decisions);
+    if !report.left_alone.is_empty() {
+        tracing::warn!(
+            entries = report.left_alone.len(),
+            first = %report.left_alone[0].0,
+            why = %report.left_alone[0].1,
+            "the destination holds entries this agent did not write or does not understand; they are never removed: see `list --include-partial` and the runbook's EtcdBackupUnrecognisedEntries"
+        );
+    }
     if !report.removed_sets.is_empty() || !report.removed_leftovers.is_empty() {
         tracing::info!(
             kept,
@@ -225,10 +301,10 @@ mod tests {
             hostname: None,
         };
         let config = Config::parse(&text, &env).unwrap();
-        // The manifest delete goes through, the snapshot's fails.
+        // The manifest's rename goes through, the snapshot's delete fails.
         let dest = DeletesFailFrom {
             inner: LocalDir::open(tmp.path()).await.unwrap(),
-            from: 2,
+            from: 1,
             deletes: AtomicUsize::new(0),
         };
         let now: DateTime<Utc> = "2026-02-01T00:00:00Z".parse().unwrap();
@@ -247,10 +323,19 @@ mod tests {
             "the half-deleted set must not look complete"
         );
         assert_eq!(cat.leftovers.len(), 1);
-        assert!(cat.leftovers[0].why.contains("no manifest.json"));
-        assert!(tmp
-            .path()
-            .join("c/n/2026-01-01_000000/snapshot_2026-01-01_000000.db")
-            .exists());
+        assert!(cat.leftovers[0].why.contains("was removing"), "{cat:?}");
+        assert_eq!(cat.leftovers[0].kind, LeftoverKind::OwnPartial);
+        let half = tmp.path().join("c/n/2026-01-01_000000");
+        assert!(half.join("snapshot_2026-01-01_000000.db").exists());
+
+        // What is left is provably this agent's, so the next prune, once it
+        // is stale, finishes the job.
+        let later = Utc::now() + chrono::Duration::hours(2);
+        let report = prune(&dest.inner, &config, "n", later, None, false)
+            .await
+            .unwrap();
+        assert_eq!(report.removed_leftovers, ["c/n/2026-01-01_000000"]);
+        assert!(report.errors.is_empty(), "{report:?}");
+        assert!(!half.exists());
     }
 }

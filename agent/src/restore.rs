@@ -373,8 +373,9 @@ pub async fn run_drill(
     let m = &set.manifest;
     let snapshot = m
         .file(etcd_backup_proto::FileKind::Snapshot)
-        .map(|f| files.join(crate::verify::local_name(f, identities.is_some())))
         .ok_or_else(|| format!("set {} has no snapshot", set.id.dir()))?;
+    let snapshot = crate::verify::local_path(&files, &set, snapshot, identities.is_some())
+        .map_err(|e| e.to_string())?;
     let mut member = DrillMember::start(&snapshot, work.path())
         .await
         .map_err(|e| e.to_string())?;

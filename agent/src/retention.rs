@@ -332,6 +332,10 @@ pub enum Reason {
     },
     /// No rule keeps it.
     NotKept,
+    /// A set this agent does not fully understand (a newer manifest
+    /// `format_version`, or files it did not write): it counts as a set, so
+    /// the rules see the real history, but it is never removed.
+    NotUnderstood,
 }
 
 impl Reason {
@@ -386,6 +390,9 @@ impl fmt::Display for Reason {
                 format_age(*age)
             ),
             Self::NotKept => f.write_str("not kept by any rule"),
+            Self::NotUnderstood => f.write_str(
+                "not fully understood by this agent, never removed (see list --include-partial)",
+            ),
         }
     }
 }
@@ -513,8 +520,9 @@ pub fn decide(
         .collect()
 }
 
-/// A leftover found by the catalog: a set directory without a manifest, or a
-/// `*.partial` file.
+/// A leftover the catalog found to be this agent's own: a set directory
+/// holding only the `.partial` files it writes for that set, or such files
+/// inside a complete set. Nothing else is ever passed here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leftover {
     /// Where it is, as the caller will remove it.

@@ -51,6 +51,10 @@ pub enum CheckError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// A manifest names a file that is not one of its set's own names; no
+    /// file was opened, created or removed for it.
+    #[error(transparent)]
+    BadName(#[from] etcd_backup_proto::InvalidFileName),
     /// The identity given cannot decrypt the set.
     #[error("{file}: {message}")]
     Identity {
@@ -248,6 +252,7 @@ pub async fn check_file(
     mut sink: impl FnMut(&[u8]) -> Result<(), CheckError>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<FileReport, CheckError> {
+    set.id.timestamp.check_file_name(&entry.name, false)?;
     let path = set.id.file(&entry.name);
     let location = format!("{}/{path}", dest.describe());
     let read_error = |source| {
@@ -458,6 +463,26 @@ pub fn local_name(entry: &ManifestFile, decrypting: bool) -> &str {
     }
 }
 
+/// Where `fetch` puts `entry` of `set` in `dir`: only after both its stored
+/// and its local name pass the set naming scheme
+/// ([`etcd_backup_proto::SetTimestamp::check_file_name`]), whatever the
+/// manifest or the server's listing say.
+///
+/// # Errors
+/// [`CheckError::BadName`].
+pub fn local_path(
+    dir: &Path,
+    set: &CatalogSet,
+    entry: &ManifestFile,
+    decrypting: bool,
+) -> Result<PathBuf, CheckError> {
+    let ts = set.id.timestamp;
+    ts.check_file_name(&entry.name, false)?;
+    let name = local_name(entry, decrypting);
+    ts.check_file_name(name, false)?;
+    Ok(dir.join(name))
+}
+
 /// Checks every file of `set`.
 ///
 /// # Errors
@@ -507,8 +532,8 @@ pub async fn fetch_set(
         .iter()
         .filter(|f| only.is_none_or(|k| f.kind == k));
     for entry in wanted {
+        let final_path = local_path(dir, set, entry, identities.is_some())?;
         let local_name = local_name(entry, identities.is_some());
-        let final_path = dir.join(local_name);
         let partial = dir.join(format!("{local_name}{}", etcd_backup_proto::PARTIAL_SUFFIX));
         let local = |path: &Path| {
             let path = path.to_path_buf();
@@ -557,4 +582,50 @@ pub async fn fetch_set(
         let _ = d.sync_all();
     }
     Ok((reports, written))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::destination::LocalDir;
+
+    #[tokio::test]
+    async fn fetch_refuses_a_manifest_name_outside_the_naming_scheme_before_touching_a_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("store");
+        crate::catalog::test_sets::write_set(&store, "2026-01-01_000000");
+        let dest = LocalDir::open(&store).await.unwrap();
+        let good = crate::catalog::scan(&dest, "c", None).await.unwrap().sets[0].clone();
+        let out = tmp.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(tmp.path().join("victim"), b"keep").unwrap();
+        // As if a hostile server had both listed and served these names.
+        for bad in [
+            "../victim",
+            "/etc/passwd",
+            "snapshot_2026-01-01_000000.db\0",
+            "victim",
+        ] {
+            let mut set = good.clone();
+            set.manifest.files[0].name = bad.to_string();
+            let err = fetch_set(&dest, &set, &out, None, None, &|_, _, _| {})
+                .await
+                .unwrap_err();
+            assert!(matches!(err, CheckError::BadName(_)), "{bad:?}: {err}");
+            assert!(err.to_string().contains("refusing file name"), "{err}");
+            assert!(verify_set(&dest, &set, None, &|_, _, _| {}).await.is_err());
+            assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "{bad:?}");
+            assert_eq!(std::fs::read(tmp.path().join("victim")).unwrap(), b"keep");
+        }
+        // An encrypted entry's plaintext name is checked as well.
+        let mut set = good.clone();
+        set.manifest.files[0].name = "snapshot_2026-01-01_000000.db.age".into();
+        set.manifest.files[0].plaintext = Some(etcd_backup_proto::PlaintextFile {
+            name: "../victim".into(),
+            size: 2,
+            sha256: "00".into(),
+        });
+        let err = local_path(&out, &set, &set.manifest.files[0], true).unwrap_err();
+        assert!(matches!(err, CheckError::BadName(_)), "{err}");
+    }
 }

@@ -131,11 +131,30 @@ pub struct SetSummary {
     pub layout: String,
 }
 
-/// A set directory that is not a complete set.
+/// What a leftover is, which decides whether the agent may remove it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeftoverKind {
+    /// A set directory holding only `.partial` files this agent writes for
+    /// that set (a run that did not finish), or such files inside a complete
+    /// set: removed once older than `stale_partial_after`.
+    OwnPartial,
+    /// A set whose manifest has a newer `format_version` than this agent
+    /// reads: never removed, and counted as a set for retention and alerts.
+    NewerFormat,
+    /// Anything else: never removed, reported and counted by
+    /// `etcd_backup_unrecognised_entries`.
+    Unrecognised,
+}
+
+/// An entry of a node's directory that is not a complete set, or a complete
+/// set that also holds files this agent did not write.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeftoverSummary {
-    /// The directory.
+    /// The directory (or, for an entry that is not a directory, its path).
     pub dir: String,
+    /// Whether the agent may remove it.
+    pub kind: LeftoverKind,
     /// Files in it.
     pub files: Vec<String>,
     /// Newest modification time, when known.

@@ -17,6 +17,6 @@ pub use manifest::{
     SnapshotStatus, MANIFEST_FORMAT_PLAIN, MANIFEST_FORMAT_VERSION,
 };
 pub use naming::{
-    is_valid_name_component, InvalidTimestamp, SetId, SetTimestamp, MANIFEST_FILE_NAME,
-    PARTIAL_SUFFIX,
+    is_valid_name_component, InvalidFileName, InvalidTimestamp, SetId, SetTimestamp, AGE_SUFFIX,
+    MANIFEST_FILE_NAME, PARTIAL_SUFFIX,
 };

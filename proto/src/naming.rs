@@ -20,6 +20,9 @@ pub const MANIFEST_FILE_NAME: &str = "manifest.json";
 /// complete set; retention removes stale ones.
 pub const PARTIAL_SUFFIX: &str = ".partial";
 
+/// Suffix of a data file encrypted with age.
+pub const AGE_SUFFIX: &str = ".age";
+
 const TS_FORMAT: &str = "%Y-%m-%d_%H%M%S";
 
 /// The UTC second a backup run started, which names its set.
@@ -32,6 +35,19 @@ pub struct SetTimestamp(DateTime<Utc>);
 pub struct InvalidTimestamp {
     /// The rejected text.
     pub value: String,
+}
+
+/// A file name, from a manifest or a server's listing, that is not one the
+/// set naming scheme gives a file of that set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refusing file name {name:?} in backup set {set}: {problem}; a set holds only snapshot_{set}.db, static_kuberesources_{set}.tar.gz (each optionally .age) and manifest.json, so the manifest or the server's listing was altered; nothing was written or removed for it")]
+pub struct InvalidFileName {
+    /// The rejected name.
+    pub name: String,
+    /// The set it was found in.
+    pub set: SetTimestamp,
+    /// What is wrong with it.
+    pub problem: &'static str,
 }
 
 impl SetTimestamp {
@@ -54,6 +70,60 @@ impl SetTimestamp {
     /// static-pod resources.
     pub fn resources_file_name(&self) -> String {
         format!("static_kuberesources_{self}.tar.gz")
+    }
+
+    /// Every name the agent gives a data file of this set, as stored: the
+    /// snapshot and the resources tarball, each plain or encrypted.
+    pub fn data_file_names(&self) -> [String; 4] {
+        let (snapshot, resources) = (self.snapshot_file_name(), self.resources_file_name());
+        [
+            format!("{snapshot}{AGE_SUFFIX}"),
+            format!("{resources}{AGE_SUFFIX}"),
+            snapshot,
+            resources,
+        ]
+    }
+
+    /// Checks a name from a manifest or a listing before any file operation
+    /// on it: one path component (no `/`, no `..`, no NUL) and one of this
+    /// set's [`data file names`](Self::data_file_names) or, with
+    /// `manifest_too`, `manifest.json`. The one check for such names.
+    ///
+    /// # Errors
+    /// [`InvalidFileName`] naming what is wrong.
+    pub fn check_file_name(&self, name: &str, manifest_too: bool) -> Result<(), InvalidFileName> {
+        let problem = if name.is_empty() {
+            Some("it is empty")
+        } else if name.contains('\0') {
+            Some("it contains a NUL byte")
+        } else if name.contains('/') || name.contains('\\') {
+            Some("it contains a path separator")
+        } else if name == "." || name == ".." || name.contains("..") {
+            Some("it contains `..`")
+        } else if !(self.data_file_names().iter().any(|n| n == name)
+            || (manifest_too && name == MANIFEST_FILE_NAME))
+        {
+            Some("it is not a file name of this set")
+        } else {
+            None
+        };
+        match problem {
+            None => Ok(()),
+            Some(problem) => Err(InvalidFileName {
+                name: name.to_string(),
+                set: *self,
+                problem,
+            }),
+        }
+    }
+
+    /// Whether `name` is one the agent writes while it builds this set and
+    /// renames when done: a data file's name or `manifest.json`, with
+    /// [`PARTIAL_SUFFIX`]. Only such files may be removed as leftovers.
+    pub fn is_own_partial(&self, name: &str) -> bool {
+        name.strip_suffix(PARTIAL_SUFFIX).is_some_and(|stem| {
+            stem == MANIFEST_FILE_NAME || self.data_file_names().iter().any(|n| n == stem)
+        })
     }
 }
 
@@ -166,6 +236,68 @@ mod tests {
             "latest",
         ] {
             assert!(bad.parse::<SetTimestamp>().is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn own_partials_are_exactly_the_names_the_agent_writes_for_that_set() {
+        let ts: SetTimestamp = "2026-11-24_120000".parse().unwrap();
+        for ok in [
+            "snapshot_2026-11-24_120000.db.partial",
+            "snapshot_2026-11-24_120000.db.age.partial",
+            "static_kuberesources_2026-11-24_120000.tar.gz.partial",
+            "static_kuberesources_2026-11-24_120000.tar.gz.age.partial",
+            "manifest.json.partial",
+        ] {
+            assert!(ts.is_own_partial(ok), "{ok:?}");
+        }
+        for bad in [
+            "snapshot_2026-11-24_120000.db",
+            "manifest.json",
+            "snapshot_2026-11-24_120001.db.partial",
+            "notes.txt.partial",
+            ".partial",
+            "snapshot_2026-11-24_120000.db.partial.partial",
+            "x/snapshot_2026-11-24_120000.db.partial",
+        ] {
+            assert!(!ts.is_own_partial(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn file_names_must_be_the_sets_own() {
+        let ts: SetTimestamp = "2026-11-24_120000".parse().unwrap();
+        for ok in [
+            "snapshot_2026-11-24_120000.db",
+            "snapshot_2026-11-24_120000.db.age",
+            "static_kuberesources_2026-11-24_120000.tar.gz",
+            "static_kuberesources_2026-11-24_120000.tar.gz.age",
+        ] {
+            assert_eq!(ts.check_file_name(ok, false), Ok(()), "{ok:?}");
+        }
+        assert!(ts.check_file_name("manifest.json", false).is_err());
+        assert_eq!(ts.check_file_name("manifest.json", true), Ok(()));
+        for (bad, problem) in [
+            ("", "empty"),
+            ("../snapshot_2026-11-24_120000.db", "separator"),
+            ("/etc/passwd", "separator"),
+            ("a\\b", "separator"),
+            ("..", "`..`"),
+            ("snapshot_2026-11-24_120000..db", "`..`"),
+            ("snapshot_2026-11-24_120000.db\0", "NUL"),
+            (
+                "snapshot_2026-11-24_120001.db",
+                "not a file name of this set",
+            ),
+            ("notes.txt", "not a file name of this set"),
+            (
+                "snapshot_2026-11-24_120000.db.partial",
+                "not a file name of this set",
+            ),
+        ] {
+            let e = ts.check_file_name(bad, true).unwrap_err();
+            assert!(e.problem.contains(problem), "{bad:?}: {e}");
+            assert!(e.to_string().contains("was altered"), "{e}");
         }
     }
 

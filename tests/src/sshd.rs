@@ -685,6 +685,17 @@ fn wait_stopped(pids: &[u32]) {
     }
 }
 
+/// sshd (even `sshd -t`) refuses to run without its privilege separation
+/// directory, which only the init system's unit creates: a machine where sshd
+/// was installed but never started as a service has none.
+fn ensure_privsep_dir() {
+    if !Path::new("/run/sshd").is_dir() {
+        fs::create_dir_all("/run/sshd").expect("create sshd's privsep dir /run/sshd");
+        fs::set_permissions("/run/sshd", fs::Permissions::from_mode(0o755))
+            .expect("chmod /run/sshd");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1094,16 +1105,5 @@ mod tests {
             .output()
             .unwrap();
         assert!(!out.status.success(), "a wrong password was accepted");
-    }
-}
-
-/// sshd (even `sshd -t`) refuses to run without its privilege separation
-/// directory, which only the init system's unit creates: a machine where sshd
-/// was installed but never started as a service has none.
-fn ensure_privsep_dir() {
-    if !Path::new("/run/sshd").is_dir() {
-        fs::create_dir_all("/run/sshd").expect("create sshd's privsep dir /run/sshd");
-        fs::set_permissions("/run/sshd", fs::Permissions::from_mode(0o755))
-            .expect("chmod /run/sshd");
     }
 }

@@ -85,21 +85,23 @@ fn verify_catches_each_flip(s: &Stored) {
         );
         std::fs::write(&file, &original).unwrap();
     }
-    // A truncated file is named with its size.
+    // A truncated file makes the set incomplete (the catalog compares the
+    // stored sizes with the manifest's), named with its size.
     let snap = s.manifest.file(FileKind::Snapshot).unwrap();
     let file = s.set_dir.join(&snap.name);
     let original = std::fs::read(&file).unwrap();
     std::fs::write(&file, &original[..original.len() - 100]).unwrap();
-    let bad = verify(config, "latest");
+    let bad = verify(config, &s.manifest.timestamp.to_string());
     bad.assert_code(1);
     assert!(
-        bad.stdout.contains(&format!(
-            "size is {} bytes, the manifest says {}",
+        bad.stderr.contains(&format!(
+            "that set is incomplete: {} holds {} bytes, the manifest says {}",
+            snap.name,
             original.len() - 100,
             original.len()
         )),
         "{}",
-        bad.stdout
+        bad.stderr
     );
     std::fs::write(&file, &original).unwrap();
     verify(config, &s.manifest.timestamp.to_string()).assert_code(0);

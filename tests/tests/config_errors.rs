@@ -305,3 +305,41 @@ fn bad_encryption_settings_exit_2_naming_the_field_and_never_echo_a_secret_key()
         );
     }
 }
+
+#[test]
+fn an_api_on_a_non_loopback_address_without_a_token_is_refused_unless_allowed() {
+    let work = tempfile::tempdir().unwrap();
+    let token = work.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let base = good(&work.path().join("backups").display().to_string());
+    let remote = format!("{base}schedule: \"@daily\"\nhttp:\n  listen: 0.0.0.0:10290\n");
+    for command in ["check-config", "run"] {
+        let p = work.path().join("config.yaml");
+        std::fs::write(&p, &remote).unwrap();
+        let run = run_agent(&[command, "--config", p.to_str().unwrap()]);
+        assert_eq!(run.code, 2, "{command}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("  http.listen: 0.0.0.0:10290 is not a loopback address and http.token_file is not set"),
+            "{command}: {}",
+            run.stderr
+        );
+        assert!(
+            run.stderr
+                .contains("http.allow_unauthenticated_remote: true"),
+            "{}",
+            run.stderr
+        );
+    }
+    for ok in [
+        format!("{remote}  token_file: {}\n", token.display()),
+        format!("{remote}  allow_unauthenticated_remote: true\n"),
+        remote.replace("0.0.0.0", "127.0.0.1"),
+        remote.replace("0.0.0.0:10290", "\"[::1]:10290\""),
+    ] {
+        let p = work.path().join("ok.yaml");
+        std::fs::write(&p, &ok).unwrap();
+        let run = run_agent(&["check-config", "--config", p.to_str().unwrap()]);
+        assert_eq!(run.code, 0, "{ok}\n{}", run.stderr);
+    }
+}

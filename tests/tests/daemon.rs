@@ -504,6 +504,17 @@ async fn run_on_start_backs_up_when_stale_or_always_and_not_when_fresh_or_never(
     assert_eq!(startup_runs(&runs), 1, "{runs:?}");
     d.stop().await;
 
+    // A newest directory that holds a manifest.json is not a backup unless
+    // the catalog says the set is complete: when_stale backs up.
+    for set in complete_sets(&dest) {
+        std::fs::write(dest.join(set).join("manifest.json"), b"{").unwrap();
+    }
+    cfg.extra = "schedule: \"0 * * * *\"\nrun_on_start: when_stale\n".into();
+    let d = Daemon::start(&cfg).await;
+    let runs = runs_after(&d, Duration::from_millis(1500)).await;
+    assert_eq!(startup_runs(&runs), 1, "{runs:?}");
+    d.stop().await;
+
     // never, with nothing stored for another node: no run.
     let mut other = daemon_config(&etcd.client_url, &dest);
     other.node_name = "master-9".into();

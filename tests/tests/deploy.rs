@@ -38,13 +38,14 @@ use etcd_backup_tests::{complete_sets, files_below};
 /// The namespace everything namespaced lives in.
 const NAMESPACE: &str = "etcd-backup";
 /// The alerts the issue asks for, by name.
-const REQUIRED_ALERTS: [&str; 6] = [
+const REQUIRED_ALERTS: [&str; 7] = [
     "EtcdBackupTooOld",
     "EtcdBackupFailing",
     "EtcdBackupNeverSucceeded",
     "EtcdBackupClusterTooOld",
     "EtcdBackupClusterNeverSucceeded",
     "EtcdBackupAgentDown",
+    "EtcdBackupUnrecognisedEntries",
 ];
 
 // ---------------------------------------------------------------------------

@@ -18,10 +18,20 @@ fn io<'a>(
     op: &'static str,
     location: &'a Path,
 ) -> impl FnOnce(std::io::Error) -> DestinationError + 'a {
-    move |source| DestinationError::Io {
-        op,
-        location: location.display().to_string(),
-        source,
+    move |source| {
+        if super::is_out_of_space(&source) {
+            DestinationError::Full {
+                op,
+                location: location.display().to_string(),
+                detail: source.to_string(),
+            }
+        } else {
+            DestinationError::Io {
+                op,
+                location: location.display().to_string(),
+                source,
+            }
+        }
     }
 }
 
@@ -164,10 +174,12 @@ impl super::Destination for LocalDir {
                 let Ok(name) = entry.file_name().into_string() else {
                     continue;
                 };
+                // DirEntry::metadata does not follow symbolic links.
                 let meta = entry.metadata().map_err(io("cannot stat", &entry.path()))?;
                 out.push(DirEntry {
                     name,
                     is_dir: meta.is_dir(),
+                    is_file: meta.file_type().is_file(),
                     size: if meta.is_dir() { 0 } else { meta.len() },
                     modified: meta.modified().ok(),
                 });

@@ -85,6 +85,19 @@ pub enum DestinationError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// A write refused because the destination is out of space or over a
+    /// quota (ENOSPC, EDQUOT, or an SFTP server's generic `Failure` on a
+    /// write, which is how OpenSSH's server reports both). Permanent: each
+    /// retry would stream the whole snapshot from etcd again for nothing.
+    #[error("{op} {location}: {detail}; the destination may be full or over its quota: make room (or raise the quota), then back up again; not retried, since every attempt re-reads the whole snapshot from etcd")]
+    Full {
+        /// What was being done, e.g. "cannot write".
+        op: &'static str,
+        /// The full location.
+        location: String,
+        /// What the OS or server said.
+        detail: String,
+    },
     /// A path that is not a plain relative path below the base.
     #[error("refusing path {path:?}: not a relative path below the destination's base")]
     BadPath {
@@ -112,13 +125,24 @@ impl DestinationError {
     }
 }
 
+/// Whether the OS says a write failed for lack of space or quota.
+pub(crate) fn is_out_of_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
 /// One entry of a directory listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirEntry {
     /// The entry's name (one path component).
     pub name: String,
-    /// Whether it is a directory.
+    /// Whether it is a directory (never true for a symbolic link to one: a
+    /// listing does not follow links).
     pub is_dir: bool,
+    /// Whether it is a regular file (not a symbolic link, device or socket).
+    pub is_file: bool,
     /// Size in bytes (0 for directories).
     pub size: u64,
     /// Last modification, when the destination reports it.
@@ -221,6 +245,34 @@ pub fn components(path: &str) -> Result<Vec<&str>, DestinationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_is_permanent() {
+        use std::io::Write;
+        // /dev/full answers every write with ENOSPC, as a full filesystem does.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let e = f
+            .write_all(&[0u8; 4096])
+            .and_then(|()| f.flush())
+            .unwrap_err();
+        assert!(is_out_of_space(&e), "{e:?}");
+        let full = DestinationError::Full {
+            op: "cannot write",
+            location: "local:/b/x".into(),
+            detail: e.to_string(),
+        };
+        assert!(!full.is_transient());
+        assert!(full.to_string().contains("may be full"), "{full}");
+        let reset = DestinationError::Io {
+            op: "cannot write",
+            location: "x".into(),
+            source: std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"),
+        };
+        assert!(reset.is_transient());
+    }
 
     #[test]
     fn components_refuse_escapes() {

@@ -582,9 +582,11 @@ impl super::Destination for SftpDir {
             .filter(|e| e.file_name() != "." && e.file_name() != "..")
             .map(|e| {
                 let meta = e.metadata();
+                // SFTP's READDIR reports what lstat(2) does: links unfollowed.
                 DirEntry {
                     name: e.file_name(),
                     is_dir: meta.is_dir(),
+                    is_file: meta.file_type().is_file(),
                     size: if meta.is_dir() { 0 } else { meta.len() },
                     modified: meta.modified().ok(),
                 }
@@ -669,6 +671,28 @@ impl SftpUpload {
         }
     }
 
+    /// A failed write: OpenSSH's server answers a write on a full disk (or
+    /// over a quota) with the generic `SSH_FX_FAILURE`, so that is read as
+    /// [`DestinationError::Full`]; anything else stays an I/O error.
+    fn write_error(&self, e: std::io::Error) -> DestinationError {
+        use russh_sftp::client::error::Error as E;
+        let failure = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<E>())
+            .is_some_and(
+                |inner| matches!(inner, E::Status(s) if s.status_code == StatusCode::Failure),
+            );
+        if failure || super::is_out_of_space(&e) {
+            DestinationError::Full {
+                op: "cannot write",
+                location: self.location.clone(),
+                detail: format!("the server answered {e}"),
+            }
+        } else {
+            self.io("cannot write", e)
+        }
+    }
+
     fn timeout(&self) -> std::io::Error {
         std::io::Error::new(
             std::io::ErrorKind::TimedOut,
@@ -688,7 +712,7 @@ impl Upload for SftpUpload {
                 self.written += buf.len() as u64;
                 Ok(())
             }
-            Ok(Err(e)) => Err(self.io("cannot write", e)),
+            Ok(Err(e)) => Err(self.write_error(e)),
             Err(_) => Err(self.io("cannot write", self.timeout())),
         }
     }
@@ -698,7 +722,7 @@ impl Upload for SftpUpload {
         // to fsync (fsync@openssh.com) when it supports that.
         match tokio::time::timeout(self.io_timeout, self.file.flush()).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(self.io("cannot write", e)),
+            Ok(Err(e)) => return Err(self.write_error(e)),
             Err(_) => return Err(self.io("cannot write", self.timeout())),
         }
         match tokio::time::timeout(self.io_timeout, self.file.shutdown()).await {
