@@ -45,7 +45,24 @@ impl EtcdServer {
         Self::launch(None, Some((data_dir, name.to_string(), peer_port)))
     }
 
+    /// Starts a member and waits for it. A port that [`free_port`] found free
+    /// can be taken by another test before etcd binds it: etcd then exits at
+    /// once, and the member is started again on new ports (three tries).
     fn launch(tls: Option<TlsFiles>, existing: Option<(PathBuf, String, u16)>) -> Self {
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_launch(tls.clone(), existing.clone()) {
+                Ok(server) => return server,
+                Err(log) => last = log,
+            }
+        }
+        panic!("etcd could not bind its ports in three tries; its last log:\n{last}");
+    }
+
+    fn try_launch(
+        tls: Option<TlsFiles>,
+        existing: Option<(PathBuf, String, u16)>,
+    ) -> Result<Self, String> {
         require_tool("etcd", "etcd-server");
         let dir = tempfile::tempdir().expect("tempdir");
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -93,7 +110,7 @@ impl EtcdServer {
                 .arg("--client-cert-auth");
         }
         let child = cmd.spawn().expect("start etcd");
-        let server = Self {
+        let mut server = Self {
             child: Some(child),
             dir,
             name,
@@ -102,27 +119,44 @@ impl EtcdServer {
             data_dir,
             tls,
         };
-        server.wait_ready();
-        server
+        server.wait_ready()?;
+        Ok(server)
     }
 
-    fn wait_ready(&self) {
-        let mut tries = 0;
-        wait_for("etcd to answer", Duration::from_secs(30), || {
+    /// Waits until the member answers. Err (its log) when it exited because a
+    /// port was taken; panics with its log if it exits for another reason or
+    /// does not answer within 30 s.
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let start = std::time::Instant::now();
+        let mut tries = 0u32;
+        loop {
             tries += 1;
             let out = self.etcdctl(&["endpoint", "health"]);
             if out.status.success() {
-                Some(())
-            } else {
-                if tries % 40 == 0 {
-                    eprintln!(
-                        "still waiting for etcd: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
-                None
+                return Ok(());
             }
-        });
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                let log = self.log();
+                if log.contains("address already in use") {
+                    return Err(log);
+                }
+                panic!("etcd exited ({status}) before it answered; its log:\n{log}");
+            }
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "etcd did not answer within 30 s (etcdctl: {stderr}); its log:\n{}",
+                self.log()
+            );
+            if tries % 40 == 0 {
+                eprintln!("still waiting for etcd: {stderr}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The member's log so far.
