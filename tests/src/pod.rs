@@ -430,3 +430,49 @@ pub fn pod_mounts(
     }
     out
 }
+
+/// A master for a real backup, under `host`: the platform's tree with `tls`'s
+/// CA and client certificate as its etcd certificates, and the SFTP Secret
+/// holding `key` and `sshd`'s host key. Returns the paths the resources
+/// tarball should hold (as [`fake_master`]) and the Secret.
+pub fn real_master(
+    host: &Path,
+    platform: Platform,
+    tls: &crate::tls::TlsFiles,
+    key: &crate::sshd::ClientKey,
+    sshd: &crate::sshd::SshServer,
+) -> (Vec<String>, Secret) {
+    let pem = |p: &Path| std::fs::read(p).unwrap();
+    let expected = fake_master(
+        host,
+        platform,
+        [
+            &pem(&tls.ca_cert),
+            &pem(&tls.client_cert),
+            &pem(&tls.client_key),
+        ],
+    );
+    let secret = sftp_secret(&[
+        ("id_ed25519", read(&key.private_key)),
+        ("known_hosts", format!("{}\n", sshd.known_hosts_line())),
+    ]);
+    (expected, secret)
+}
+
+/// Changes in an overlay's config only what differs from a real master: where
+/// etcd and the SFTP server listen, who logs in, and the base directory (on
+/// `sshd`, `backups/`, returned).
+pub fn point_at_test_servers(
+    config: &mut serde_yaml::Value,
+    etcd_url: &str,
+    sshd: &crate::sshd::SshServer,
+) -> PathBuf {
+    config["etcd"]["endpoints"] = serde_yaml::to_value([etcd_url]).unwrap();
+    let sftp = &mut config["destination"]["sftp"];
+    sftp["host"] = "127.0.0.1".into();
+    sftp["port"] = sshd.port.into();
+    sftp["user"] = crate::sshd::SshServer::key_user().into();
+    let base = sshd.sftp_root.join("backups");
+    sftp["path"] = base.to_str().unwrap().into();
+    base
+}

@@ -28,8 +28,8 @@ use etcd_backup_tests::etcd::EtcdServer;
 use etcd_backup_tests::fixtures::tar_gz_entries;
 use etcd_backup_tests::pod::{
     agent_config_text, agent_container, daemonset, fake_master, find, manifests, one, pod_mounts,
-    pod_spec, read, render, repo, roundtrip, run_ok, sftp_secret, tool, volume, yaml,
-    yaml_documents, Platform, NODE, OVERLAYS,
+    pod_spec, point_at_test_servers, read, real_master, render, repo, roundtrip, run_ok,
+    sftp_secret, tool, volume, yaml, yaml_documents, Platform, NODE, OVERLAYS,
 };
 use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
 use etcd_backup_tests::tls::TlsFiles;
@@ -1142,32 +1142,13 @@ fn each_overlay_config_backs_up_a_real_etcd_over_sftp_with_the_daemonsets_mounts
         let ds = daemonset(&objects);
         let work = tempfile::tempdir().unwrap();
         let (host, root) = (work.path().join("host"), work.path().join("pod"));
-        let pem = |p: &Path| std::fs::read(p).unwrap();
-        let expected = fake_master(
-            &host,
-            platform,
-            [
-                &pem(&tls.ca_cert),
-                &pem(&tls.client_cert),
-                &pem(&tls.client_key),
-            ],
-        );
-        let secret = sftp_secret(&[
-            ("id_ed25519", read(&key.private_key)),
-            ("known_hosts", format!("{}\n", sshd.known_hosts_line())),
-        ]);
+        let (expected, secret) = real_master(&host, platform, &tls, &key, &sshd);
         mount_pod(&root, &host, &objects, &ds, &secret);
 
         // Only what differs from a real master changes: where etcd and the
         // SFTP server listen, and who logs in.
         let mut config = reroot_config(&agent_config_text(&objects), &root);
-        config["etcd"]["endpoints"] = serde_yaml::to_value([&etcd.client_url]).unwrap();
-        let sftp = &mut config["destination"]["sftp"];
-        sftp["host"] = "127.0.0.1".into();
-        sftp["port"] = sshd.port.into();
-        sftp["user"] = SshServer::key_user().into();
-        let base = sshd.sftp_root.join("backups");
-        sftp["path"] = base.to_str().unwrap().into();
+        let base = point_at_test_servers(&mut config, &etcd.client_url, &sshd);
         let file = work.path().join("config.yaml");
         std::fs::write(&file, serde_yaml::to_string(&config).unwrap()).unwrap();
 

@@ -30,8 +30,9 @@ use serde_json::Value;
 
 use etcd_backup_tests::etcd::EtcdServer;
 use etcd_backup_tests::pod::{
-    agent_config_text, agent_container, daemonset, expand, fake_master, pod_mounts, render, repo,
-    run_ok, sftp_secret, tool, write_file, yaml, EmptyDirMedium, Platform, NODE, OVERLAYS,
+    agent_config_text, agent_container, daemonset, expand, pod_mounts, point_at_test_servers,
+    real_master, render, repo, run_ok, tool, write_file, yaml, EmptyDirMedium, Platform, NODE,
+    OVERLAYS,
 };
 use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
 use etcd_backup_tests::tls::TlsFiles;
@@ -108,52 +109,60 @@ struct Pod {
 /// SFTP server and the agent's listeners are, who logs in, and a schedule
 /// short enough for a test.
 struct Site<'a> {
-    etcd: &'a EtcdServer,
-    sshd: &'a SshServer,
+    servers: &'a Servers,
     api_port: u16,
     metrics_port: u16,
     schedule: &'a str,
 }
 
+/// What the pod talks to: a real etcd with TLS client-certificate auth, and
+/// a real sshd that accepts a freshly made client key.
+struct Servers {
+    tls: TlsFiles,
+    etcd: EtcdServer,
+    key: ClientKey,
+    sshd: SshServer,
+}
+
+impl Servers {
+    fn start() -> Self {
+        let tls = TlsFiles::generate();
+        let etcd = EtcdServer::start_tls(tls.clone());
+        let key = ClientKey::generate(KeyKind::Ed25519, None);
+        let sshd = SshServer::start(SshOptions {
+            authorized_keys: vec![key.public_line.clone()],
+            ..SshOptions::default()
+        });
+        Servers {
+            tls,
+            etcd,
+            key,
+            sshd,
+        }
+    }
+
+    /// The servers, with the agent's listeners on free ports.
+    fn site<'a>(&'a self, schedule: &'a str) -> Site<'a> {
+        Site {
+            servers: self,
+            api_port: free_port(),
+            metrics_port: free_port(),
+            schedule,
+        }
+    }
+}
+
 impl Pod {
-    fn new(
-        image: &Image,
-        dir: &str,
-        platform: Platform,
-        tls: &TlsFiles,
-        key: &ClientKey,
-        site: &Site,
-    ) -> Self {
+    fn new(image: &Image, dir: &str, platform: Platform, site: &Site) -> Self {
+        let servers = site.servers;
         let objects = render(dir);
         let ds = daemonset(&objects);
         let work = tempfile::tempdir().unwrap();
         let host = work.path().join("host");
-        let pem = |p: &Path| std::fs::read(p).unwrap();
-        let expected_paths = fake_master(
-            &host,
-            platform,
-            [
-                &pem(&tls.ca_cert),
-                &pem(&tls.client_cert),
-                &pem(&tls.client_key),
-            ],
-        );
-        let secret = sftp_secret(&[
-            (
-                "id_ed25519",
-                std::fs::read_to_string(&key.private_key).unwrap(),
-            ),
-            ("known_hosts", format!("{}\n", site.sshd.known_hosts_line())),
-        ]);
-        let base = site.sshd.sftp_root.join("backups");
-
+        let (expected_paths, secret) =
+            real_master(&host, platform, &servers.tls, &servers.key, &servers.sshd);
         let mut config = yaml(&agent_config_text(&objects));
-        config["etcd"]["endpoints"] = serde_yaml::to_value([&site.etcd.client_url]).unwrap();
-        let sftp = &mut config["destination"]["sftp"];
-        sftp["host"] = "127.0.0.1".into();
-        sftp["port"] = site.sshd.port.into();
-        sftp["user"] = SshServer::key_user().into();
-        sftp["path"] = base.to_str().unwrap().into();
+        let base = point_at_test_servers(&mut config, &servers.etcd.client_url, &servers.sshd);
         config["http"]["listen"] = format!("127.0.0.1:{}", site.api_port).into();
         config["http"]["metrics_listen"] = format!("127.0.0.1:{}", site.metrics_port).into();
         config["schedule"] = site.schedule.into();
@@ -369,24 +378,15 @@ fn in_the_image_each_overlay_becomes_ready_backs_up_on_schedule_and_on_trigger()
     assert_eq!(image.user, "65532:65532");
     assert_eq!(image.entrypoint, ["etcd-backup-agent"]);
     for (dir, platform) in OVERLAYS {
-        let tls = TlsFiles::generate();
-        let etcd = EtcdServer::start_tls(tls.clone());
-        let out = etcd.etcdctl(&["put", "/kubernetes.io/configmaps/default/in-image", "v1"]);
+        let servers = Servers::start();
+        let out =
+            servers
+                .etcd
+                .etcdctl(&["put", "/kubernetes.io/configmaps/default/in-image", "v1"]);
         assert!(out.status.success(), "{}", output_text(&out));
-        let key = ClientKey::generate(KeyKind::Ed25519, None);
-        let sshd = SshServer::start(SshOptions {
-            authorized_keys: vec![key.public_line.clone()],
-            ..SshOptions::default()
-        });
-        let (api_port, metrics_port) = (free_port(), free_port());
-        let site = Site {
-            etcd: &etcd,
-            sshd: &sshd,
-            api_port,
-            metrics_port,
-            schedule: "@every 15s",
-        };
-        let pod = Pod::new(&image, dir, platform, &tls, &key, &site);
+        let site = servers.site("@every 15s");
+        let metrics_port = site.metrics_port;
+        let pod = Pod::new(&image, dir, platform, &site);
         let daemon = Running(pod.start());
 
         wait_for(
@@ -468,29 +468,17 @@ fn in_the_image_each_overlay_becomes_ready_backs_up_on_schedule_and_on_trigger()
 fn in_the_image_drill_and_restore_work_with_the_etcd_tools_it_carries() {
     let image = image();
     for (dir, platform) in OVERLAYS {
-        let tls = TlsFiles::generate();
-        let etcd = EtcdServer::start_tls(tls.clone());
+        let servers = Servers::start();
         for i in 0..20 {
-            let out = etcd.etcdctl(&[
+            let out = servers.etcd.etcdctl(&[
                 "put",
                 &format!("/registry/secrets/ns/s{i}"),
                 &format!("value-{i}"),
             ]);
             assert!(out.status.success(), "{}", output_text(&out));
         }
-        let key = ClientKey::generate(KeyKind::Ed25519, None);
-        let sshd = SshServer::start(SshOptions {
-            authorized_keys: vec![key.public_line.clone()],
-            ..SshOptions::default()
-        });
-        let site = Site {
-            etcd: &etcd,
-            sshd: &sshd,
-            api_port: free_port(),
-            metrics_port: free_port(),
-            schedule: "@hourly",
-        };
-        let pod = Pod::new(&image, dir, platform, &tls, &key, &site);
+        let site = servers.site("@hourly");
+        let pod = Pod::new(&image, dir, platform, &site);
         let config = "/etc/etcd-backup/config.yaml";
         let out = pod.exec(&["backup", "--config", config]).output().unwrap();
         assert!(out.status.success(), "{dir}: backup\n{}", output_text(&out));
@@ -570,21 +558,9 @@ fn in_the_image_a_write_outside_the_manifests_volumes_fails() {
     // (read-only) file system is refused by the kernel, as in the pod.
     let image = image();
     let (dir, platform) = OVERLAYS[0];
-    let tls = TlsFiles::generate();
-    let etcd = EtcdServer::start_tls(tls.clone());
-    let key = ClientKey::generate(KeyKind::Ed25519, None);
-    let sshd = SshServer::start(SshOptions {
-        authorized_keys: vec![key.public_line.clone()],
-        ..SshOptions::default()
-    });
-    let site = Site {
-        etcd: &etcd,
-        sshd: &sshd,
-        api_port: free_port(),
-        metrics_port: free_port(),
-        schedule: "@hourly",
-    };
-    let pod = Pod::new(&image, dir, platform, &tls, &key, &site);
+    let servers = Servers::start();
+    let site = servers.site("@hourly");
+    let pod = Pod::new(&image, dir, platform, &site);
     // A config of its own that stores sets in /var/backups, where the pod
     // has no volume: passed through the writable scratch volume.
     let mut config =
