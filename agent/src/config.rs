@@ -162,6 +162,7 @@ struct RawSftp {
     password_file: Option<PathBuf>,
     connect_timeout: Option<String>,
     io_timeout: Option<String>,
+    require_fsync: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -416,6 +417,10 @@ pub struct SftpConfig {
     pub connect_timeout: Duration,
     /// Any single SFTP request, or a write that makes no progress, for this long fails.
     pub io_timeout: Duration,
+    /// Refuse to back up to a server that cannot sync files to disk
+    /// (`fsync@openssh.com`); when false, such sets are stored and recorded
+    /// as not durable.
+    pub require_fsync: bool,
 }
 
 /// Which host keys are trusted. There is deliberately no "accept any".
@@ -1106,6 +1111,7 @@ impl Validator {
             auth: auth?,
             connect_timeout,
             io_timeout,
+            require_fsync: raw.require_fsync.unwrap_or(true),
         })
     }
 

@@ -23,7 +23,10 @@ fn io<'a>(
             DestinationError::Full {
                 op,
                 location: location.display().to_string(),
-                detail: source.to_string(),
+                detail: match free_space(location) {
+                    Some(free) => format!("{source} ({free})"),
+                    None => source.to_string(),
+                },
             }
         } else {
             DestinationError::Io {
@@ -95,6 +98,35 @@ async fn blocking<T: Send + 'static>(
         })?
 }
 
+/// What statvfs(2) says about the filesystem holding `path` (or its nearest
+/// existing ancestor), for a disk-full message.
+fn free_space(path: &Path) -> Option<String> {
+    let on = path.ancestors().find(|p| p.exists())?;
+    let st = nix::sys::statvfs::statvfs(on).ok()?;
+    let unit = st.fragment_size();
+    Some(super::space_text(
+        st.blocks_available().saturating_mul(unit),
+        st.blocks().saturating_mul(unit),
+    ))
+}
+
+/// Creates `dir` and its missing ancestors (mode 0700), and syncs the parent
+/// of each one it created, so the new directories survive a crash.
+fn create_dirs(dir: &Path) -> Result<(), DestinationError> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io("cannot create directory", dir))?;
+    for d in missing.iter().rev() {
+        if let Some(parent) = d.parent() {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> Result<(), DestinationError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -112,11 +144,7 @@ impl super::Destination for LocalDir {
         let f = full.clone();
         let file = blocking(&full, move || {
             if let Some(parent) = f.parent() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(parent)
-                    .map_err(io("cannot create directory", parent))?;
+                create_dirs(parent)?;
             }
             std::fs::OpenOptions::new()
                 .write(true)

@@ -98,6 +98,13 @@ pub enum DestinationError {
         /// What the OS or server said.
         detail: String,
     },
+    /// The server cannot sync what it stores to disk, and
+    /// `destination.sftp.require_fsync` says not to store sets it may lose.
+    #[error("{location} does not offer fsync@openssh.com, so files it stores may be lost if the server crashes before its disk catches up; enable the extension on the server (OpenSSH's sftp-server has it since 6.5; ProFTPD: `SFTPExtensions +fsync`), or set destination.sftp.require_fsync: false to store sets there anyway, recorded as not durable")]
+    NotDurable {
+        /// The server.
+        location: String,
+    },
     /// A path that is not a plain relative path below the base.
     #[error("refusing path {path:?}: not a relative path below the destination's base")]
     BadPath {
@@ -131,6 +138,25 @@ pub(crate) fn is_out_of_space(e: &std::io::Error) -> bool {
         e.kind(),
         std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
     )
+}
+
+/// "N free of M", in the units an admin reads, for a disk-full message.
+pub(crate) fn space_text(available: u64, total: u64) -> String {
+    fn human(b: u64) -> String {
+        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+        let mut v = b as f64;
+        let mut u = 0;
+        while v >= 1024.0 && u < UNITS.len() - 1 {
+            v /= 1024.0;
+            u += 1;
+        }
+        if u == 0 {
+            format!("{b} B")
+        } else {
+            format!("{v:.1} {}", UNITS[u])
+        }
+    }
+    format!("{} free of {}", human(available), human(total))
 }
 
 /// One entry of a directory listing.
@@ -210,6 +236,28 @@ pub trait Destination: Send + Sync {
     /// # Errors
     /// I/O failures, including a directory that is not empty.
     async fn remove_dir(&self, path: &str) -> Result<(), DestinationError>;
+
+    /// Whether files this destination stores are synced to stable storage
+    /// before it reports them stored. Asked once per run, before anything is
+    /// written.
+    ///
+    /// # Errors
+    /// [`DestinationError::NotDurable`] when the destination cannot sync and
+    /// the configuration requires it; connection failures.
+    async fn durability(&self) -> Result<Durability, DestinationError> {
+        Ok(Durability::Synced)
+    }
+}
+
+/// How far a destination's "stored" can be trusted after a crash of its host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Every file is synced before it is reported stored.
+    Synced,
+    /// The destination cannot sync (an SFTP server without
+    /// `fsync@openssh.com`, allowed by `require_fsync: false`): a crash of the
+    /// server may lose what it acknowledged.
+    NotSynced,
 }
 
 /// Opens the configured destination.

@@ -29,6 +29,7 @@ fn main() {
         },
         connect_timeout: Duration::from_secs(10),
         io_timeout: Duration::from_secs(60),
+        require_fsync: true,
     };
     let file = PathBuf::from(&args[6]);
     // The same runtime shape as the agent's.
