@@ -26,7 +26,7 @@ use etcd_backup_proto::{
 };
 
 use crate::config::Config;
-use crate::destination::{Destination, DestinationError, Upload};
+use crate::destination::{Destination, DestinationError, Durability, Upload};
 use crate::encryption::{SealingUpload, AGE_SUFFIX};
 use crate::etcd::{
     EtcdError, EtcdMember, MemberInfo, SnapshotSource, SnapshotVerifier, VerifyError,
@@ -304,6 +304,8 @@ struct Run<'a> {
     stage: Stage,
     /// What `etcdctl snapshot status` reports for the stored snapshot.
     snapshot_status: Option<etcd_backup_proto::SnapshotStatus>,
+    /// Whether the destination syncs what it stores, asked before writing.
+    durability: Durability,
 }
 
 impl<'a> Run<'a> {
@@ -328,6 +330,7 @@ impl<'a> Run<'a> {
             stages: Vec::new(),
             stage: Stage::Connect,
             snapshot_status: None,
+            durability: Durability::Synced,
         }
     }
 
@@ -359,6 +362,14 @@ impl<'a> Run<'a> {
 
     async fn steps(&mut self, source: &mut dyn SnapshotSource) -> Result<Manifest, BackupError> {
         let ts = self.set.timestamp;
+        // Before anything is written: a destination that cannot sync, where
+        // the configuration requires it, fails the run here, with nothing
+        // to clean up.
+        self.durability = self
+            .dest
+            .durability()
+            .await
+            .map_err(|e| BackupError::new(Stage::Upload, e))?;
         let existing = self
             .dest
             .list(&self.set.dir())
@@ -647,6 +658,7 @@ impl<'a> Run<'a> {
             resources_layout: self.config.resources.layout.as_str().to_string(),
             files,
             snapshot_status: None,
+            durable: self.durability == Durability::Synced,
         }
     }
 
@@ -1059,6 +1071,104 @@ mod tests {
             stages,
             ["connect", "snapshot", "resources", "upload", "manifest"]
         );
+    }
+
+    /// A local directory that answers `durability` as told, as an SFTP
+    /// server without fsync@openssh.com does (allowed or refused).
+    struct Unsynced {
+        inner: LocalDir,
+        required: bool,
+    }
+
+    #[async_trait]
+    impl Destination for Unsynced {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        async fn create(&self, path: &str) -> Result<Box<dyn Upload>, DestinationError> {
+            self.inner.create(path).await
+        }
+        async fn rename(&self, from: &str, to: &str) -> Result<(), DestinationError> {
+            self.inner.rename(from, to).await
+        }
+        async fn list(&self, dir: &str) -> Result<Vec<DirEntry>, DestinationError> {
+            self.inner.list(dir).await
+        }
+        async fn open(
+            &self,
+            path: &str,
+        ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
+            self.inner.open(path).await
+        }
+        async fn delete(&self, path: &str) -> Result<(), DestinationError> {
+            self.inner.delete(path).await
+        }
+        async fn remove_dir(&self, path: &str) -> Result<(), DestinationError> {
+            self.inner.remove_dir(path).await
+        }
+        async fn durability(&self) -> Result<Durability, DestinationError> {
+            if self.required {
+                Err(DestinationError::NotDurable {
+                    location: self.describe(),
+                })
+            } else {
+                Ok(Durability::NotSynced)
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_destination_that_cannot_sync_is_refused_before_writing_or_recorded_not_durable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = kubeadm_root(tmp.path());
+        let base = tmp.path().join("dest");
+        let cfg = config(&base, Some(&root));
+
+        let refused = Unsynced {
+            inner: LocalDir::open(&base).await.unwrap(),
+            required: true,
+        };
+        let err = run_with_source(&cfg, &mut MemorySource::new(4), &refused)
+            .await
+            .unwrap_err();
+        assert_eq!(err.stage, Stage::Upload);
+        assert!(!err.is_transient(), "retrying cannot make a server sync");
+        assert!(
+            err.to_string().contains("destination.sftp.require_fsync"),
+            "{err}"
+        );
+        assert!(all_files(&base).is_empty(), "{:?}", all_files(&base));
+
+        let allowed = Unsynced {
+            inner: LocalDir::open(&base).await.unwrap(),
+            required: false,
+        };
+        let report = run_with_source(&cfg, &mut MemorySource::new(4), &allowed)
+            .await
+            .unwrap();
+        assert!(!report.manifest.durable);
+        // An optional field older readers may ignore: not a format change.
+        assert_eq!(report.manifest.format_version, MANIFEST_FORMAT_PLAIN);
+        let stored =
+            std::fs::read_to_string(base.join(report.set.dir()).join(MANIFEST_FILE_NAME)).unwrap();
+        assert!(stored.contains("\"durable\": false"), "{stored}");
+
+        // A destination that syncs writes no `durable` field at all.
+        let synced = tempfile::tempdir().unwrap();
+        let cfg = config(synced.path(), Some(&root));
+        let dest = LocalDir::open(synced.path()).await.unwrap();
+        let report = run_with_source(&cfg, &mut MemorySource::new(4), &dest)
+            .await
+            .unwrap();
+        assert!(report.manifest.durable);
+        let stored = std::fs::read_to_string(
+            synced
+                .path()
+                .join(report.set.dir())
+                .join(MANIFEST_FILE_NAME),
+        )
+        .unwrap();
+        assert!(!stored.contains("durable"), "{stored}");
     }
 
     #[tokio::test]

@@ -113,6 +113,7 @@ impl CatalogSet {
             total_key: m.snapshot_status.map(|s| s.total_key),
             encrypted: m.encryption.is_some(),
             layout: m.resources_layout.clone(),
+            durable: m.durable,
         }
     }
 }

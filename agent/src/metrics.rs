@@ -121,6 +121,7 @@ pub struct Metrics {
     /// The node whose series `cluster_last_success` holds, if any.
     cluster_node: Mutex<Option<String>>,
     http_rate_limited: Counter,
+    not_durable_sets: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -165,6 +166,7 @@ impl Metrics {
             cluster_last_success: Family::default(),
             cluster_node: Mutex::new(None),
             http_rate_limited: Counter::default(),
+            not_durable_sets: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -248,6 +250,11 @@ impl Metrics {
             m.http_rate_limited.clone(),
         );
         registry.register(
+            "etcd_backup_not_durable_sets",
+            "Sets stored on an SFTP server without fsync@openssh.com (allowed by destination.sftp.require_fsync: false) and recorded \"durable\": false: a crash of the server may lose them",
+            m.not_durable_sets.clone(),
+        );
+        registry.register(
             "etcd_backup_agent_build",
             "The agent's build",
             Info::new(vec![("version", version.to_string())]),
@@ -321,6 +328,9 @@ impl Metrics {
             })
             .set(i64::try_from(outcome.resources_bytes.unwrap_or(0)).unwrap_or(i64::MAX));
         self.last_revision.set(outcome.revision);
+        if !outcome.durable {
+            self.not_durable_sets.inc();
+        }
     }
 
     /// A run finished without a set, at `stage`.
@@ -423,6 +433,8 @@ pub struct SuccessFigures {
     pub resources_bytes: Option<u64>,
     /// etcd revision in the manifest.
     pub revision: i64,
+    /// Whether the destination synced the set's files (the manifest's `durable`).
+    pub durable: bool,
 }
 
 #[cfg(test)]
@@ -494,6 +506,7 @@ mod tests {
         assert_eq!(value(&text, "etcd_backup_in_progress"), 0.0);
         assert_eq!(value(&text, "etcd_backup_unrecognised_entries"), 0.0);
         assert_eq!(value(&text, "etcd_backup_http_rate_limited_total"), 0.0);
+        assert_eq!(value(&text, "etcd_backup_not_durable_sets_total"), 0.0);
         assert_eq!(
             value(&text, "etcd_backup_agent_build_info{version=\"1.2.3\"}"),
             1.0
@@ -521,6 +534,7 @@ mod tests {
                 snapshot_bytes: 20512,
                 resources_bytes: Some(471),
                 revision: 42,
+                durable: true,
             },
         );
         m.run_started(t0 + chrono::Duration::seconds(60));
@@ -592,6 +606,23 @@ mod tests {
         );
         assert_eq!(value(&text, "etcd_backup_in_progress"), 0.0);
         assert_eq!(value(&text, "etcd_backup_http_rate_limited_total"), 2.0);
+        // That success was durable.
+        assert_eq!(value(&text, "etcd_backup_not_durable_sets_total"), 0.0);
+        m.run_succeeded(
+            Trigger::Schedule,
+            Duration::from_secs(3),
+            t0 + chrono::Duration::seconds(120),
+            &SuccessFigures {
+                snapshot_bytes: 20512,
+                resources_bytes: None,
+                revision: 43,
+                durable: false,
+            },
+        );
+        assert_eq!(
+            value(&m.encode(), "etcd_backup_not_durable_sets_total"),
+            1.0
+        );
     }
 
     fn cluster_series(text: &str) -> Vec<&str> {

@@ -78,7 +78,7 @@ pub async fn list(
         }
         Output::Table => {
             println!(
-                "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<9}  SET",
+                "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<9}  {:<7}  SET",
                 "TIME (UTC)",
                 "NODE",
                 "SNAPSHOT",
@@ -86,11 +86,12 @@ pub async fn list(
                 "REVISION",
                 "KEYS",
                 "ENCRYPTED",
-                "LAYOUT"
+                "LAYOUT",
+                "DURABLE"
             );
             for s in &list.sets {
                 println!(
-                    "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<9}  {}",
+                    "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<9}  {:<7}  {}",
                     s.timestamp.as_datetime().format("%Y-%m-%d %H:%M:%S"),
                     s.node,
                     human_bytes(s.snapshot_bytes),
@@ -99,6 +100,7 @@ pub async fn list(
                     s.total_key.map_or("-".to_string(), |k| k.to_string()),
                     if s.encrypted { "age" } else { "no" },
                     if s.layout.is_empty() { "-" } else { &s.layout },
+                    if s.durable { "yes" } else { "no" },
                     s.set
                 );
             }

@@ -214,6 +214,7 @@ impl Runner {
                         snapshot_bytes: size(FileKind::Snapshot).unwrap_or(0),
                         resources_bytes: size(FileKind::Resources),
                         revision: report.manifest.revision(),
+                        durable: report.manifest.durable,
                     },
                 );
                 tracing::info!(set = %report.location, took_ms = took.as_millis() as u64, "backup succeeded");

@@ -129,6 +129,11 @@ pub struct SetSummary {
     /// directories. Empty when an older agent's answer does not say.
     #[serde(default)]
     pub layout: String,
+    /// Whether the destination synced the set's files before publishing it
+    /// (the manifest's `durable`); true when an older agent's answer does
+    /// not say.
+    #[serde(default = "crate::manifest::durable_default")]
+    pub durable: bool,
 }
 
 /// What a leftover is, which decides whether the agent may remove it.

@@ -16,6 +16,10 @@ use crate::naming::SetTimestamp;
 ///   [`ManifestFile::plaintext`]). Only encrypted sets are written as 2, so
 ///   agents that know only version 1 still read plaintext sets, and refuse
 ///   encrypted ones instead of misreading them.
+///
+/// Optional fields that an older reader may ignore without misreading the
+/// set ([`Manifest::durable`], [`Manifest::snapshot_status`]) do not change
+/// the version: readers ignore fields they do not know.
 pub const MANIFEST_FORMAT_VERSION: u32 = 2;
 
 /// The `format_version` of a set written without encryption.
@@ -51,6 +55,23 @@ pub struct Manifest {
     /// How the data files are encrypted; absent when they are stored as is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<ManifestEncryption>,
+    /// Whether every file was synced to stable storage on the destination
+    /// before the set was published. `false` only for an SFTP server without
+    /// `fsync@openssh.com`, accepted with `destination.sftp.require_fsync:
+    /// false`: a crash of that server may have lost or truncated the files
+    /// (verify the set before relying on it). Written only when false; a
+    /// manifest without it (every older one) reads as true.
+    #[serde(default = "durable_default", skip_serializing_if = "is_true")]
+    pub durable: bool,
+}
+
+pub(crate) fn durable_default() -> bool {
+    true
+}
+
+// serde's skip_serializing_if passes a reference.
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// How a set's data files are encrypted.
@@ -208,7 +229,23 @@ mod tests {
                 total_size: 24576,
             }),
             encryption: None,
+            durable: true,
         }
+    }
+
+    #[test]
+    fn durable_is_written_only_when_false_and_reads_as_true_when_absent() {
+        let json = serde_json::to_string(&sample()).unwrap();
+        assert!(!json.contains("durable"), "{json}");
+        let back: Manifest = serde_json::from_str(&json).unwrap();
+        assert!(back.durable);
+
+        let mut m = sample();
+        m.durable = false;
+        let json = serde_json::to_string_pretty(&m).unwrap();
+        assert!(json.contains("\"durable\": false"), "{json}");
+        let back: Manifest = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m);
     }
 
     #[test]

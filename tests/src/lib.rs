@@ -15,12 +15,15 @@
 //! - [`pod`]: the rendered manifests and a master's file system, to run the
 //!   agent as the DaemonSet does.
 //! - [`sshd`]: a throwaway OpenSSH server with its own host key and client keys.
+//! - [`proftpd`]: ProFTPD's mod_sftp, a second real SFTP server, with
+//!   configurable extensions.
 
 pub mod agent;
 pub mod etcd;
 pub mod fake_etcd;
 pub mod fixtures;
 pub mod pod;
+pub mod proftpd;
 pub mod sshd;
 pub mod tls;
 

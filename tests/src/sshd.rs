@@ -611,7 +611,7 @@ fn account_ids(name: &str) -> Option<(u32, u32)> {
 
 /// Sends `sig` (a name such as `KILL`) to `pids` with the shell's `kill`
 /// builtin (no unsafe code, no procps needed). Gone pids are ignored.
-fn signal(sig: &str, pids: &[u32]) {
+pub(crate) fn signal(sig: &str, pids: &[u32]) {
     if pids.is_empty() {
         return;
     }
@@ -652,7 +652,7 @@ fn stat(pid: u32) -> Option<(u32, char)> {
 }
 
 /// Every descendant of `root` (children, their children, ...), sorted.
-fn descendants(root: u32) -> Vec<u32> {
+pub(crate) fn descendants(root: u32) -> Vec<u32> {
     let table = process_table();
     let mut found = BTreeSet::new();
     let mut frontier = vec![root];

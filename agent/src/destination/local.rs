@@ -47,11 +47,7 @@ impl LocalDir {
         let base = base.to_path_buf();
         let b = base.clone();
         tokio::task::spawn_blocking(move || {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&b)
-                .map_err(io("cannot create destination directory", &b))?;
+            create_dirs(&b)?;
             let meta =
                 std::fs::metadata(&b).map_err(io("cannot read destination directory", &b))?;
             if !meta.is_dir() {

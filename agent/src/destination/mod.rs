@@ -7,6 +7,7 @@
 
 mod local;
 mod sftp;
+mod sftp_version;
 
 use async_trait::async_trait;
 use tokio::io::AsyncRead;

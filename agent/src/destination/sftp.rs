@@ -9,6 +9,7 @@
 //! once (like OpenSSH's own client), so throughput is not bound by round trips.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +20,8 @@ use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
-use super::{components, DestinationError, DirEntry, Upload};
+use super::sftp_version::{Seen, Sniffer};
+use super::{components, DestinationError, DirEntry, Durability, Upload};
 use crate::config::{HostKeyCheck, SftpAuth, SftpConfig};
 use crate::known_hosts::{sha256_fingerprint, KnownHosts, Verdict};
 
@@ -35,6 +37,8 @@ const WRITE_LEN: u32 = 255 * 1024;
 const READS_IN_FLIGHT: usize = 64;
 /// SSH channel window we grant the server (matters for downloads).
 const WINDOW: u32 = 16 << 20;
+/// The extension that makes a server sync a file to disk.
+const FSYNC: &str = "fsync@openssh.com";
 
 /// A directory on an SFTP server. Connects on first use; one connection per
 /// value, so a retry that makes a new value gets a fresh connection.
@@ -47,6 +51,11 @@ pub struct SftpDir {
 
 struct Connection {
     sftp: Arc<SftpSession>,
+    /// Whether the server offers `fsync@openssh.com` as russh-sftp uses it,
+    /// so that flushing a file syncs it on the server.
+    fsync: bool,
+    /// Whether this connection has warned that its sets are not durable.
+    warned_not_durable: AtomicBool,
     // Dropping the handle closes the SSH connection.
     _ssh: russh::client::Handle<HostKeyChecker>,
 }
@@ -361,12 +370,27 @@ impl SftpDir {
             max_write_packet_len: WRITE_LEN,
             request_timeout_secs: c.io_timeout.as_secs().max(1),
         };
-        let sftp = SftpSession::new_with_config(channel.into_stream(), sftp_config)
+        // russh-sftp keeps the server's extensions to itself; the sniffer
+        // reads them off the VERSION packet on its way in.
+        let seen = Seen::default();
+        let stream = Sniffer::new(channel.into_stream(), seen.clone());
+        let sftp = SftpSession::new_with_config(stream, sftp_config)
             .await
             .map_err(|e| connect_err(format!("SFTP handshake failed: {e}")))?;
-        tracing::debug!(location = %self.location(""), "SFTP session established");
+        let fsync = match seen.get() {
+            // The test russh-sftp applies before its flush sends fsync.
+            Some(Ok(v)) => v.offers(FSYNC, "1"),
+            Some(Err(why)) => {
+                tracing::warn!(location = %self.location(""), error = %why, "cannot read the SFTP server's extensions; treating it as one without fsync@openssh.com");
+                false
+            }
+            None => false,
+        };
+        tracing::debug!(location = %self.location(""), fsync, "SFTP session established");
         Ok(Connection {
             sftp: Arc::new(sftp),
+            fsync,
+            warned_not_durable: AtomicBool::new(false),
             _ssh: ssh,
         })
     }
@@ -651,6 +675,25 @@ impl super::Destination for SftpDir {
         }
         result
     }
+
+    async fn durability(&self) -> Result<Durability, DestinationError> {
+        let conn = self.conn().await?;
+        if conn.fsync {
+            return Ok(Durability::Synced);
+        }
+        if self.config.require_fsync {
+            return Err(DestinationError::NotDurable {
+                location: self.location(""),
+            });
+        }
+        if !conn.warned_not_durable.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                location = %self.location(""),
+                "the SFTP server does not offer fsync@openssh.com, and destination.sftp.require_fsync is false: sets stored there are recorded as not durable (\"durable\": false), since a crash of the server may lose them"
+            );
+        }
+        Ok(Durability::NotSynced)
+    }
 }
 
 struct SftpUpload {
@@ -673,8 +716,9 @@ impl SftpUpload {
 
     /// A failed write: OpenSSH's server answers a write on a full disk (or
     /// over a quota) with the generic `SSH_FX_FAILURE`, so that is read as
-    /// [`DestinationError::Full`]; anything else stays an I/O error.
-    fn write_error(&self, e: std::io::Error) -> DestinationError {
+    /// [`DestinationError::Full`], with the free space when the server
+    /// answers `statvfs@openssh.com`; anything else stays an I/O error.
+    async fn write_error(&self, e: std::io::Error) -> DestinationError {
         use russh_sftp::client::error::Error as E;
         let failure = e
             .get_ref()
@@ -683,14 +727,33 @@ impl SftpUpload {
                 |inner| matches!(inner, E::Status(s) if s.status_code == StatusCode::Failure),
             );
         if failure || super::is_out_of_space(&e) {
+            let detail = match self.free_space().await {
+                Some(free) => format!("the server answered {e} ({free})"),
+                None => format!("the server answered {e}"),
+            };
             DestinationError::Full {
                 op: "cannot write",
                 location: self.location.clone(),
-                detail: format!("the server answered {e}"),
+                detail,
             }
         } else {
             self.io("cannot write", e)
         }
+    }
+
+    /// What `statvfs@openssh.com` says about the file system holding the
+    /// file, for a disk-full message; `None` when the server does not offer
+    /// it or does not answer within `io_timeout`.
+    async fn free_space(&self) -> Option<String> {
+        let st = tokio::time::timeout(self.io_timeout, self.sftp.fs_info(self.remote.clone()))
+            .await
+            .ok()?
+            .ok()??;
+        let unit = st.fragment_size.max(1);
+        Some(super::space_text(
+            st.blocks_avail.saturating_mul(unit),
+            st.blocks.saturating_mul(unit),
+        ))
     }
 
     fn timeout(&self) -> std::io::Error {
@@ -712,17 +775,19 @@ impl Upload for SftpUpload {
                 self.written += buf.len() as u64;
                 Ok(())
             }
-            Ok(Err(e)) => Err(self.write_error(e)),
+            Ok(Err(e)) => Err(self.write_error(e).await),
             Err(_) => Err(self.io("cannot write", self.timeout())),
         }
     }
 
     async fn finish(mut self: Box<Self>) -> Result<u64, DestinationError> {
         // flush waits for every write to be acknowledged, then asks the server
-        // to fsync (fsync@openssh.com) when it supports that.
+        // to fsync (fsync@openssh.com) when it offers that: always, unless
+        // durability() allowed a server without it (require_fsync: false),
+        // and the set then says "durable": false.
         match tokio::time::timeout(self.io_timeout, self.file.flush()).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(self.write_error(e)),
+            Ok(Err(e)) => return Err(self.write_error(e).await),
             Err(_) => return Err(self.io("cannot write", self.timeout())),
         }
         match tokio::time::timeout(self.io_timeout, self.file.shutdown()).await {

@@ -1,0 +1,346 @@
+//! What reaches stable storage, and in what order: the local destination's
+//! syscalls as `strace` sees them, and a full SFTP disk reported with what
+//! the server says is free.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use etcd_backup_tests::agent::{agent_bin, backup, AgentConfig};
+use etcd_backup_tests::etcd::EtcdServer;
+use etcd_backup_tests::fixtures::kubeadm_tree;
+use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
+use etcd_backup_tests::{complete_sets, files_below, require_tool};
+
+/// One traced syscall that succeeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Call {
+    /// fsync or fdatasync of the file or directory at this path.
+    Sync(PathBuf),
+    /// rename, renameat or renameat2.
+    Rename(PathBuf, PathBuf),
+    /// mkdir or mkdirat.
+    Mkdir(PathBuf),
+}
+
+/// A call and the trace lines where it started and returned.
+#[derive(Debug, Clone)]
+struct Event {
+    call: Call,
+    start: usize,
+    end: usize,
+}
+
+/// The first `<...>` of `s`: the path `strace -y` shows for a descriptor.
+fn fd_path(s: &str) -> Option<PathBuf> {
+    let open = s.find('<')?;
+    let close = open + s[open..].find('>')?;
+    Some(PathBuf::from(&s[open + 1..close]))
+}
+
+/// The quoted strings of `s` (paths; the agent's need no escapes).
+fn quoted(s: &str) -> Vec<PathBuf> {
+    s.split('"').skip(1).step_by(2).map(PathBuf::from).collect()
+}
+
+fn parse_call(name: &str, args: &str) -> Option<Call> {
+    match name {
+        "fsync" | "fdatasync" => fd_path(args).map(Call::Sync),
+        "rename" | "renameat" | "renameat2" => {
+            let q = quoted(args);
+            (q.len() >= 2).then(|| Call::Rename(q[0].clone(), q[1].clone()))
+        }
+        "mkdir" | "mkdirat" => quoted(args).first().cloned().map(Call::Mkdir),
+        _ => None,
+    }
+}
+
+/// The successful calls in an `strace -f -y` output, in order of their
+/// start, with interrupted calls (`<unfinished ...>` / `<... resumed>`)
+/// joined per thread.
+fn parse_trace(text: &str) -> Vec<Event> {
+    let mut events = Vec::new();
+    // Per thread: the call in progress, as (name, args so far, start line).
+    let mut pending: HashMap<&str, (String, String, usize)> = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let Some((pid, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        let (name, args, start, result) = if let Some(resumed) = rest.strip_prefix("<... ") {
+            let Some((name, args, start)) = pending.remove(pid) else {
+                continue;
+            };
+            let tail = resumed.split_once("resumed>").map_or("", |(_, t)| t);
+            let (more, result) = tail.rsplit_once(" = ").unwrap_or((tail, ""));
+            (name, format!("{args}{more}"), start, result.to_string())
+        } else {
+            let Some((name, args)) = rest.split_once('(') else {
+                continue;
+            };
+            if let Some(head) = args.strip_suffix("<unfinished ...>") {
+                pending.insert(pid, (name.to_string(), head.to_string(), i));
+                continue;
+            }
+            let (args, result) = args.rsplit_once(" = ").unwrap_or((args, ""));
+            (name.to_string(), args.to_string(), i, result.to_string())
+        };
+        if result.trim_start().starts_with('0') {
+            if let Some(call) = parse_call(&name, &args) {
+                events.push(Event {
+                    call,
+                    start,
+                    end: i,
+                });
+            }
+        }
+    }
+    events.sort_by_key(|e| e.start);
+    events
+}
+
+#[test]
+fn the_parser_joins_interrupted_calls_and_keeps_only_successes() {
+    let trace = "\
+10 mkdir(\"/d/a\", 0700) = 0
+11 fsync(7</d/a/x.partial> <unfinished ...>
+10 openat(AT_FDCWD</>, \"/d/a/x.partial\", O_WRONLY|O_CREAT|O_EXCL|O_CLOEXEC, 0600) = 7</d/a/x.partial>
+11 <... fsync resumed>) = 0
+10 renameat2(AT_FDCWD</>, \"/d/a/x.partial\", AT_FDCWD</>, \"/d/a/x\", RENAME_NOREPLACE) = 0
+10 rename(\"/d/a/y.partial\", \"/d/a/y\") = -1 ENOENT (No such file or directory)
+12 fsync(8</d/a>) = 0
+";
+    let events = parse_trace(trace);
+    let calls: Vec<&Call> = events.iter().map(|e| &e.call).collect();
+    assert_eq!(
+        calls,
+        [
+            &Call::Mkdir("/d/a".into()),
+            &Call::Sync("/d/a/x.partial".into()),
+            &Call::Rename("/d/a/x.partial".into(), "/d/a/x".into()),
+            &Call::Sync("/d/a".into()),
+        ]
+    );
+    assert_eq!((events[1].start, events[1].end), (1, 3));
+}
+
+#[test]
+fn a_local_backup_syncs_each_file_before_its_rename_each_directory_after_and_the_manifest_last() {
+    require_tool("strace", "strace");
+    let etcd = EtcdServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("k8s");
+    kubeadm_tree(&root);
+    // Not there yet: the agent creates the destination and every directory
+    // below it.
+    let dest = work.path().join("dest");
+    let mut cfg = AgentConfig::new(&etcd, &dest);
+    cfg.layout = "kubeadm".into();
+    cfg.root = Some(root);
+    let config = cfg.write(work.path());
+    let trace_file = work.path().join("trace");
+    let out = Command::new("strace")
+        .args(["-f", "-y", "-qq", "-s", "4096", "-o"])
+        .arg(&trace_file)
+        .args([
+            "-e",
+            "trace=fsync,fdatasync,rename,renameat,renameat2,openat,mkdir,mkdirat",
+        ])
+        .arg(agent_bin())
+        .args(["backup", "--config", config.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run strace");
+    let trace = std::fs::read_to_string(&trace_file).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "backup under strace failed:\n{}\n{trace}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sets = complete_sets(&dest);
+    assert_eq!(sets.len(), 1, "{:?}", files_below(&dest));
+    let set_dir = dest.join(&sets[0]);
+
+    // The destination and its parent, the test's directory.
+    let events: Vec<Event> = parse_trace(&trace)
+        .into_iter()
+        .filter(|e| match &e.call {
+            Call::Sync(p) | Call::Mkdir(p) | Call::Rename(p, _) => p.starts_with(work.path()),
+        })
+        .collect();
+    let dump = || {
+        events
+            .iter()
+            .map(|e| format!("{:>5}-{:<5} {:?}", e.start, e.end, e.call))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let renames: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e.call, Call::Rename(..)))
+        .collect();
+    let names: Vec<String> = renames
+        .iter()
+        .map(|e| match &e.call {
+            Call::Rename(from, to) => {
+                assert_eq!(
+                    from.as_os_str().to_string_lossy(),
+                    format!("{}.partial", to.display()),
+                    "{}",
+                    dump()
+                );
+                assert_eq!(to.parent(), Some(set_dir.as_path()), "{}", dump());
+                to.file_name().unwrap().to_string_lossy().into_owned()
+            }
+            _ => unreachable!(),
+        })
+        .collect();
+    // Both data files, then the manifest, last of all.
+    assert_eq!(names.len(), 3, "{}", dump());
+    assert!(names[0].starts_with("snapshot_"), "{}", dump());
+    assert!(names[1].starts_with("static_kuberesources_"), "{}", dump());
+    assert_eq!(names[2], "manifest.json", "{}", dump());
+
+    let synced = |path: &Path, after: usize, before: usize| {
+        events
+            .iter()
+            .any(|e| e.call == Call::Sync(path.to_path_buf()) && e.start > after && e.end < before)
+    };
+    for (n, r) in renames.iter().enumerate() {
+        let Call::Rename(from, _) = &r.call else {
+            unreachable!()
+        };
+        // The file's content reached the disk before it got its final name.
+        assert!(
+            synced(from, 0, r.start),
+            "{} was not synced before its rename\n{}",
+            from.display(),
+            dump()
+        );
+        // The directory entry reached the disk before the next step
+        // (the next rename, or the end of the run).
+        let next = renames.get(n + 1).map_or(usize::MAX, |e| e.start);
+        assert!(
+            synced(&set_dir, r.end, next),
+            "{} was not synced after the rename of {}\n{}",
+            set_dir.display(),
+            from.display(),
+            dump()
+        );
+    }
+
+    // Every directory the agent made is recorded in its parent on disk
+    // before anything is published into it.
+    let mkdirs: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e.call, Call::Mkdir(_)))
+        .collect();
+    let made: Vec<&Path> = mkdirs
+        .iter()
+        .map(|e| match &e.call {
+            Call::Mkdir(p) => p.as_path(),
+            _ => unreachable!(),
+        })
+        .collect();
+    assert!(made.contains(&dest.as_path()), "{}", dump());
+    assert!(made.contains(&set_dir.as_path()), "{}", dump());
+    for e in mkdirs {
+        let Call::Mkdir(dir) = &e.call else {
+            unreachable!()
+        };
+        let parent = dir.parent().unwrap();
+        assert!(
+            synced(parent, e.end, renames[0].start),
+            "{} was not synced after {} was made\n{}",
+            parent.display(),
+            dir.display(),
+            dump()
+        );
+    }
+}
+
+/// A small tmpfs mounted at a path, unmounted on drop: a disk that fills up.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
+            .arg("tmpfs")
+            .arg(at)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mounting a {size} tmpfs at {} failed (the disk-full tests need root with CAP_SYS_ADMIN): {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .stdin(Stdio::null())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_sftp_disk_fails_at_once_and_says_how_much_is_free() {
+    let etcd = EtcdServer::start();
+    let mut client = etcd.client().await;
+    // A snapshot of about 4 MiB, into 1 MiB.
+    let value = vec![b'v'; 64 * 1024];
+    for i in 0..64 {
+        client
+            .put(format!("/registry/big/{i:03}"), value.clone(), None)
+            .await
+            .unwrap();
+    }
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = SshServer::start(SshOptions {
+        authorized_keys: vec![key.public_line.clone()],
+        ..SshOptions::default()
+    });
+    let base = sshd.sftp_root.join("backups");
+    let _disk = Tmpfs::mount(&base, "1m");
+    let work = tempfile::tempdir().unwrap();
+    let known_hosts = work.path().join("known_hosts");
+    std::fs::write(&known_hosts, format!("{}\n", sshd.known_hosts_line())).unwrap();
+    let mut cfg = AgentConfig::new(&etcd, &work.path().join("unused-local"));
+    cfg.destination_yaml = Some(format!(
+        "destination:\n  sftp:\n    host: 127.0.0.1\n    port: {}\n    user: {}\n    path: {}\n    known_hosts_file: {}\n    private_key_file: {}\n    connect_timeout: 5s\n    io_timeout: 10s\n",
+        sshd.port,
+        SshServer::key_user(),
+        base.display(),
+        known_hosts.display(),
+        key.private_key.display(),
+    ));
+    cfg.retry_attempts = 3;
+    cfg.retry_initial_delay = "5s".into();
+    let run = backup(&cfg.write(work.path()));
+    run.assert_code(1);
+    for wanted in ["stage upload", "may be full", "free of 1.0 MiB"] {
+        assert!(
+            run.stderr.contains(wanted),
+            "{wanted:?} not in:\n{}",
+            run.stderr
+        );
+    }
+    assert!(
+        !run.stderr.contains("retrying"),
+        "a full disk was retried:\n{}",
+        run.stderr
+    );
+    // The partial was removed again: the disk is as empty as it was.
+    assert!(complete_sets(&base).is_empty());
+    assert!(files_below(&base).is_empty(), "{:?}", files_below(&base));
+}
