@@ -718,14 +718,26 @@ impl SftpUpload {
     /// over a quota) with the generic `SSH_FX_FAILURE`, so that is read as
     /// [`DestinationError::Full`], with the free space when the server
     /// answers `statvfs@openssh.com`; anything else stays an I/O error.
+    ///
+    /// russh-sftp passes a status answer to a pipelined write on as its
+    /// message text only (an `Other` error that is not one of its typed
+    /// errors, which carry connection loss and timeouts). A server refusing
+    /// a write to a file it let us create, after accepting earlier writes,
+    /// has no room (disk, quota, file size limit) whatever its status code,
+    /// so such an answer counts as full too.
     async fn write_error(&self, e: std::io::Error) -> DestinationError {
         use russh_sftp::client::error::Error as E;
-        let failure = e
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<E>())
-            .is_some_and(
-                |inner| matches!(inner, E::Status(s) if s.status_code == StatusCode::Failure),
-            );
+        let typed = e.get_ref().and_then(|inner| inner.downcast_ref::<E>());
+        let failure = match typed {
+            Some(E::Status(s)) => s.status_code == StatusCode::Failure,
+            Some(_) => false,
+            None => {
+                e.kind() == std::io::ErrorKind::Other
+                    && e.get_ref().is_some()
+                    // russh-sftp's text for a reply of the wrong type.
+                    && e.to_string() != "unexpected response packet"
+            }
+        };
         if failure || super::is_out_of_space(&e) {
             let detail = match self.free_space().await {
                 Some(free) => format!("the server answered {e} ({free})"),
