@@ -131,6 +131,20 @@ impl ProftpdServer {
             .join("\n")
     }
 
+    /// The SFTP requests the server received so far, in order, as mod_sftp
+    /// traces them: `OPEN /path …`, `WRITE <handle> <offset> <len>`,
+    /// `EXTENDED fsync@openssh.com`, `CLOSE <handle>`, `RENAME …`.
+    pub fn requests(&self) -> Vec<String> {
+        fs::read_to_string(self.dir.path().join("trace.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                l.split_once("received request: ")
+                    .map(|(_, r)| r.to_string())
+            })
+            .collect()
+    }
+
     fn write_config(&self, opts: &ProftpdOptions) {
         let d = self.dir.path();
         let mut config = format!(
@@ -161,6 +175,8 @@ impl ProftpdServer {
              LoadModule mod_sftp.c\n\
              SFTPEngine on\n\
              SFTPLog {d}/sftp.log\n\
+             TraceLog {d}/trace.log\n\
+             Trace sftp:7\n\
              SFTPHostKey {host_key}\n\
              SFTPAuthorizedUserKeys file:{d}/authorized_keys\n\
              SFTPAuthMethods publickey\n\

@@ -91,6 +91,30 @@ async fn a_set_on_proftpd_is_listed_verified_fetched_and_restores_to_the_same_ke
         snap.size
     );
 
+    // Each file, the manifest's partial included, was synced on the server
+    // after its last write, and before it was closed and renamed.
+    let requests = server.requests();
+    for name in [snap.name.as_str(), "manifest.json"] {
+        let partial = format!("{}.partial", set_dir.join(name).display());
+        let at = |prefix: &str| {
+            requests
+                .iter()
+                .position(|r| r.starts_with(prefix) && r.contains(&partial))
+                .unwrap_or_else(|| panic!("no {prefix} of {partial} in {requests:#?}"))
+        };
+        let (open, rename) = (at("OPEN "), at("RENAME "));
+        let between = &requests[open..rename];
+        let last_write = between.iter().rposition(|r| r.starts_with("WRITE "));
+        let fsync = between
+            .iter()
+            .rposition(|r| r == "EXTENDED fsync@openssh.com");
+        let close = between.iter().rposition(|r| r.starts_with("CLOSE "));
+        assert!(
+            matches!((last_write, fsync, close), (Some(w), Some(f), Some(c)) if w < f && f < c),
+            "{name}: not written, synced, closed, renamed in that order: {between:#?}"
+        );
+    }
+
     let list = list_json(&config);
     assert_eq!(list["sets"].as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list["sets"][0]["set"], sets[0].as_str(), "{list}");
@@ -203,6 +227,16 @@ async fn proftpd_without_fsync_and_require_fsync_false_stores_sets_marked_not_du
     assert!(text.contains("\"durable\": false"), "{text}");
     let m: Manifest = serde_json::from_str(&text).unwrap();
     assert!(!m.durable);
+    // The server was never asked to sync what it cannot.
+    let requests = server.requests();
+    assert!(
+        requests.iter().any(|r| r.starts_with("RENAME ")),
+        "{requests:#?}"
+    );
+    assert!(
+        !requests.iter().any(|r| r.contains("fsync")),
+        "{requests:#?}"
+    );
 
     let metrics = http
         .get(daemon.url("/metrics"))
