@@ -414,6 +414,11 @@ async fn backup_once(config: &Config) -> ExitCode {
                     enc.recipients.len()
                 );
             }
+            if !m.durable {
+                println!(
+                    "  not durable: the server could not sync the files (no fsync@openssh.com; destination.sftp.require_fsync is false)"
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

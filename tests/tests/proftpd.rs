@@ -282,4 +282,18 @@ async fn proftpd_without_fsync_and_require_fsync_false_stores_sets_marked_not_du
 
     // Nothing crashed, so the set itself is whole.
     run_agent(&["verify", "--config", config.to_str().unwrap(), "latest"]).assert_code(0);
+
+    // `backup` says so too, with one WARN line for its one connection.
+    // (Sets are named by the second; keep this one apart.)
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let run = backup(&config);
+    run.assert_code(0);
+    assert!(run.stdout.contains("not durable"), "{}", run.stdout);
+    let warnings = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("fsync@openssh.com"))
+        .count();
+    assert_eq!(warnings, 1, "{}", run.stderr);
+    assert_eq!(complete_sets(&root).len(), 2, "{:?}", files_below(&root));
 }
