@@ -306,10 +306,14 @@ fn backup_stalled_by(sshd: &SshServer, config: &Path, stop: impl FnOnce() -> Vec
     });
     let after_stop = t.elapsed();
     sshd.resume(&stopped);
-    eprintln!("the stalled run ended {after_stop:?} after the SIGSTOP");
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    eprintln!(
+        "the stalled run ended {after_stop:?} after the SIGSTOP; its last line: {}",
+        stderr.lines().last().unwrap_or("")
+    );
     Stalled {
         code: status.code(),
-        stderr: std::fs::read_to_string(&log).unwrap(),
+        stderr,
         after_stop,
     }
 }
