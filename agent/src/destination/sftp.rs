@@ -441,9 +441,18 @@ impl SftpDir {
             };
             let observed = std::mem::take(&mut *observed.lock().unwrap_or_else(|p| p.into_inner()));
             match (observed.rejection, observed.presented, &c.host_key) {
-                // Not the pinned key: ask for the server's other key types.
+                // Not the pinned key: ask for the server's other key types
+                // (at most one attempt per type; a server presenting a type
+                // it was not asked for ends the search).
                 (Some(_), Some(presented), HostKeyCheck::Fingerprint(_)) => {
-                    seen.push(presented);
+                    if !seen.iter().any(|(t, _)| *t == presented.0) {
+                        seen.push(presented);
+                    } else {
+                        return Err(self.pin_mismatch(&seen));
+                    }
+                    if seen.len() >= HOST_KEY_ALGORITHMS.len() {
+                        return Err(self.pin_mismatch(&seen));
+                    }
                 }
                 (Some(why), _, _) => {
                     return Err(DestinationError::HostKey {
