@@ -762,8 +762,8 @@ fn timeout_error(io_timeout: Duration) -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::TimedOut,
         format!(
-            "no answer from the server within {io_timeout:?} (destination.sftp.io_timeout); \
-             the connection was dropped. If the server is slow rather than stuck, raise \
+            "no answer from the server within {io_timeout:?} (destination.sftp.io_timeout), \
+             so the connection was dropped; if the server is slow rather than stuck, raise \
              destination.sftp.io_timeout"
         ),
     )
