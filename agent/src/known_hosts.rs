@@ -254,6 +254,35 @@ impl KnownHosts {
         }
     }
 
+    /// The key types (as known_hosts names them: `ssh-ed25519`, `ssh-rsa`,
+    /// `ecdsa-sha2-nistp256`, ...) of the keys listed for `host`:`port`, each
+    /// once, in file order.
+    ///
+    /// OpenSSH offers these host-key algorithms first in key exchange, so a
+    /// server with several host keys presents the one the operator trusts
+    /// rather than the client's favourite. Lines that do not match the host
+    /// (negated patterns included), `@revoked` lines, and lines whose key is
+    /// revoked elsewhere in the file are left out: those keys would be refused
+    /// anyway.
+    pub fn key_types_for(&self, host: &str, port: u16) -> Vec<&str> {
+        let name = lookup_name(host, port);
+        let mut types: Vec<&str> = Vec::new();
+        for entry in self
+            .entries
+            .iter()
+            .filter(|e| !e.revoked && e.hosts.matches(&name))
+        {
+            let revoked = self
+                .entries
+                .iter()
+                .any(|r| r.revoked && r.key_blob == entry.key_blob);
+            if !revoked && !types.contains(&entry.key_type.as_str()) {
+                types.push(&entry.key_type);
+            }
+        }
+        types
+    }
+
     /// The file this was read from, for messages.
     pub fn path(&self) -> &Path {
         &self.path
@@ -916,6 +945,51 @@ mod tests {
                 same_type: false
             }
         );
+    }
+
+    #[test]
+    fn key_types_for_lists_each_matching_type_once_in_file_order() {
+        let salt = [9u8; SHA1_LEN];
+        let kh = parse_kh(&format!(
+            "[127.0.0.1]:2222 ssh-rsa {RSA}\n\
+             other.example.com ssh-ed25519 {ED25519}\n\
+             {} ecdsa-sha2-nistp256 {ECDSA}\n\
+             [127.0.0.1]:2222 ssh-rsa {RSA}\n\
+             [127.0.0.1]:* ssh-ed25519 {ED25519_OTHER}\n\
+             127.0.0.1 ssh-ed25519 {ED25519}\n",
+            hashed_field(&salt, "[127.0.0.1]:2222"),
+        ));
+        assert_eq!(
+            kh.key_types_for("127.0.0.1", 2222),
+            ["ssh-rsa", "ecdsa-sha2-nistp256", "ssh-ed25519"]
+        );
+        // Port 22 is looked up bare; another port matches only the wildcard line.
+        assert_eq!(kh.key_types_for("127.0.0.1", 22), ["ssh-ed25519"]);
+        assert_eq!(kh.key_types_for("127.0.0.1", 2223), ["ssh-ed25519"]);
+        assert!(kh.key_types_for("backup.example.com", 22).is_empty());
+        // Host names compare case-insensitively, as in `check`.
+        assert_eq!(kh.key_types_for("OTHER.example.com", 22), ["ssh-ed25519"]);
+    }
+
+    #[test]
+    fn key_types_for_leaves_out_revoked_and_vetoed_keys() {
+        let kh = parse_kh(&format!(
+            "@revoked backup.example.com ssh-rsa {RSA}\n\
+             backup.example.com ecdsa-sha2-nistp256 {ECDSA}\n\
+             @revoked * ecdsa-sha2-nistp256 {ECDSA}\n\
+             !backup.example.com,*.example.com ssh-ed25519 {ED25519}\n\
+             *.example.com ssh-ed25519 {ED25519_OTHER}\n\
+             backup.example.com ssh-future@example.com {}\n",
+            unknown_type_b64()
+        ));
+        // RSA only on a @revoked line; the ECDSA key is revoked on line 3; the
+        // first ed25519 line is vetoed by its negated pattern. A type this
+        // module does not know is still reported: the caller decides.
+        assert_eq!(
+            kh.key_types_for("backup.example.com", 22),
+            ["ssh-ed25519", "ssh-future@example.com"]
+        );
+        assert_eq!(kh.key_types_for("www.example.com", 22), ["ssh-ed25519"]);
     }
 
     #[test]

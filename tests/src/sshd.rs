@@ -142,6 +142,9 @@ pub struct SshOptions {
     pub authorized_keys: Vec<String>,
     /// The host key's algorithm (default Ed25519).
     pub host_key: KeyKind,
+    /// Further host keys the server holds at the same time (one per kind),
+    /// so it offers several host-key algorithms in key exchange.
+    pub extra_host_keys: Vec<KeyKind>,
     /// Makes `sftp_root` writable by [`SshServer::password_account`] (and the
     /// temporary directory traversable by it). Panics if the account is
     /// missing.
@@ -157,6 +160,8 @@ pub struct SshServer {
     pub sftp_root: PathBuf,
     /// The private host key.
     pub host_key: PathBuf,
+    /// Every host key the server holds (`host_key` first), by kind.
+    host_keys: Vec<(KeyKind, PathBuf)>,
     /// Holds the config, keys, log and `sftp_root`; removed on drop.
     pub dir: TempDir,
     sshd: PathBuf,
@@ -182,6 +187,18 @@ impl SshServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let host_key = dir.path().join("ssh_host_key");
         keygen(opts.host_key, "", "etcd-backup-test-host", &host_key);
+        let mut host_keys = vec![(opts.host_key, host_key.clone())];
+        for &kind in &opts.extra_host_keys {
+            assert!(
+                host_keys.iter().all(|(k, _)| *k != kind),
+                "one host key per kind: {kind:?} twice"
+            );
+            let path = dir
+                .path()
+                .join(format!("ssh_host_{kind:?}_key").to_lowercase());
+            keygen(kind, "", "etcd-backup-test-host", &path);
+            host_keys.push((kind, path));
+        }
 
         let authorized_keys = dir.path().join("authorized_keys");
         let mut keys = String::new();
@@ -208,6 +225,7 @@ impl SshServer {
             port: 0,
             sftp_root,
             host_key,
+            host_keys,
             config: dir.path().join("sshd_config"),
             dir,
             sshd,
@@ -330,13 +348,64 @@ impl SshServer {
     /// The server's public host key line, `<type> <base64>` (no host field,
     /// no comment).
     pub fn host_key_line(&self) -> String {
-        let pubkey =
-            fs::read_to_string(self.host_key.with_extension("pub")).expect("read public host key");
-        let mut fields = pubkey.split_whitespace();
-        let (Some(kind), Some(blob)) = (fields.next(), fields.next()) else {
-            panic!("malformed public host key: {pubkey:?}");
-        };
-        format!("{kind} {blob}")
+        public_key_line(&self.host_key)
+    }
+
+    /// The host keys the server holds, by kind (the main one first).
+    pub fn host_key_kinds(&self) -> Vec<KeyKind> {
+        self.host_keys.iter().map(|(k, _)| *k).collect()
+    }
+
+    /// The private key file of the host key of `kind`; panics if the server
+    /// holds none.
+    fn host_key_of(&self, kind: KeyKind) -> &Path {
+        self.host_keys
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, p)| p.as_path())
+            .unwrap_or_else(|| panic!("the server holds no {kind:?} host key"))
+    }
+
+    /// [`host_key_line`](Self::host_key_line) of the host key of `kind`.
+    pub fn host_key_line_of(&self, kind: KeyKind) -> String {
+        public_key_line(self.host_key_of(kind))
+    }
+
+    /// A `known_hosts` line naming only the host key of `kind`.
+    pub fn known_hosts_line_of(&self, kind: KeyKind) -> String {
+        format!("[127.0.0.1]:{} {}", self.port, self.host_key_line_of(kind))
+    }
+
+    /// [`fingerprint`](Self::fingerprint) of the host key of `kind`.
+    pub fn fingerprint_of(&self, kind: KeyKind) -> String {
+        fingerprint_of_file(&self.host_key_of(kind).with_extension("pub"))
+    }
+
+    /// SIGSTOPs every session process sshd has forked (not the listener,
+    /// which goes on accepting and forking new sessions) and returns their
+    /// pids once they are stopped: a transfer in progress stalls without the
+    /// connection closing, as on a hung server. [`resume`](Self::resume)
+    /// continues them; drop kills them either way.
+    pub fn stop_sessions(&self) -> Vec<u32> {
+        let pids = self.session_pids();
+        signal("STOP", &pids);
+        wait_stopped(&pids);
+        pids
+    }
+
+    /// SIGSTOPs the listener too: new connections are accepted by the kernel
+    /// but never answered. Returns its pid.
+    pub fn stop_listener(&self) -> u32 {
+        let pid = self.pid().expect("sshd is not running");
+        signal("STOP", &[pid]);
+        wait_stopped(&[pid]);
+        pid
+    }
+
+    /// SIGCONTs `pids` (from [`stop_sessions`](Self::stop_sessions) or
+    /// [`stop_listener`](Self::stop_listener)).
+    pub fn resume(&self, pids: &[u32]) {
+        signal("CONT", pids);
     }
 
     /// A `known_hosts` line for this server: `[127.0.0.1]:PORT <type> <base64>`.
@@ -382,22 +451,7 @@ impl SshServer {
     /// The host key's fingerprint, `SHA256:...`, as `ssh-keygen -l -E sha256`
     /// prints it.
     pub fn fingerprint(&self) -> String {
-        let out = Command::new("ssh-keygen")
-            .args(["-l", "-E", "sha256", "-f"])
-            .arg(self.host_key.with_extension("pub"))
-            .stdin(Stdio::null())
-            .output()
-            .expect("run ssh-keygen -l");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "ssh-keygen -l: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text.split_whitespace()
-            .find(|f| f.starts_with("SHA256:"))
-            .unwrap_or_else(|| panic!("no SHA256 fingerprint in {text:?}"))
-            .to_string()
+        fingerprint_of_file(&self.host_key.with_extension("pub"))
     }
 
     /// The user for key authentication: the current user (root in CI).
@@ -451,7 +505,7 @@ impl SshServer {
         let mut config = format!(
             "ListenAddress 127.0.0.1\n\
              Port {port}\n\
-             HostKey {host_key}\n\
+             {host_keys}\
              PidFile {pid}\n\
              AuthorizedKeysFile {keys}\n\
              StrictModes no\n\
@@ -465,7 +519,11 @@ impl SshServer {
              MaxStartups 100\n\
              MaxSessions 100\n",
             port = self.port,
-            host_key = self.host_key.display(),
+            host_keys = self
+                .host_keys
+                .iter()
+                .map(|(_, p)| format!("HostKey {}\n", p.display()))
+                .collect::<String>(),
             pid = dir.join("sshd.pid").display(),
             keys = dir.join("authorized_keys").display(),
         );
@@ -564,6 +622,38 @@ impl Drop for SshServer {
     fn drop(&mut self) {
         self.kill_processes();
     }
+}
+
+/// `<type> <base64>` of the public half (`private.pub`) of a key made by
+/// `ssh-keygen` (no comment).
+fn public_key_line(private: &Path) -> String {
+    let pubkey = fs::read_to_string(private.with_extension("pub")).expect("read public host key");
+    let mut fields = pubkey.split_whitespace();
+    let (Some(kind), Some(blob)) = (fields.next(), fields.next()) else {
+        panic!("malformed public host key: {pubkey:?}");
+    };
+    format!("{kind} {blob}")
+}
+
+/// A public key file's fingerprint, `SHA256:...`, as `ssh-keygen -l -E
+/// sha256` prints it.
+fn fingerprint_of_file(public: &Path) -> String {
+    let out = Command::new("ssh-keygen")
+        .args(["-l", "-E", "sha256", "-f"])
+        .arg(public)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ssh-keygen -l");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ssh-keygen -l: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.split_whitespace()
+        .find(|f| f.starts_with("SHA256:"))
+        .unwrap_or_else(|| panic!("no SHA256 fingerprint in {text:?}"))
+        .to_string()
 }
 
 /// The `SSH-2.0-...` line a server sends first, if it sends one within 2 s.
@@ -881,7 +971,7 @@ mod tests {
             let server = SshServer::start(SshOptions {
                 authorized_keys: vec![key.public_line.clone()],
                 host_key: kind,
-                password_user: false,
+                ..SshOptions::default()
             });
             assert!(
                 server.host_key_line().starts_with(kind.key_type()),
@@ -898,6 +988,56 @@ mod tests {
                 &format!("{kind:?}.bin"),
             );
         }
+    }
+
+    #[test]
+    fn one_server_holds_several_host_keys_and_offers_each() {
+        require_tool("ssh-keyscan", "openssh-client");
+        let server = SshServer::start(SshOptions {
+            host_key: KeyKind::Ed25519,
+            extra_host_keys: vec![KeyKind::Rsa, KeyKind::Ecdsa],
+            ..SshOptions::default()
+        });
+        let kinds = [KeyKind::Ed25519, KeyKind::Rsa, KeyKind::Ecdsa];
+        assert_eq!(server.host_key_kinds(), kinds);
+        assert_eq!(
+            server.host_key_line_of(KeyKind::Ed25519),
+            server.host_key_line()
+        );
+        assert_eq!(
+            server.fingerprint_of(KeyKind::Ed25519),
+            server.fingerprint()
+        );
+        let mut fingerprints = BTreeSet::new();
+        for kind in kinds {
+            // What the real client fetches when it asks for this type only.
+            let out = Command::new("ssh-keyscan")
+                .args(["-p", &server.port.to_string(), "-t"])
+                .arg(match kind {
+                    KeyKind::Ed25519 => "ed25519",
+                    KeyKind::Ecdsa => "ecdsa",
+                    KeyKind::Rsa => "rsa",
+                })
+                .arg("127.0.0.1")
+                .stdin(Stdio::null())
+                .output()
+                .expect("run ssh-keyscan");
+            let scanned = String::from_utf8_lossy(&out.stdout);
+            let line = server.known_hosts_line_of(kind);
+            assert!(line.starts_with(&format!(
+                "[127.0.0.1]:{} {} AAAA",
+                server.port,
+                kind.key_type()
+            )));
+            assert!(
+                scanned.lines().any(|l| l.trim() == line),
+                "{kind:?}: {line:?} not in ssh-keyscan's {scanned:?}"
+            );
+            let fp = server.fingerprint_of(kind);
+            assert!(fp.starts_with("SHA256:"), "{fp}");
+            fingerprints.insert(fp);
+        }
+        assert_eq!(fingerprints.len(), 3);
     }
 
     #[test]

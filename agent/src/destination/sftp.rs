@@ -5,20 +5,31 @@
 //! credentials are never offered to a host we do not know. Secrets are read
 //! from files at connect time and live only as long as the handshake needs.
 //!
+//! The host-key algorithms offered in key exchange follow what the operator
+//! trusts, as OpenSSH's client does: the types known_hosts lists for the host
+//! come first, so a server with several host keys presents the trusted one.
+//! A pinned fingerprint names no type, so a server whose first key does not
+//! match is asked again for each key type not yet seen.
+//!
 //! Uploads stream: each `write` queues SFTP write requests, many in flight at
 //! once (like OpenSSH's own client), so throughput is not bound by round trips.
+//!
+//! A connection that timed out or failed is dropped, never waited on again:
+//! the next operation (typically the clean-up of a failed run) opens a fresh
+//! one, so a stalled server costs one `io_timeout`, not one per operation.
 
 use std::collections::HashSet;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKeyBase64};
+use russh::keys::{Algorithm, EcdsaCurve, HashAlg, PrivateKeyWithHashAlg, PublicKeyBase64};
 use russh_sftp::client::SftpSession;
 use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
-use tokio::io::{AsyncRead, AsyncWriteExt};
-use tokio::sync::OnceCell;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 
 use super::sftp_version::{Seen, Sniffer};
 use super::{components, DestinationError, DirEntry, Durability, Upload};
@@ -40,13 +51,99 @@ const WINDOW: u32 = 16 << 20;
 /// The extension that makes a server sync a file to disk.
 const FSYNC: &str = "fsync@openssh.com";
 
-/// A directory on an SFTP server. Connects on first use; one connection per
-/// value, so a retry that makes a new value gets a fresh connection.
+/// Host-key algorithms the agent accepts, in the order it prefers them when
+/// nothing says otherwise. RSA is signed with SHA-2; the legacy SHA-1
+/// `ssh-rsa` signature comes last, for a server that offers nothing else.
+const HOST_KEY_ALGORITHMS: &[Algorithm] = &[
+    Algorithm::Ed25519,
+    Algorithm::Ecdsa {
+        curve: EcdsaCurve::NistP256,
+    },
+    Algorithm::Ecdsa {
+        curve: EcdsaCurve::NistP384,
+    },
+    Algorithm::Ecdsa {
+        curve: EcdsaCurve::NistP521,
+    },
+    Algorithm::Rsa {
+        hash: Some(HashAlg::Sha512),
+    },
+    Algorithm::Rsa {
+        hash: Some(HashAlg::Sha256),
+    },
+    Algorithm::Rsa { hash: None },
+];
+
+/// The key type (as known_hosts and fingerprints name it) that signs with
+/// host-key algorithm `a`: every RSA signature name is an `ssh-rsa` key.
+fn key_type_of(a: &Algorithm) -> &'static str {
+    match a {
+        Algorithm::Ed25519 => "ssh-ed25519",
+        Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP256,
+        } => "ecdsa-sha2-nistp256",
+        Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP384,
+        } => "ecdsa-sha2-nistp384",
+        Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP521,
+        } => "ecdsa-sha2-nistp521",
+        Algorithm::Rsa { .. } => "ssh-rsa",
+        _ => "",
+    }
+}
+
+/// The order to offer host-key algorithms in when known_hosts lists
+/// `trusted` key types for the host, as OpenSSH orders them: those types
+/// first (in the default order), then the rest, so a server with none of
+/// them still presents a key that is then refused with a clear message. SHA-1
+/// `ssh-rsa` stays last either way.
+fn host_key_preference(trusted: &[&str]) -> Vec<Algorithm> {
+    let legacy = |a: &Algorithm| matches!(a, Algorithm::Rsa { hash: None });
+    let (first, rest): (Vec<Algorithm>, Vec<Algorithm>) = HOST_KEY_ALGORITHMS
+        .iter()
+        .filter(|a| !legacy(a))
+        .cloned()
+        .partition(|a| trusted.contains(&key_type_of(a)));
+    first
+        .into_iter()
+        .chain(rest)
+        .chain(HOST_KEY_ALGORITHMS.iter().filter(|a| legacy(a)).cloned())
+        .collect()
+}
+
+/// The host-key algorithms left to ask for when the server has already
+/// presented keys of the `seen` types (for a pinned fingerprint, whose type
+/// is unknown).
+fn host_key_algorithms_not_seen(seen: &[(String, String)]) -> Vec<Algorithm> {
+    HOST_KEY_ALGORITHMS
+        .iter()
+        .filter(|a| !seen.iter().any(|(t, _)| t == key_type_of(a)))
+        .cloned()
+        .collect()
+}
+
+/// A directory on an SFTP server. Connects on first use and keeps that
+/// connection until an operation on it times out or fails at the connection
+/// level; the next operation then opens a fresh one (once: if that fails too,
+/// later operations fail at once instead of each waiting out
+/// `connect_timeout`). A retry that makes a new value starts afresh.
 pub struct SftpDir {
     config: SftpConfig,
-    conn: OnceCell<Connection>,
+    conn: tokio::sync::Mutex<Slot>,
     /// Directories known to exist, so each is created or checked once.
     dirs: Mutex<HashSet<String>>,
+}
+
+/// The connection an [`SftpDir`] uses next.
+enum Slot {
+    /// None yet (or the last one was dropped).
+    Empty,
+    /// In use; replaced when marked broken.
+    Live(Arc<Connection>),
+    /// A fresh connection after a broken one could not be made either; the
+    /// text says why.
+    Down(String),
 }
 
 struct Connection {
@@ -56,8 +153,23 @@ struct Connection {
     fsync: bool,
     /// Whether this connection has warned that its sets are not durable.
     warned_not_durable: AtomicBool,
+    /// Set when an operation on this connection timed out or failed at the
+    /// connection level: nothing more is sent over it.
+    broken: AtomicBool,
     // Dropping the handle closes the SSH connection.
     _ssh: russh::client::Handle<HostKeyChecker>,
+}
+
+impl Connection {
+    fn mark_broken(&self) {
+        if !self.broken.swap(true, Ordering::Relaxed) {
+            tracing::debug!("SFTP connection marked broken; the next operation opens a fresh one");
+        }
+    }
+
+    fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
 }
 
 impl std::fmt::Debug for SftpDir {
@@ -68,15 +180,21 @@ impl std::fmt::Debug for SftpDir {
     }
 }
 
-/// Why the server's host key was refused, filled in by the handler.
-type Rejection = Arc<Mutex<Option<String>>>;
+/// What the handler saw of the server's host key in one handshake.
+#[derive(Default)]
+struct Observed {
+    /// The presented key's type and SHA-256 fingerprint.
+    presented: Option<(String, String)>,
+    /// Why it was refused.
+    rejection: Option<String>,
+}
 
 struct HostKeyChecker {
     host: String,
     port: u16,
     check: HostKeyCheck,
     known_hosts: Option<KnownHosts>,
-    rejection: Rejection,
+    observed: Arc<Mutex<Observed>>,
 }
 
 impl HostKeyChecker {
@@ -136,7 +254,11 @@ impl russh::client::Handler for HostKeyChecker {
     ) -> Result<bool, Self::Error> {
         let result = match key {
             russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => {
-                self.verdict(key.algorithm().as_str(), &key.public_key_bytes())
+                let (key_type, blob) = (key.algorithm().as_str().to_string(), key.public_key_bytes());
+                if let Ok(mut o) = self.observed.lock() {
+                    o.presented = Some((key_type.clone(), sha256_fingerprint(&blob)));
+                }
+                self.verdict(&key_type, &blob)
             }
             russh::keys::PublicKeyOrCertificate::Certificate(_) => Err(format!(
                 "SFTP host {}:{} presented a host certificate; only plain host keys (known_hosts entries or a pinned fingerprint) are supported",
@@ -146,8 +268,8 @@ impl russh::client::Handler for HostKeyChecker {
         match result {
             Ok(()) => Ok(true),
             Err(why) => {
-                if let Ok(mut slot) = self.rejection.lock() {
-                    *slot = Some(why);
+                if let Ok(mut o) = self.observed.lock() {
+                    o.rejection = Some(why);
                 }
                 Ok(false)
             }
@@ -172,7 +294,7 @@ impl SftpDir {
     pub fn new(config: SftpConfig) -> Self {
         Self {
             config,
-            conn: OnceCell::new(),
+            conn: tokio::sync::Mutex::new(Slot::Empty),
             dirs: Mutex::new(HashSet::new()),
         }
     }
@@ -208,20 +330,196 @@ impl SftpDir {
         }
     }
 
-    async fn conn(&self) -> Result<&Connection, DestinationError> {
-        self.conn
-            .get_or_try_init(|| async {
-                tokio::time::timeout(self.config.connect_timeout, self.connect())
-                    .await
-                    .map_err(|_| DestinationError::Connect {
-                        location: self.location(""),
-                        detail: format!(
-                            "no SSH session within {:?} (destination.sftp.connect_timeout)",
-                            self.config.connect_timeout
-                        ),
-                    })?
-            })
+    /// The connection to use: the current one, or a fresh one when there is
+    /// none or the current one is broken. Callers wait for one connection
+    /// attempt at a time, each bounded by `connect_timeout`.
+    async fn conn(&self) -> Result<Arc<Connection>, DestinationError> {
+        let mut slot = self.conn.lock().await;
+        let replacing = match &*slot {
+            Slot::Live(c) if !c.is_broken() => return Ok(c.clone()),
+            Slot::Live(_) => true,
+            Slot::Empty => false,
+            Slot::Down(detail) => {
+                return Err(DestinationError::Connect {
+                    location: self.location(""),
+                    detail: format!(
+                        "{detail} (a fresh connection after a stalled or failed one could not be \
+                         made; not tried again in this run)"
+                    ),
+                })
+            }
+        };
+        // Drop the broken connection: whatever it still waits for is given up.
+        *slot = Slot::Empty;
+        if replacing {
+            tracing::info!(
+                location = %self.location(""),
+                "the SFTP connection stalled or failed; opening a fresh one"
+            );
+        }
+        let result = tokio::time::timeout(self.config.connect_timeout, self.connect())
             .await
+            .unwrap_or_else(|_| {
+                Err(DestinationError::Connect {
+                    location: self.location(""),
+                    detail: format!(
+                        "no SSH session within {:?} (destination.sftp.connect_timeout)",
+                        self.config.connect_timeout
+                    ),
+                })
+            });
+        match result {
+            Ok(c) => {
+                let c = Arc::new(c);
+                *slot = Slot::Live(c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                if replacing {
+                    *slot = Slot::Down(e.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// TCP, key exchange and the host-key check, trying again for a pinned
+    /// fingerprint while the server has key types not yet seen.
+    async fn handshake(
+        &self,
+        known_hosts: Option<&KnownHosts>,
+    ) -> Result<russh::client::Handle<HostKeyChecker>, DestinationError> {
+        let c = &self.config;
+        // Key types the server presented that did not match the pin, with
+        // their fingerprints.
+        let mut seen: Vec<(String, String)> = Vec::new();
+        loop {
+            let algorithms = match (&c.host_key, known_hosts) {
+                (HostKeyCheck::KnownHosts(_), Some(kh)) => {
+                    host_key_preference(&kh.key_types_for(&c.host, c.port))
+                }
+                _ => host_key_algorithms_not_seen(&seen),
+            };
+            if algorithms.is_empty() {
+                return Err(self.pin_mismatch(&seen));
+            }
+            tracing::debug!(
+                location = %self.location(""),
+                offered = %algorithms.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
+                "SSH key exchange"
+            );
+            let observed: Arc<Mutex<Observed>> = Arc::default();
+            let handler = HostKeyChecker {
+                host: c.host.clone(),
+                port: c.port,
+                check: c.host_key.clone(),
+                known_hosts: known_hosts.cloned(),
+                observed: observed.clone(),
+            };
+            let ssh_config = russh::client::Config {
+                window_size: WINDOW,
+                maximum_packet_size: 65535,
+                channel_buffer_size: 64,
+                nodelay: true,
+                keepalive_interval: Some(Duration::from_secs(15)),
+                keepalive_max: 4,
+                inactivity_timeout: None,
+                preferred: russh::Preferred {
+                    cipher: std::borrow::Cow::Borrowed(&[
+                        russh::cipher::AES_128_GCM,
+                        russh::cipher::AES_256_GCM,
+                        russh::cipher::CHACHA20_POLY1305,
+                        russh::cipher::AES_256_CTR,
+                        russh::cipher::AES_128_CTR,
+                    ]),
+                    key: std::borrow::Cow::Owned(algorithms),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let err = match russh::client::connect(
+                Arc::new(ssh_config),
+                (c.host.as_str(), c.port),
+                handler,
+            )
+            .await
+            {
+                Ok(h) => return Ok(h),
+                Err(e) => e,
+            };
+            let observed = std::mem::take(&mut *observed.lock().unwrap_or_else(|p| p.into_inner()));
+            match (observed.rejection, observed.presented, &c.host_key) {
+                // Not the pinned key: ask for the server's other key types
+                // (at most one attempt per type; a server presenting a type
+                // it was not asked for ends the search).
+                (Some(_), Some(presented), HostKeyCheck::Fingerprint(_)) => {
+                    if !seen.iter().any(|(t, _)| *t == presented.0) {
+                        seen.push(presented);
+                    } else {
+                        return Err(self.pin_mismatch(&seen));
+                    }
+                    if seen.len() >= HOST_KEY_ALGORITHMS.len() {
+                        return Err(self.pin_mismatch(&seen));
+                    }
+                }
+                (Some(why), _, _) => {
+                    return Err(DestinationError::HostKey {
+                        host: c.host.clone(),
+                        port: c.port,
+                        detail: why,
+                    })
+                }
+                // The server has no key of a type not seen yet.
+                (None, _, _)
+                    if !seen.is_empty()
+                        && matches!(
+                            err,
+                            russh::Error::NoCommonAlgo {
+                                kind: russh::AlgorithmKind::Key,
+                                ..
+                            }
+                        ) =>
+                {
+                    return Err(self.pin_mismatch(&seen))
+                }
+                (None, _, _) => {
+                    return Err(DestinationError::Connect {
+                        location: self.location(""),
+                        detail: russh_error_text(&err),
+                    })
+                }
+            }
+        }
+    }
+
+    /// The refusal when no key the server presented matches the pin.
+    fn pin_mismatch(&self, seen: &[(String, String)]) -> DestinationError {
+        let c = &self.config;
+        let (host, port) = (&c.host, c.port);
+        let pinned = match &c.host_key {
+            HostKeyCheck::Fingerprint(p) => p.as_str(),
+            HostKeyCheck::KnownHosts(_) => "",
+        };
+        let presented = seen
+            .iter()
+            .map(|(t, fp)| format!("{t} {fp}"))
+            .collect::<Vec<_>>();
+        let what = match presented.as_slice() {
+            [one] => format!("SFTP host key for {host}:{port} is {one}"),
+            many => format!(
+                "SFTP host {host}:{port} presented the host keys {}, none of them the pinned one",
+                many.join(", ")
+            ),
+        };
+        DestinationError::HostKey {
+            host: host.clone(),
+            port,
+            detail: format!(
+                "{what}, but destination.sftp.host_key_fingerprint pins {pinned}; \
+                 if the server's key was rotated on purpose, update the pinned fingerprint, \
+                 otherwise someone may be intercepting the connection"
+            ),
+        }
     }
 
     async fn connect(&self) -> Result<Connection, DestinationError> {
@@ -242,50 +540,7 @@ impl SftpDir {
             }
             HostKeyCheck::Fingerprint(_) => None,
         };
-        let rejection: Rejection = Arc::default();
-        let handler = HostKeyChecker {
-            host: c.host.clone(),
-            port: c.port,
-            check: c.host_key.clone(),
-            known_hosts,
-            rejection: rejection.clone(),
-        };
-        let ssh_config = russh::client::Config {
-            window_size: WINDOW,
-            maximum_packet_size: 65535,
-            channel_buffer_size: 64,
-            nodelay: true,
-            keepalive_interval: Some(Duration::from_secs(15)),
-            keepalive_max: 4,
-            inactivity_timeout: None,
-            preferred: russh::Preferred {
-                cipher: std::borrow::Cow::Borrowed(&[
-                    russh::cipher::AES_128_GCM,
-                    russh::cipher::AES_256_GCM,
-                    russh::cipher::CHACHA20_POLY1305,
-                    russh::cipher::AES_256_CTR,
-                    russh::cipher::AES_128_CTR,
-                ]),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let mut ssh =
-            match russh::client::connect(Arc::new(ssh_config), (c.host.as_str(), c.port), handler)
-                .await
-            {
-                Ok(h) => h,
-                Err(e) => {
-                    if let Some(why) = rejection.lock().ok().and_then(|mut r| r.take()) {
-                        return Err(DestinationError::HostKey {
-                            host: c.host.clone(),
-                            port: c.port,
-                            detail: why,
-                        });
-                    }
-                    return Err(connect_err(russh_error_text(&e)));
-                }
-            };
+        let mut ssh = self.handshake(known_hosts.as_ref()).await?;
 
         let auth =
             match &c.auth {
@@ -391,44 +646,40 @@ impl SftpDir {
             sftp: Arc::new(sftp),
             fsync,
             warned_not_durable: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
             _ssh: ssh,
         })
     }
 
-    fn sftp_error(
-        &self,
-        op: &'static str,
-        path: &str,
-        e: russh_sftp::client::error::Error,
-    ) -> DestinationError {
-        DestinationError::Io {
-            op,
-            location: self.location(path),
-            source: sftp_io_error(e),
-        }
-    }
-
-    /// Bounds one SFTP operation by `io_timeout`.
+    /// Bounds one SFTP operation on `conn` by `io_timeout`; a timeout or a
+    /// connection-level failure marks `conn` broken, so the next operation
+    /// uses a fresh connection instead of waiting on this one again.
     async fn timed<T>(
         &self,
+        conn: &Connection,
         op: &'static str,
         path: &str,
         fut: impl std::future::Future<Output = Result<T, russh_sftp::client::error::Error>>,
     ) -> Result<T, DestinationError> {
-        match tokio::time::timeout(self.config.io_timeout, fut).await {
-            Ok(r) => r.map_err(|e| self.sftp_error(op, path, e)),
-            Err(_) => Err(DestinationError::Io {
-                op,
-                location: self.location(path),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "no answer within {:?} (destination.sftp.io_timeout)",
-                        self.config.io_timeout
-                    ),
-                ),
-            }),
-        }
+        let io_timeout = self.config.io_timeout;
+        let result = match tokio::time::timeout(io_timeout, fut).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => {
+                if breaks_connection(&e) {
+                    conn.mark_broken();
+                }
+                sftp_io_error(e, io_timeout)
+            }
+            Err(_) => {
+                conn.mark_broken();
+                timeout_error(io_timeout)
+            }
+        };
+        Err(DestinationError::Io {
+            op,
+            location: self.location(path),
+            source: result,
+        })
     }
 
     /// Creates every missing directory of `dir` (a relative path, `""` for
@@ -456,7 +707,12 @@ impl SftpDir {
             }
             let remote = self.remote(&rel);
             match self
-                .timed("cannot stat", &rel, conn.sftp.metadata(remote.clone()))
+                .timed(
+                    &conn,
+                    "cannot stat",
+                    &rel,
+                    conn.sftp.metadata(remote.clone()),
+                )
                 .await
             {
                 Ok(attrs) if attrs.is_dir() => {}
@@ -474,11 +730,22 @@ impl SftpDir {
                     if source.kind() == std::io::ErrorKind::NotFound =>
                 {
                     let mkdir = conn.sftp.create_dir(remote.clone());
-                    if let Err(e) = self.timed("cannot create directory", &rel, mkdir).await {
+                    if let Err(e) = self
+                        .timed(&conn, "cannot create directory", &rel, mkdir)
+                        .await
+                    {
+                        if conn.is_broken() {
+                            return Err(e);
+                        }
                         // Lost a race with another agent creating the same
                         // directory: fine if it is a directory now.
                         let now = self
-                            .timed("cannot stat", &rel, conn.sftp.metadata(remote.clone()))
+                            .timed(
+                                &conn,
+                                "cannot stat",
+                                &rel,
+                                conn.sftp.metadata(remote.clone()),
+                            )
                             .await;
                         if !now.map(|a| a.is_dir()).unwrap_or(false) {
                             return Err(e);
@@ -491,6 +758,7 @@ impl SftpDir {
                         ..FileAttributes::empty()
                     };
                     self.timed(
+                        &conn,
                         "cannot set the mode of",
                         &rel,
                         conn.sftp.set_metadata(remote, attrs),
@@ -511,9 +779,61 @@ fn russh_error_text(e: &russh::Error) -> String {
     crate::etcd::chain(e)
 }
 
-fn sftp_io_error(e: russh_sftp::client::error::Error) -> std::io::Error {
+/// The error for an SFTP request that got no answer within `io_timeout`,
+/// naming the setting (russh-sftp's own request timeout says only "Timeout").
+fn timeout_error(io_timeout: Duration) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "no answer from the server within {io_timeout:?} (destination.sftp.io_timeout), \
+             so the connection was dropped; if the server is slow rather than stuck, raise \
+             destination.sftp.io_timeout"
+        ),
+    )
+}
+
+/// Whether an SFTP error means the connection itself is unusable (no answer,
+/// the session or channel gone), as opposed to the server refusing one
+/// request.
+fn breaks_connection(e: &russh_sftp::client::error::Error) -> bool {
+    use russh_sftp::client::error::Error as E;
+    match e {
+        E::Timeout | E::IO(_) | E::UnexpectedBehavior(_) | E::UnexpectedPacket => true,
+        E::Status(s) => matches!(
+            s.status_code,
+            StatusCode::NoConnection | StatusCode::ConnectionLost
+        ),
+        E::Limited(_) => false,
+    }
+}
+
+/// [`breaks_connection`] for the `std::io::Error`s that russh-sftp's file
+/// reads and writes return.
+fn io_breaks_connection(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    if let Some(inner) = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<russh_sftp::client::error::Error>())
+    {
+        return breaks_connection(inner);
+    }
+    matches!(
+        e.kind(),
+        K::TimedOut
+            | K::BrokenPipe
+            | K::ConnectionAborted
+            | K::ConnectionReset
+            | K::UnexpectedEof
+            | K::NotConnected
+    )
+}
+
+fn sftp_io_error(e: russh_sftp::client::error::Error, io_timeout: Duration) -> std::io::Error {
     use russh_sftp::client::error::Error as E;
     use std::io::ErrorKind as K;
+    if matches!(e, E::Timeout) {
+        return timeout_error(io_timeout);
+    }
     let kind = match &e {
         E::Status(s) => match s.status_code {
             StatusCode::NoSuchFile => K::NotFound,
@@ -546,6 +866,7 @@ impl super::Destination for SftpDir {
         };
         let file = self
             .timed(
+                &conn,
                 "cannot create",
                 path,
                 conn.sftp.open_with_flags_and_attributes(
@@ -557,7 +878,7 @@ impl super::Destination for SftpDir {
             .await?;
         Ok(Box::new(SftpUpload {
             file,
-            sftp: conn.sftp.clone(),
+            conn,
             remote: self.remote(path),
             location: self.location(path),
             io_timeout: self.config.io_timeout,
@@ -570,7 +891,12 @@ impl super::Destination for SftpDir {
         // SFTP v3 rename refuses an existing target on OpenSSH, but not every
         // server agrees; check first so nothing is ever replaced.
         let exists = self
-            .timed("cannot check", to, conn.sftp.try_exists(self.remote(to)))
+            .timed(
+                &conn,
+                "cannot check",
+                to,
+                conn.sftp.try_exists(self.remote(to)),
+            )
             .await?;
         if exists {
             return Err(DestinationError::AlreadyExists {
@@ -578,6 +904,7 @@ impl super::Destination for SftpDir {
             });
         }
         self.timed(
+            &conn,
             "cannot rename into",
             to,
             conn.sftp.rename(self.remote(from), self.remote(to)),
@@ -591,7 +918,12 @@ impl super::Destination for SftpDir {
         }
         let conn = self.conn().await?;
         let entries = match self
-            .timed("cannot list", dir, conn.sftp.read_dir(self.remote(dir)))
+            .timed(
+                &conn,
+                "cannot list",
+                dir,
+                conn.sftp.read_dir(self.remote(dir)),
+            )
             .await
         {
             Ok(rd) => rd,
@@ -627,9 +959,18 @@ impl super::Destination for SftpDir {
         components(path)?;
         let conn = self.conn().await?;
         let file = self
-            .timed("cannot open", path, conn.sftp.open(self.remote(path)))
+            .timed(
+                &conn,
+                "cannot open",
+                path,
+                conn.sftp.open(self.remote(path)),
+            )
             .await?;
-        Ok(Box::new(file))
+        Ok(Box::new(SftpReader {
+            file,
+            conn,
+            io_timeout: self.config.io_timeout,
+        }))
     }
 
     async fn delete(&self, path: &str) -> Result<(), DestinationError> {
@@ -637,6 +978,7 @@ impl super::Destination for SftpDir {
         let conn = self.conn().await?;
         match self
             .timed(
+                &conn,
                 "cannot delete",
                 path,
                 conn.sftp.remove_file(self.remote(path)),
@@ -657,6 +999,7 @@ impl super::Destination for SftpDir {
         let conn = self.conn().await?;
         let result = match self
             .timed(
+                &conn,
                 "cannot remove directory",
                 path,
                 conn.sftp.remove_dir(self.remote(path)),
@@ -696,9 +1039,51 @@ impl super::Destination for SftpDir {
     }
 }
 
+/// A file being read back: marks the connection broken when a read times
+/// out or the connection fails, and names `io_timeout` in a timeout.
+struct SftpReader {
+    file: russh_sftp::client::fs::File,
+    conn: Arc<Connection>,
+    io_timeout: Duration,
+}
+
+impl AsyncRead for SftpReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.file).poll_read(cx, buf) {
+            Poll::Ready(Err(e)) => {
+                Poll::Ready(Err(connection_failure(&this.conn, this.io_timeout, e)))
+            }
+            other => other,
+        }
+    }
+}
+
+/// Marks `conn` broken when `e` means the connection is unusable, and names
+/// `io_timeout` when it was a timeout.
+fn connection_failure(
+    conn: &Connection,
+    io_timeout: Duration,
+    e: std::io::Error,
+) -> std::io::Error {
+    if io_breaks_connection(&e) {
+        conn.mark_broken();
+    }
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        timeout_error(io_timeout)
+    } else {
+        e
+    }
+}
+
 struct SftpUpload {
     file: russh_sftp::client::fs::File,
-    sftp: Arc<SftpSession>,
+    /// Kept alive while the upload is; marked broken when a write stalls.
+    conn: Arc<Connection>,
     remote: String,
     location: String,
     io_timeout: Duration,
@@ -727,6 +1112,7 @@ impl SftpUpload {
     /// so such an answer counts as full too.
     async fn write_error(&self, e: std::io::Error) -> DestinationError {
         use russh_sftp::client::error::Error as E;
+        let e = connection_failure(&self.conn, self.io_timeout, e);
         let typed = e.get_ref().and_then(|inner| inner.downcast_ref::<E>());
         let failure = match typed {
             Some(E::Status(s)) => s.status_code == StatusCode::Failure,
@@ -757,7 +1143,7 @@ impl SftpUpload {
     /// file, for a disk-full message; `None` when the server does not offer
     /// it or does not answer within `io_timeout`.
     async fn free_space(&self) -> Option<String> {
-        let st = tokio::time::timeout(self.io_timeout, self.sftp.fs_info(self.remote.clone()))
+        let st = tokio::time::timeout(self.io_timeout, self.conn.sftp.fs_info(self.remote.clone()))
             .await
             .ok()?
             .ok()??;
@@ -768,14 +1154,11 @@ impl SftpUpload {
         ))
     }
 
+    /// The error for a step that got no answer within `io_timeout`; the
+    /// connection is not used again.
     fn timeout(&self) -> std::io::Error {
-        std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!(
-                "no progress within {:?} (destination.sftp.io_timeout)",
-                self.io_timeout
-            ),
-        )
+        self.conn.mark_broken();
+        timeout_error(self.io_timeout)
     }
 }
 
@@ -804,17 +1187,27 @@ impl Upload for SftpUpload {
         }
         match tokio::time::timeout(self.io_timeout, self.file.shutdown()).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(self.io("cannot close", e)),
+            Ok(Err(e)) => {
+                let e = connection_failure(&self.conn, self.io_timeout, e);
+                return Err(self.io("cannot close", e));
+            }
             Err(_) => return Err(self.io("cannot close", self.timeout())),
         }
-        let stored =
-            match tokio::time::timeout(self.io_timeout, self.sftp.metadata(self.remote.clone()))
-                .await
-            {
-                Ok(Ok(attrs)) => attrs.size.unwrap_or(0),
-                Ok(Err(e)) => return Err(self.io("cannot stat", sftp_io_error(e))),
-                Err(_) => return Err(self.io("cannot stat", self.timeout())),
-            };
+        let stored = match tokio::time::timeout(
+            self.io_timeout,
+            self.conn.sftp.metadata(self.remote.clone()),
+        )
+        .await
+        {
+            Ok(Ok(attrs)) => attrs.size.unwrap_or(0),
+            Ok(Err(e)) => {
+                if breaks_connection(&e) {
+                    self.conn.mark_broken();
+                }
+                return Err(self.io("cannot stat", sftp_io_error(e, self.io_timeout)));
+            }
+            Err(_) => return Err(self.io("cannot stat", self.timeout())),
+        };
         if stored != self.written {
             return Err(DestinationError::SizeMismatch {
                 location: self.location.clone(),
@@ -823,5 +1216,116 @@ impl Upload for SftpUpload {
             });
         }
         Ok(stored)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(algorithms: &[Algorithm]) -> Vec<String> {
+        algorithms.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn host_key_preference_puts_the_trusted_types_first_and_sha1_rsa_last() {
+        assert_eq!(
+            names(&host_key_preference(&["ssh-rsa"])),
+            [
+                "rsa-sha2-512",
+                "rsa-sha2-256",
+                "ssh-ed25519",
+                "ecdsa-sha2-nistp256",
+                "ecdsa-sha2-nistp384",
+                "ecdsa-sha2-nistp521",
+                "ssh-rsa"
+            ]
+        );
+        assert_eq!(
+            names(&host_key_preference(&[
+                "ecdsa-sha2-nistp384",
+                "ssh-ed25519"
+            ])),
+            [
+                "ssh-ed25519",
+                "ecdsa-sha2-nistp384",
+                "ecdsa-sha2-nistp256",
+                "ecdsa-sha2-nistp521",
+                "rsa-sha2-512",
+                "rsa-sha2-256",
+                "ssh-rsa"
+            ]
+        );
+        // Nothing known (or only types the agent cannot use): the default order.
+        for trusted in [&[][..], &["ssh-future@example.com"][..]] {
+            assert_eq!(
+                names(&host_key_preference(trusted)),
+                names(HOST_KEY_ALGORITHMS),
+                "{trusted:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_supported_algorithm_is_offered_and_maps_to_its_key_type() {
+        for a in HOST_KEY_ALGORITHMS {
+            let t = key_type_of(a);
+            assert!(!t.is_empty(), "{a}");
+            // What known_hosts lists for a key of that type puts it first.
+            assert_eq!(key_type_of(&host_key_preference(&[t])[0]), t, "{a}");
+        }
+    }
+
+    #[test]
+    fn a_pin_asks_again_only_for_key_types_not_yet_seen() {
+        let seen = |types: &[&str]| -> Vec<(String, String)> {
+            types
+                .iter()
+                .map(|t| (t.to_string(), "SHA256:x".to_string()))
+                .collect()
+        };
+        assert_eq!(
+            names(&host_key_algorithms_not_seen(&[])),
+            names(HOST_KEY_ALGORITHMS)
+        );
+        assert_eq!(
+            names(&host_key_algorithms_not_seen(&seen(&[
+                "ssh-ed25519",
+                "ssh-rsa"
+            ]))),
+            [
+                "ecdsa-sha2-nistp256",
+                "ecdsa-sha2-nistp384",
+                "ecdsa-sha2-nistp521"
+            ]
+        );
+        let all: Vec<&str> = HOST_KEY_ALGORITHMS.iter().map(key_type_of).collect();
+        assert!(host_key_algorithms_not_seen(&seen(&all)).is_empty());
+    }
+
+    #[test]
+    fn a_timeout_names_the_setting_and_breaks_the_connection() {
+        use russh_sftp::client::error::Error as E;
+        let e = sftp_io_error(E::Timeout, Duration::from_secs(3));
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        let text = e.to_string();
+        assert!(text.contains("destination.sftp.io_timeout"), "{text}");
+        assert!(text.contains("3s"), "{text}");
+        assert!(breaks_connection(&E::Timeout));
+        assert!(breaks_connection(&E::IO("broken pipe".into())));
+        // russh-sftp's file reads and writes wrap the error in std::io::Error.
+        assert!(io_breaks_connection(&std::io::Error::from(E::Timeout)));
+        assert!(io_breaks_connection(&std::io::Error::from(E::IO(
+            "x".into()
+        ))));
+        // A refusal of one request leaves the connection usable.
+        let refused = E::Status(russh_sftp::protocol::Status {
+            id: 1,
+            status_code: StatusCode::PermissionDenied,
+            error_message: "denied".into(),
+            language_tag: "en".into(),
+        });
+        assert!(!breaks_connection(&refused));
+        assert!(!io_breaks_connection(&std::io::Error::from(refused)));
     }
 }

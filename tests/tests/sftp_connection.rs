@@ -1,0 +1,439 @@
+//! The SFTP connection itself, against a real OpenSSH server: host-key
+//! algorithms negotiated as OpenSSH's client does (a server holding ed25519,
+//! RSA and ECDSA keys, trusted through any one of them), and a server that
+//! stalls mid-upload costing one `io_timeout`, with the clean-up done over a
+//! fresh connection.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use etcd_backup_tests::agent::{agent_bin, backup, AgentConfig, AgentRun};
+use etcd_backup_tests::etcd::EtcdServer;
+use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
+use etcd_backup_tests::{complete_sets, files_below, wait_for};
+
+const ALL_KINDS: [KeyKind; 3] = [KeyKind::Ed25519, KeyKind::Rsa, KeyKind::Ecdsa];
+
+/// How the agent is told to trust the server.
+enum Trust {
+    KnownHosts(String),
+    Fingerprint(String),
+}
+
+/// A work directory for one agent config.
+struct Setup {
+    work: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        Self {
+            work: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn file(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.work.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+
+    /// A config backing up `etcd` to `sshd` under `<sftp_root>/backups`,
+    /// logging in with `key`.
+    fn config(
+        &self,
+        etcd: &EtcdServer,
+        sshd: &SshServer,
+        trust: Trust,
+        key: &ClientKey,
+        timeouts: &str,
+    ) -> AgentConfig {
+        let mut cfg = AgentConfig::new(etcd, &self.work.path().join("unused-local"));
+        let trust = match trust {
+            Trust::KnownHosts(lines) => format!(
+                "    known_hosts_file: {}\n",
+                self.file("known_hosts", &lines).display()
+            ),
+            Trust::Fingerprint(fp) => format!("    host_key_fingerprint: \"{fp}\"\n"),
+        };
+        cfg.destination_yaml = Some(format!(
+            "destination:\n  sftp:\n    host: 127.0.0.1\n    port: {}\n    user: {}\n    path: {}\n{trust}    private_key_file: {}\n{timeouts}",
+            sshd.port,
+            SshServer::key_user(),
+            backups(sshd).display(),
+            key.private_key.display(),
+        ));
+        cfg
+    }
+
+    fn write(&self, cfg: &AgentConfig) -> PathBuf {
+        cfg.write(self.work.path())
+    }
+}
+
+fn backups(sshd: &SshServer) -> PathBuf {
+    sshd.sftp_root.join("backups")
+}
+
+const QUICK_TIMEOUTS: &str = "    connect_timeout: 5s\n    io_timeout: 10s\n";
+
+/// A server holding an ed25519, an RSA and an ECDSA host key at once.
+fn three_key_server(key: &ClientKey) -> SshServer {
+    let sshd = SshServer::start(SshOptions {
+        authorized_keys: vec![key.public_line.clone()],
+        host_key: KeyKind::Ed25519,
+        extra_host_keys: vec![KeyKind::Rsa, KeyKind::Ecdsa],
+        ..SshOptions::default()
+    });
+    assert_eq!(sshd.host_key_kinds(), ALL_KINDS);
+    sshd
+}
+
+#[test]
+fn each_host_key_of_a_multi_key_server_is_trusted_alone_in_known_hosts_or_as_a_pin() {
+    let etcd = EtcdServer::start();
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = three_key_server(&key);
+    let logins = || sshd.log().matches("Accepted publickey").count();
+    // Logins per run, by how the server was trusted.
+    let mut per_run = Vec::new();
+    for kind in ALL_KINDS {
+        let line = sshd.known_hosts_line_of(kind);
+        assert!(line.contains(kind.key_type()), "{line}");
+        // Plain and hashed known_hosts lines naming only this key, then a pin
+        // of only this key's fingerprint.
+        let hashed = {
+            let lines = sshd.hashed_known_hosts_line();
+            // hashed_known_hosts_line hashes the main key's line; swap in
+            // this kind's key after the hashed host field.
+            let host_field = lines.split(' ').next().unwrap().to_string();
+            format!("{host_field} {}", sshd.host_key_line_of(kind))
+        };
+        for trust in [
+            Trust::KnownHosts(format!("# only the {kind:?} key\n{line}\n")),
+            Trust::KnownHosts(format!("{hashed}\n")),
+            Trust::Fingerprint(sshd.fingerprint_of(kind)),
+        ] {
+            let what = match &trust {
+                Trust::KnownHosts(l) => format!("known_hosts {l:?}"),
+                Trust::Fingerprint(fp) => format!("pin {fp}"),
+            };
+            let s = Setup::new();
+            let before = logins();
+            let run = backup(&s.write(&s.config(&etcd, &sshd, trust, &key, QUICK_TIMEOUTS)));
+            assert_eq!(run.code, 0, "{kind:?} via {what}:\n{}", run.stderr);
+            per_run.push((what, logins() - before));
+            // Sets are named by the second; keep runs apart.
+            std::thread::sleep(Duration::from_millis(1100));
+        }
+    }
+    assert_eq!(complete_sets(&backups(&sshd)).len(), per_run.len());
+    // A pin that did not match the first key presented cost extra key
+    // exchanges, never an extra login: every run logged in as often as the
+    // first (known_hosts) one, and no login failed.
+    let first = per_run[0].1;
+    assert!(first > 0);
+    assert!(per_run.iter().all(|(_, n)| *n == first), "{per_run:?}");
+    assert!(!sshd.log().contains("Failed"), "{}", sshd.log());
+}
+
+/// Refused before authenticating: the message names host and port and
+/// `wanted`, nothing reached the server, sshd saw no login attempt, and it
+/// is not retried.
+fn assert_refused(run: &AgentRun, sshd: &SshServer, wanted: &str) {
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains(&format!("127.0.0.1:{}", sshd.port)),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(wanted),
+        "{wanted:?} not in:\n{}",
+        run.stderr
+    );
+    assert!(
+        files_below(&sshd.sftp_root).is_empty(),
+        "{:?}",
+        files_below(&sshd.sftp_root)
+    );
+    let log = sshd.log();
+    assert!(
+        !log.contains("Accepted") && !log.contains("Failed"),
+        "the client tried to log in:\n{log}"
+    );
+    assert!(
+        run.elapsed < Duration::from_secs(4),
+        "a host-key failure was retried: {:?}",
+        run.elapsed
+    );
+}
+
+#[test]
+fn a_key_the_multi_key_server_does_not_hold_is_refused_whatever_its_type() {
+    let etcd = EtcdServer::start();
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = three_key_server(&key);
+    let config = |s: &Setup, trust| {
+        let mut cfg = s.config(&etcd, &sshd, trust, &key, QUICK_TIMEOUTS);
+        // Three attempts with a long back-off: a retry would show in the time.
+        cfg.retry_attempts = 3;
+        cfg.retry_initial_delay = "5s".into();
+        s.write(&cfg)
+    };
+
+    // Another key of each type under this server's name: the server presents
+    // its own key of that type, which does not match.
+    for kind in ALL_KINDS {
+        let impostor = ClientKey::generate(kind, None);
+        let s = Setup::new();
+        let trust = Trust::KnownHosts(format!(
+            "[127.0.0.1]:{} {}\n",
+            sshd.port, impostor.public_line
+        ));
+        assert_refused(&backup(&config(&s, trust)), &sshd, "does not match");
+    }
+
+    // A type the server has no key of: it presents its preferred one, which
+    // is of a type not listed.
+    let s = Setup::new();
+    let p384 = {
+        // A real ECDSA P-384 key, which the server does not hold.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p384");
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", "", "-f"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        std::fs::read_to_string(path.with_extension("pub")).unwrap()
+    };
+    assert!(p384.starts_with("ecdsa-sha2-nistp384 "), "{p384}");
+    let trust = Trust::KnownHosts(format!("[127.0.0.1]:{} {}", sshd.port, p384.trim()));
+    assert_refused(
+        &backup(&config(&s, trust)),
+        &sshd,
+        "is of a type not listed in",
+    );
+
+    // A pin of no key of the server's: every key it holds was asked for and
+    // is named in the refusal.
+    let s = Setup::new();
+    let wrong = etcd_backup_agent::known_hosts::sha256_fingerprint(b"not the server's key");
+    let run = backup(&config(&s, Trust::Fingerprint(wrong.clone())));
+    assert_refused(&run, &sshd, &wrong);
+    for kind in ALL_KINDS {
+        let presented = format!("{} {}", kind.key_type(), sshd.fingerprint_of(kind));
+        assert!(
+            run.stderr.contains(&presented),
+            "{presented:?} not in:\n{}",
+            run.stderr
+        );
+    }
+    assert!(
+        run.stderr.contains("someone may be intercepting"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// Fills etcd with ~200 MiB, so that an upload is still going when the test
+/// stops the server.
+async fn big_etcd() -> EtcdServer {
+    let etcd = EtcdServer::start();
+    let mut client = etcd.client().await;
+    let value = vec![b's'; 1024 * 1024];
+    for i in 0..200 {
+        client
+            .put(format!("/registry/big/{i:04}"), value.clone(), None)
+            .await
+            .unwrap();
+    }
+    etcd
+}
+
+const STALL_IO_TIMEOUT: Duration = Duration::from_secs(3);
+const STALL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The functional bound on a stalled run: one io_timeout, one fresh
+/// connection, and slack for a loaded machine (not a benchmark).
+const STALL_BOUND: Duration = Duration::from_secs(3 + 5 + 10);
+
+/// How a stalled run ended.
+struct Stalled {
+    code: Option<i32>,
+    stderr: String,
+    /// From the SIGSTOP to the agent's exit.
+    after_stop: Duration,
+}
+
+/// Starts `backup`, waits until the snapshot's partial on the server holds
+/// 20 MiB, calls `stop` (which SIGSTOPs processes of `sshd` and returns their
+/// pids), and waits for the agent to exit. The stopped processes are
+/// resumed afterwards.
+fn backup_stalled_by(sshd: &SshServer, config: &Path, stop: impl FnOnce() -> Vec<u32>) -> Stalled {
+    let log = config.with_file_name("agent.log");
+    let mut agent = Command::new(agent_bin())
+        .args(["backup", "--config", config.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let root = backups(sshd);
+    wait_for("an upload in progress", Duration::from_secs(60), || {
+        if let Some(status) = agent.try_wait().unwrap() {
+            panic!(
+                "the agent ended ({status}) before the server was stopped:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        files_below(&root).into_iter().find(|f| {
+            f.ends_with(".db.partial")
+                && std::fs::metadata(root.join(f))
+                    .map(|m| m.len() > 20 << 20)
+                    .unwrap_or(false)
+        })
+    });
+    let stopped = stop();
+    let t = Instant::now();
+    let status = wait_for("the agent to exit", Duration::from_secs(120), || {
+        agent.try_wait().unwrap()
+    });
+    let after_stop = t.elapsed();
+    sshd.resume(&stopped);
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    eprintln!(
+        "the stalled run ended {after_stop:?} after the SIGSTOP; its last line: {}",
+        stderr.lines().last().unwrap_or("")
+    );
+    Stalled {
+        code: status.code(),
+        stderr,
+        after_stop,
+    }
+}
+
+fn stall_timeouts() -> String {
+    format!(
+        "    connect_timeout: {}s\n    io_timeout: {}s\n",
+        STALL_CONNECT_TIMEOUT.as_secs(),
+        STALL_IO_TIMEOUT.as_secs()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_session_costs_one_io_timeout_and_the_partials_go_over_a_fresh_connection() {
+    let etcd = big_etcd().await;
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = SshServer::start(SshOptions {
+        authorized_keys: vec![key.public_line.clone()],
+        ..SshOptions::default()
+    });
+    let s = Setup::new();
+    let config = s.write(&s.config(
+        &etcd,
+        &sshd,
+        Trust::KnownHosts(sshd.known_hosts_line()),
+        &key,
+        &stall_timeouts(),
+    ));
+
+    let run = backup_stalled_by(&sshd, &config, || {
+        let pids = sshd.stop_sessions();
+        assert!(!pids.is_empty(), "no session processes under sshd");
+        pids
+    });
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(
+        run.after_stop < STALL_BOUND,
+        "took {:?} after the stall (bound {STALL_BOUND:?}):\n{}",
+        run.after_stop,
+        run.stderr
+    );
+    assert!(run.stderr.contains("stage upload"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("destination.sftp.io_timeout")
+            && run.stderr.contains(&format!("{STALL_IO_TIMEOUT:?}")),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("could not be removed"),
+        "{}",
+        run.stderr
+    );
+
+    // The clean-up logged in again: a second session, not the stalled one.
+    let log = sshd.log();
+    assert_eq!(log.matches("Accepted publickey").count(), 2, "{log}");
+    // Nothing of the run is left: no file at all, and the set directory is
+    // gone from the node's directory.
+    let root = backups(&sshd);
+    assert_eq!(files_below(&root), Vec::<String>::new());
+    let node_dir = root.join("test").join("master-0");
+    let left: Vec<_> = std::fs::read_dir(&node_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?} in {}", node_dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_session_and_listener_still_end_the_run_in_bounded_time_naming_what_is_left() {
+    let etcd = big_etcd().await;
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = SshServer::start(SshOptions {
+        authorized_keys: vec![key.public_line.clone()],
+        ..SshOptions::default()
+    });
+    let s = Setup::new();
+    let config = s.write(&s.config(
+        &etcd,
+        &sshd,
+        Trust::KnownHosts(sshd.known_hosts_line()),
+        &key,
+        &stall_timeouts(),
+    ));
+
+    let run = backup_stalled_by(&sshd, &config, || {
+        let mut pids = vec![sshd.stop_listener()];
+        pids.extend(sshd.stop_sessions());
+        pids
+    });
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(
+        run.after_stop < STALL_BOUND,
+        "took {:?} after the stall (bound {STALL_BOUND:?}):\n{}",
+        run.after_stop,
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("destination.sftp.io_timeout"),
+        "{}",
+        run.stderr
+    );
+    // The fresh connection for the clean-up could not be made, and the run
+    // says which of its files are left.
+    assert!(
+        run.stderr.contains("destination.sftp.connect_timeout"),
+        "{}",
+        run.stderr
+    );
+    let root = backups(&sshd);
+    let left = files_below(&root);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].ends_with(".db.partial"), "{left:?}");
+    assert!(
+        run.stderr.contains("could not be removed") && run.stderr.contains(&left[0]),
+        "{:?} not reported as left:\n{}",
+        left[0],
+        run.stderr
+    );
+    // Only the first session logged in.
+    assert_eq!(sshd.log().matches("Accepted publickey").count(), 1);
+}
