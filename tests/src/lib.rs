@@ -15,6 +15,7 @@
 //! - [`pod`]: the rendered manifests and a master's file system, to run the
 //!   agent as the DaemonSet does.
 //! - [`sshd`]: a throwaway OpenSSH server with its own host key and client keys.
+//! - [`tmpfs`]: a size-limited tmpfs, to fill a destination's disk.
 
 pub mod agent;
 pub mod etcd;
@@ -23,6 +24,7 @@ pub mod fixtures;
 pub mod pod;
 pub mod sshd;
 pub mod tls;
+pub mod tmpfs;
 
 use std::net::TcpListener;
 use std::path::Path;

@@ -676,12 +676,10 @@ impl SftpUpload {
     /// [`DestinationError::Full`]; anything else stays an I/O error.
     fn write_error(&self, e: std::io::Error) -> DestinationError {
         use russh_sftp::client::error::Error as E;
-        let failure = e
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<E>())
-            .is_some_and(
-                |inner| matches!(inner, E::Status(s) if s.status_code == StatusCode::Failure),
-            );
+        let inner = e.get_ref().and_then(|inner| inner.downcast_ref::<E>());
+        let failure = inner.is_some_and(
+            |inner| matches!(inner, E::Status(s) if s.status_code == StatusCode::Failure),
+        ) || (inner.is_none() && is_failure_status(&e));
         if failure || super::is_out_of_space(&e) {
             DestinationError::Full {
                 op: "cannot write",
@@ -702,6 +700,16 @@ impl SftpUpload {
             ),
         )
     }
+}
+
+/// Whether `e` is a write's `SSH_FX_FAILURE` answer as russh-sftp's file
+/// writer hands it on: it keeps only the status's message, as a plain
+/// `io::Error::other`, so the message OpenSSH's server sends with that code
+/// ("Failure") is all there is to recognise it by.
+fn is_failure_status(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::Other
+        && e.get_ref()
+            .is_some_and(|inner| inner.to_string().eq_ignore_ascii_case("failure"))
 }
 
 #[async_trait]
