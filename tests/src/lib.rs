@@ -13,6 +13,7 @@
 //! - [`fake_etcd`]: a gRPC Maintenance server that serves a tampered snapshot.
 //! - [`fixtures`]: `/etc/kubernetes` trees in the OpenShift and kubeadm shapes.
 //! - [`relay`]: a TCP relay with a rate cap and a one-way delay per direction.
+//! - [`hostile`]: a lying SFTP server (paramiko): hostile names in listings.
 //! - [`pod`]: the rendered manifests and a master's file system, to run the
 //!   agent as the DaemonSet does.
 //! - [`sshd`]: a throwaway OpenSSH server with its own host key and client keys.
@@ -22,6 +23,7 @@ pub mod agent;
 pub mod etcd;
 pub mod fake_etcd;
 pub mod fixtures;
+pub mod hostile;
 pub mod pod;
 pub mod relay;
 pub mod sshd;
