@@ -50,6 +50,9 @@ async fn fill(etcd: &EtcdServer) {
     }
 }
 
+/// A file's name and bytes.
+type Contents = Vec<(String, Vec<u8>)>;
+
 /// One destination under test.
 struct Case {
     name: &'static str,
@@ -58,7 +61,7 @@ struct Case {
     config: PathBuf,
     /// Set once the agent was killed: the leftover's set timestamp, its
     /// files' contents, and when it was killed.
-    leftover: Option<(String, Vec<(String, Vec<u8>)>, Instant)>,
+    leftover: Option<(String, Contents, Instant)>,
 }
 
 impl Case {
@@ -70,7 +73,7 @@ impl Case {
         self.config.to_str().unwrap()
     }
 
-    fn leftover_files(&self) -> Vec<(String, Vec<u8>)> {
+    fn leftover_files(&self) -> Contents {
         let (ts, _, _) = self.leftover.as_ref().unwrap();
         let dir = self.node_dir().join(ts);
         files_below(&dir)
