@@ -76,40 +76,14 @@ impl EtcdServer {
             ),
         };
         let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log file");
-        let mut cmd = Command::new("etcd");
-        cmd.arg("--name")
-            .arg(&name)
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--listen-client-urls")
-            .arg(&client_url)
-            .arg("--advertise-client-urls")
-            .arg(&client_url)
-            .arg("--listen-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-cluster")
-            .arg(format!("{name}={peer_url}"))
-            .arg("--listen-metrics-urls")
-            .arg(format!("http://127.0.0.1:{}", free_port()))
-            .arg("--logger=zap")
-            .arg("--log-outputs=stderr")
-            .env_remove("ETCD_UNSUPPORTED_ARCH")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
-        if let Some(t) = &tls {
-            cmd.arg("--cert-file")
-                .arg(&t.server_cert)
-                .arg("--key-file")
-                .arg(&t.server_key)
-                .arg("--trusted-ca-file")
-                .arg(&t.ca_cert)
-                .arg("--client-cert-auth");
-        }
-        let child = cmd.spawn().expect("start etcd");
+        let child = spawn_etcd(
+            dir.path(),
+            &data_dir,
+            &name,
+            &client_url,
+            &peer_url,
+            tls.as_ref(),
+        );
         let mut server = Self {
             child: Some(child),
             dir,
@@ -206,12 +180,80 @@ impl EtcdServer {
             let _ = c.wait();
         }
     }
+
+    /// Starts the member again (after [`kill`](Self::kill); it kills first
+    /// if still running) on the same data dir, name and client and peer
+    /// ports, and waits until it answers. Panics with its log if it does not
+    /// come back (a port taken meanwhile included).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Some(spawn_etcd(
+            self.dir.path(),
+            &self.data_dir,
+            &self.name,
+            &self.client_url,
+            &self.peer_url,
+            self.tls.as_ref(),
+        ));
+        if let Err(log) = self.wait_ready() {
+            panic!("etcd could not bind its old ports again; its log:\n{log}");
+        }
+    }
 }
 
 impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Starts `etcd` for a member; its output is appended to `dir/etcd.log`.
+fn spawn_etcd(
+    dir: &Path,
+    data_dir: &Path,
+    name: &str,
+    client_url: &str,
+    peer_url: &str,
+    tls: Option<&TlsFiles>,
+) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("etcd.log"))
+        .expect("log file");
+    let mut cmd = Command::new("etcd");
+    cmd.arg("--name")
+        .arg(name)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--listen-client-urls")
+        .arg(client_url)
+        .arg("--advertise-client-urls")
+        .arg(client_url)
+        .arg("--listen-peer-urls")
+        .arg(peer_url)
+        .arg("--initial-advertise-peer-urls")
+        .arg(peer_url)
+        .arg("--initial-cluster")
+        .arg(format!("{name}={peer_url}"))
+        .arg("--listen-metrics-urls")
+        .arg(format!("http://127.0.0.1:{}", free_port()))
+        .arg("--logger=zap")
+        .arg("--log-outputs=stderr")
+        .env_remove("ETCD_UNSUPPORTED_ARCH")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    if let Some(t) = tls {
+        cmd.arg("--cert-file")
+            .arg(&t.server_cert)
+            .arg("--key-file")
+            .arg(&t.server_key)
+            .arg("--trusted-ca-file")
+            .arg(&t.ca_cert)
+            .arg("--client-cert-auth");
+    }
+    cmd.spawn().expect("start etcd")
 }
 
 /// `etcdctl` with API v3 selected and no environment leaking in.

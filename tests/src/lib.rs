@@ -12,20 +12,26 @@
 //!   as a child process.
 //! - [`fake_etcd`]: a gRPC Maintenance server that serves a tampered snapshot.
 //! - [`fixtures`]: `/etc/kubernetes` trees in the OpenShift and kubeadm shapes.
+//! - [`relay`]: a TCP relay with a rate cap and a one-way delay per direction.
+//! - [`hostile`]: a lying SFTP server (paramiko): hostile names in listings.
 //! - [`pod`]: the rendered manifests and a master's file system, to run the
 //!   agent as the DaemonSet does.
 //! - [`sshd`]: a throwaway OpenSSH server with its own host key and client keys.
 //! - [`proftpd`]: ProFTPD's mod_sftp, a second real SFTP server, with
 //!   configurable extensions.
+//! - [`tmpfs`]: a size-limited tmpfs, to fill a destination's disk.
 
 pub mod agent;
 pub mod etcd;
 pub mod fake_etcd;
 pub mod fixtures;
+pub mod hostile;
 pub mod pod;
 pub mod proftpd;
+pub mod relay;
 pub mod sshd;
 pub mod tls;
+pub mod tmpfs;
 
 use std::net::TcpListener;
 use std::path::Path;

@@ -2,6 +2,7 @@
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWriteExt};
@@ -12,6 +13,11 @@ use super::{components, DestinationError, DirEntry, Upload};
 #[derive(Debug, Clone)]
 pub struct LocalDir {
     base: PathBuf,
+    /// Held by every create, rename, delete and directory removal until the
+    /// filesystem call has returned, even when the caller stopped waiting: a
+    /// blocking call cannot be stopped, so a cancelled run's create or rename
+    /// would otherwise land after the clean-up that was to remove it.
+    order: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn io<'a>(
@@ -68,7 +74,27 @@ impl LocalDir {
             location: base.display().to_string(),
             source: std::io::Error::other(e),
         })??;
-        Ok(Self { base })
+        Ok(Self {
+            base,
+            order: Arc::default(),
+        })
+    }
+
+    /// Runs blocking filesystem work off the async threads, after every
+    /// earlier operation of this destination has finished; it finishes even
+    /// when the returned future is dropped, and holds the order until then.
+    async fn ordered<T: Send + 'static>(
+        &self,
+        location: &Path,
+        f: impl FnOnce() -> Result<T, DestinationError> + Send + 'static,
+    ) -> Result<T, DestinationError> {
+        let turn = self.order.clone().lock_owned().await;
+        blocking(location, move || {
+            let result = f();
+            drop(turn);
+            result
+        })
+        .await
     }
 
     fn resolve(&self, path: &str) -> Result<PathBuf, DestinationError> {
@@ -138,18 +164,19 @@ impl super::Destination for LocalDir {
     async fn create(&self, path: &str) -> Result<Box<dyn Upload>, DestinationError> {
         let full = self.resolve(path)?;
         let f = full.clone();
-        let file = blocking(&full, move || {
-            if let Some(parent) = f.parent() {
-                create_dirs(parent)?;
-            }
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&f)
-                .map_err(io("cannot create", &f))
-        })
-        .await?;
+        let file = self
+            .ordered(&full, move || {
+                if let Some(parent) = f.parent() {
+                    create_dirs(parent)?;
+                }
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&f)
+                    .map_err(io("cannot create", &f))
+            })
+            .await?;
         Ok(Box::new(LocalUpload {
             // Large writes keep the number of blocking-pool hops low.
             file: tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file)),
@@ -162,7 +189,7 @@ impl super::Destination for LocalDir {
         let from = self.resolve(from)?;
         let to = self.resolve(to)?;
         let t = to.clone();
-        blocking(&to, move || {
+        self.ordered(&to, move || {
             // Set names are unique per run, so checking first is enough to
             // never replace a file; rename(2) itself would overwrite silently.
             if std::fs::symlink_metadata(&t).is_ok() {
@@ -227,20 +254,24 @@ impl super::Destination for LocalDir {
 
     async fn delete(&self, path: &str) -> Result<(), DestinationError> {
         let full = self.resolve(path)?;
-        match tokio::fs::remove_file(&full).await {
+        let f = full.clone();
+        self.ordered(&full, move || match std::fs::remove_file(&f) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io("cannot delete", &full)(e)),
-        }
+            Err(e) => Err(io("cannot delete", &f)(e)),
+        })
+        .await
     }
 
     async fn remove_dir(&self, path: &str) -> Result<(), DestinationError> {
         let full = self.resolve(path)?;
-        match tokio::fs::remove_dir(&full).await {
+        let d = full.clone();
+        self.ordered(&full, move || match std::fs::remove_dir(&d) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io("cannot remove directory", &full)(e)),
-        }
+            Err(e) => Err(io("cannot remove directory", &d)(e)),
+        })
+        .await
     }
 }
 

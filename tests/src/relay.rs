@@ -1,0 +1,260 @@
+//! A TCP relay on loopback that can slow a connection down: a rate cap and a
+//! one-way delay per direction, for making "mid-stream" last long enough to
+//! act in (fault tests) and for emulating a WAN link (benchmarks).
+//!
+//! [`Relay::start`] listens on `127.0.0.1:<free port>` and forwards every
+//! connection it accepts to a target address, on its own thread and tokio
+//! runtime (so sync and async tests alike can use it); dropping the relay
+//! stops it and closes every relayed connection.
+//!
+//! Per direction (`up`: client to target, `down`: target to client):
+//! - `rate`: at most this many bytes per second leave the relay (a pacing
+//!   cap; bursts up to one [`CHUNK`]). `None`: as fast as the peers go.
+//! - `delay`: every byte leaves the relay this long after it arrived, in
+//!   addition to the rate's pacing. Zero: no delay.
+//!
+//! At most [`IN_FLIGHT`] chunks per direction are held between reading and
+//! writing, so a slow side pushes back on the fast one (TCP flow control
+//! still works end to end) while a delayed link of up to `IN_FLIGHT ×
+//! CHUNK / delay` bytes/s stays full. [`Relay::set_target`] points new
+//! connections elsewhere (a restarted server on a new port).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Bytes read at a time, and the largest burst a rate cap lets through.
+pub const CHUNK: usize = 16 * 1024;
+
+/// Chunks held per direction between reading and writing.
+pub const IN_FLIGHT: usize = 256;
+
+/// How one direction of a relayed connection is shaped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Shape {
+    /// Bytes per second at most; `None` for no cap.
+    pub rate: Option<u64>,
+    /// One-way delay added to every byte.
+    pub delay: Duration,
+}
+
+/// How a relay shapes each direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayOptions {
+    /// Client to target.
+    pub up: Shape,
+    /// Target to client.
+    pub down: Shape,
+}
+
+/// A running relay; stopped (every connection closed) on drop.
+pub struct Relay {
+    /// Where clients connect: `127.0.0.1:<port>`.
+    pub addr: SocketAddr,
+    target: Arc<Mutex<SocketAddr>>,
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Starts relaying connections on a free loopback port to `target`.
+    pub fn start(target: SocketAddr, options: RelayOptions) -> Self {
+        let std_listener =
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind the relay on 127.0.0.1:0");
+        std_listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let addr = std_listener.local_addr().expect("relay address");
+        let target = Arc::new(Mutex::new(target));
+        let stop = CancellationToken::new();
+        let (t, s) = (target.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("relay".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("relay runtime");
+                rt.block_on(async move {
+                    let listener = TcpListener::from_std(std_listener).expect("relay listener");
+                    loop {
+                        let client = tokio::select! {
+                            () = s.cancelled() => break,
+                            r = listener.accept() => match r {
+                                Ok((c, _)) => c,
+                                Err(_) => continue,
+                            },
+                        };
+                        let to = *t.lock().expect("relay target");
+                        tokio::spawn(relay_one(client, to, options, s.clone()));
+                    }
+                });
+            })
+            .expect("spawn the relay thread");
+        Self {
+            addr,
+            target,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`, for an endpoint setting.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Sends connections accepted from now on to `target`.
+    pub fn set_target(&self, target: SocketAddr) {
+        *self.target.lock().expect("relay target") = target;
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Relays one connection; a target that refuses closes the client's.
+async fn relay_one(
+    client: TcpStream,
+    target: SocketAddr,
+    options: RelayOptions,
+    stop: CancellationToken,
+) {
+    let Ok(server) = TcpStream::connect(target).await else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = async {
+            tokio::join!(pump(cr, sw, options.up), pump(sr, cw, options.down));
+        } => {}
+    }
+}
+
+/// Copies one direction, shaped; ends (shutting the writer down) at end of
+/// input or on an error of either side.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    shape: Shape,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(IN_FLIGHT);
+    let reader = async move {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send((Instant::now(), buf[..n].to_vec())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    let writer = async move {
+        // When the next byte may leave under the rate cap.
+        let mut next = Instant::now();
+        while let Some((arrived, chunk)) = rx.recv().await {
+            let due = (arrived + shape.delay).max(next);
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+            if let Some(rate) = shape.rate {
+                let start = next.max(due);
+                next = start + Duration::from_secs_f64(chunk.len() as f64 / rate.max(1) as f64);
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(reader, writer);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// An echo server on loopback.
+    fn echo() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut r = s.try_clone().unwrap();
+                    let mut w = s;
+                    let _ = std::io::copy(&mut r, &mut w);
+                });
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn relays_bytes_unchanged_and_the_rate_cap_and_delay_slow_them_down() {
+        let target = echo();
+        let plain = Relay::start(target, RelayOptions::default());
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let roundtrip = |addr: SocketAddr| {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            let mut r = s.try_clone().unwrap();
+            let d = data.clone();
+            let w = std::thread::spawn(move || s.write_all(&d).unwrap());
+            let mut back = vec![0u8; data.len()];
+            let t = std::time::Instant::now();
+            r.read_exact(&mut back).unwrap();
+            w.join().unwrap();
+            (back, t.elapsed())
+        };
+        let (back, _) = roundtrip(plain.addr);
+        assert_eq!(back, data);
+        // 200 kB through a 400 kB/s cap and 100 ms each way: no less than
+        // 0.5 s minus one burst, plus the 200 ms of delay (a lower bound
+        // only: a slow machine makes it longer, never shorter).
+        let shaped = Relay::start(
+            target,
+            RelayOptions {
+                up: Shape {
+                    rate: Some(400_000),
+                    delay: Duration::from_millis(100),
+                },
+                down: Shape {
+                    rate: None,
+                    delay: Duration::from_millis(100),
+                },
+            },
+        );
+        let (back, took) = roundtrip(shaped.addr);
+        assert_eq!(back, data);
+        assert!(took >= Duration::from_millis(600), "{took:?}");
+    }
+
+    #[test]
+    fn dropping_the_relay_closes_its_connections() {
+        let relay = Relay::start(echo(), RelayOptions::default());
+        let mut s = std::net::TcpStream::connect(relay.addr).unwrap();
+        s.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        drop(relay);
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(s.read(&mut b).unwrap(), 0, "closed");
+    }
+}
