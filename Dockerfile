@@ -22,7 +22,7 @@
 # The three base images are build arguments whose defaults are the public
 # images. Where they cannot be pulled, pass local equivalents: scripts/image
 # --local-bases builds them from Debian packages and this machine's Rust
-# toolchain, and the image test builds with those (docs: README, "The image").
+# toolchain, and the image test builds with those (docs/development.md, "The image").
 ARG RUST_VERSION=1.95
 ARG ETCD_VERSION=v3.5.21
 ARG BUILDER_IMAGE=docker.io/library/rust:${RUST_VERSION}-bookworm

@@ -311,7 +311,7 @@ pub fn metrics_router(state: Arc<AppState>) -> Router {
     )
 }
 
-/// What one listener allows a connection: the figures the README gives.
+/// What one listener allows a connection: the figures docs/http-api.md gives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
     /// A request's headers must arrive whole within this time after the

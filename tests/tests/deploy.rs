@@ -1469,6 +1469,9 @@ fn anchor(heading: &str) -> String {
         .collect()
 }
 
+/// The page holding every alert's runbook, under a heading named after the alert.
+const RUNBOOK_PAGE: &str = "docs/metrics-and-alerts.md";
+
 #[test]
 fn every_alert_has_severity_summary_description_and_a_runbook_section() {
     let cargo = read(&repo().join("Cargo.toml"));
@@ -1477,9 +1480,9 @@ fn every_alert_has_severity_summary_description_and_a_runbook_section() {
         .find_map(|l| l.strip_prefix("repository = \""))
         .and_then(|l| l.strip_suffix('"'))
         .expect("workspace repository URL");
-    // The runbook is in the README.
+    // The runbook is in docs/metrics-and-alerts.md.
     let mut anchors = BTreeSet::new();
-    for doc in [repo().join("README.md")] {
+    for doc in [repo().join(RUNBOOK_PAGE)] {
         if let Ok(text) = std::fs::read_to_string(&doc) {
             anchors.extend(
                 text.lines()
@@ -1515,12 +1518,12 @@ fn every_alert_has_severity_summary_description_and_a_runbook_section() {
         let fragment = anchor(name);
         assert_eq!(
             url,
-            &format!("{repository}/blob/main/README.md#{fragment}"),
+            &format!("{repository}/blob/main/{RUNBOOK_PAGE}#{fragment}"),
             "{name}"
         );
         assert!(
             anchors.contains(&fragment),
-            "{name}: no heading `{name}` in README.md"
+            "{name}: no heading `{name}` in {RUNBOOK_PAGE}"
         );
     }
 }

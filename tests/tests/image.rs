@@ -12,7 +12,7 @@
 //! Against a real TLS etcd and a real sshd on loopback it checks the daemon,
 //! `trigger`, `drill` and `restore` from inside the image, for both overlays.
 //!
-//! What the sandbox cannot emulate (README, "The image"): cgroup limits,
+//! What the sandbox cannot emulate (docs/development.md, "The image"): cgroup limits,
 //! the kubelet's probes (the test polls the same endpoint), seccomp
 //! RuntimeDefault and SCC admission.
 //!
