@@ -1,7 +1,7 @@
 //! Fault matrix, agent-killed row: `etcd-backup-agent backup` SIGKILLed while
 //! the snapshot uploads (to a local directory and to a real OpenSSH server),
 //! so no clean-up runs. What it leaves is this agent's own leftover, and the
-//! documented rules (README "What the agent may delete") apply to it:
+//! documented rules (docs/stored-sets.md, "What the agent may delete") apply to it:
 //!
 //! - right away: `list --include-partial` shows it as `own_partial`;
 //!   `prune --dry-run` plans nothing (younger than `stale_partial_after`, it
