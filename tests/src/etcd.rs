@@ -281,6 +281,28 @@ pub async fn dump(client: &mut Client) -> Vec<(Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
+/// Writes about `mib` MiB of values that do not compress (64 KiB of
+/// xorshift letters each, seeded by `seed`) under `/registry/secrets/default/`,
+/// so a snapshot takes measurable time to stream through a rate-capped relay
+/// and fills a small disk predictably.
+pub async fn fill_incompressible(client: &mut Client, mib: usize, seed: u64) {
+    let mut x = seed | 1;
+    for i in 0..mib * 16 {
+        let value: String = (0..64 * 1024)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b'a' + (x % 26) as u8)
+            })
+            .collect();
+        client
+            .put(format!("/registry/secrets/default/s{i:04}"), value, None)
+            .await
+            .expect("put");
+    }
+}
+
 /// Writes `n` keys under `prefix`, overwrites every third and deletes every
 /// fifth, so the snapshot holds history, not just a flat keyspace.
 pub async fn write_history(client: &mut Client, prefix: &str, n: usize) {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use etcd_backup_proto::api::{LeftoverKind, SetList};
 use etcd_backup_tests::agent::{agent_bin, backup, run_agent, AgentConfig};
-use etcd_backup_tests::etcd::EtcdServer;
+use etcd_backup_tests::etcd::{fill_incompressible, EtcdServer};
 use etcd_backup_tests::relay::{Relay, RelayOptions, Shape};
 use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
 use etcd_backup_tests::{complete_sets, files_below, wait_for};
@@ -30,25 +30,6 @@ use etcd_backup_tests::{complete_sets, files_below, wait_for};
 const FILL_MIB: usize = 8;
 const RATE: u64 = 2 << 20;
 const STALE: Duration = Duration::from_secs(60);
-
-async fn fill(etcd: &EtcdServer) {
-    let mut client = etcd.client().await;
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    for i in 0..FILL_MIB * 16 {
-        let value: String = (0..64 * 1024)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                char::from(b'a' + (x % 26) as u8)
-            })
-            .collect();
-        client
-            .put(format!("/registry/secrets/default/s{i:04}"), value, None)
-            .await
-            .expect("put");
-    }
-}
 
 /// A file's name and bytes.
 type Contents = Vec<(String, Vec<u8>)>;
@@ -268,7 +249,7 @@ fn stale_phase(case: &Case) {
 async fn agent_killed_mid_upload_leaves_its_own_partial_which_is_kept_while_young_and_removed_once_stale(
 ) {
     let etcd = EtcdServer::start();
-    fill(&etcd).await;
+    fill_incompressible(&mut etcd.client().await, FILL_MIB, 0x9E37_79B9_7F4A_7C15).await;
     let target: SocketAddr = etcd
         .client_url
         .trim_start_matches("http://")

@@ -8,31 +8,11 @@ use std::path::{Path, PathBuf};
 
 use etcd_backup_proto::Manifest;
 use etcd_backup_tests::agent::{backup, AgentConfig};
-use etcd_backup_tests::etcd::EtcdServer;
+use etcd_backup_tests::etcd::{fill_incompressible, EtcdServer};
 use etcd_backup_tests::fixtures::kubeadm_tree;
 use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
 use etcd_backup_tests::tmpfs::{pages, Tmpfs, PAGE};
 use etcd_backup_tests::{complete_sets, files_below};
-
-/// Fills etcd with about `mib` MiB of values that do not compress.
-async fn fill(etcd: &EtcdServer, mib: usize) {
-    let mut client = etcd.client().await;
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    for i in 0..mib * 16 {
-        let value: String = (0..64 * 1024)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                char::from(b'a' + (x % 26) as u8)
-            })
-            .collect();
-        client
-            .put(format!("/registry/secrets/default/s{i:04}"), value, None)
-            .await
-            .expect("put");
-    }
-}
 
 /// Where the run fails.
 #[derive(Clone, Copy, Debug)]
@@ -169,7 +149,7 @@ struct Fixture {
 
 async fn fixture() -> Fixture {
     let etcd = EtcdServer::start();
-    fill(&etcd, 2).await;
+    fill_incompressible(&mut etcd.client().await, 2, 0x9E37_79B9_7F4A_7C15).await;
     let work = tempfile::tempdir().unwrap();
     let root = work.path().join("k8s");
     kubeadm_tree(&root);

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use etcd_backup_tests::agent::{agent_bin, run_agent, AgentConfig};
-use etcd_backup_tests::etcd::{restore_and_start, EtcdServer};
+use etcd_backup_tests::etcd::{fill_incompressible, restore_and_start, EtcdServer};
 use etcd_backup_tests::relay::{Relay, RelayOptions, Shape};
 use etcd_backup_tests::{complete_sets, files_below, wait_for};
 use sha2::{Digest, Sha256};
@@ -25,25 +25,6 @@ const FILL_MIB: usize = 16;
 
 /// The relay's cap, etcd to agent.
 const RATE: u64 = 4 << 20;
-
-async fn fill(etcd: &EtcdServer) {
-    let mut client = etcd.client().await;
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    for i in 0..FILL_MIB * 16 {
-        let value: String = (0..64 * 1024)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                char::from(b'a' + (x % 26) as u8)
-            })
-            .collect();
-        client
-            .put(format!("/registry/secrets/default/s{i:04}"), value, None)
-            .await
-            .expect("put");
-    }
-}
 
 /// Every key with the SHA-256 of its value, read one key at a time (the
 /// values add up to more than one gRPC message may carry).
@@ -147,7 +128,7 @@ struct Fixture {
 
 async fn fixture() -> Fixture {
     let etcd = EtcdServer::start();
-    fill(&etcd).await;
+    fill_incompressible(&mut etcd.client().await, FILL_MIB, 0x2545_F491_4F6C_DD1D).await;
     let relay = capped_relay(&etcd);
     let work = tempfile::tempdir().unwrap();
     let dest = work.path().join("dest");
