@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::{free_port, require_tool, wait_for};
+use crate::agent::AgentRun;
+use crate::{files_below, free_port, require_tool, wait_for};
 
 /// The dedicated local account for password authentication. `scripts/test`
 /// creates it when missing (`useradd` + `chpasswd`).
@@ -654,6 +655,38 @@ fn fingerprint_of_file(public: &Path) -> String {
         .find(|f| f.starts_with("SHA256:"))
         .unwrap_or_else(|| panic!("no SHA256 fingerprint in {text:?}"))
         .to_string()
+}
+
+/// Asserts that `run` was refused before authenticating to `sshd`: exit 1,
+/// the message names host and port and `wanted`, nothing reached the server,
+/// sshd saw no login attempt, and the failure was not retried.
+pub fn assert_refused_before_login(run: &AgentRun, sshd: &SshServer, wanted: &str) {
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains(&format!("127.0.0.1:{}", sshd.port)),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(wanted),
+        "{wanted:?} not in:\n{}",
+        run.stderr
+    );
+    assert!(
+        files_below(&sshd.sftp_root).is_empty(),
+        "{:?}",
+        files_below(&sshd.sftp_root)
+    );
+    let log = sshd.log();
+    assert!(
+        !log.contains("Accepted") && !log.contains("Failed"),
+        "the client tried to log in:\n{log}"
+    );
+    assert!(
+        run.elapsed < Duration::from_secs(4),
+        "a host-key failure was retried: {:?}",
+        run.elapsed
+    );
 }
 
 /// The `SSH-2.0-...` line a server sends first, if it sends one within 2 s.

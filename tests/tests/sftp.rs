@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use etcd_backup_proto::{FileKind, Manifest};
 use etcd_backup_tests::agent::{agent_bin, backup, AgentConfig};
 use etcd_backup_tests::etcd::{dump, restore_and_start, write_history, EtcdServer};
-use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
+use etcd_backup_tests::sshd::{
+    assert_refused_before_login, ClientKey, KeyKind, SshOptions, SshServer,
+};
 use etcd_backup_tests::{complete_sets, files_below, wait_for};
 
 /// How the agent is told to trust the server.
@@ -299,37 +301,6 @@ fn hashed_known_hosts_and_a_pinned_fingerprint_are_trusted() {
     assert_eq!(complete_sets(&backups(&sshd)).len(), 2);
 }
 
-/// Refused before authenticating: the message names host and port, nothing
-/// reached the server, sshd saw no login attempt, and it is not retried.
-fn assert_refused(run: &etcd_backup_tests::agent::AgentRun, sshd: &SshServer, wanted: &str) {
-    run.assert_code(1);
-    assert!(
-        run.stderr.contains(&format!("127.0.0.1:{}", sshd.port)),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        run.stderr.contains(wanted),
-        "{wanted:?} not in:\n{}",
-        run.stderr
-    );
-    assert!(
-        files_below(&sshd.sftp_root).is_empty(),
-        "{:?}",
-        files_below(&sshd.sftp_root)
-    );
-    let log = sshd.log();
-    assert!(
-        !log.contains("Accepted") && !log.contains("Failed"),
-        "the client tried to log in:\n{log}"
-    );
-    assert!(
-        run.elapsed < Duration::from_secs(4),
-        "a host-key failure was retried: {:?}",
-        run.elapsed
-    );
-}
-
 #[test]
 fn unknown_host_key_is_refused_before_logging_in() {
     let etcd = EtcdServer::start();
@@ -346,7 +317,7 @@ fn unknown_host_key_is_refused_before_logging_in() {
     );
     cfg.retry_attempts = 3;
     cfg.retry_initial_delay = "5s".into();
-    assert_refused(&backup(&s.write(&cfg)), &sshd, "is not in");
+    assert_refused_before_login(&backup(&s.write(&cfg)), &sshd, "is not in");
 }
 
 #[test]
@@ -366,7 +337,7 @@ fn changed_host_key_is_refused_before_logging_in() {
     );
     cfg.retry_attempts = 3;
     cfg.retry_initial_delay = "5s".into();
-    assert_refused(&backup(&s.write(&cfg)), &sshd, "does not match");
+    assert_refused_before_login(&backup(&s.write(&cfg)), &sshd, "does not match");
 
     let wrong_fp = etcd_backup_agent::known_hosts::sha256_fingerprint(b"not the server's key");
     let mut cfg = s.config(
@@ -377,7 +348,7 @@ fn changed_host_key_is_refused_before_logging_in() {
     );
     cfg.retry_attempts = 3;
     let run = backup(&s.write(&cfg));
-    assert_refused(&run, &sshd, &wrong_fp);
+    assert_refused_before_login(&run, &sshd, &wrong_fp);
     assert!(run.stderr.contains(&sshd.fingerprint()), "{}", run.stderr);
 }
 

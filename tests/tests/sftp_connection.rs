@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use etcd_backup_tests::agent::{agent_bin, backup, AgentConfig, AgentRun};
+use etcd_backup_tests::agent::{agent_bin, backup, AgentConfig};
 use etcd_backup_tests::etcd::EtcdServer;
-use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
+use etcd_backup_tests::sshd::{
+    assert_refused_before_login, ClientKey, KeyKind, SshOptions, SshServer,
+};
 use etcd_backup_tests::{complete_sets, files_below, wait_for};
 
 const ALL_KINDS: [KeyKind; 3] = [KeyKind::Ed25519, KeyKind::Rsa, KeyKind::Ecdsa];
@@ -140,38 +142,6 @@ fn each_host_key_of_a_multi_key_server_is_trusted_alone_in_known_hosts_or_as_a_p
     assert!(!sshd.log().contains("Failed"), "{}", sshd.log());
 }
 
-/// Refused before authenticating: the message names host and port and
-/// `wanted`, nothing reached the server, sshd saw no login attempt, and it
-/// is not retried.
-fn assert_refused(run: &AgentRun, sshd: &SshServer, wanted: &str) {
-    run.assert_code(1);
-    assert!(
-        run.stderr.contains(&format!("127.0.0.1:{}", sshd.port)),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        run.stderr.contains(wanted),
-        "{wanted:?} not in:\n{}",
-        run.stderr
-    );
-    assert!(
-        files_below(&sshd.sftp_root).is_empty(),
-        "{:?}",
-        files_below(&sshd.sftp_root)
-    );
-    let log = sshd.log();
-    assert!(
-        !log.contains("Accepted") && !log.contains("Failed"),
-        "the client tried to log in:\n{log}"
-    );
-    assert!(
-        run.elapsed < Duration::from_secs(4),
-        "a host-key failure was retried: {:?}",
-        run.elapsed
-    );
-}
-
 #[test]
 fn a_key_the_multi_key_server_does_not_hold_is_refused_whatever_its_type() {
     let etcd = EtcdServer::start();
@@ -194,7 +164,7 @@ fn a_key_the_multi_key_server_does_not_hold_is_refused_whatever_its_type() {
             "[127.0.0.1]:{} {}\n",
             sshd.port, impostor.public_line
         ));
-        assert_refused(&backup(&config(&s, trust)), &sshd, "does not match");
+        assert_refused_before_login(&backup(&config(&s, trust)), &sshd, "does not match");
     }
 
     // A type the server has no key of: it presents its preferred one, which
@@ -214,7 +184,7 @@ fn a_key_the_multi_key_server_does_not_hold_is_refused_whatever_its_type() {
     };
     assert!(p384.starts_with("ecdsa-sha2-nistp384 "), "{p384}");
     let trust = Trust::KnownHosts(format!("[127.0.0.1]:{} {}", sshd.port, p384.trim()));
-    assert_refused(
+    assert_refused_before_login(
         &backup(&config(&s, trust)),
         &sshd,
         "is of a type not listed in",
@@ -225,7 +195,7 @@ fn a_key_the_multi_key_server_does_not_hold_is_refused_whatever_its_type() {
     let s = Setup::new();
     let wrong = etcd_backup_agent::known_hosts::sha256_fingerprint(b"not the server's key");
     let run = backup(&config(&s, Trust::Fingerprint(wrong.clone())));
-    assert_refused(&run, &sshd, &wrong);
+    assert_refused_before_login(&run, &sshd, &wrong);
     for kind in ALL_KINDS {
         let presented = format!("{} {}", kind.key_type(), sshd.fingerprint_of(kind));
         assert!(
