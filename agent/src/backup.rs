@@ -27,11 +27,12 @@ use etcd_backup_proto::{
 
 use crate::config::Config;
 use crate::destination::{Destination, DestinationError, Durability, Upload};
-use crate::encryption::{SealingUpload, AGE_SUFFIX};
+use crate::encryption::AGE_SUFFIX;
 use crate::etcd::{
     EtcdError, EtcdMember, MemberInfo, SnapshotSource, SnapshotVerifier, VerifyError,
 };
 use crate::resources::{self, ResourcesError};
+use crate::sealing::SealingUpload;
 
 /// Snapshot bytes gathered before each destination write.
 const WRITE_BATCH: usize = 1 << 20;

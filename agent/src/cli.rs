@@ -8,12 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::commands::{Output, EXIT_FAILURE, EXIT_USAGE};
 use crate::config::{Config, ConfigError, Environment, LogConfig, LogFormat};
-
-/// Exit code for a failed operation.
-pub const EXIT_FAILURE: u8 = 1;
-/// Exit code for a usage or configuration error.
-pub const EXIT_USAGE: u8 = 2;
 
 /// Verified etcd snapshots and static-pod resources, stored as atomic backup sets.
 #[derive(Debug, Parser)]
@@ -195,15 +191,6 @@ impl IdentityOpts {
             passphrase_file: self.identity_passphrase_file,
         }
     }
-}
-
-/// Output format of `list`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
-    /// Aligned columns for people.
-    Table,
-    /// JSON for programs.
-    Json,
 }
 
 /// Parses the command line, runs the command and returns its exit code.
@@ -454,7 +441,7 @@ async fn trigger(config: &Config, wait: bool) -> ExitCode {
         Err(e) => {
             eprintln!(
                 "error: no answer from the agent at {addr} (http.listen): {}; is `etcd-backup-agent run` running on this node?",
-                crate::etcd::chain(&e)
+                crate::error_chain::chain(&e)
             );
             return ExitCode::from(EXIT_FAILURE);
         }

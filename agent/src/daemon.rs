@@ -289,7 +289,7 @@ pub async fn run_on(
                         let (config, metrics, busy) = (config.clone(), metrics.clone(), busy.clone());
                         drill_tasks.spawn(
                             async move {
-                                let identities = match crate::ops::config_identities(&config) {
+                                let identities = match crate::restore::config_identities(&config) {
                                     Ok(i) => i,
                                     Err(e) => {
                                         tracing::error!(error = %e, "restore drill failed");

@@ -7,6 +7,8 @@
 //!   digest check ([`etcd::SnapshotVerifier`]).
 //! - [`resources`]: which static-pod files to bundle, and the streamed tar.gz.
 //! - [`destination`]: where sets are stored, one trait; a local directory, SFTP.
+//! - [`encryption`]: age keys: recipients parsed from the config, identities to
+//!   read sets back with; [`sealing`] encrypts an upload as it streams.
 //! - [`known_hosts`]: whether an SFTP server's host key is trusted (OpenSSH
 //!   known_hosts rules, or a pinned fingerprint).
 //! - [`backup`]: one run, the set protocol (partial names, rename, manifest last),
@@ -24,20 +26,26 @@
 //! - [`verify`]: streaming a set back against its manifest (`verify`, `fetch`).
 //! - [`prune`]: applying retention to a destination, deleting only names the
 //!   agent writes (manifest renamed away first).
+//! - [`commands`]: what the command-line verbs share (exit codes, output formats).
 //! - [`ops`]: the operator commands on stored sets (`list`, `verify`, `fetch`, `prune`).
 //! - [`restore`]: the platform's restore tool on a verified snapshot; the drill member.
 //! - [`snapshot_status`]: what `etcdctl snapshot status` reports, read from the
 //!   snapshot's bbolt file (or computed as it streams), without etcd's tools.
-//! - [`cli`]: the command line, exit codes and logging set-up; `main.rs` only calls it.
+//! - [`cli`]: the command line and logging set-up; `main.rs` only calls it.
+//! - [`error_chain`]: an error and its causes on one line (imports nothing of the agent).
+//!
+//! Modules import downwards only, never in a cycle; `tests/layers.rs` checks it.
 
 pub mod backup;
 pub mod catalog;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod coordination;
 pub mod daemon;
 pub mod destination;
 pub mod encryption;
+pub mod error_chain;
 pub mod etcd;
 pub mod http;
 pub mod known_hosts;
@@ -49,5 +57,6 @@ pub mod restore;
 pub mod retention;
 pub mod runner;
 pub mod schedule;
+pub mod sealing;
 pub mod snapshot_status;
 pub mod verify;

@@ -9,10 +9,10 @@ use std::sync::Mutex;
 use etcd_backup_proto::api::{LeftoverKind, SetList};
 
 use crate::catalog::{self, CatalogSet};
-use crate::cli::{Output, EXIT_FAILURE, EXIT_USAGE};
+use crate::commands::{Output, EXIT_FAILURE, EXIT_USAGE};
 use crate::config::Config;
 use crate::destination::{self, Destination};
-use crate::encryption::{load_identities, Identities, IdentityError};
+use crate::encryption::{load_identities, Identities};
 use crate::verify::{self, FileReport};
 
 /// Sizes for people: 1.1 GiB, 4.2 KiB.
@@ -196,26 +196,11 @@ pub struct IdentityArgs {
     pub passphrase_file: Option<PathBuf>,
 }
 
-/// The identities of `encryption.identity_file`, if configured.
-///
-/// # Errors
-/// The file cannot be read or holds no usable key.
-pub fn config_identities(config: &Config) -> Result<Option<Identities>, IdentityError> {
-    match config
-        .encryption
-        .as_ref()
-        .and_then(|e| e.identity_file.as_ref())
-    {
-        Some(path) => load_identities(path, None).map(Some),
-        None => Ok(None),
-    }
-}
-
 /// Loads the identities to decrypt with, if any were given or configured.
 fn identities(config: &Config, args: &IdentityArgs) -> Result<Option<Identities>, ExitCode> {
     let result = match &args.identity {
         Some(path) => load_identities(path, args.passphrase_file.as_deref()).map(Some),
-        None => config_identities(config),
+        None => crate::restore::config_identities(config),
     };
     result.map_err(|e| {
         eprintln!("error: {e}");

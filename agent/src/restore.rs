@@ -327,6 +327,23 @@ pub struct DrillOutcome {
     pub problems: Vec<String>,
 }
 
+/// The identities of `encryption.identity_file`, if configured.
+///
+/// # Errors
+/// The file cannot be read or holds no usable key.
+pub fn config_identities(
+    config: &crate::config::Config,
+) -> Result<Option<crate::encryption::Identities>, crate::encryption::IdentityError> {
+    match config
+        .encryption
+        .as_ref()
+        .and_then(|e| e.identity_file.as_ref())
+    {
+        Some(path) => crate::encryption::load_identities(path, None).map(Some),
+        None => Ok(None),
+    }
+}
+
 /// Fetches and verifies `wanted`, restores it into a temporary data dir,
 /// starts a throwaway member on loopback, and compares what it serves with
 /// the manifest. Everything is removed afterwards.

@@ -776,7 +776,7 @@ impl SftpDir {
 }
 
 fn russh_error_text(e: &russh::Error) -> String {
-    crate::etcd::chain(e)
+    crate::error_chain::chain(e)
 }
 
 /// The error for an SFTP request that got no answer within `io_timeout`,
