@@ -185,8 +185,8 @@ pub struct IdentityOpts {
 }
 
 impl IdentityOpts {
-    fn args(self) -> crate::ops::IdentityArgs {
-        crate::ops::IdentityArgs {
+    fn args(self) -> crate::commands::IdentityArgs {
+        crate::commands::IdentityArgs {
             identity: self.identity,
             passphrase_file: self.identity_passphrase_file,
         }
@@ -234,7 +234,7 @@ pub fn main() -> ExitCode {
             } else {
                 Some(node.unwrap_or_else(|| c.node_name.clone()))
             };
-            crate::ops::list(&c, node.as_deref(), include_partial, output).await
+            crate::commands::list::list(&c, node.as_deref(), include_partial, output).await
         }),
         Command::Verify {
             config,
@@ -243,7 +243,7 @@ pub fn main() -> ExitCode {
             identity,
         } => with_config(&config, |c| async move {
             let node = node.unwrap_or_else(|| c.node_name.clone());
-            crate::ops::verify(&c, &node, &set, &identity.args()).await
+            crate::commands::verify::verify(&c, &node, &set, &identity.args()).await
         }),
         Command::Fetch {
             config,
@@ -255,12 +255,12 @@ pub fn main() -> ExitCode {
             identity,
         } => with_config(&config, |c| async move {
             let node = node.unwrap_or_else(|| c.node_name.clone());
-            let args = crate::ops::FetchArgs {
+            let args = crate::commands::fetch::FetchArgs {
                 to,
                 force,
                 snapshot_only,
             };
-            crate::ops::fetch(&c, &node, &set, &args, &identity.args()).await
+            crate::commands::fetch::fetch(&c, &node, &set, &args, &identity.args()).await
         }),
         Command::Prune {
             config,
@@ -268,7 +268,7 @@ pub fn main() -> ExitCode {
             node,
         } => with_config(&config, |c| async move {
             let node = node.unwrap_or_else(|| c.node_name.clone());
-            crate::ops::prune(&c, &node, dry_run).await
+            crate::commands::prune::prune(&c, &node, dry_run).await
         }),
         Command::Restore {
             config,
@@ -291,10 +291,12 @@ pub fn main() -> ExitCode {
                 initial_cluster_token,
             };
             let source = match snapshot {
-                Some(file) => crate::ops::SnapshotSourceArg::File(file),
-                None => crate::ops::SnapshotSourceArg::Set(set.unwrap_or_else(|| "latest".into())),
+                Some(file) => crate::commands::restore::SnapshotSourceArg::File(file),
+                None => crate::commands::restore::SnapshotSourceArg::Set(
+                    set.unwrap_or_else(|| "latest".into()),
+                ),
             };
-            crate::ops::restore(&c, &node, source, &target, &identity.args()).await
+            crate::commands::restore::restore(&c, &node, source, &target, &identity.args()).await
         }),
         Command::Drill {
             config,
@@ -304,11 +306,11 @@ pub fn main() -> ExitCode {
         } => with_config(&config, |c| async move {
             let node = node.unwrap_or_else(|| c.node_name.clone());
             let wanted = set.as_deref().unwrap_or("latest");
-            crate::ops::drill(&c, &node, wanted, &identity.args()).await
+            crate::commands::restore::drill(&c, &node, wanted, &identity.args()).await
         }),
-        Command::Trigger { config, no_wait } => {
-            with_config(&config, |c| async move { trigger(&c, !no_wait).await })
-        }
+        Command::Trigger { config, no_wait } => with_config(&config, |c| async move {
+            crate::commands::backup::trigger(&c, !no_wait).await
+        }),
         Command::Run { config } => with_config(&config, |c| async move {
             if c.daemon.schedule.is_none() {
                 eprintln!("error: {}", crate::daemon::DaemonError::NoSchedule);
@@ -323,9 +325,9 @@ pub fn main() -> ExitCode {
                 }
             }
         }),
-        Command::Backup { config } => {
-            with_config(&config, |c| async move { backup_once(&c).await })
-        }
+        Command::Backup { config } => with_config(&config, |c| async move {
+            crate::commands::backup::backup(&c).await
+        }),
     }
 }
 
@@ -362,103 +364,6 @@ pub fn init_logging(log: &LogConfig) {
     };
     // Already initialised (tests calling twice) is fine.
     let _ = result;
-}
-
-async fn backup_once(config: &Config) -> ExitCode {
-    // Ctrl-C or SIGTERM stops the run and removes what it wrote.
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let watcher = {
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            crate::daemon::shutdown_signal().await;
-            tracing::warn!("signal received; cancelling the backup");
-            cancel.cancel();
-        })
-    };
-    let outcome = crate::backup::run_with_retries(config, &cancel).await;
-    watcher.abort();
-    if outcome.result.is_ok() {
-        if let Err(e) = crate::prune::after_backup(config).await {
-            // The backup itself is complete; say so, but do not hide this.
-            eprintln!("warning: the backup succeeded, but applying retention failed: {e}");
-        }
-    }
-    match outcome.result {
-        Ok(report) => {
-            let m = &report.manifest;
-            println!("backup set {} complete", report.location);
-            for f in &m.files {
-                println!("  {:<48} {:>14} bytes  sha256:{}", f.name, f.size, f.sha256);
-            }
-            println!(
-                "  etcd {} member {} (cluster {}), revision {}",
-                m.etcd.version, m.etcd.member_id, m.etcd.cluster_id, m.etcd.revision
-            );
-            if let Some(enc) = &m.encryption {
-                println!(
-                    "  encrypted with {} to {} recipient(s); decrypt with --identity, or age -d",
-                    enc.scheme,
-                    enc.recipients.len()
-                );
-            }
-            if !m.durable {
-                println!(
-                    "  not durable: the server could not sync the files (no fsync@openssh.com; destination.sftp.require_fsync is false)"
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
-    }
-}
-
-/// `trigger`: POST /v1/backups to the agent on this node.
-async fn trigger(config: &Config, wait: bool) -> ExitCode {
-    let mut addr = config.daemon.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    let url = format!(
-        "http://{addr}/v1/backups{}",
-        if wait { "?wait=true" } else { "" }
-    );
-    let client = reqwest::Client::new();
-    let mut request = client.post(&url);
-    if let Some(path) = &config.daemon.token_file {
-        match std::fs::read_to_string(path) {
-            Ok(t) => request = request.bearer_auth(t.trim()),
-            Err(e) => {
-                eprintln!("error: cannot read http.token_file {}: {e}", path.display());
-                return ExitCode::from(EXIT_FAILURE);
-            }
-        }
-    }
-    let response = match request.send().await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!(
-                "error: no answer from the agent at {addr} (http.listen): {}; is `etcd-backup-agent run` running on this node?",
-                crate::error_chain::chain(&e)
-            );
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    let status = response.status();
-    let body = response.text().await.unwrap_or_default();
-    let pretty = serde_json::from_str::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| serde_json::to_string_pretty(&v).ok())
-        .unwrap_or(body);
-    if status.is_success() {
-        println!("{pretty}");
-        ExitCode::SUCCESS
-    } else {
-        eprintln!("error: the agent answered {status}:\n{pretty}");
-        ExitCode::from(EXIT_FAILURE)
-    }
 }
 
 /// Loads the config, sets up logging and a one-thread runtime, and runs `f`.

@@ -253,7 +253,7 @@ pub struct Config {
     /// What the daemon (`run`) needs beyond a single backup.
     pub daemon: DaemonConfig,
     /// Which sets `prune` (and the daemon after each success) removes.
-    pub retention: crate::retention::RetentionPolicy,
+    pub retention: crate::policy::retention::RetentionPolicy,
     /// `encryption`: when set, data files are stored age-encrypted.
     pub encryption: Option<crate::encryption::EncryptionConfig>,
 }
@@ -262,7 +262,7 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
     /// `schedule` in `timezone`; required by `run`, unused by `backup`.
-    pub schedule: Option<crate::schedule::Schedule>,
+    pub schedule: Option<crate::policy::schedule::Schedule>,
     /// `jitter`: random delay added to each scheduled start.
     pub jitter: Duration,
     /// `run_on_start`.
@@ -283,7 +283,7 @@ pub struct DaemonConfig {
     /// `shutdown_grace`: how long a run in progress may take after SIGTERM.
     pub shutdown_grace: Duration,
     /// `drill_schedule` (in `timezone`): when the daemon drills the newest set.
-    pub drill_schedule: Option<crate::schedule::Schedule>,
+    pub drill_schedule: Option<crate::policy::schedule::Schedule>,
 }
 
 /// `run_on_start`: whether the daemon backs up right after it starts.
@@ -574,9 +574,9 @@ impl Config {
         let retention = v.retention(raw.retention.unwrap_or_default());
         let encryption = raw.encryption.and_then(|e| v.encryption(e));
         let drill_schedule = raw.drill_schedule.and_then(|expr| {
-            match crate::schedule::Schedule::parse(&expr, raw.timezone.as_deref()) {
+            match crate::policy::schedule::Schedule::parse(&expr, raw.timezone.as_deref()) {
                 Ok(s) => Some(s),
-                Err(crate::schedule::ScheduleError::TimeZone { .. }) => None, // reported for `schedule`
+                Err(crate::policy::schedule::ScheduleError::TimeZone { .. }) => None, // reported for `schedule`
                 Err(e) => {
                     v.error("drill_schedule", e.to_string());
                     None
@@ -1130,14 +1130,15 @@ impl Validator {
             }
         }
         let schedule = schedule.and_then(|expr| {
-            match crate::schedule::Schedule::parse(&expr, timezone.as_deref()) {
+            match crate::policy::schedule::Schedule::parse(&expr, timezone.as_deref()) {
                 Ok(s) => Some(s),
                 Err(e) => {
-                    let field = if matches!(e, crate::schedule::ScheduleError::TimeZone { .. }) {
-                        "timezone"
-                    } else {
-                        "schedule"
-                    };
+                    let field =
+                        if matches!(e, crate::policy::schedule::ScheduleError::TimeZone { .. }) {
+                            "timezone"
+                        } else {
+                            "schedule"
+                        };
                     self.error(field, e.to_string());
                     None
                 }
@@ -1342,8 +1343,8 @@ impl Validator {
         }
     }
 
-    fn retention(&mut self, raw: RawRetention) -> crate::retention::RetentionPolicy {
-        use crate::retention::{parse_duration, RetentionPolicy};
+    fn retention(&mut self, raw: RawRetention) -> crate::policy::retention::RetentionPolicy {
+        use crate::policy::retention::{parse_duration, RetentionPolicy};
         let mut duration = |field: &'static str, text: Option<String>| match text {
             None => None,
             Some(t) => match parse_duration(field, t.trim()) {
@@ -1363,7 +1364,8 @@ impl Validator {
             keep_weekly: raw.keep_weekly,
             keep_monthly: raw.keep_monthly,
             max_age,
-            stale_partial_after: stale.unwrap_or(crate::retention::DEFAULT_STALE_PARTIAL_AFTER),
+            stale_partial_after: stale
+                .unwrap_or(crate::policy::retention::DEFAULT_STALE_PARTIAL_AFTER),
         };
         match policy.clone().validated() {
             Ok(p) => p,

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
-use crate::destination::{DestinationError, Upload};
 use crate::encryption::EncryptionConfig;
+use crate::store::destination::{DestinationError, Upload};
 
 /// A `Write` whose bytes are taken out after each write.
 #[derive(Clone, Default)]
@@ -219,7 +219,7 @@ mod tests {
 
     #[tokio::test]
     async fn sealed_uploads_decrypt_to_the_bytes_written_and_hash_what_is_stored() {
-        use crate::destination::{Destination, LocalDir};
+        use crate::store::destination::{Destination, LocalDir};
         let dir = tempfile::tempdir().unwrap();
         let dest = LocalDir::open(dir.path()).await.unwrap();
         let id = age::x25519::Identity::generate();

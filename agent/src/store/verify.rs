@@ -12,10 +12,10 @@ use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
 use etcd_backup_proto::{FileKind, ManifestFile};
 
-use crate::catalog::CatalogSet;
-use crate::destination::{Destination, DestinationError};
 use crate::encryption::Identities;
-use crate::etcd::SnapshotVerifier;
+use crate::source::etcd::SnapshotVerifier;
+use crate::store::catalog::CatalogSet;
+use crate::store::destination::{Destination, DestinationError};
 
 /// What was found for one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -587,15 +587,19 @@ pub async fn fetch_set(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::destination::LocalDir;
+    use crate::store::destination::LocalDir;
 
     #[tokio::test]
     async fn fetch_refuses_a_manifest_name_outside_the_naming_scheme_before_touching_a_file() {
         let tmp = tempfile::tempdir().unwrap();
         let store = tmp.path().join("store");
-        crate::catalog::test_sets::write_set(&store, "2026-01-01_000000");
+        crate::store::catalog::test_sets::write_set(&store, "2026-01-01_000000");
         let dest = LocalDir::open(&store).await.unwrap();
-        let good = crate::catalog::scan(&dest, "c", None).await.unwrap().sets[0].clone();
+        let good = crate::store::catalog::scan(&dest, "c", None)
+            .await
+            .unwrap()
+            .sets[0]
+            .clone();
         let out = tmp.path().join("out");
         std::fs::create_dir(&out).unwrap();
         std::fs::write(tmp.path().join("victim"), b"keep").unwrap();

@@ -29,8 +29,8 @@ use tokio::time::Instant;
 
 use etcd_backup_proto::api::{ErrorResponse, Readiness, RunList, RunRecord, RunState, Trigger};
 
-use crate::metrics::Metrics;
-use crate::runner::{RunHandle, Runner, StartError};
+use crate::daemon::metrics::Metrics;
+use crate::daemon::runner::{RunHandle, Runner, StartError};
 
 /// Largest request body accepted (the API takes none; this bounds abuse).
 pub const MAX_BODY: usize = 4096;

@@ -17,7 +17,7 @@ use etcd_backup_proto::{
     Manifest, SetId, SetTimestamp, MANIFEST_FILE_NAME, MANIFEST_FORMAT_VERSION,
 };
 
-use crate::destination::{Destination, DestinationError, DirEntry};
+use crate::store::destination::{Destination, DestinationError, DirEntry};
 
 /// Largest manifest read; a real one is about 1 KiB.
 const MAX_MANIFEST: u64 = 1 << 20;
@@ -579,7 +579,7 @@ pub(crate) mod test_sets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::destination::LocalDir;
+    use crate::store::destination::LocalDir;
 
     #[tokio::test]
     async fn a_set_whose_stored_size_differs_from_its_manifest_is_not_complete() {

@@ -1,13 +1,21 @@
-//! `etcd-backup-agent run`: the DaemonSet's process. Wires the scheduler, the
-//! HTTP endpoint, readiness probing and shutdown together.
+//! `etcd-backup-agent run`, the DaemonSet's process: the run loop in this file
+//! wires the [`runner`] (one backup at a time), the scheduler, [`coordination`]
+//! (does this member lead?), the [`http`] API with readiness, [`metrics`] and
+//! shutdown together. It may import `backup`, `restore`, `store`, `source`,
+//! `config`, `policy` and below; never the commands.
 //!
 //! With `coordination: leader`, a scheduled start (and the start-up run,
 //! which is scheduled work too) first asks the local etcd member whether it
-//! leads ([`crate::coordination`]); HTTP-triggered runs never ask.
+//! leads ([`crate::daemon::coordination`]); HTTP-triggered runs never ask.
 //!
 //! Shutdown: SIGTERM or SIGINT stops the scheduler and makes `POST` answer
 //! 503; a run in progress gets `shutdown_grace` to finish, then is cancelled
 //! (it removes what it wrote); then the HTTP server stops and the process exits 0.
+
+pub mod coordination;
+pub mod http;
+pub mod metrics;
+pub mod runner;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,15 +28,15 @@ use tracing::Instrument;
 
 use etcd_backup_proto::api::Trigger;
 
-use crate::catalog::CatalogError;
 use crate::config::{Config, Coordination, RunOnStart};
-use crate::coordination::{member_hex, Leadership};
-use crate::destination;
-use crate::etcd::{EtcdMember, SnapshotSource};
-use crate::http::{self, AppState, ReadyFlags};
-use crate::metrics::{Metrics, SkipReason};
-use crate::runner::{Runner, StartError};
-use crate::schedule::{run_scheduler, SystemClock};
+use crate::daemon::coordination::{member_hex, Leadership};
+use crate::daemon::http::{AppState, ReadyFlags};
+use crate::daemon::metrics::{Metrics, SkipReason};
+use crate::daemon::runner::{Runner, StartError};
+use crate::policy::schedule::{run_scheduler, SystemClock};
+use crate::source::etcd::{EtcdMember, SnapshotSource};
+use crate::store::catalog::CatalogError;
+use crate::store::destination;
 
 /// How often readiness re-asks etcd for its status.
 const PROBE_INTERVAL: Duration = Duration::from_secs(30);
@@ -415,7 +423,7 @@ pub fn fire_scheduled(runner: &Arc<Runner>, metrics: &Metrics, at: DateTime<Utc>
 /// be asked, the answer is yes: the run then fails at `connect` and is
 /// alerted on, rather than skipped silently.
 pub async fn leader_may_back_up(config: &Config, metrics: &Metrics, at: DateTime<Utc>) -> bool {
-    let leadership = crate::coordination::check(&config.etcd).await;
+    let leadership = crate::daemon::coordination::check(&config.etcd).await;
     match &leadership {
         Leadership::Leader { member_id } => tracing::info!(
             scheduled = %at,
@@ -473,7 +481,7 @@ async fn newest_finished(
     node: Option<&str>,
 ) -> Result<Option<DateTime<Utc>>, CatalogError> {
     let dest = destination::open(&config.destination).await?;
-    let cat = crate::catalog::scan(dest.as_ref(), &config.cluster_name, node).await?;
+    let cat = crate::store::catalog::scan(dest.as_ref(), &config.cluster_name, node).await?;
     Ok(finished_times(&cat).map(|(_, at)| at).max())
 }
 
@@ -489,14 +497,17 @@ async fn keep_catalog(
     stop: CancellationToken,
 ) {
     // Each rescan lists the sets of every node but reads only new manifests.
-    let mut cache = crate::catalog::ManifestCache::default();
+    let mut cache = crate::store::catalog::ManifestCache::default();
     loop {
         let scanned = match destination::open(&config.destination).await {
-            Ok(dest) => {
-                crate::catalog::scan_cached(dest.as_ref(), &config.cluster_name, None, &mut cache)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
+            Ok(dest) => crate::store::catalog::scan_cached(
+                dest.as_ref(),
+                &config.cluster_name,
+                None,
+                &mut cache,
+            )
+            .await
+            .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         match scanned {
@@ -504,7 +515,7 @@ async fn keep_catalog(
                 if let Some((node, at)) = cluster_newest(&cat) {
                     metrics.set_cluster_last_success(node, at);
                 }
-                let own: Vec<&crate::catalog::CatalogSet> = cat
+                let own: Vec<&crate::store::catalog::CatalogSet> = cat
                     .sets
                     .iter()
                     .filter(|s| s.id.node == config.node_name)
@@ -536,7 +547,7 @@ async fn keep_catalog(
 /// When each set finished, with its node: complete sets, and sets with a
 /// newer manifest format (a downgraded agent still has those backups).
 fn finished_times(
-    cat: &crate::catalog::Catalog,
+    cat: &crate::store::catalog::Catalog,
 ) -> impl Iterator<Item = (&str, DateTime<Utc>)> + '_ {
     cat.sets
         .iter()
@@ -549,7 +560,7 @@ fn finished_times(
 
 /// The set that finished last, of any node (ties: the later node name, so
 /// every agent picks the same one).
-fn cluster_newest(cat: &crate::catalog::Catalog) -> Option<(&str, DateTime<Utc>)> {
+fn cluster_newest(cat: &crate::store::catalog::Catalog) -> Option<(&str, DateTime<Utc>)> {
     finished_times(cat).max_by(|a, b| (a.1, a.0).cmp(&(b.1, b.0)))
 }
 
