@@ -491,7 +491,7 @@ impl<'a> Run<'a> {
         let mut verifier = SnapshotVerifier::new();
         // What `etcdctl snapshot status` would say, computed from the same
         // bytes as they pass, so no second read of the stored file is needed.
-        let mut status = crate::snapshot_status::StreamingStatus::new();
+        let mut status = etcd_backup_bbolt_status::StreamingStatus::new();
         // etcd sends 32 KiB messages; handing the destination larger writes
         // means fewer requests (and acknowledgements) on the way out.
         let mut batch = Vec::with_capacity(WRITE_BATCH);

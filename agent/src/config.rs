@@ -1044,13 +1044,15 @@ impl Validator {
                 self.readable_file("destination.sftp.known_hosts_file", &file);
                 Some(HostKeyCheck::KnownHosts(file))
             }
-            (None, Some(fp)) => match crate::known_hosts::parse_sha256_fingerprint(fp.trim()) {
-                Ok(fp) => Some(HostKeyCheck::Fingerprint(fp)),
-                Err(e) => {
-                    self.error("destination.sftp.host_key_fingerprint", e);
-                    None
+            (None, Some(fp)) => {
+                match etcd_backup_known_hosts::parse_sha256_fingerprint(fp.trim()) {
+                    Ok(fp) => Some(HostKeyCheck::Fingerprint(fp)),
+                    Err(e) => {
+                        self.error("destination.sftp.host_key_fingerprint", e);
+                        None
+                    }
                 }
-            },
+            }
         };
 
         let auth = match (raw.private_key_file, raw.password_file) {

@@ -30,10 +30,12 @@
 //! - [`encryption`]: age keys: recipients parsed from the config, identities to
 //!   read sets back with.
 //! - [`error_chain`]: an error and its causes on one line.
-//! - [`known_hosts`]: whether an SFTP server's host key is trusted (OpenSSH
-//!   known_hosts rules, or a pinned fingerprint).
-//! - [`snapshot_status`]: what `etcdctl snapshot status` reports, read from the
-//!   snapshot's bbolt file (or computed as it streams), without etcd's tools.
+//!
+//! Two parsers are crates of their own under `crates/`, with their tests and
+//! fixtures, depending on nothing of the agent: `etcd-backup-bbolt-status` (what
+//! `etcdctl snapshot status` reports, read from the snapshot's bbolt pages or
+//! computed as it streams) and `etcd-backup-known-hosts` (whether an SFTP
+//! server's host key is trusted, by OpenSSH's known_hosts rules).
 //!
 //! Imports go downwards only: cli → commands → daemon → backup/restore → store →
 //! source → config → policy/encryption → error_chain and the workspace crates;
@@ -46,9 +48,7 @@ pub mod config;
 pub mod daemon;
 pub mod encryption;
 pub mod error_chain;
-pub mod known_hosts;
 pub mod policy;
 pub mod restore;
-pub mod snapshot_status;
 pub mod source;
 pub mod store;

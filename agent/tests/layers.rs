@@ -30,8 +30,6 @@ const LAYERS: &[(&str, u8)] = &[
     ("policy", 1),
     ("encryption", 1),
     ("error_chain", 0),
-    ("known_hosts", 0),
-    ("snapshot_status", 0),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -251,4 +249,21 @@ fn the_check_fails_on_a_cycle_and_on_an_upward_import() {
         found.iter().any(|p| p.starts_with("import cycle:")),
         "{found:?}"
     );
+}
+
+#[test]
+fn the_workspace_crates_depend_on_nothing_of_the_agent() {
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&crates).unwrap() {
+        let manifest = entry.unwrap().path().join("Cargo.toml");
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        assert!(
+            !text.contains("etcd-backup-agent"),
+            "{} depends on the agent",
+            manifest.display()
+        );
+        seen += 1;
+    }
+    assert!(seen >= 2, "expected the crates under {}", crates.display());
 }

@@ -132,7 +132,7 @@ struct ContentChecks {
     sha: Sha256,
     size: u64,
     digest: Option<SnapshotVerifier>,
-    status: Option<crate::snapshot_status::StreamingStatus>,
+    status: Option<etcd_backup_bbolt_status::StreamingStatus>,
 }
 
 impl ContentChecks {
@@ -141,7 +141,8 @@ impl ContentChecks {
             sha: Sha256::new(),
             size: 0,
             digest: is_snapshot.then(SnapshotVerifier::new),
-            status: (is_snapshot && want_status).then(crate::snapshot_status::StreamingStatus::new),
+            status: (is_snapshot && want_status)
+                .then(etcd_backup_bbolt_status::StreamingStatus::new),
         }
     }
 

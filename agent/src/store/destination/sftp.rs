@@ -34,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use super::sftp_version::{Seen, Sniffer};
 use super::{components, DestinationError, DirEntry, Durability, Upload};
 use crate::config::{HostKeyCheck, SftpAuth, SftpConfig};
-use crate::known_hosts::{sha256_fingerprint, KnownHosts, Verdict};
+use etcd_backup_known_hosts::{sha256_fingerprint, KnownHosts, Verdict};
 
 /// SFTP write requests in flight at once. With [`WRITE_LEN`] that is 4 MiB
 /// unacknowledged, twice OpenSSH's 2 MiB session window: the server's window
