@@ -203,25 +203,13 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
         }
     };
-    match cli.command {
-        Command::CheckConfig { config } => match load(&config) {
-            Ok(c) => {
-                println!(
-                    "{}: valid (node {}, cluster {}, etcd {}, destination {}{})",
-                    config.display(),
-                    c.node_name,
-                    c.cluster_name,
-                    c.etcd.endpoints[0].as_str().trim_end_matches('/'),
-                    c.destination.describe(),
-                    c.encryption.as_ref().map_or(String::new(), |e| format!(
-                        ", encrypted with age to {} recipient(s)",
-                        e.recipients.len()
-                    ))
-                );
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
+    run(cli.command)
+}
+
+/// Runs one command; the exit code is the process's.
+fn run(command: Command) -> ExitCode {
+    match command {
+        Command::CheckConfig { config } => check_config(&config),
         Command::List {
             config,
             node,
@@ -311,23 +299,48 @@ pub fn main() -> ExitCode {
         Command::Trigger { config, no_wait } => with_config(&config, |c| async move {
             crate::commands::backup::trigger(&c, !no_wait).await
         }),
-        Command::Run { config } => with_config(&config, |c| async move {
-            if c.daemon.schedule.is_none() {
-                eprintln!("error: {}", crate::daemon::DaemonError::NoSchedule);
-                return ExitCode::from(EXIT_USAGE);
-            }
-            match crate::daemon::run(c).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "daemon failed");
-                    eprintln!("error: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
-        }),
+        Command::Run { config } => with_config(&config, run_daemon),
         Command::Backup { config } => with_config(&config, |c| async move {
             crate::commands::backup::backup(&c).await
         }),
+    }
+}
+
+/// `check-config`: the config validated completely, summed up on one line.
+fn check_config(config: &std::path::Path) -> ExitCode {
+    match load(config) {
+        Ok(c) => {
+            println!(
+                "{}: valid (node {}, cluster {}, etcd {}, destination {}{})",
+                config.display(),
+                c.node_name,
+                c.cluster_name,
+                c.etcd.endpoints[0].as_str().trim_end_matches('/'),
+                c.destination.describe(),
+                c.encryption.as_ref().map_or(String::new(), |e| format!(
+                    ", encrypted with age to {} recipient(s)",
+                    e.recipients.len()
+                ))
+            );
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// `run`: the daemon, until SIGTERM or SIGINT.
+async fn run_daemon(c: Config) -> ExitCode {
+    if c.daemon.schedule.is_none() {
+        eprintln!("error: {}", crate::daemon::DaemonError::NoSchedule);
+        return ExitCode::from(EXIT_USAGE);
+    }
+    match crate::daemon::run(c).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "daemon failed");
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }
 

@@ -12,6 +12,34 @@ impl Validator {
         http: RawHttp,
         shutdown_grace: Option<String>,
     ) -> DaemonConfig {
+        let (schedule, jitter) = self.schedule_and_jitter(schedule, timezone, jitter);
+        let run_on_start = self.run_on_start(run_on_start);
+        let (listen, metrics_listen) = self.listeners(&http);
+        let trigger_min_interval = self.token_and_trigger_interval(&http);
+        let shutdown_grace =
+            self.duration("shutdown_grace", shutdown_grace, defaults::SHUTDOWN_GRACE);
+        DaemonConfig {
+            schedule,
+            jitter,
+            run_on_start,
+            coordination: Coordination::PerNode,
+            listen,
+            token_file: http.token_file,
+            metrics_listen,
+            trigger_min_interval,
+            shutdown_grace,
+            drill_schedule: None,
+        }
+    }
+
+    /// `schedule`, `timezone` and `jitter`: the cron in its zone, and a jitter
+    /// shorter than the schedule's interval.
+    fn schedule_and_jitter(
+        &mut self,
+        schedule: Option<String>,
+        timezone: Option<String>,
+        jitter: Option<String>,
+    ) -> (Option<crate::policy::schedule::Schedule>, Duration) {
         if let Some(tz) = &timezone {
             if schedule.is_none() {
                 self.error("timezone", format!("{tz:?} is set but schedule is not"));
@@ -48,7 +76,13 @@ impl Validator {
                 }
             }
         }
-        let run_on_start = match run_on_start.as_deref() {
+        (schedule, jitter)
+    }
+
+    /// `run_on_start`: when_stale (the default), always or never.
+    fn run_on_start(&mut self, raw: Option<String>) -> RunOnStart {
+        let run_on_start = raw;
+        match run_on_start.as_deref() {
             None | Some("when_stale") => RunOnStart::WhenStale,
             Some("always") => RunOnStart::Always,
             Some("never") => RunOnStart::Never,
@@ -59,11 +93,18 @@ impl Validator {
                 );
                 RunOnStart::WhenStale
             }
-        };
-        let listen_text = http
-            .listen
-            .unwrap_or_else(|| defaults::HTTP_LISTEN.to_string());
-        let listen = match listen_text.parse::<std::net::SocketAddr>() {
+        }
+    }
+
+    /// `http.listen` (loopback unless a token or the explicit opt-out) and
+    /// `http.metrics_listen` (another port).
+    fn listeners(
+        &mut self,
+        http: &RawHttp,
+    ) -> (std::net::SocketAddr, Option<std::net::SocketAddr>) {
+        let (listen, metrics_listen) = (http.listen.clone(), http.metrics_listen.clone());
+        let listen_text = listen.unwrap_or_else(|| defaults::HTTP_LISTEN.to_string());
+        let listen_addr = match listen_text.parse::<std::net::SocketAddr>() {
             Ok(a) => {
                 let unauthenticated = http.token_file.is_none()
                     && !http.allow_unauthenticated_remote.unwrap_or(false);
@@ -88,24 +129,28 @@ impl Validator {
             }
         };
         let metrics_listen =
-            http.metrics_listen
-                .and_then(|text| match text.parse::<std::net::SocketAddr>() {
-                    Ok(a) if a == listen => {
-                        self.error(
-                            "http.metrics_listen",
-                            format!("{text:?} is http.listen itself; give another port"),
-                        );
-                        None
-                    }
-                    Ok(a) => Some(a),
-                    Err(_) => {
-                        self.error(
-                            "http.metrics_listen",
-                            format!("{text:?} is not an address:port such as 0.0.0.0:10291"),
-                        );
-                        None
-                    }
-                });
+            metrics_listen.and_then(|text| match text.parse::<std::net::SocketAddr>() {
+                Ok(a) if a == listen_addr => {
+                    self.error(
+                        "http.metrics_listen",
+                        format!("{text:?} is http.listen itself; give another port"),
+                    );
+                    None
+                }
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.error(
+                        "http.metrics_listen",
+                        format!("{text:?} is not an address:port such as 0.0.0.0:10291"),
+                    );
+                    None
+                }
+            });
+        (listen_addr, metrics_listen)
+    }
+
+    /// `http.token_file` (readable, not empty) and `http.trigger_min_interval`.
+    fn token_and_trigger_interval(&mut self, http: &RawHttp) -> Duration {
         if let Some(p) = &http.token_file {
             self.readable_file("http.token_file", p);
             if let Ok(t) = std::fs::read_to_string(p) {
@@ -117,29 +162,15 @@ impl Validator {
                 }
             }
         }
-        let trigger_min_interval = match http.trigger_min_interval {
+        match &http.trigger_min_interval {
             Some(text) if humantime::parse_duration(text.trim()).is_ok_and(|d| d.is_zero()) => {
                 Duration::ZERO
             }
             other => self.duration(
                 "http.trigger_min_interval",
-                other,
+                other.clone(),
                 defaults::TRIGGER_MIN_INTERVAL,
             ),
-        };
-        let shutdown_grace =
-            self.duration("shutdown_grace", shutdown_grace, defaults::SHUTDOWN_GRACE);
-        DaemonConfig {
-            schedule,
-            jitter,
-            run_on_start,
-            coordination: Coordination::PerNode,
-            listen,
-            token_file: http.token_file,
-            metrics_listen,
-            trigger_min_interval,
-            shutdown_grace,
-            drill_schedule: None,
         }
     }
 

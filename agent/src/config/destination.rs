@@ -82,7 +82,46 @@ impl Validator {
             }
         }
 
-        let host_key = match (raw.known_hosts_file, raw.host_key_fingerprint) {
+        let host_key = self.sftp_host_key(raw.known_hosts_file, raw.host_key_fingerprint);
+        let auth = self.sftp_auth(
+            raw.private_key_file,
+            raw.password_file,
+            raw.private_key_passphrase_file,
+        );
+        let connect_timeout = self.duration(
+            "destination.sftp.connect_timeout",
+            raw.connect_timeout,
+            defaults::SFTP_CONNECT_TIMEOUT,
+        );
+        let io_timeout = self.duration(
+            "destination.sftp.io_timeout",
+            raw.io_timeout,
+            defaults::SFTP_IO_TIMEOUT,
+        );
+        if io_timeout < Duration::from_secs(1) {
+            self.error("destination.sftp.io_timeout", "must be at least 1s");
+        }
+        Some(SftpConfig {
+            host: host?,
+            port,
+            user: user?,
+            path: path?,
+            host_key: host_key?,
+            auth: auth?,
+            connect_timeout,
+            io_timeout,
+            require_fsync: raw.require_fsync.unwrap_or(true),
+        })
+    }
+
+    /// `known_hosts_file` or `host_key_fingerprint`: exactly one, the server's
+    /// host key known in advance.
+    fn sftp_host_key(
+        &mut self,
+        known_hosts_file: Option<PathBuf>,
+        host_key_fingerprint: Option<String>,
+    ) -> Option<HostKeyCheck> {
+        match (known_hosts_file, host_key_fingerprint) {
             (Some(_), Some(_)) => {
                 self.error(
                     "destination.sftp.host_key_fingerprint",
@@ -112,9 +151,18 @@ impl Validator {
                     }
                 }
             }
-        };
+        }
+    }
 
-        let auth = match (raw.private_key_file, raw.password_file) {
+    /// `private_key_file` (with its optional passphrase file) or `password_file`:
+    /// exactly one, read from files only.
+    fn sftp_auth(
+        &mut self,
+        private_key_file: Option<PathBuf>,
+        password_file: Option<PathBuf>,
+        private_key_passphrase_file: Option<PathBuf>,
+    ) -> Option<SftpAuth> {
+        match (private_key_file, password_file) {
             (Some(_), Some(_)) => {
                 self.error(
                     "destination.sftp.password_file",
@@ -131,16 +179,16 @@ impl Validator {
             }
             (Some(key_file), None) => {
                 self.readable_file("destination.sftp.private_key_file", &key_file);
-                if let Some(p) = &raw.private_key_passphrase_file {
+                if let Some(p) = &private_key_passphrase_file {
                     self.readable_file("destination.sftp.private_key_passphrase_file", p);
                 }
                 Some(SftpAuth::PrivateKey {
                     key_file,
-                    passphrase_file: raw.private_key_passphrase_file,
+                    passphrase_file: private_key_passphrase_file,
                 })
             }
             (None, Some(password_file)) => {
-                if raw.private_key_passphrase_file.is_some() {
+                if private_key_passphrase_file.is_some() {
                     self.error(
                         "destination.sftp.private_key_passphrase_file",
                         "only used with private_key_file",
@@ -149,30 +197,6 @@ impl Validator {
                 self.readable_file("destination.sftp.password_file", &password_file);
                 Some(SftpAuth::Password(password_file))
             }
-        };
-        let connect_timeout = self.duration(
-            "destination.sftp.connect_timeout",
-            raw.connect_timeout,
-            defaults::SFTP_CONNECT_TIMEOUT,
-        );
-        let io_timeout = self.duration(
-            "destination.sftp.io_timeout",
-            raw.io_timeout,
-            defaults::SFTP_IO_TIMEOUT,
-        );
-        if io_timeout < Duration::from_secs(1) {
-            self.error("destination.sftp.io_timeout", "must be at least 1s");
         }
-        Some(SftpConfig {
-            host: host?,
-            port,
-            user: user?,
-            path: path?,
-            host_key: host_key?,
-            auth: auth?,
-            connect_timeout,
-            io_timeout,
-            require_fsync: raw.require_fsync.unwrap_or(true),
-        })
     }
 }

@@ -4,50 +4,7 @@ use super::*;
 
 impl Validator {
     pub(super) fn etcd(&mut self, raw: RawEtcd) -> Option<EtcdConfig> {
-        let mut endpoints = Vec::new();
-        let mut schemes = Vec::new();
-        match raw.endpoints {
-            None => self.error(
-                "etcd.endpoints",
-                "required: the URL of the local etcd member, e.g. https://10.0.0.5:2379",
-            ),
-            Some(list) if list.is_empty() => self.error(
-                "etcd.endpoints",
-                "empty: give the URL of the local etcd member first",
-            ),
-            Some(list) => {
-                for (i, text) in list.into_iter().enumerate() {
-                    let field = format!("etcd.endpoints[{i}]");
-                    match Url::parse(&text) {
-                        Ok(url) => {
-                            if url.scheme() != "http" && url.scheme() != "https" {
-                                self.error(
-                                    field,
-                                    format!("invalid URL {text:?}: scheme must be http or https"),
-                                );
-                            } else if url.host_str().is_none_or(str::is_empty) {
-                                self.error(field, format!("invalid URL {text:?}: no host"));
-                            } else if url.port_or_known_default().is_none() || url.port().is_none()
-                            {
-                                self.error(
-                                    field,
-                                    format!("invalid URL {text:?}: give the port explicitly, e.g. :2379"),
-                                );
-                            } else if url.path() != "/" && !url.path().is_empty() {
-                                self.error(
-                                    field,
-                                    format!("invalid URL {text:?}: an etcd endpoint has no path"),
-                                );
-                            } else {
-                                schemes.push((i, url.scheme().to_string()));
-                                endpoints.push(url);
-                            }
-                        }
-                        Err(e) => self.error(field, format!("invalid URL {text:?}: {e}")),
-                    }
-                }
-            }
-        }
+        let (endpoints, schemes) = self.etcd_endpoints(raw.endpoints);
 
         let any_https = schemes.iter().any(|(_, s)| s == "https");
         for (i, s) in &schemes {
@@ -123,5 +80,55 @@ impl Validator {
             dial_timeout,
             stall_timeout,
         })
+    }
+
+    /// `etcd.endpoints`: at least one http(s) URL with a host, an explicit
+    /// port and no path; returns the good ones with their index and scheme.
+    fn etcd_endpoints(&mut self, raw: Option<Vec<String>>) -> (Vec<Url>, Vec<(usize, String)>) {
+        let mut endpoints = Vec::new();
+        let mut schemes = Vec::new();
+        match raw {
+            None => self.error(
+                "etcd.endpoints",
+                "required: the URL of the local etcd member, e.g. https://10.0.0.5:2379",
+            ),
+            Some(list) if list.is_empty() => self.error(
+                "etcd.endpoints",
+                "empty: give the URL of the local etcd member first",
+            ),
+            Some(list) => {
+                for (i, text) in list.into_iter().enumerate() {
+                    let field = format!("etcd.endpoints[{i}]");
+                    match Url::parse(&text) {
+                        Ok(url) => {
+                            if url.scheme() != "http" && url.scheme() != "https" {
+                                self.error(
+                                    field,
+                                    format!("invalid URL {text:?}: scheme must be http or https"),
+                                );
+                            } else if url.host_str().is_none_or(str::is_empty) {
+                                self.error(field, format!("invalid URL {text:?}: no host"));
+                            } else if url.port_or_known_default().is_none() || url.port().is_none()
+                            {
+                                self.error(
+                                    field,
+                                    format!("invalid URL {text:?}: give the port explicitly, e.g. :2379"),
+                                );
+                            } else if url.path() != "/" && !url.path().is_empty() {
+                                self.error(
+                                    field,
+                                    format!("invalid URL {text:?}: an etcd endpoint has no path"),
+                                );
+                            } else {
+                                schemes.push((i, url.scheme().to_string()));
+                                endpoints.push(url);
+                            }
+                        }
+                        Err(e) => self.error(field, format!("invalid URL {text:?}: {e}")),
+                    }
+                }
+            }
+        }
+        (endpoints, schemes)
     }
 }
