@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::config::Config;
+use crate::store::catalog::CatalogSet;
 use crate::store::verify;
 
 use super::{fail, find, identities, note_encryption, open, print_reports, IdentityArgs, Progress};
@@ -35,19 +36,9 @@ pub async fn fetch(
         Ok(i) => i,
         Err(code) => return code,
     };
-    let to_exists = match std::fs::read_dir(to) {
-        Ok(mut entries) => {
-            if entries.next().is_some() && !args.force {
-                eprintln!(
-                    "error: {} is not empty; fetch into an empty directory, or pass --force to write into it",
-                    to.display()
-                );
-                return ExitCode::from(EXIT_USAGE);
-            }
-            true
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => return fail(format!("cannot use {}: {e}", to.display())),
+    let to_exists = match target_exists(to, args.force) {
+        Ok(e) => e,
+        Err(code) => return code,
     };
     let dest = match open(config).await {
         Ok(d) => d,
@@ -62,32 +53,9 @@ pub async fn fetch(
             return fail(why);
         }
     }
-    // The staging directory is on DIR's filesystem (inside DIR when it
-    // exists, beside it when not), so moving the files in is a rename.
-    let staging = if to_exists {
-        tempfile::Builder::new()
-            .prefix(".etcd-backup-fetch-")
-            .tempdir_in(to)
-    } else {
-        let parent = to
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or_else(|| Path::new("."));
-        if let Err(e) = std::fs::create_dir_all(parent) {
-            return fail(format!("cannot create {}: {e}", parent.display()));
-        }
-        tempfile::Builder::new()
-            .prefix(".etcd-backup-fetch-")
-            .tempdir_in(parent)
-    };
-    let staging = match staging {
+    let staging = match staging_dir(to, to_exists) {
         Ok(t) => t,
-        Err(e) => {
-            return fail(format!(
-                "cannot create a temporary directory for {}: {e}",
-                to.display()
-            ))
-        }
+        Err(code) => return code,
     };
     let what = if args.snapshot_only {
         "the snapshot of "
@@ -139,31 +107,7 @@ pub async fn fetch(
         println!("wrote   {}", p.display());
     }
     let encrypted_as_stored = set.manifest.encryption.is_some() && ids.is_none();
-    if args.snapshot_only {
-        println!(
-            "snapshot of set {} fetched and verified; {} holds the snapshot only and is not a cluster-restore.sh directory: restore it with `etcd-backup-agent restore --snapshot FILE` (or etcdutl snapshot restore){}",
-            set.id.dir(),
-            to.display(),
-            if encrypted_as_stored {
-                ", after decrypting it with age -d -i KEYFILE"
-            } else {
-                ""
-            }
-        );
-    } else if encrypted_as_stored {
-        println!(
-            "set {} fetched and its ciphertext verified; {} is not a cluster-restore.sh directory while the files are encrypted: decrypt each file with age -d -i KEYFILE, or fetch again with --identity FILE",
-            set.id.dir(),
-            to.display()
-        );
-    } else {
-        println!(
-            "set {} fetched and verified; {} is a cluster-restore.sh directory: cluster-restore.sh {}",
-            set.id.dir(),
-            to.display(),
-            to.display()
-        );
-    }
+    say_what_was_fetched(&set, to, args.snapshot_only, encrypted_as_stored);
     ExitCode::SUCCESS
 }
 
@@ -214,4 +158,84 @@ fn move_into_place(
     }
     drop(staging);
     Ok(finals)
+}
+
+/// Whether DIR exists (it must be empty unless `--force`).
+fn target_exists(to: &Path, force: bool) -> Result<bool, ExitCode> {
+    match std::fs::read_dir(to) {
+        Ok(mut entries) => {
+            if entries.next().is_some() && !force {
+                eprintln!(
+                    "error: {} is not empty; fetch into an empty directory, or pass --force to write into it",
+                    to.display()
+                );
+                return Err(ExitCode::from(EXIT_USAGE));
+            }
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(fail(format!("cannot use {}: {e}", to.display()))),
+    }
+}
+
+/// A temporary directory on DIR's filesystem to fetch into.
+fn staging_dir(to: &Path, to_exists: bool) -> Result<tempfile::TempDir, ExitCode> {
+    // The staging directory is on DIR's filesystem (inside DIR when it
+    // exists, beside it when not), so moving the files in is a rename.
+    let staging = if to_exists {
+        tempfile::Builder::new()
+            .prefix(".etcd-backup-fetch-")
+            .tempdir_in(to)
+    } else {
+        let parent = to
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| Path::new("."));
+        if let Err(e) = std::fs::create_dir_all(parent) {
+            return Err(fail(format!("cannot create {}: {e}", parent.display())));
+        }
+        tempfile::Builder::new()
+            .prefix(".etcd-backup-fetch-")
+            .tempdir_in(parent)
+    };
+    staging.map_err(|e| {
+        fail(format!(
+            "cannot create a temporary directory for {}: {e}",
+            to.display()
+        ))
+    })
+}
+
+/// What the fetched directory is good for: cluster-restore.sh, or not yet.
+fn say_what_was_fetched(
+    set: &CatalogSet,
+    to: &Path,
+    snapshot_only: bool,
+    encrypted_as_stored: bool,
+) {
+    if snapshot_only {
+        println!(
+            "snapshot of set {} fetched and verified; {} holds the snapshot only and is not a cluster-restore.sh directory: restore it with `etcd-backup-agent restore --snapshot FILE` (or etcdutl snapshot restore){}",
+            set.id.dir(),
+            to.display(),
+            if encrypted_as_stored {
+                ", after decrypting it with age -d -i KEYFILE"
+            } else {
+                ""
+            }
+        );
+    } else if encrypted_as_stored {
+        println!(
+            "set {} fetched and its ciphertext verified; {} is not a cluster-restore.sh directory while the files are encrypted: decrypt each file with age -d -i KEYFILE, or fetch again with --identity FILE",
+            set.id.dir(),
+            to.display()
+        );
+    } else {
+        println!(
+            "set {} fetched and verified; {} is a cluster-restore.sh directory: cluster-restore.sh {}",
+            set.id.dir(),
+            to.display(),
+            to.display()
+        );
+    }
 }

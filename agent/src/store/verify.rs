@@ -233,6 +233,45 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<'_, R> {
     }
 }
 
+/// A file checked as stored: a plain file gets every check; an encrypted
+/// one, without a key, its ciphertext's size and hash.
+async fn check_as_stored(
+    mut reader: Box<dyn AsyncRead + Send + Unpin>,
+    set: &CatalogSet,
+    entry: &ManifestFile,
+    want_status: bool,
+    mut sink: impl FnMut(&[u8]) -> Result<(), CheckError>,
+    progress: &(dyn Fn(u64) + Sync),
+    read_error: &(dyn Fn(std::io::Error) -> CheckError + Sync),
+) -> Result<FileReport, CheckError> {
+    let is_snapshot = entry.kind == FileKind::Snapshot;
+    let mut problems = Vec::new();
+    let mut checks = ContentChecks::new(is_snapshot && entry.plaintext.is_none(), want_status);
+    let result = read_all(&mut reader, |chunk| {
+        checks.update(chunk);
+        progress(checks.size);
+        sink(chunk)
+    })
+    .await;
+    if let Err(mut e) = result {
+        return Err(sink_error(&mut e).unwrap_or_else(|| read_error(e)));
+    }
+    let size = checks.size;
+    checks.finish(
+        "",
+        entry.size,
+        &entry.sha256,
+        set.manifest.snapshot_status,
+        &mut problems,
+    );
+    Ok(FileReport {
+        name: entry.name.clone(),
+        size,
+        decrypted: false,
+        problems,
+    })
+}
+
 /// Streams one file of `set` back, checking it against `entry`. Every chunk
 /// of content is handed to `sink` (fetch writes it; verify passes a no-op):
 /// the plaintext when the file is encrypted and `identities` are given, else
@@ -269,33 +308,7 @@ pub async fn check_file(
     let mut problems = Vec::new();
 
     let (Some(plain), Some(ids)) = (entry.plaintext.as_ref(), identities) else {
-        // As stored: a plain file gets every check; an encrypted one, without
-        // a key, its ciphertext's size and hash.
-        let mut reader = reader;
-        let mut checks = ContentChecks::new(is_snapshot && entry.plaintext.is_none(), want_status);
-        let result = read_all(&mut reader, |chunk| {
-            checks.update(chunk);
-            progress(checks.size);
-            sink(chunk)
-        })
-        .await;
-        if let Err(mut e) = result {
-            return Err(sink_error(&mut e).unwrap_or_else(|| read_error(e)));
-        }
-        let size = checks.size;
-        checks.finish(
-            "",
-            entry.size,
-            &entry.sha256,
-            set.manifest.snapshot_status,
-            &mut problems,
-        );
-        return Ok(FileReport {
-            name: entry.name.clone(),
-            size,
-            decrypted: false,
-            problems,
-        });
+        return check_as_stored(reader, set, entry, want_status, sink, progress, &read_error).await;
     };
 
     let mut cipher_sha = Sha256::new();
