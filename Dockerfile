@@ -43,6 +43,7 @@ WORKDIR /src
 # the agent is built.
 COPY Cargo.toml Cargo.lock ./
 COPY proto/ proto/
+COPY crates/ crates/
 COPY agent/ agent/
 COPY tests/ tests/
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

@@ -26,12 +26,13 @@ use etcd_backup_proto::{
 };
 
 use crate::config::Config;
-use crate::destination::{Destination, DestinationError, Durability, Upload};
-use crate::encryption::{SealingUpload, AGE_SUFFIX};
-use crate::etcd::{
+use crate::encryption::AGE_SUFFIX;
+use crate::source::etcd::{
     EtcdError, EtcdMember, MemberInfo, SnapshotSource, SnapshotVerifier, VerifyError,
 };
-use crate::resources::{self, ResourcesError};
+use crate::source::resources::{self, ResourcesError};
+use crate::store::destination::{Destination, DestinationError, Durability, Upload};
+use crate::store::sealing::SealingUpload;
 
 /// Snapshot bytes gathered before each destination write.
 const WRITE_BATCH: usize = 1 << 20;
@@ -189,7 +190,7 @@ pub async fn run_with_retries(config: &Config, cancel: &CancellationToken) -> Ou
     let retry = config.retry;
     let mut attempt = 1;
     loop {
-        let result = match crate::destination::open(&config.destination).await {
+        let result = match crate::store::destination::open(&config.destination).await {
             Ok(dest) => run(config, dest.as_ref(), cancel).await,
             Err(e) => Err(BackupError::new(Stage::Upload, e)),
         };
@@ -490,7 +491,7 @@ impl<'a> Run<'a> {
         let mut verifier = SnapshotVerifier::new();
         // What `etcdctl snapshot status` would say, computed from the same
         // bytes as they pass, so no second read of the stored file is needed.
-        let mut status = crate::snapshot_status::StreamingStatus::new();
+        let mut status = etcd_backup_bbolt_status::StreamingStatus::new();
         // etcd sends 32 KiB messages; handing the destination larger writes
         // means fewer requests (and acknowledgements) on the way out.
         let mut batch = Vec::with_capacity(WRITE_BATCH);
@@ -785,8 +786,8 @@ pub fn partial(path: &str) -> String {
 mod tests {
     use super::*;
     use crate::config::Environment;
-    use crate::destination::{DirEntry, LocalDir};
-    use crate::etcd::SnapshotStream;
+    use crate::source::etcd::SnapshotStream;
+    use crate::store::destination::{DirEntry, LocalDir};
     use async_trait::async_trait;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncRead;

@@ -8,12 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::commands::{Output, EXIT_FAILURE, EXIT_USAGE};
 use crate::config::{Config, ConfigError, Environment, LogConfig, LogFormat};
-
-/// Exit code for a failed operation.
-pub const EXIT_FAILURE: u8 = 1;
-/// Exit code for a usage or configuration error.
-pub const EXIT_USAGE: u8 = 2;
 
 /// Verified etcd snapshots and static-pod resources, stored as atomic backup sets.
 #[derive(Debug, Parser)]
@@ -189,21 +185,12 @@ pub struct IdentityOpts {
 }
 
 impl IdentityOpts {
-    fn args(self) -> crate::ops::IdentityArgs {
-        crate::ops::IdentityArgs {
+    fn args(self) -> crate::commands::IdentityArgs {
+        crate::commands::IdentityArgs {
             identity: self.identity,
             passphrase_file: self.identity_passphrase_file,
         }
     }
-}
-
-/// Output format of `list`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
-    /// Aligned columns for people.
-    Table,
-    /// JSON for programs.
-    Json,
 }
 
 /// Parses the command line, runs the command and returns its exit code.
@@ -216,25 +203,13 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
         }
     };
-    match cli.command {
-        Command::CheckConfig { config } => match load(&config) {
-            Ok(c) => {
-                println!(
-                    "{}: valid (node {}, cluster {}, etcd {}, destination {}{})",
-                    config.display(),
-                    c.node_name,
-                    c.cluster_name,
-                    c.etcd.endpoints[0].as_str().trim_end_matches('/'),
-                    c.destination.describe(),
-                    c.encryption.as_ref().map_or(String::new(), |e| format!(
-                        ", encrypted with age to {} recipient(s)",
-                        e.recipients.len()
-                    ))
-                );
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
+    run(cli.command)
+}
+
+/// Runs one command; the exit code is the process's.
+fn run(command: Command) -> ExitCode {
+    match command {
+        Command::CheckConfig { config } => check_config(&config),
         Command::List {
             config,
             node,
@@ -247,7 +222,7 @@ pub fn main() -> ExitCode {
             } else {
                 Some(node.unwrap_or_else(|| c.node_name.clone()))
             };
-            crate::ops::list(&c, node.as_deref(), include_partial, output).await
+            crate::commands::list::list(&c, node.as_deref(), include_partial, output).await
         }),
         Command::Verify {
             config,
@@ -256,7 +231,7 @@ pub fn main() -> ExitCode {
             identity,
         } => with_config(&config, |c| async move {
             let node = node.unwrap_or_else(|| c.node_name.clone());
-            crate::ops::verify(&c, &node, &set, &identity.args()).await
+            crate::commands::verify::verify(&c, &node, &set, &identity.args()).await
         }),
         Command::Fetch {
             config,
@@ -268,12 +243,12 @@ pub fn main() -> ExitCode {
             identity,
         } => with_config(&config, |c| async move {
             let node = node.unwrap_or_else(|| c.node_name.clone());
-            let args = crate::ops::FetchArgs {
+            let args = crate::commands::fetch::FetchArgs {
                 to,
                 force,
                 snapshot_only,
             };
-            crate::ops::fetch(&c, &node, &set, &args, &identity.args()).await
+            crate::commands::fetch::fetch(&c, &node, &set, &args, &identity.args()).await
         }),
         Command::Prune {
             config,
@@ -281,7 +256,7 @@ pub fn main() -> ExitCode {
             node,
         } => with_config(&config, |c| async move {
             let node = node.unwrap_or_else(|| c.node_name.clone());
-            crate::ops::prune(&c, &node, dry_run).await
+            crate::commands::prune::prune(&c, &node, dry_run).await
         }),
         Command::Restore {
             config,
@@ -304,10 +279,12 @@ pub fn main() -> ExitCode {
                 initial_cluster_token,
             };
             let source = match snapshot {
-                Some(file) => crate::ops::SnapshotSourceArg::File(file),
-                None => crate::ops::SnapshotSourceArg::Set(set.unwrap_or_else(|| "latest".into())),
+                Some(file) => crate::commands::restore::SnapshotSourceArg::File(file),
+                None => crate::commands::restore::SnapshotSourceArg::Set(
+                    set.unwrap_or_else(|| "latest".into()),
+                ),
             };
-            crate::ops::restore(&c, &node, source, &target, &identity.args()).await
+            crate::commands::restore::restore(&c, &node, source, &target, &identity.args()).await
         }),
         Command::Drill {
             config,
@@ -317,27 +294,52 @@ pub fn main() -> ExitCode {
         } => with_config(&config, |c| async move {
             let node = node.unwrap_or_else(|| c.node_name.clone());
             let wanted = set.as_deref().unwrap_or("latest");
-            crate::ops::drill(&c, &node, wanted, &identity.args()).await
+            crate::commands::restore::drill(&c, &node, wanted, &identity.args()).await
         }),
-        Command::Trigger { config, no_wait } => {
-            with_config(&config, |c| async move { trigger(&c, !no_wait).await })
+        Command::Trigger { config, no_wait } => with_config(&config, |c| async move {
+            crate::commands::backup::trigger(&c, !no_wait).await
+        }),
+        Command::Run { config } => with_config(&config, run_daemon),
+        Command::Backup { config } => with_config(&config, |c| async move {
+            crate::commands::backup::backup(&c).await
+        }),
+    }
+}
+
+/// `check-config`: the config validated completely, summed up on one line.
+fn check_config(config: &std::path::Path) -> ExitCode {
+    match load(config) {
+        Ok(c) => {
+            println!(
+                "{}: valid (node {}, cluster {}, etcd {}, destination {}{})",
+                config.display(),
+                c.node_name,
+                c.cluster_name,
+                c.etcd.endpoints[0].as_str().trim_end_matches('/'),
+                c.destination.describe(),
+                c.encryption.as_ref().map_or(String::new(), |e| format!(
+                    ", encrypted with age to {} recipient(s)",
+                    e.recipients.len()
+                ))
+            );
+            ExitCode::SUCCESS
         }
-        Command::Run { config } => with_config(&config, |c| async move {
-            if c.daemon.schedule.is_none() {
-                eprintln!("error: {}", crate::daemon::DaemonError::NoSchedule);
-                return ExitCode::from(EXIT_USAGE);
-            }
-            match crate::daemon::run(c).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "daemon failed");
-                    eprintln!("error: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
-        }),
-        Command::Backup { config } => {
-            with_config(&config, |c| async move { backup_once(&c).await })
+        Err(code) => code,
+    }
+}
+
+/// `run`: the daemon, until SIGTERM or SIGINT.
+async fn run_daemon(c: Config) -> ExitCode {
+    if c.daemon.schedule.is_none() {
+        eprintln!("error: {}", crate::daemon::DaemonError::NoSchedule);
+        return ExitCode::from(EXIT_USAGE);
+    }
+    match crate::daemon::run(c).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "daemon failed");
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }
@@ -375,103 +377,6 @@ pub fn init_logging(log: &LogConfig) {
     };
     // Already initialised (tests calling twice) is fine.
     let _ = result;
-}
-
-async fn backup_once(config: &Config) -> ExitCode {
-    // Ctrl-C or SIGTERM stops the run and removes what it wrote.
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let watcher = {
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            crate::daemon::shutdown_signal().await;
-            tracing::warn!("signal received; cancelling the backup");
-            cancel.cancel();
-        })
-    };
-    let outcome = crate::backup::run_with_retries(config, &cancel).await;
-    watcher.abort();
-    if outcome.result.is_ok() {
-        if let Err(e) = crate::prune::after_backup(config).await {
-            // The backup itself is complete; say so, but do not hide this.
-            eprintln!("warning: the backup succeeded, but applying retention failed: {e}");
-        }
-    }
-    match outcome.result {
-        Ok(report) => {
-            let m = &report.manifest;
-            println!("backup set {} complete", report.location);
-            for f in &m.files {
-                println!("  {:<48} {:>14} bytes  sha256:{}", f.name, f.size, f.sha256);
-            }
-            println!(
-                "  etcd {} member {} (cluster {}), revision {}",
-                m.etcd.version, m.etcd.member_id, m.etcd.cluster_id, m.etcd.revision
-            );
-            if let Some(enc) = &m.encryption {
-                println!(
-                    "  encrypted with {} to {} recipient(s); decrypt with --identity, or age -d",
-                    enc.scheme,
-                    enc.recipients.len()
-                );
-            }
-            if !m.durable {
-                println!(
-                    "  not durable: the server could not sync the files (no fsync@openssh.com; destination.sftp.require_fsync is false)"
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
-    }
-}
-
-/// `trigger`: POST /v1/backups to the agent on this node.
-async fn trigger(config: &Config, wait: bool) -> ExitCode {
-    let mut addr = config.daemon.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    let url = format!(
-        "http://{addr}/v1/backups{}",
-        if wait { "?wait=true" } else { "" }
-    );
-    let client = reqwest::Client::new();
-    let mut request = client.post(&url);
-    if let Some(path) = &config.daemon.token_file {
-        match std::fs::read_to_string(path) {
-            Ok(t) => request = request.bearer_auth(t.trim()),
-            Err(e) => {
-                eprintln!("error: cannot read http.token_file {}: {e}", path.display());
-                return ExitCode::from(EXIT_FAILURE);
-            }
-        }
-    }
-    let response = match request.send().await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!(
-                "error: no answer from the agent at {addr} (http.listen): {}; is `etcd-backup-agent run` running on this node?",
-                crate::etcd::chain(&e)
-            );
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    let status = response.status();
-    let body = response.text().await.unwrap_or_default();
-    let pretty = serde_json::from_str::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| serde_json::to_string_pretty(&v).ok())
-        .unwrap_or(body);
-    if status.is_success() {
-        println!("{pretty}");
-        ExitCode::SUCCESS
-    } else {
-        eprintln!("error: the agent answered {status}:\n{pretty}");
-        ExitCode::from(EXIT_FAILURE)
-    }
 }
 
 /// Loads the config, sets up logging and a one-thread runtime, and runs `f`.

@@ -2,52 +2,53 @@
 //! the node's static-pod resources, and stores them as atomic backup sets.
 //!
 //! # Layout
-//! - [`config`]: the YAML config file, parsed and validated completely up front.
-//! - [`etcd`]: the local etcd member: status, and the snapshot stream with its
-//!   digest check ([`etcd::SnapshotVerifier`]).
-//! - [`resources`]: which static-pod files to bundle, and the streamed tar.gz.
-//! - [`destination`]: where sets are stored, one trait; a local directory, SFTP.
-//! - [`known_hosts`]: whether an SFTP server's host key is trusted (OpenSSH
-//!   known_hosts rules, or a pinned fingerprint).
+//! Folders follow a backup's data flow; each folder's `mod.rs` says what lives
+//! there and what it may import.
+//! - [`source`]: where the bytes come from: the local [`etcd`](source::etcd)
+//!   member (status, the snapshot stream and its digest check) and the
+//!   static-pod [`resources`](source::resources) (which files, the streamed tar.gz).
+//! - [`store`]: where sets are kept: the [`destination`](store::destination)
+//!   trait (a local directory, SFTP), age [`sealing`](store::sealing) of an
+//!   upload, the [`catalog`](store::catalog) (the one definition of a complete
+//!   set), [`verify`](store::verify) (a set streamed back against its manifest)
+//!   and [`prune`](store::prune) (retention applied, deleting only names the agent writes).
 //! - [`backup`]: one run, the set protocol (partial names, rename, manifest last),
 //!   retries, cancellation.
-//! - [`retention`]: which sets to keep and which leftovers to remove, decided without I/O.
-//! - [`schedule`]: when scheduled backups fire: cron in a time zone, jitter, the scheduler loop.
-//! - [`runner`]: one backup at a time; the runs the API shows.
-//! - [`coordination`]: `coordination: leader`: whether this master's etcd member
-//!   leads, which decides whether it takes a scheduled backup.
-//! - [`metrics`]: Prometheus metrics behind typed handles.
-//! - [`http`]: the local HTTP API (trigger with its rate limit, runs, health,
-//!   metrics) and its OpenAPI document (`openapi.json` beside it).
-//! - [`daemon`]: `run`: scheduler, HTTP, readiness and shutdown wired together.
-//! - [`catalog`]: which complete sets and leftovers a destination holds.
-//! - [`verify`]: streaming a set back against its manifest (`verify`, `fetch`).
-//! - [`prune`]: applying retention to a destination, deleting only names the
-//!   agent writes (manifest renamed away first).
-//! - [`ops`]: the operator commands on stored sets (`list`, `verify`, `fetch`, `prune`).
 //! - [`restore`]: the platform's restore tool on a verified snapshot; the drill member.
-//! - [`snapshot_status`]: what `etcdctl snapshot status` reports, read from the
-//!   snapshot's bbolt file (or computed as it streams), without etcd's tools.
-//! - [`cli`]: the command line, exit codes and logging set-up; `main.rs` only calls it.
+//! - [`daemon`]: `run`: the run loop wiring the single-flight
+//!   [`runner`](daemon::runner), the scheduler, [`coordination`](daemon::coordination)
+//!   (`coordination: leader`), the local [`http`](daemon::http) API (with its
+//!   OpenAPI document, `openapi.json` beside it) and Prometheus
+//!   [`metrics`](daemon::metrics).
+//! - [`commands`]: the command-line verbs, one file each (`backup`/`trigger`,
+//!   `list`, `verify`, `fetch`, `prune`, `restore`/`drill`), their exit codes
+//!   and output formats.
+//! - [`cli`]: the command line and logging set-up; `main.rs` only calls it.
+//! - [`config`]: the YAML config file, parsed and validated completely up front.
+//! - [`policy`]: decisions without I/O: the [`schedule`](policy::schedule) (cron
+//!   in a time zone, jitter) and [`retention`](policy::retention) (which sets to keep).
+//! - [`encryption`]: age keys: recipients parsed from the config, identities to
+//!   read sets back with.
+//! - [`error_chain`]: an error and its causes on one line.
+//!
+//! Two parsers are crates of their own under `crates/`, with their tests and
+//! fixtures, depending on nothing of the agent: `etcd-backup-bbolt-status` (what
+//! `etcdctl snapshot status` reports, read from the snapshot's bbolt pages or
+//! computed as it streams) and `etcd-backup-known-hosts` (whether an SFTP
+//! server's host key is trusted, by OpenSSH's known_hosts rules).
+//!
+//! Imports go downwards only: cli → commands → daemon → backup/restore → store →
+//! source → config → policy/encryption → error_chain and the workspace crates;
+//! `tests/layers.rs` fails on an upward import or a cycle.
 
 pub mod backup;
-pub mod catalog;
 pub mod cli;
+pub mod commands;
 pub mod config;
-pub mod coordination;
 pub mod daemon;
-pub mod destination;
 pub mod encryption;
-pub mod etcd;
-pub mod http;
-pub mod known_hosts;
-pub mod metrics;
-pub mod ops;
-pub mod prune;
-pub mod resources;
+pub mod error_chain;
+pub mod policy;
 pub mod restore;
-pub mod retention;
-pub mod runner;
-pub mod schedule;
-pub mod snapshot_status;
-pub mod verify;
+pub mod source;
+pub mod store;

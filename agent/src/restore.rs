@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::etcd::SnapshotVerifier;
+use crate::source::etcd::SnapshotVerifier;
 
 /// Why a restore could not be done.
 #[derive(Debug, thiserror::Error)]
@@ -271,8 +271,11 @@ impl DrillMember {
     }
 
     /// Waits until the member answers a status call, up to `timeout`.
-    pub async fn wait_ready(&mut self, timeout: Duration) -> Option<crate::etcd::MemberInfo> {
-        use crate::etcd::SnapshotSource;
+    pub async fn wait_ready(
+        &mut self,
+        timeout: Duration,
+    ) -> Option<crate::source::etcd::MemberInfo> {
+        use crate::source::etcd::SnapshotSource;
         let config = crate::config::EtcdConfig {
             endpoints: vec![url::Url::parse(&self.client_url).ok()?],
             tls: None,
@@ -284,7 +287,7 @@ impl DrillMember {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return None;
             }
-            if let Ok(mut m) = crate::etcd::EtcdMember::connect(&config).await {
+            if let Ok(mut m) = crate::source::etcd::EtcdMember::connect(&config).await {
                 if let Ok(info) = m.member_info().await {
                     return Some(info);
                 }
@@ -327,6 +330,23 @@ pub struct DrillOutcome {
     pub problems: Vec<String>,
 }
 
+/// The identities of `encryption.identity_file`, if configured.
+///
+/// # Errors
+/// The file cannot be read or holds no usable key.
+pub fn config_identities(
+    config: &crate::config::Config,
+) -> Result<Option<crate::encryption::Identities>, crate::encryption::IdentityError> {
+    match config
+        .encryption
+        .as_ref()
+        .and_then(|e| e.identity_file.as_ref())
+    {
+        Some(path) => crate::encryption::load_identities(path, None).map(Some),
+        None => Ok(None),
+    }
+}
+
 /// Fetches and verifies `wanted`, restores it into a temporary data dir,
 /// starts a throwaway member on loopback, and compares what it serves with
 /// the manifest. Everything is removed afterwards.
@@ -344,21 +364,27 @@ pub async fn run_drill(
         .prefix("etcd-backup-drill-")
         .tempdir()
         .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
-    let dest = crate::destination::open(&config.destination)
+    let dest = crate::store::destination::open(&config.destination)
         .await
         .map_err(|e| format!("cannot open the destination: {e}"))?;
-    let set = crate::catalog::find(dest.as_ref(), &config.cluster_name, node, wanted)
+    let set = crate::store::catalog::find(dest.as_ref(), &config.cluster_name, node, wanted)
         .await
         .map_err(|e| e.to_string())?;
-    if let Some(why) = crate::verify::missing_identity(&set, identities) {
+    if let Some(why) = crate::store::verify::missing_identity(&set, identities) {
         return Err(why);
     }
     let files = work.path().join("set");
     std::fs::create_dir(&files).map_err(|e| format!("cannot create {}: {e}", files.display()))?;
-    let (reports, _) =
-        crate::verify::fetch_set(dest.as_ref(), &set, &files, identities, None, &|_, _, _| {})
-            .await
-            .map_err(|e| e.to_string())?;
+    let (reports, _) = crate::store::verify::fetch_set(
+        dest.as_ref(),
+        &set,
+        &files,
+        identities,
+        None,
+        &|_, _, _| {},
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let bad: Vec<String> = reports
         .iter()
         .flat_map(|r| r.problems.iter().map(move |p| format!("{}: {p}", r.name)))
@@ -374,7 +400,7 @@ pub async fn run_drill(
     let snapshot = m
         .file(etcd_backup_proto::FileKind::Snapshot)
         .ok_or_else(|| format!("set {} has no snapshot", set.id.dir()))?;
-    let snapshot = crate::verify::local_path(&files, &set, snapshot, identities.is_some())
+    let snapshot = crate::store::verify::local_path(&files, &set, snapshot, identities.is_some())
         .map_err(|e| e.to_string())?;
     let mut member = DrillMember::start(&snapshot, work.path())
         .await

@@ -22,9 +22,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
 
 use etcd_backup_agent::config::{Config, Environment};
-use etcd_backup_agent::http::{self, AppState, ReadyFlags, TriggerLimiter};
-use etcd_backup_agent::metrics::Metrics;
-use etcd_backup_agent::runner::Runner;
+use etcd_backup_agent::daemon::http::{self, AppState, ReadyFlags, TriggerLimiter};
+use etcd_backup_agent::daemon::metrics::Metrics;
+use etcd_backup_agent::daemon::runner::Runner;
 use etcd_backup_proto::api::{ErrorResponse, RunRecord, RunState};
 
 const TOKEN: &str = "fuzz-token";

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use etcd_backup_agent::backup::{self, Cause};
 use etcd_backup_agent::config::{Config, DestinationConfig, Environment};
-use etcd_backup_agent::destination::{
+use etcd_backup_agent::store::destination::{
     Destination, DestinationError, DirEntry, LocalDir, SftpDir, Upload,
 };
 use etcd_backup_proto::Manifest;

@@ -339,7 +339,7 @@ fn changed_host_key_is_refused_before_logging_in() {
     cfg.retry_initial_delay = "5s".into();
     assert_refused_before_login(&backup(&s.write(&cfg)), &sshd, "does not match");
 
-    let wrong_fp = etcd_backup_agent::known_hosts::sha256_fingerprint(b"not the server's key");
+    let wrong_fp = etcd_backup_known_hosts::sha256_fingerprint(b"not the server's key");
     let mut cfg = s.config(
         &etcd,
         &sshd,

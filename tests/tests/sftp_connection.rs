@@ -193,7 +193,7 @@ fn a_key_the_multi_key_server_does_not_hold_is_refused_whatever_its_type() {
     // A pin of no key of the server's: every key it holds was asked for and
     // is named in the refusal.
     let s = Setup::new();
-    let wrong = etcd_backup_agent::known_hosts::sha256_fingerprint(b"not the server's key");
+    let wrong = etcd_backup_known_hosts::sha256_fingerprint(b"not the server's key");
     let run = backup(&config(&s, Trust::Fingerprint(wrong.clone())));
     assert_refused_before_login(&run, &sshd, &wrong);
     for kind in ALL_KINDS {

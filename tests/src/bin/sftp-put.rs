@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use etcd_backup_agent::config::{HostKeyCheck, SftpAuth, SftpConfig};
-use etcd_backup_agent::destination::{Destination, SftpDir};
+use etcd_backup_agent::store::destination::{Destination, SftpDir};
 use tokio::io::AsyncReadExt;
 
 fn main() {

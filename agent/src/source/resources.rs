@@ -277,7 +277,7 @@ fn kubeadm_paths(root: &Path) -> Result<Vec<String>, ResourcesError> {
 }
 
 /// Writes the planned tree as tar.gz into `out`, with headers exactly as GNU
-/// `tar -cpzf` writes them (see [`GnuArchive`]).
+/// `tar -cpzf` writes them (see `GnuArchive`).
 ///
 /// # Errors
 /// Read failures, and write failures of `out`.

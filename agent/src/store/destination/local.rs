@@ -320,7 +320,7 @@ impl Upload for LocalUpload {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::destination::Destination;
+    use crate::store::destination::Destination;
     use std::os::unix::fs::PermissionsExt;
     use tokio::io::AsyncReadExt;
 

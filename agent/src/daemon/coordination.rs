@@ -22,7 +22,7 @@
 //! set from each of them; the new leader takes the next tick.
 
 use crate::config::EtcdConfig;
-use crate::etcd::{EtcdMember, MemberInfo, SnapshotSource};
+use crate::source::etcd::{EtcdMember, MemberInfo, SnapshotSource};
 
 /// What the local member said about leadership.
 #[derive(Debug, Clone, PartialEq, Eq)]

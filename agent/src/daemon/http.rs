@@ -29,8 +29,8 @@ use tokio::time::Instant;
 
 use etcd_backup_proto::api::{ErrorResponse, Readiness, RunList, RunRecord, RunState, Trigger};
 
-use crate::metrics::Metrics;
-use crate::runner::{RunHandle, Runner, StartError};
+use crate::daemon::metrics::Metrics;
+use crate::daemon::runner::{RunHandle, Runner, StartError};
 
 /// Largest request body accepted (the API takes none; this bounds abuse).
 pub const MAX_BODY: usize = 4096;
@@ -463,76 +463,19 @@ async fn start_run(
     if let Some(r) = unauthorized(&state, &headers) {
         return r;
     }
-    let wait = match params {
-        Ok(Query(p)) => p.wait,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "bad query: {}; the only parameter is wait=true|false",
-                    e.body_text()
-                ),
-                None,
-            )
-        }
+    let wait = match wait_without_body(params, body) {
+        Ok(wait) => wait,
+        Err(r) => return *r,
     };
-    match body {
-        Ok(b) if b.iter().all(u8::is_ascii_whitespace) || b.as_ref() == b"{}" => {}
-        Ok(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "this endpoint takes no request body (or {})",
-                None,
-            )
-        }
-        Err(e) => {
-            return error(
-                e.status(),
-                format!(
-                    "request body rejected: {} (at most {MAX_BODY} bytes)",
-                    e.body_text()
-                ),
-                None,
-            )
-        }
-    }
     // Without connection info (a router driven in-process) all callers are
     // one client.
     let client = peer.map_or(
         IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         |Extension(ConnectInfo(a))| a.ip(),
     );
-    let started = match state.limiter.admit(client, &state.runner) {
-        Ok(handle) => Ok(handle),
-        Err(Refusal::Start(e)) => Err(e),
-        Err(Refusal::TooSoon {
-            retry_after,
-            run_id,
-        }) => {
-            state.metrics.http_rate_limited();
-            let secs = retry_after_secs(retry_after);
-            return too_many(
-                secs,
-                format!(
-                    "too many backup triggers: {} started backup {run_id} less than {} ago (http.trigger_min_interval); retry in {secs} s, or follow that run with GET /v1/backups/{run_id}",
-                    client.to_canonical(),
-                    humantime::format_duration(state.limiter.interval),
-                ),
-                Some(run_id),
-            );
-        }
-        Err(Refusal::Full { retry_after }) => {
-            state.metrics.http_rate_limited();
-            let secs = retry_after_secs(retry_after);
-            return too_many(
-                secs,
-                format!(
-                    "too many backup triggers: more than {MAX_LIMITED_CLIENTS} clients started backups within {} (http.trigger_min_interval); retry in {secs} s",
-                    humantime::format_duration(state.limiter.interval),
-                ),
-                None,
-            );
-        }
+    let started = match admit(&state, client) {
+        Ok(started) => started,
+        Err(r) => return *r,
     };
     match started {
         Ok(handle) if wait => finished_response(handle.finished().await),
@@ -564,6 +507,89 @@ async fn start_run(
             error(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), None)
         }
     }
+}
+
+/// The query's `wait` flag, if the request has no body (or `{}`); else the
+/// `400` (or `413`) to answer with.
+fn wait_without_body(
+    params: Result<Query<StartParams>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<bool, Box<Response>> {
+    let wait = match params {
+        Ok(Query(p)) => p.wait,
+        Err(e) => {
+            return Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "bad query: {}; the only parameter is wait=true|false",
+                    e.body_text()
+                ),
+                None,
+            )))
+        }
+    };
+    match body {
+        Ok(b) if b.iter().all(u8::is_ascii_whitespace) || b.as_ref() == b"{}" => {}
+        Ok(_) => {
+            return Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "this endpoint takes no request body (or {})",
+                None,
+            )))
+        }
+        Err(e) => {
+            return Err(Box::new(error(
+                e.status(),
+                format!(
+                    "request body rejected: {} (at most {MAX_BODY} bytes)",
+                    e.body_text()
+                ),
+                None,
+            )))
+        }
+    }
+    Ok(wait)
+}
+
+/// The rate limit's verdict for `client`: a started run (or the runner's
+/// refusal), or the `429` to answer with.
+fn admit(
+    state: &AppState,
+    client: IpAddr,
+) -> Result<Result<crate::daemon::runner::RunHandle, StartError>, Box<Response>> {
+    let started = match state.limiter.admit(client, &state.runner) {
+        Ok(handle) => Ok(handle),
+        Err(Refusal::Start(e)) => Err(e),
+        Err(Refusal::TooSoon {
+            retry_after,
+            run_id,
+        }) => {
+            state.metrics.http_rate_limited();
+            let secs = retry_after_secs(retry_after);
+            return Err(Box::new(too_many(
+                secs,
+                format!(
+                    "too many backup triggers: {} started backup {run_id} less than {} ago (http.trigger_min_interval); retry in {secs} s, or follow that run with GET /v1/backups/{run_id}",
+                    client.to_canonical(),
+                    humantime::format_duration(state.limiter.interval),
+                ),
+                Some(run_id),
+            )));
+        }
+        Err(Refusal::Full { retry_after }) => {
+            state.metrics.http_rate_limited();
+            let secs = retry_after_secs(retry_after);
+            return Err(Box::new(too_many(
+                secs,
+                format!(
+                    "too many backup triggers: more than {MAX_LIMITED_CLIENTS} clients started backups within {} (http.trigger_min_interval); retry in {secs} s",
+                    humantime::format_duration(state.limiter.interval),
+                ),
+                None,
+            )));
+        }
+    };
+    Ok(started)
 }
 
 /// `429` with `Retry-After: secs`.

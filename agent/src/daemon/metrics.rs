@@ -169,75 +169,92 @@ impl Metrics {
             not_durable_sets: Counter::default(),
             registry: Registry::default(),
         };
+        m.register_run_metrics(&mut registry);
+        m.register_store_and_mode_metrics(&mut registry, version, coordination);
+        m.create_series();
+        Metrics { registry, ..m }
+    }
+
+    /// The metrics of backup runs: outcomes, sizes, durations, the schedule.
+    fn register_run_metrics(&self, registry: &mut Registry) {
         registry.register(
             "etcd_backup_last_success_timestamp_seconds",
             "Unix time the newest successful backup finished (0 until the first)",
-            m.last_success.clone(),
+            self.last_success.clone(),
         );
         registry.register(
             "etcd_backup_last_attempt_timestamp_seconds",
             "Unix time the newest backup run started (0 until the first)",
-            m.last_attempt.clone(),
+            self.last_attempt.clone(),
         );
         registry.register(
             "etcd_backup_last_size_bytes",
             "Size of each file of the newest successful backup",
-            m.last_size.clone(),
+            self.last_size.clone(),
         );
         registry.register(
             "etcd_backup_last_revision",
             "etcd revision recorded by the newest successful backup",
-            m.last_revision.clone(),
+            self.last_revision.clone(),
         );
         registry.register(
             "etcd_backup_runs",
             "Backup runs by trigger and result",
-            m.runs.clone(),
+            self.runs.clone(),
         );
         registry.register(
             "etcd_backup_failures",
             "Failed backup runs by the stage they failed at",
-            m.failures.clone(),
+            self.failures.clone(),
         );
         registry.register(
             "etcd_backup_skipped",
             "Scheduled backups not started, by reason",
-            m.skipped.clone(),
+            self.skipped.clone(),
         );
         registry.register(
             "etcd_backup_duration_seconds",
             "Wall time of backup runs, retries included",
-            m.duration.clone(),
+            self.duration.clone(),
         );
         registry.register(
             "etcd_backup_in_progress",
             "1 while a backup run is in progress",
-            m.in_progress.clone(),
+            self.in_progress.clone(),
         );
         registry.register(
             "etcd_backup_next_run_timestamp_seconds",
             "Unix time of the next scheduled backup (0 when none is scheduled)",
-            m.next_run.clone(),
+            self.next_run.clone(),
         );
+    }
+
+    /// The metrics of what the destination holds, drills, the API, the mode and the build.
+    fn register_store_and_mode_metrics(
+        &self,
+        registry: &mut Registry,
+        version: &str,
+        coordination: Coordination,
+    ) {
         registry.register(
             "etcd_backup_sets",
             "Complete backup sets of this node at the destination, as of the last scan",
-            m.sets.clone(),
+            self.sets.clone(),
         );
         registry.register(
             "etcd_backup_unrecognised_entries",
             "Entries in this node's directory at the destination that the agent never removes: newer-format sets, damaged or incomplete sets, and anything it did not write (see list --include-partial), as of the last scan",
-            m.unrecognised.clone(),
+            self.unrecognised.clone(),
         );
         registry.register(
             "etcd_backup_last_drill_success_timestamp_seconds",
             "When the newest passing restore drill finished (0 until the first; drills run with drill_schedule)",
-            m.last_drill_success.clone(),
+            self.last_drill_success.clone(),
         );
         registry.register(
             "etcd_backup_cluster_last_success_timestamp_seconds",
             "When the cluster's newest complete backup set finished, whichever node took it (label node); no series until a set exists",
-            m.cluster_last_success.clone(),
+            self.cluster_last_success.clone(),
         );
         registry.register(
             "etcd_backup_coordination",
@@ -247,41 +264,45 @@ impl Metrics {
         registry.register(
             "etcd_backup_http_rate_limited",
             "POST /v1/backups requests refused with 429 because the client triggered a run less than http.trigger_min_interval ago",
-            m.http_rate_limited.clone(),
+            self.http_rate_limited.clone(),
         );
         registry.register(
             "etcd_backup_not_durable_sets",
             "Sets stored on an SFTP server without fsync@openssh.com (allowed by destination.sftp.require_fsync: false) and recorded \"durable\": false: a crash of the server may lose them",
-            m.not_durable_sets.clone(),
+            self.not_durable_sets.clone(),
         );
         registry.register(
             "etcd_backup_agent_build",
             "The agent's build",
             Info::new(vec![("version", version.to_string())]),
         );
+    }
+
+    /// Every labelled series from the closed label sets, at zero, so alert
+    /// rules see them before the first run.
+    fn create_series(&self) {
         for trigger in TRIGGERS {
             for result in RESULTS {
-                let _ = m.runs.get_or_create(&RunLabels {
+                let _ = self.runs.get_or_create(&RunLabels {
                     trigger: trigger.as_str(),
                     result,
                 });
             }
         }
         for stage in FAILURE_STAGES {
-            let _ = m.failures.get_or_create(&StageLabels { stage });
+            let _ = self.failures.get_or_create(&StageLabels { stage });
         }
         for reason in SkipReason::ALL {
-            let _ = m.skipped.get_or_create(&ReasonLabels {
+            let _ = self.skipped.get_or_create(&ReasonLabels {
                 reason: reason.as_str(),
             });
         }
         for artifact in ["snapshot", "resources"] {
-            let _ = m.last_size.get_or_create(&ArtifactLabels { artifact });
+            let _ = self.last_size.get_or_create(&ArtifactLabels { artifact });
         }
         for result in RESULTS {
-            let _ = m.duration.get_or_create(&ResultLabels { result });
+            let _ = self.duration.get_or_create(&ResultLabels { result });
         }
-        Metrics { registry, ..m }
     }
 
     /// The OpenMetrics text exposition.

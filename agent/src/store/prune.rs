@@ -1,19 +1,19 @@
 //! Applying the retention policy to a destination: which sets go (see
-//! [`crate::retention`]), and removing them so that an interrupted prune never
+//! [`crate::policy::retention`]), and removing them so that an interrupted prune never
 //! leaves a set that looks complete: `manifest.json` is deleted first.
 //!
 //! Only names this agent writes are deleted: a complete set's manifest and
 //! the files it lists, and the `.partial` files of a set. Everything else the
-//! catalog finds is left alone and reported (see [`crate::catalog`]).
+//! catalog finds is left alone and reported (see [`crate::store::catalog`]).
 
 use chrono::{DateTime, Utc};
 
 use etcd_backup_proto::{SetTimestamp, MANIFEST_FILE_NAME};
 
-use crate::catalog::{self, CatalogError, LeftoverKind, MANIFEST_BEING_REMOVED};
 use crate::config::Config;
-use crate::destination::{Destination, DestinationError};
-use crate::retention::{self, Decision, Reason};
+use crate::policy::retention::{self, Decision, Reason};
+use crate::store::catalog::{self, CatalogError, LeftoverKind, MANIFEST_BEING_REMOVED};
+use crate::store::destination::{Destination, DestinationError};
 
 /// What a prune decided and did.
 #[derive(Debug, Clone, Default)]
@@ -191,7 +191,7 @@ async fn remove_files(
 /// The destination or its catalog could not be read, or some removals failed
 /// (summarised).
 pub async fn after_backup(config: &Config) -> Result<PruneReport, String> {
-    let dest = crate::destination::open(&config.destination)
+    let dest = crate::store::destination::open(&config.destination)
         .await
         .map_err(|e| e.to_string())?;
     let report = prune(
@@ -236,7 +236,7 @@ pub async fn after_backup(config: &Config) -> Result<PruneReport, String> {
 mod tests {
     use super::*;
     use crate::config::Environment;
-    use crate::destination::{DirEntry, LocalDir, Upload};
+    use crate::store::destination::{DirEntry, LocalDir, Upload};
     use async_trait::async_trait;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncRead;
@@ -290,8 +290,8 @@ mod tests {
     #[tokio::test]
     async fn an_interrupted_prune_never_leaves_a_complete_looking_set() {
         let tmp = tempfile::tempdir().unwrap();
-        crate::catalog::test_sets::write_set(tmp.path(), "2026-01-01_000000");
-        crate::catalog::test_sets::write_set(tmp.path(), "2026-01-02_000000");
+        crate::store::catalog::test_sets::write_set(tmp.path(), "2026-01-01_000000");
+        crate::store::catalog::test_sets::write_set(tmp.path(), "2026-01-02_000000");
         let text = format!(
             "node_name: n\ncluster_name: c\netcd:\n  endpoints: [\"http://127.0.0.1:1\"]\nresources:\n  layout: none\ndestination:\n  local:\n    path: {}\nretention:\n  keep_last: 1\n",
             tmp.path().display()

@@ -15,6 +15,7 @@ use tonic::transport::Endpoint;
 use url::Url;
 
 use crate::config::{EtcdConfig, EtcdTls};
+use crate::error_chain::chain;
 
 /// Length of the SHA-256 digest etcd appends to a snapshot.
 pub const DIGEST_LEN: usize = 32;
@@ -256,21 +257,6 @@ fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, EtcdError> {
         ));
     }
     Ok(options)
-}
-
-/// The error and all its causes on one line, with duplicates removed
-/// (transport errors often repeat their cause in their own message).
-pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        cur = s.source();
-    }
-    parts.join(": ")
 }
 
 fn etcd_error_detail(e: &etcd_client::Error) -> String {
@@ -578,13 +564,5 @@ mod tests {
                 other => panic!("len {len}: {other:?}"),
             }
         }
-    }
-
-    #[test]
-    fn chain_drops_repeated_causes() {
-        let inner =
-            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
-        let outer = std::io::Error::other(inner);
-        assert_eq!(chain(&outer), "connection refused");
     }
 }

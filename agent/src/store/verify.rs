@@ -12,10 +12,10 @@ use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
 use etcd_backup_proto::{FileKind, ManifestFile};
 
-use crate::catalog::CatalogSet;
-use crate::destination::{Destination, DestinationError};
 use crate::encryption::Identities;
-use crate::etcd::SnapshotVerifier;
+use crate::source::etcd::SnapshotVerifier;
+use crate::store::catalog::CatalogSet;
+use crate::store::destination::{Destination, DestinationError};
 
 /// What was found for one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,7 +132,7 @@ struct ContentChecks {
     sha: Sha256,
     size: u64,
     digest: Option<SnapshotVerifier>,
-    status: Option<crate::snapshot_status::StreamingStatus>,
+    status: Option<etcd_backup_bbolt_status::StreamingStatus>,
 }
 
 impl ContentChecks {
@@ -141,7 +141,8 @@ impl ContentChecks {
             sha: Sha256::new(),
             size: 0,
             digest: is_snapshot.then(SnapshotVerifier::new),
-            status: (is_snapshot && want_status).then(crate::snapshot_status::StreamingStatus::new),
+            status: (is_snapshot && want_status)
+                .then(etcd_backup_bbolt_status::StreamingStatus::new),
         }
     }
 
@@ -232,6 +233,45 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<'_, R> {
     }
 }
 
+/// A file checked as stored: a plain file gets every check; an encrypted
+/// one, without a key, its ciphertext's size and hash.
+async fn check_as_stored(
+    mut reader: Box<dyn AsyncRead + Send + Unpin>,
+    set: &CatalogSet,
+    entry: &ManifestFile,
+    want_status: bool,
+    mut sink: impl FnMut(&[u8]) -> Result<(), CheckError>,
+    progress: &(dyn Fn(u64) + Sync),
+    read_error: &(dyn Fn(std::io::Error) -> CheckError + Sync),
+) -> Result<FileReport, CheckError> {
+    let is_snapshot = entry.kind == FileKind::Snapshot;
+    let mut problems = Vec::new();
+    let mut checks = ContentChecks::new(is_snapshot && entry.plaintext.is_none(), want_status);
+    let result = read_all(&mut reader, |chunk| {
+        checks.update(chunk);
+        progress(checks.size);
+        sink(chunk)
+    })
+    .await;
+    if let Err(mut e) = result {
+        return Err(sink_error(&mut e).unwrap_or_else(|| read_error(e)));
+    }
+    let size = checks.size;
+    checks.finish(
+        "",
+        entry.size,
+        &entry.sha256,
+        set.manifest.snapshot_status,
+        &mut problems,
+    );
+    Ok(FileReport {
+        name: entry.name.clone(),
+        size,
+        decrypted: false,
+        problems,
+    })
+}
+
 /// Streams one file of `set` back, checking it against `entry`. Every chunk
 /// of content is handed to `sink` (fetch writes it; verify passes a no-op):
 /// the plaintext when the file is encrypted and `identities` are given, else
@@ -268,33 +308,7 @@ pub async fn check_file(
     let mut problems = Vec::new();
 
     let (Some(plain), Some(ids)) = (entry.plaintext.as_ref(), identities) else {
-        // As stored: a plain file gets every check; an encrypted one, without
-        // a key, its ciphertext's size and hash.
-        let mut reader = reader;
-        let mut checks = ContentChecks::new(is_snapshot && entry.plaintext.is_none(), want_status);
-        let result = read_all(&mut reader, |chunk| {
-            checks.update(chunk);
-            progress(checks.size);
-            sink(chunk)
-        })
-        .await;
-        if let Err(mut e) = result {
-            return Err(sink_error(&mut e).unwrap_or_else(|| read_error(e)));
-        }
-        let size = checks.size;
-        checks.finish(
-            "",
-            entry.size,
-            &entry.sha256,
-            set.manifest.snapshot_status,
-            &mut problems,
-        );
-        return Ok(FileReport {
-            name: entry.name.clone(),
-            size,
-            decrypted: false,
-            problems,
-        });
+        return check_as_stored(reader, set, entry, want_status, sink, progress, &read_error).await;
     };
 
     let mut cipher_sha = Sha256::new();
@@ -587,15 +601,19 @@ pub async fn fetch_set(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::destination::LocalDir;
+    use crate::store::destination::LocalDir;
 
     #[tokio::test]
     async fn fetch_refuses_a_manifest_name_outside_the_naming_scheme_before_touching_a_file() {
         let tmp = tempfile::tempdir().unwrap();
         let store = tmp.path().join("store");
-        crate::catalog::test_sets::write_set(&store, "2026-01-01_000000");
+        crate::store::catalog::test_sets::write_set(&store, "2026-01-01_000000");
         let dest = LocalDir::open(&store).await.unwrap();
-        let good = crate::catalog::scan(&dest, "c", None).await.unwrap().sets[0].clone();
+        let good = crate::store::catalog::scan(&dest, "c", None)
+            .await
+            .unwrap()
+            .sets[0]
+            .clone();
         let out = tmp.path().join("out");
         std::fs::create_dir(&out).unwrap();
         std::fs::write(tmp.path().join("victim"), b"keep").unwrap();

@@ -17,7 +17,7 @@ use etcd_backup_proto::{
     Manifest, SetId, SetTimestamp, MANIFEST_FILE_NAME, MANIFEST_FORMAT_VERSION,
 };
 
-use crate::destination::{Destination, DestinationError, DirEntry};
+use crate::store::destination::{Destination, DestinationError, DirEntry};
 
 /// Largest manifest read; a real one is about 1 KiB.
 const MAX_MANIFEST: u64 = 1 << 20;
@@ -223,6 +223,58 @@ async fn being_removed(
         && m.node == id.node
         && m.timestamp == id.timestamp
         && foreign.iter().all(|n| m.files.iter().any(|f| &f.name == n))
+}
+
+/// Files a set whose manifest was read: complete (and, if it also holds
+/// names this agent did not write or partials, a leftover too), a newer
+/// format, or a problem.
+fn record(
+    catalog: &mut Catalog,
+    mut found: Leftover,
+    id: SetId,
+    ts: SetTimestamp,
+    listing: &[DirEntry],
+    read: ManifestRead,
+) {
+    match read {
+        ManifestRead::Complete(m) => {
+            let known = |n: &str| {
+                n == MANIFEST_FILE_NAME
+                    || ts.is_own_partial(n)
+                    || m.files.iter().any(|f| f.name == n)
+            };
+            let foreign = names(listing.iter().filter(|f| !known(&f.name)));
+            let partials = names(listing.iter().filter(|f| ts.is_own_partial(&f.name)));
+            if !foreign.is_empty() {
+                found.why = format!(
+                    "a complete set that also holds {}, which this agent did not write; retention leaves this set alone",
+                    foreign.join(", ")
+                );
+                catalog.leftovers.push(found);
+            } else if !partials.is_empty() {
+                found.kind = LeftoverKind::OwnPartial;
+                found.files = partials;
+                found.why = "partial files inside a complete set".into();
+                catalog.leftovers.push(found);
+            }
+            catalog.sets.push(CatalogSet { id, manifest: *m });
+        }
+        ManifestRead::Newer {
+            format_version,
+            finished_at,
+        } => {
+            found.kind = LeftoverKind::NewerFormat;
+            found.finished_at = finished_at.or(Some(ts.as_datetime()));
+            found.why = format!(
+                "manifest format_version {format_version} is newer than this agent understands ({MANIFEST_FORMAT_VERSION}); kept and counted as a set; upgrade the agent to read it"
+            );
+            catalog.leftovers.push(found);
+        }
+        ManifestRead::Problem(why) => {
+            found.why = why;
+            catalog.leftovers.push(found);
+        }
+    }
 }
 
 /// The names of `entries`, for messages and plans.
@@ -454,45 +506,7 @@ pub async fn scan_cached(
             };
             let read = read_manifest(&bytes, &id, &listing);
             seen.insert(dir.clone(), bytes);
-            match read {
-                ManifestRead::Complete(m) => {
-                    let known = |n: &str| {
-                        n == MANIFEST_FILE_NAME
-                            || ts.is_own_partial(n)
-                            || m.files.iter().any(|f| f.name == n)
-                    };
-                    let foreign = names(listing.iter().filter(|f| !known(&f.name)));
-                    let partials = names(listing.iter().filter(|f| ts.is_own_partial(&f.name)));
-                    if !foreign.is_empty() {
-                        found.why = format!(
-                            "a complete set that also holds {}, which this agent did not write; retention leaves this set alone",
-                            foreign.join(", ")
-                        );
-                        catalog.leftovers.push(found);
-                    } else if !partials.is_empty() {
-                        found.kind = LeftoverKind::OwnPartial;
-                        found.files = partials;
-                        found.why = "partial files inside a complete set".into();
-                        catalog.leftovers.push(found);
-                    }
-                    catalog.sets.push(CatalogSet { id, manifest: *m });
-                }
-                ManifestRead::Newer {
-                    format_version,
-                    finished_at,
-                } => {
-                    found.kind = LeftoverKind::NewerFormat;
-                    found.finished_at = finished_at.or(Some(ts.as_datetime()));
-                    found.why = format!(
-                        "manifest format_version {format_version} is newer than this agent understands ({MANIFEST_FORMAT_VERSION}); kept and counted as a set; upgrade the agent to read it"
-                    );
-                    catalog.leftovers.push(found);
-                }
-                ManifestRead::Problem(why) => {
-                    found.why = why;
-                    catalog.leftovers.push(found);
-                }
-            }
+            record(&mut catalog, found, id, ts, &listing, read);
         }
     }
     cache.by_dir = seen;
@@ -579,7 +593,7 @@ pub(crate) mod test_sets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::destination::LocalDir;
+    use crate::store::destination::LocalDir;
 
     #[tokio::test]
     async fn a_set_whose_stored_size_differs_from_its_manifest_is_not_complete() {

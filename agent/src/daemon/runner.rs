@@ -21,7 +21,7 @@ use etcd_backup_proto::FileKind;
 
 use crate::backup::{self, Outcome};
 use crate::config::Config;
-use crate::metrics::{Metrics, SuccessFigures};
+use crate::daemon::metrics::{Metrics, SuccessFigures};
 
 /// Finished runs kept in memory for `GET /v1/backups`.
 pub const HISTORY: usize = 50;
@@ -180,7 +180,7 @@ impl Runner {
     /// Retention after a successful run; a failure is logged and counted, the
     /// run itself stays a success (its set is complete).
     async fn apply_retention(&self) {
-        if let Err(e) = crate::prune::after_backup(&self.config).await {
+        if let Err(e) = crate::store::prune::after_backup(&self.config).await {
             self.metrics.retention_failed();
             tracing::error!(error = %e, "applying retention failed");
         }

@@ -5,6 +5,11 @@
 //! unknown keys rejected); [`Config::from_raw`] then checks every value and turns
 //! it into the typed [`Config`] the rest of the agent uses. Every problem found is
 //! reported with its field path, all at once, so a person fixes the file in one go.
+//!
+//! This file holds the types and the shared checks; each section's validator
+//! is a file beside it (`etcd`, `resources`, `destination`, `daemon`,
+//! `encryption`, `retention`, `retry`, `log`). Config may import only `policy`,
+//! `encryption` and the workspace crates: it is data the rest of the agent reads.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -14,6 +19,15 @@ use serde::Deserialize;
 use url::Url;
 
 use etcd_backup_proto::is_valid_name_component;
+
+mod daemon;
+mod destination;
+mod encryption;
+mod etcd;
+mod log;
+mod resources;
+mod retention;
+mod retry;
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -253,7 +267,7 @@ pub struct Config {
     /// What the daemon (`run`) needs beyond a single backup.
     pub daemon: DaemonConfig,
     /// Which sets `prune` (and the daemon after each success) removes.
-    pub retention: crate::retention::RetentionPolicy,
+    pub retention: crate::policy::retention::RetentionPolicy,
     /// `encryption`: when set, data files are stored age-encrypted.
     pub encryption: Option<crate::encryption::EncryptionConfig>,
 }
@@ -262,7 +276,7 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
     /// `schedule` in `timezone`; required by `run`, unused by `backup`.
-    pub schedule: Option<crate::schedule::Schedule>,
+    pub schedule: Option<crate::policy::schedule::Schedule>,
     /// `jitter`: random delay added to each scheduled start.
     pub jitter: Duration,
     /// `run_on_start`.
@@ -283,7 +297,7 @@ pub struct DaemonConfig {
     /// `shutdown_grace`: how long a run in progress may take after SIGTERM.
     pub shutdown_grace: Duration,
     /// `drill_schedule` (in `timezone`): when the daemon drills the newest set.
-    pub drill_schedule: Option<crate::schedule::Schedule>,
+    pub drill_schedule: Option<crate::policy::schedule::Schedule>,
 }
 
 /// `run_on_start`: whether the daemon backs up right after it starts.
@@ -574,9 +588,9 @@ impl Config {
         let retention = v.retention(raw.retention.unwrap_or_default());
         let encryption = raw.encryption.and_then(|e| v.encryption(e));
         let drill_schedule = raw.drill_schedule.and_then(|expr| {
-            match crate::schedule::Schedule::parse(&expr, raw.timezone.as_deref()) {
+            match crate::policy::schedule::Schedule::parse(&expr, raw.timezone.as_deref()) {
                 Ok(s) => Some(s),
-                Err(crate::schedule::ScheduleError::TimeZone { .. }) => None, // reported for `schedule`
+                Err(crate::policy::schedule::ScheduleError::TimeZone { .. }) => None, // reported for `schedule`
                 Err(e) => {
                     v.error("drill_schedule", e.to_string());
                     None
@@ -771,211 +785,6 @@ impl Validator {
         }
     }
 
-    fn etcd(&mut self, raw: RawEtcd) -> Option<EtcdConfig> {
-        let mut endpoints = Vec::new();
-        let mut schemes = Vec::new();
-        match raw.endpoints {
-            None => self.error(
-                "etcd.endpoints",
-                "required: the URL of the local etcd member, e.g. https://10.0.0.5:2379",
-            ),
-            Some(list) if list.is_empty() => self.error(
-                "etcd.endpoints",
-                "empty: give the URL of the local etcd member first",
-            ),
-            Some(list) => {
-                for (i, text) in list.into_iter().enumerate() {
-                    let field = format!("etcd.endpoints[{i}]");
-                    match Url::parse(&text) {
-                        Ok(url) => {
-                            if url.scheme() != "http" && url.scheme() != "https" {
-                                self.error(
-                                    field,
-                                    format!("invalid URL {text:?}: scheme must be http or https"),
-                                );
-                            } else if url.host_str().is_none_or(str::is_empty) {
-                                self.error(field, format!("invalid URL {text:?}: no host"));
-                            } else if url.port_or_known_default().is_none() || url.port().is_none()
-                            {
-                                self.error(
-                                    field,
-                                    format!("invalid URL {text:?}: give the port explicitly, e.g. :2379"),
-                                );
-                            } else if url.path() != "/" && !url.path().is_empty() {
-                                self.error(
-                                    field,
-                                    format!("invalid URL {text:?}: an etcd endpoint has no path"),
-                                );
-                            } else {
-                                schemes.push((i, url.scheme().to_string()));
-                                endpoints.push(url);
-                            }
-                        }
-                        Err(e) => self.error(field, format!("invalid URL {text:?}: {e}")),
-                    }
-                }
-            }
-        }
-
-        let any_https = schemes.iter().any(|(_, s)| s == "https");
-        for (i, s) in &schemes {
-            if any_https && s == "http" {
-                self.error(
-                    format!("etcd.endpoints[{i}]"),
-                    "mixes http with https endpoints; use one scheme for all",
-                );
-            }
-        }
-
-        let tls_files_set =
-            raw.ca_file.is_some() || raw.cert_file.is_some() || raw.key_file.is_some();
-        if let Some(p) = &raw.ca_file {
-            self.readable_file("etcd.ca_file", p);
-        }
-        if let Some(p) = &raw.cert_file {
-            self.readable_file("etcd.cert_file", p);
-        }
-        if let Some(p) = &raw.key_file {
-            self.readable_file("etcd.key_file", p);
-        }
-        let client = match (raw.cert_file, raw.key_file) {
-            (Some(c), Some(k)) => Some((c, k)),
-            (None, None) => None,
-            (Some(_), None) => {
-                self.error("etcd.key_file", "required when etcd.cert_file is set");
-                None
-            }
-            (None, Some(_)) => {
-                self.error("etcd.cert_file", "required when etcd.key_file is set");
-                None
-            }
-        };
-        let tls = if any_https {
-            match raw.ca_file {
-                Some(ca_file) => Some(EtcdTls { ca_file, client }),
-                None => {
-                    self.error(
-                        "etcd.ca_file",
-                        "required with https endpoints: the CA bundle that signed etcd's serving certificate",
-                    );
-                    None
-                }
-            }
-        } else {
-            if tls_files_set && !schemes.is_empty() {
-                self.error(
-                    "etcd.endpoints[0]",
-                    "uses http, but TLS files are set; use https:// endpoints or remove ca_file/cert_file/key_file",
-                );
-            }
-            None
-        };
-
-        let dial_timeout = self.duration(
-            "etcd.dial_timeout",
-            raw.dial_timeout,
-            defaults::DIAL_TIMEOUT,
-        );
-        let stall_timeout = self.duration(
-            "etcd.stall_timeout",
-            raw.stall_timeout,
-            defaults::STALL_TIMEOUT,
-        );
-
-        if endpoints.is_empty() {
-            return None;
-        }
-        Some(EtcdConfig {
-            endpoints,
-            tls,
-            dial_timeout,
-            stall_timeout,
-        })
-    }
-
-    fn resources(&mut self, raw: RawResources) -> Option<ResourcesConfig> {
-        let layout = match raw.layout.as_deref() {
-            None | Some("openshift") => Layout::Openshift,
-            Some("kubeadm") => Layout::Kubeadm,
-            Some("none") => Layout::None,
-            Some(other) => {
-                self.error(
-                    "resources.layout",
-                    format!("unknown layout {other:?}; expected one of openshift, kubeadm, none"),
-                );
-                return None;
-            }
-        };
-        let root = raw
-            .root
-            .unwrap_or_else(|| PathBuf::from(defaults::RESOURCES_ROOT));
-        if layout != Layout::None {
-            match std::fs::metadata(&root) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    self.error(
-                        "resources.root",
-                        format!("{} is not a directory", root.display()),
-                    );
-                    return None;
-                }
-                Err(e) => {
-                    self.error(
-                        "resources.root",
-                        format!(
-                            "cannot read {}: {e}; mount the host's /etc/kubernetes there, or set resources.layout: none",
-                            root.display()
-                        ),
-                    );
-                    return None;
-                }
-            }
-        }
-        Some(ResourcesConfig { layout, root })
-    }
-
-    fn destination(&mut self, raw: Option<RawDestination>) -> Option<DestinationConfig> {
-        const KINDS: &str = "destination.local or destination.sftp";
-        let Some(raw) = raw else {
-            self.error(
-                "destination",
-                format!("required: configure exactly one of {KINDS}"),
-            );
-            return None;
-        };
-        match (raw.local, raw.sftp) {
-            (None, None) => {
-                self.error(
-                    "destination",
-                    format!("no destination configured: set exactly one of {KINDS}"),
-                );
-                None
-            }
-            (Some(_), Some(_)) => {
-                self.error(
-                    "destination",
-                    format!("both local and sftp are set: configure exactly one of {KINDS}"),
-                );
-                None
-            }
-            (Some(local), None) => match local.unwrap_or_default().path {
-                Some(path) if !path.as_os_str().is_empty() => {
-                    Some(DestinationConfig::Local { path })
-                }
-                _ => {
-                    self.error(
-                        "destination.local.path",
-                        "required: the directory backup sets are written to",
-                    );
-                    None
-                }
-            },
-            (None, Some(sftp)) => self
-                .sftp(sftp.unwrap_or_default())
-                .map(DestinationConfig::Sftp),
-        }
-    }
-
     fn required_text(&mut self, field: &str, value: Option<String>, what: &str) -> Option<String> {
         match value {
             Some(v) if !v.trim().is_empty() => Some(v),
@@ -984,440 +793,6 @@ impl Validator {
                 None
             }
         }
-    }
-
-    fn sftp(&mut self, raw: RawSftp) -> Option<SftpConfig> {
-        let host = self.required_text(
-            "destination.sftp.host",
-            raw.host,
-            "the SFTP server's host name or address",
-        );
-        if let Some(h) = &host {
-            if h.contains(|c: char| c.is_whitespace() || c == '/' || c == '@') {
-                self.error("destination.sftp.host", format!("{h:?} is not a host name or address; give the port in destination.sftp.port"));
-            }
-        }
-        let port = raw.port.unwrap_or(defaults::SFTP_PORT);
-        if port == 0 {
-            self.error(
-                "destination.sftp.port",
-                "0 is not a port; the SSH default is 22",
-            );
-        }
-        let user = self.required_text(
-            "destination.sftp.user",
-            raw.user,
-            "the login user on the SFTP server",
-        );
-        let path = self.required_text(
-            "destination.sftp.path",
-            raw.path,
-            "the base directory on the server, e.g. /srv/backups",
-        );
-        if let Some(p) = &path {
-            if p.split('/').any(|c| c == "..") {
-                self.error(
-                    "destination.sftp.path",
-                    format!("{p:?} contains '..'; give a plain directory"),
-                );
-            }
-        }
-
-        let host_key = match (raw.known_hosts_file, raw.host_key_fingerprint) {
-            (Some(_), Some(_)) => {
-                self.error(
-                    "destination.sftp.host_key_fingerprint",
-                    "set either known_hosts_file or host_key_fingerprint, not both",
-                );
-                None
-            }
-            (None, None) => {
-                self.error(
-                    "destination.sftp.known_hosts_file",
-                    "required (or host_key_fingerprint): the server's host key must be known in advance; \
-                     get it with `ssh-keyscan -p PORT HOST`, check it with the server's administrator, \
-                     and put the lines in a known_hosts file",
-                );
-                None
-            }
-            (Some(file), None) => {
-                self.readable_file("destination.sftp.known_hosts_file", &file);
-                Some(HostKeyCheck::KnownHosts(file))
-            }
-            (None, Some(fp)) => match crate::known_hosts::parse_sha256_fingerprint(fp.trim()) {
-                Ok(fp) => Some(HostKeyCheck::Fingerprint(fp)),
-                Err(e) => {
-                    self.error("destination.sftp.host_key_fingerprint", e);
-                    None
-                }
-            },
-        };
-
-        let auth = match (raw.private_key_file, raw.password_file) {
-            (Some(_), Some(_)) => {
-                self.error(
-                    "destination.sftp.password_file",
-                    "set either private_key_file or password_file, not both",
-                );
-                None
-            }
-            (None, None) => {
-                self.error(
-                    "destination.sftp.private_key_file",
-                    "required (or password_file): how the agent logs in; secrets are read from files only",
-                );
-                None
-            }
-            (Some(key_file), None) => {
-                self.readable_file("destination.sftp.private_key_file", &key_file);
-                if let Some(p) = &raw.private_key_passphrase_file {
-                    self.readable_file("destination.sftp.private_key_passphrase_file", p);
-                }
-                Some(SftpAuth::PrivateKey {
-                    key_file,
-                    passphrase_file: raw.private_key_passphrase_file,
-                })
-            }
-            (None, Some(password_file)) => {
-                if raw.private_key_passphrase_file.is_some() {
-                    self.error(
-                        "destination.sftp.private_key_passphrase_file",
-                        "only used with private_key_file",
-                    );
-                }
-                self.readable_file("destination.sftp.password_file", &password_file);
-                Some(SftpAuth::Password(password_file))
-            }
-        };
-        let connect_timeout = self.duration(
-            "destination.sftp.connect_timeout",
-            raw.connect_timeout,
-            defaults::SFTP_CONNECT_TIMEOUT,
-        );
-        let io_timeout = self.duration(
-            "destination.sftp.io_timeout",
-            raw.io_timeout,
-            defaults::SFTP_IO_TIMEOUT,
-        );
-        if io_timeout < Duration::from_secs(1) {
-            self.error("destination.sftp.io_timeout", "must be at least 1s");
-        }
-        Some(SftpConfig {
-            host: host?,
-            port,
-            user: user?,
-            path: path?,
-            host_key: host_key?,
-            auth: auth?,
-            connect_timeout,
-            io_timeout,
-            require_fsync: raw.require_fsync.unwrap_or(true),
-        })
-    }
-
-    fn daemon(
-        &mut self,
-        schedule: Option<String>,
-        timezone: Option<String>,
-        jitter: Option<String>,
-        run_on_start: Option<String>,
-        http: RawHttp,
-        shutdown_grace: Option<String>,
-    ) -> DaemonConfig {
-        if let Some(tz) = &timezone {
-            if schedule.is_none() {
-                self.error("timezone", format!("{tz:?} is set but schedule is not"));
-            }
-        }
-        let schedule = schedule.and_then(|expr| {
-            match crate::schedule::Schedule::parse(&expr, timezone.as_deref()) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    let field = if matches!(e, crate::schedule::ScheduleError::TimeZone { .. }) {
-                        "timezone"
-                    } else {
-                        "schedule"
-                    };
-                    self.error(field, e.to_string());
-                    None
-                }
-            }
-        });
-        let jitter = match jitter {
-            Some(text) if humantime::parse_duration(text.trim()).is_ok_and(|d| d.is_zero()) => {
-                Duration::ZERO
-            }
-            other => self.duration("jitter", other, Duration::ZERO),
-        };
-        if let (Some(s), false) = (&schedule, jitter.is_zero()) {
-            if let Some(interval) = s.interval_at(chrono::Utc::now()) {
-                if jitter >= interval {
-                    self.error(
-                        "jitter",
-                        format!("{jitter:?} is not shorter than the schedule's interval ({interval:?}); runs would pile up"),
-                    );
-                }
-            }
-        }
-        let run_on_start = match run_on_start.as_deref() {
-            None | Some("when_stale") => RunOnStart::WhenStale,
-            Some("always") => RunOnStart::Always,
-            Some("never") => RunOnStart::Never,
-            Some(other) => {
-                self.error(
-                    "run_on_start",
-                    format!("unknown value {other:?}; expected when_stale, always or never"),
-                );
-                RunOnStart::WhenStale
-            }
-        };
-        let listen_text = http
-            .listen
-            .unwrap_or_else(|| defaults::HTTP_LISTEN.to_string());
-        let listen = match listen_text.parse::<std::net::SocketAddr>() {
-            Ok(a) => {
-                let unauthenticated = http.token_file.is_none()
-                    && !http.allow_unauthenticated_remote.unwrap_or(false);
-                if !a.ip().is_loopback() && unauthenticated {
-                    self.error(
-                        "http.listen",
-                        format!(
-                            "{a} is not a loopback address and http.token_file is not set, so anyone who reaches the port could start backups (each one a full etcd snapshot); set http.token_file to a file holding a bearer token, listen on 127.0.0.1, or, if a network policy already limits who reaches it, set http.allow_unauthenticated_remote: true"
-                        ),
-                    );
-                }
-                a
-            }
-            Err(_) => {
-                self.error(
-                    "http.listen",
-                    format!("{listen_text:?} is not an address:port such as 127.0.0.1:10290"),
-                );
-                defaults::HTTP_LISTEN
-                    .parse()
-                    .expect("default listen address parses")
-            }
-        };
-        let metrics_listen =
-            http.metrics_listen
-                .and_then(|text| match text.parse::<std::net::SocketAddr>() {
-                    Ok(a) if a == listen => {
-                        self.error(
-                            "http.metrics_listen",
-                            format!("{text:?} is http.listen itself; give another port"),
-                        );
-                        None
-                    }
-                    Ok(a) => Some(a),
-                    Err(_) => {
-                        self.error(
-                            "http.metrics_listen",
-                            format!("{text:?} is not an address:port such as 0.0.0.0:10291"),
-                        );
-                        None
-                    }
-                });
-        if let Some(p) = &http.token_file {
-            self.readable_file("http.token_file", p);
-            if let Ok(t) = std::fs::read_to_string(p) {
-                if t.trim().is_empty() {
-                    self.error(
-                        "http.token_file",
-                        format!("{} is empty; put the bearer token in it", p.display()),
-                    );
-                }
-            }
-        }
-        let trigger_min_interval = match http.trigger_min_interval {
-            Some(text) if humantime::parse_duration(text.trim()).is_ok_and(|d| d.is_zero()) => {
-                Duration::ZERO
-            }
-            other => self.duration(
-                "http.trigger_min_interval",
-                other,
-                defaults::TRIGGER_MIN_INTERVAL,
-            ),
-        };
-        let shutdown_grace =
-            self.duration("shutdown_grace", shutdown_grace, defaults::SHUTDOWN_GRACE);
-        DaemonConfig {
-            schedule,
-            jitter,
-            run_on_start,
-            coordination: Coordination::PerNode,
-            listen,
-            token_file: http.token_file,
-            metrics_listen,
-            trigger_min_interval,
-            shutdown_grace,
-            drill_schedule: None,
-        }
-    }
-
-    /// `encryption:` given (possibly empty): at least one recipient, each valid.
-    fn encryption(
-        &mut self,
-        raw: Option<RawEncryption>,
-    ) -> Option<crate::encryption::EncryptionConfig> {
-        use crate::encryption::{parse_recipient, parse_recipients_file};
-        let raw = raw.unwrap_or_default();
-        let mut recipients: Vec<crate::encryption::Recipient> = Vec::new();
-        let mut ok = true;
-        for (i, text) in raw.recipients.unwrap_or_default().iter().enumerate() {
-            match parse_recipient(text) {
-                Ok(r) => recipients.push(r),
-                Err(e) => {
-                    self.error(format!("encryption.recipients[{i}]"), e);
-                    ok = false;
-                }
-            }
-        }
-        if let Some(path) = &raw.recipients_file {
-            match std::fs::read_to_string(path) {
-                Ok(text) => match parse_recipients_file(&text) {
-                    Ok(list) if list.is_empty() => {
-                        self.error(
-                            "encryption.recipients_file",
-                            format!(
-                                "{} lists no recipient (only blank lines and # comments)",
-                                path.display()
-                            ),
-                        );
-                        ok = false;
-                    }
-                    Ok(list) => recipients.extend(list),
-                    Err(e) => {
-                        self.error(
-                            "encryption.recipients_file",
-                            format!("{}: {e}", path.display()),
-                        );
-                        ok = false;
-                    }
-                },
-                Err(e) => {
-                    self.error(
-                        "encryption.recipients_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    );
-                    ok = false;
-                }
-            }
-        }
-        if let Some(path) = &raw.identity_file {
-            self.readable_file("encryption.identity_file", path);
-        }
-        if !ok {
-            return None;
-        }
-        if recipients.is_empty() {
-            self.error(
-                "encryption",
-                "names no recipient: list public keys under encryption.recipients or give encryption.recipients_file (remove the encryption section to store sets unencrypted)",
-            );
-            return None;
-        }
-        let mut unique: Vec<crate::encryption::Recipient> = Vec::new();
-        for r in recipients {
-            if !unique.contains(&r) {
-                unique.push(r);
-            }
-        }
-        Some(crate::encryption::EncryptionConfig {
-            recipients: unique,
-            identity_file: raw.identity_file,
-        })
-    }
-
-    fn coordination(&mut self, raw: Option<String>) -> Coordination {
-        match raw.as_deref() {
-            None | Some("per_node") => Coordination::PerNode,
-            Some("leader") => Coordination::Leader,
-            Some(other) => {
-                self.error(
-                    "coordination",
-                    format!("unknown value {other:?}; expected per_node or leader"),
-                );
-                Coordination::PerNode
-            }
-        }
-    }
-
-    fn retention(&mut self, raw: RawRetention) -> crate::retention::RetentionPolicy {
-        use crate::retention::{parse_duration, RetentionPolicy};
-        let mut duration = |field: &'static str, text: Option<String>| match text {
-            None => None,
-            Some(t) => match parse_duration(field, t.trim()) {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    self.error(format!("retention.{}", e.field()), e.to_string());
-                    None
-                }
-            },
-        };
-        let max_age = duration("max_age", raw.max_age);
-        let stale = duration("stale_partial_after", raw.stale_partial_after);
-        let policy = RetentionPolicy {
-            keep_last: raw.keep_last,
-            keep_hourly: raw.keep_hourly,
-            keep_daily: raw.keep_daily,
-            keep_weekly: raw.keep_weekly,
-            keep_monthly: raw.keep_monthly,
-            max_age,
-            stale_partial_after: stale.unwrap_or(crate::retention::DEFAULT_STALE_PARTIAL_AFTER),
-        };
-        match policy.clone().validated() {
-            Ok(p) => p,
-            Err(e) => {
-                self.error(format!("retention.{}", e.field()), e.to_string());
-                RetentionPolicy::default()
-            }
-        }
-    }
-
-    fn retry(&mut self, raw: RawRetry) -> RetryConfig {
-        let attempts = raw.attempts.unwrap_or(defaults::RETRY_ATTEMPTS);
-        if attempts == 0 {
-            self.error("retry.attempts", "must be at least 1 (1 means no retries)");
-        }
-        let initial_delay = self.duration(
-            "retry.initial_delay",
-            raw.initial_delay,
-            defaults::RETRY_INITIAL_DELAY,
-        );
-        let max_delay = self.duration("retry.max_delay", raw.max_delay, defaults::RETRY_MAX_DELAY);
-        if max_delay < initial_delay {
-            self.error(
-                "retry.max_delay",
-                "must not be less than retry.initial_delay",
-            );
-        }
-        RetryConfig {
-            attempts: attempts.max(1),
-            initial_delay,
-            max_delay,
-        }
-    }
-
-    fn log(&mut self, raw: RawLog) -> LogConfig {
-        let format = match raw.format.as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                self.error(
-                    "log.format",
-                    format!("unknown format {other:?}; expected text or json"),
-                );
-                LogFormat::Text
-            }
-        };
-        let level = raw.level.unwrap_or_else(|| defaults::LOG_LEVEL.to_string());
-        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
-            self.error(
-                "log.level",
-                format!("invalid filter {level:?}: {e}; use e.g. info or debug"),
-            );
-        }
-        LogConfig { level, format }
     }
 }
 

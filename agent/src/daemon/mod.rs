@@ -1,13 +1,21 @@
-//! `etcd-backup-agent run`: the DaemonSet's process. Wires the scheduler, the
-//! HTTP endpoint, readiness probing and shutdown together.
+//! `etcd-backup-agent run`, the DaemonSet's process: the run loop in this file
+//! wires the [`runner`] (one backup at a time), the scheduler, [`coordination`]
+//! (does this member lead?), the [`http`] API with readiness, [`metrics`] and
+//! shutdown together. It may import `backup`, `restore`, `store`, `source`,
+//! `config`, `policy` and below; never the commands.
 //!
 //! With `coordination: leader`, a scheduled start (and the start-up run,
 //! which is scheduled work too) first asks the local etcd member whether it
-//! leads ([`crate::coordination`]); HTTP-triggered runs never ask.
+//! leads ([`crate::daemon::coordination`]); HTTP-triggered runs never ask.
 //!
 //! Shutdown: SIGTERM or SIGINT stops the scheduler and makes `POST` answer
 //! 503; a run in progress gets `shutdown_grace` to finish, then is cancelled
 //! (it removes what it wrote); then the HTTP server stops and the process exits 0.
+
+pub mod coordination;
+pub mod http;
+pub mod metrics;
+pub mod runner;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,15 +28,15 @@ use tracing::Instrument;
 
 use etcd_backup_proto::api::Trigger;
 
-use crate::catalog::CatalogError;
 use crate::config::{Config, Coordination, RunOnStart};
-use crate::coordination::{member_hex, Leadership};
-use crate::destination;
-use crate::etcd::{EtcdMember, SnapshotSource};
-use crate::http::{self, AppState, ReadyFlags};
-use crate::metrics::{Metrics, SkipReason};
-use crate::runner::{Runner, StartError};
-use crate::schedule::{run_scheduler, SystemClock};
+use crate::daemon::coordination::{member_hex, Leadership};
+use crate::daemon::http::{AppState, ReadyFlags};
+use crate::daemon::metrics::{Metrics, SkipReason};
+use crate::daemon::runner::{Runner, StartError};
+use crate::policy::schedule::{run_scheduler, SystemClock};
+use crate::source::etcd::{EtcdMember, SnapshotSource};
+use crate::store::catalog::CatalogError;
+use crate::store::destination;
 
 /// How often readiness re-asks etcd for its status.
 const PROBE_INTERVAL: Duration = Duration::from_secs(30);
@@ -107,8 +115,15 @@ async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, Dae
         .map_err(|source| DaemonError::Bind { addr, source })
 }
 
+/// The catalog's summaries the API serves, kept fresh by [`keep_catalog`].
+type SetSummaries = Arc<std::sync::RwLock<Vec<etcd_backup_proto::api::SetSummary>>>;
+
 /// Runs the daemon on an already-bound listener until `shutdown` completes
 /// (tests pass a listener on port 0 and their own shutdown future).
+///
+/// Start-up (`Daemon::start`), serving (`Servers::start`), the background
+/// tasks (catalog, readiness, the schedules, the start-up run), then on
+/// `shutdown` the drain (`Daemon::shut_down`).
 ///
 /// # Errors
 /// As [`run`].
@@ -123,111 +138,186 @@ pub async fn run_on(
         .schedule
         .clone()
         .ok_or(DaemonError::NoSchedule)?;
-    let token_sha256 = match &config.daemon.token_file {
-        Some(path) => {
-            let token = std::fs::read_to_string(path).map_err(|source| DaemonError::Token {
-                path: path.clone(),
-                source,
-            })?;
-            Some(http::token_digest(token.trim()))
-        }
-        None => None,
-    };
-    let config = Arc::new(config);
-    let metrics = Arc::new(Metrics::with_coordination(
-        crate::backup::AGENT_VERSION,
-        config.daemon.coordination,
-    ));
-    let ready = Arc::new(ReadyFlags::default());
+    let token_sha256 = read_token(&config)?;
     let rescan = Arc::new(tokio::sync::Notify::new());
-    let runner = {
-        let ready = ready.clone();
-        let rescan = rescan.clone();
-        Runner::new(config.clone(), metrics.clone(), move |succeeded| {
-            if succeeded {
-                ready.etcd.store(true, Ordering::Relaxed);
-                ready.destination.store(true, Ordering::Relaxed);
-            }
-            rescan.notify_one();
-        })
-    };
-    let sets = Arc::new(std::sync::RwLock::new(Vec::new()));
-    let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let addr = listener.local_addr().ok();
+    let daemon = Daemon::start(config, rescan.clone());
+    let sets: SetSummaries = Arc::new(std::sync::RwLock::new(Vec::new()));
     tracing::info!(
-        listen = ?addr,
+        listen = ?listener.local_addr().ok(),
         schedule = %schedule.describe(),
-        destination = %config.destination.describe(),
-        node = %config.node_name,
-        cluster = %config.cluster_name,
-        coordination = config.daemon.coordination.as_str(),
+        destination = %daemon.config.destination.describe(),
+        node = %daemon.config.node_name,
+        cluster = %daemon.config.cluster_name,
+        coordination = daemon.config.daemon.coordination.as_str(),
         version = crate::backup::AGENT_VERSION,
         "etcd-backup-agent started"
     );
 
     // HTTP: up until everything else is done, so runs stay visible during drain.
-    let server_stop = CancellationToken::new();
-    let state = Arc::new(AppState {
-        runner: runner.clone(),
-        metrics: metrics.clone(),
+    let servers = Servers::start(
+        &daemon,
         token_sha256,
-        ready: ready.clone(),
-        sets: sets.clone(),
-        limiter: http::TriggerLimiter::new(config.daemon.trigger_min_interval),
-    });
-    let server = {
-        let server_stop = server_stop.clone();
-        tokio::spawn(
-            http::serve(listener, http::router(state.clone()), async move {
-                server_stop.cancelled().await
-            })
-            .instrument(tracing::info_span!("http")),
-        )
+        sets.clone(),
+        listener,
+        metrics_listener,
+    );
+    daemon.spawn_catalog_and_readiness(sets, rescan, &schedule);
+    daemon.spawn_backup_scheduler(schedule.clone());
+    if let Some(drills) = daemon.config.daemon.drill_schedule.clone() {
+        daemon.spawn_drill_scheduler(drills);
+    }
+    daemon.spawn_start_up_run(schedule);
+
+    shutdown.await;
+    daemon.shut_down(servers).await
+}
+
+/// `daemon.token_file`'s token, as the SHA-256 the API compares against.
+fn read_token(config: &Config) -> Result<Option<[u8; 32]>, DaemonError> {
+    let Some(path) = &config.daemon.token_file else {
+        return Ok(None);
     };
-    let metrics_server = metrics_listener.map(|l| {
-        tracing::info!(listen = ?l.local_addr().ok(), "serving /metrics, /healthz and /readyz");
-        let server_stop = server_stop.clone();
-        tokio::spawn(
-            http::serve(l, http::metrics_router(state.clone()), async move {
-                server_stop.cancelled().await
-            })
-            .instrument(tracing::info_span!("metrics_http")),
-        )
-    });
+    let token = std::fs::read_to_string(path).map_err(|source| DaemonError::Token {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Some(http::token_digest(token.trim())))
+}
 
-    let rescan_every = schedule
-        .interval_at(Utc::now())
-        .map_or(CATALOG_RESCAN, |i| i.min(CATALOG_RESCAN))
-        .max(Duration::from_secs(1));
-    tasks.spawn(
-        keep_catalog(
-            config.clone(),
-            metrics.clone(),
+/// What the daemon's tasks share, from start-up to shutdown.
+struct Daemon {
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    ready: Arc<ReadyFlags>,
+    runner: Arc<Runner>,
+    /// Cancelled at shutdown: the schedules and background tasks stop.
+    stop: CancellationToken,
+    /// Every background task, waited for at shutdown.
+    tasks: TaskTracker,
+}
+
+/// The API listener's task and the optional metrics listener's, stopped last.
+struct Servers {
+    stop: CancellationToken,
+    api: tokio::task::JoinHandle<std::io::Result<()>>,
+    metrics: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Servers {
+    /// Serves the API on `listener` (and `/metrics`, `/healthz`, `/readyz` on
+    /// `metrics_listener`, if given) until [`Daemon::shut_down`] stops them.
+    fn start(
+        daemon: &Daemon,
+        token_sha256: Option<[u8; 32]>,
+        sets: SetSummaries,
+        listener: tokio::net::TcpListener,
+        metrics_listener: Option<tokio::net::TcpListener>,
+    ) -> Self {
+        let stop = CancellationToken::new();
+        let state = Arc::new(AppState {
+            runner: daemon.runner.clone(),
+            metrics: daemon.metrics.clone(),
+            token_sha256,
+            ready: daemon.ready.clone(),
             sets,
-            rescan,
-            rescan_every,
-            stop.clone(),
-        )
-        .instrument(tracing::info_span!("catalog")),
-    );
-    tasks.spawn(
-        probe_readiness(config.clone(), ready.clone(), stop.clone())
-            .instrument(tracing::info_span!("readiness")),
-    );
+            limiter: http::TriggerLimiter::new(daemon.config.daemon.trigger_min_interval),
+        });
+        let api = {
+            let stop = stop.clone();
+            tokio::spawn(
+                http::serve(listener, http::router(state.clone()), async move {
+                    stop.cancelled().await
+                })
+                .instrument(tracing::info_span!("http")),
+            )
+        };
+        let metrics = metrics_listener.map(|l| {
+            tracing::info!(listen = ?l.local_addr().ok(), "serving /metrics, /healthz and /readyz");
+            let stop = stop.clone();
+            tokio::spawn(
+                http::serve(l, http::metrics_router(state.clone()), async move {
+                    stop.cancelled().await
+                })
+                .instrument(tracing::info_span!("metrics_http")),
+            )
+        });
+        Self { stop, api, metrics }
+    }
+}
 
-    {
-        let runner = runner.clone();
-        let metrics_next = metrics.clone();
-        let metrics_skip = metrics.clone();
-        let metrics_end = metrics.clone();
-        let jitter = config.daemon.jitter;
-        let stop = stop.clone();
-        let schedule = schedule.clone();
-        let config = config.clone();
-        let checks = tasks.clone();
-        let check_stop = stop.clone();
-        tasks.spawn(
+impl Daemon {
+    /// Metrics, readiness flags and the single-flight runner; a finished
+    /// successful run marks etcd and the destination ready, and any finished
+    /// run asks for a catalog rescan.
+    fn start(config: Config, rescan: Arc<tokio::sync::Notify>) -> Self {
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::with_coordination(
+            crate::backup::AGENT_VERSION,
+            config.daemon.coordination,
+        ));
+        let ready = Arc::new(ReadyFlags::default());
+        let runner = {
+            let ready = ready.clone();
+            Runner::new(config.clone(), metrics.clone(), move |succeeded| {
+                if succeeded {
+                    ready.etcd.store(true, Ordering::Relaxed);
+                    ready.destination.store(true, Ordering::Relaxed);
+                }
+                rescan.notify_one();
+            })
+        };
+        Self {
+            config,
+            metrics,
+            ready,
+            runner,
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// The catalog rescans (at least as often as the schedule fires, at most
+    /// every [`CATALOG_RESCAN`]) and the readiness probe.
+    fn spawn_catalog_and_readiness(
+        &self,
+        sets: SetSummaries,
+        rescan: Arc<tokio::sync::Notify>,
+        schedule: &crate::policy::schedule::Schedule,
+    ) {
+        let rescan_every = schedule
+            .interval_at(Utc::now())
+            .map_or(CATALOG_RESCAN, |i| i.min(CATALOG_RESCAN))
+            .max(Duration::from_secs(1));
+        self.tasks.spawn(
+            keep_catalog(
+                self.config.clone(),
+                self.metrics.clone(),
+                sets,
+                rescan,
+                rescan_every,
+                self.stop.clone(),
+            )
+            .instrument(tracing::info_span!("catalog")),
+        );
+        self.tasks.spawn(
+            probe_readiness(self.config.clone(), self.ready.clone(), self.stop.clone())
+                .instrument(tracing::info_span!("readiness")),
+        );
+    }
+
+    /// The backup schedule: each instant starts a run (after asking etcd
+    /// whether this member leads, with `coordination: leader`).
+    fn spawn_backup_scheduler(&self, schedule: crate::policy::schedule::Schedule) {
+        let runner = self.runner.clone();
+        let metrics_next = self.metrics.clone();
+        let metrics_skip = self.metrics.clone();
+        let metrics_end = self.metrics.clone();
+        let jitter = self.config.daemon.jitter;
+        let stop = self.stop.clone();
+        let config = self.config.clone();
+        let checks = self.tasks.clone();
+        let check_stop = self.stop.clone();
+        self.tasks.spawn(
             async move {
                 run_scheduler(
                     schedule,
@@ -238,23 +328,14 @@ pub async fn run_on(
                         Coordination::PerNode => fire_scheduled(&runner, &metrics_skip, at),
                         // The check talks to etcd; the scheduler must not wait for it.
                         Coordination::Leader => {
-                            let (config, runner, metrics, stop) = (
-                                config.clone(),
-                                runner.clone(),
-                                metrics_skip.clone(),
-                                check_stop.clone(),
-                            );
                             checks.spawn(
-                                async move {
-                                    tokio::select! {
-                                        go = leader_may_back_up(&config, &metrics, at) => {
-                                            if go {
-                                                fire_scheduled(&runner, &metrics, at);
-                                            }
-                                        }
-                                        () = stop.cancelled() => {}
-                                    }
-                                }
+                                leader_then_fire(
+                                    config.clone(),
+                                    runner.clone(),
+                                    metrics_skip.clone(),
+                                    check_stop.clone(),
+                                    at,
+                                )
                                 .instrument(tracing::info_span!("leader_check", scheduled = %at)),
                             );
                         }
@@ -268,13 +349,15 @@ pub async fn run_on(
         );
     }
 
-    if let Some(drills) = config.daemon.drill_schedule.clone() {
-        let config = config.clone();
-        let metrics = metrics.clone();
-        let stop = stop.clone();
+    /// `daemon.drill_schedule`: a restore drill of the newest set at each
+    /// instant, skipped while the previous one still runs.
+    fn spawn_drill_scheduler(&self, drills: crate::policy::schedule::Schedule) {
+        let config = self.config.clone();
+        let metrics = self.metrics.clone();
+        let stop = self.stop.clone();
         let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let drill_tasks = tasks.clone();
-        tasks.spawn(
+        let drill_tasks = self.tasks.clone();
+        self.tasks.spawn(
             async move {
                 run_scheduler(
                     drills,
@@ -286,28 +369,9 @@ pub async fn run_on(
                             tracing::warn!(scheduled = %at, "restore drill skipped: the previous one is still running");
                             return;
                         }
-                        let (config, metrics, busy) = (config.clone(), metrics.clone(), busy.clone());
                         drill_tasks.spawn(
-                            async move {
-                                let identities = match crate::ops::config_identities(&config) {
-                                    Ok(i) => i,
-                                    Err(e) => {
-                                        tracing::error!(error = %e, "restore drill failed");
-                                        busy.store(false, Ordering::SeqCst);
-                                        return;
-                                    }
-                                };
-                                match crate::restore::run_drill(&config, &config.node_name, "latest", identities.as_ref()).await {
-                                    Ok(d) if d.problems.is_empty() => {
-                                        metrics.drill_succeeded(Utc::now());
-                                        tracing::info!(set = %d.set, revision = d.revision, keys = d.keys, "restore drill passed");
-                                    }
-                                    Ok(d) => tracing::error!(set = %d.set, problems = ?d.problems, "restore drill failed"),
-                                    Err(e) => tracing::error!(error = %e, "restore drill failed"),
-                                }
-                                busy.store(false, Ordering::SeqCst);
-                            }
-                            .instrument(tracing::info_span!("drill")),
+                            scheduled_drill(config.clone(), metrics.clone(), busy.clone())
+                                .instrument(tracing::info_span!("drill")),
                         );
                     },
                     stop,
@@ -318,47 +382,20 @@ pub async fn run_on(
         );
     }
 
-    {
-        let runner = runner.clone();
-        let config = config.clone();
-        let ready = ready.clone();
-        let schedule = schedule.clone();
-        let metrics_start = metrics.clone();
-        tasks.spawn(
+    /// `daemon.run_on_start`: a backup right away, always or when the newest
+    /// complete set is older than the schedule's interval.
+    fn spawn_start_up_run(&self, schedule: crate::policy::schedule::Schedule) {
+        let runner = self.runner.clone();
+        let config = self.config.clone();
+        let ready = self.ready.clone();
+        let metrics = self.metrics.clone();
+        self.tasks.spawn(
             async move {
-                let start = match config.daemon.run_on_start {
-                    RunOnStart::Never => false,
-                    RunOnStart::Always => true,
-                    RunOnStart::WhenStale => {
-                        let now = Utc::now();
-                        let interval = schedule.interval_at(now).unwrap_or(Duration::ZERO);
-                        // In leader mode any node's set counts: a restarted
-                        // master need not back up when another took the tick.
-                        let newest = match config.daemon.coordination {
-                            Coordination::PerNode => newest_complete_set(&config).await,
-                            Coordination::Leader => newest_complete_set_of_cluster(&config).await,
-                        };
-                        match newest {
-                            Ok(newest) => {
-                                ready.destination.store(true, Ordering::Relaxed);
-                                let stale = newest.is_none_or(|ts| {
-                                    (now - ts).to_std().unwrap_or(Duration::ZERO) > interval
-                                });
-                                tracing::info!(newest = ?newest.map(|t| t.to_rfc3339()), interval_s = interval.as_secs(), stale, coordination = config.daemon.coordination.as_str(), "checked the newest backup");
-                                stale
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cannot list this node's backups; backing up now");
-                                true
-                            }
-                        }
-                    }
-                };
-                let start = start
+                let start = start_up_run_wanted(&config, &ready, &schedule).await
                     && match config.daemon.coordination {
                         Coordination::PerNode => true,
                         Coordination::Leader => {
-                            leader_may_back_up(&config, &metrics_start, Utc::now()).await
+                            leader_may_back_up(&config, &metrics, Utc::now()).await
                         }
                     };
                 if start {
@@ -371,27 +408,112 @@ pub async fn run_on(
         );
     }
 
-    shutdown.await;
-    tracing::info!(
-        grace_s = config.daemon.shutdown_grace.as_secs_f64(),
-        "shutting down: no new backups"
-    );
-    runner.stop_accepting();
-    stop.cancel();
-    tasks.close();
-    let drained = runner
-        .drain(config.daemon.shutdown_grace, CLEANUP_GRACE)
-        .await;
-    tasks.wait().await;
-    server_stop.cancel();
-    let served = server.await;
-    if let Some(m) = metrics_server {
-        let _ = m.await;
+    /// No new runs; the one in progress gets `shutdown_grace`; the tasks
+    /// stop; the servers go last, so runs stay visible during the drain.
+    async fn shut_down(self, servers: Servers) -> Result<(), DaemonError> {
+        tracing::info!(
+            grace_s = self.config.daemon.shutdown_grace.as_secs_f64(),
+            "shutting down: no new backups"
+        );
+        self.runner.stop_accepting();
+        self.stop.cancel();
+        self.tasks.close();
+        let drained = self
+            .runner
+            .drain(self.config.daemon.shutdown_grace, CLEANUP_GRACE)
+            .await;
+        self.tasks.wait().await;
+        servers.stop.cancel();
+        let served = servers.api.await;
+        if let Some(m) = servers.metrics {
+            let _ = m.await;
+        }
+        tracing::info!(clean = drained, "stopped");
+        match served {
+            Ok(Err(e)) => Err(DaemonError::Serve(e)),
+            _ => Ok(()),
+        }
     }
-    tracing::info!(clean = drained, "stopped");
-    match served {
-        Ok(Err(e)) => Err(DaemonError::Serve(e)),
-        _ => Ok(()),
+}
+
+/// With `coordination: leader`: start the scheduled run only if this member
+/// leads (or leadership is unknown), unless shutdown comes first.
+async fn leader_then_fire(
+    config: Arc<Config>,
+    runner: Arc<Runner>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    at: DateTime<Utc>,
+) {
+    tokio::select! {
+        go = leader_may_back_up(&config, &metrics, at) => {
+            if go {
+                fire_scheduled(&runner, &metrics, at);
+            }
+        }
+        () = stop.cancelled() => {}
+    }
+}
+
+/// One scheduled restore drill of the newest set; clears `busy` when done.
+async fn scheduled_drill(
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    busy: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let identities = match crate::restore::config_identities(&config) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!(error = %e, "restore drill failed");
+            busy.store(false, Ordering::SeqCst);
+            return;
+        }
+    };
+    match crate::restore::run_drill(&config, &config.node_name, "latest", identities.as_ref()).await
+    {
+        Ok(d) if d.problems.is_empty() => {
+            metrics.drill_succeeded(Utc::now());
+            tracing::info!(set = %d.set, revision = d.revision, keys = d.keys, "restore drill passed");
+        }
+        Ok(d) => tracing::error!(set = %d.set, problems = ?d.problems, "restore drill failed"),
+        Err(e) => tracing::error!(error = %e, "restore drill failed"),
+    }
+    busy.store(false, Ordering::SeqCst);
+}
+
+/// Whether `run_on_start` asks for a backup now. With `when_stale`, a
+/// destination that answers marks it ready; one that does not means a backup.
+async fn start_up_run_wanted(
+    config: &Config,
+    ready: &ReadyFlags,
+    schedule: &crate::policy::schedule::Schedule,
+) -> bool {
+    match config.daemon.run_on_start {
+        RunOnStart::Never => false,
+        RunOnStart::Always => true,
+        RunOnStart::WhenStale => {
+            let now = Utc::now();
+            let interval = schedule.interval_at(now).unwrap_or(Duration::ZERO);
+            // In leader mode any node's set counts: a restarted
+            // master need not back up when another took the tick.
+            let newest = match config.daemon.coordination {
+                Coordination::PerNode => newest_complete_set(config).await,
+                Coordination::Leader => newest_complete_set_of_cluster(config).await,
+            };
+            match newest {
+                Ok(newest) => {
+                    ready.destination.store(true, Ordering::Relaxed);
+                    let stale = newest
+                        .is_none_or(|ts| (now - ts).to_std().unwrap_or(Duration::ZERO) > interval);
+                    tracing::info!(newest = ?newest.map(|t| t.to_rfc3339()), interval_s = interval.as_secs(), stale, coordination = config.daemon.coordination.as_str(), "checked the newest backup");
+                    stale
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list this node's backups; backing up now");
+                    true
+                }
+            }
+        }
     }
 }
 
@@ -415,7 +537,7 @@ pub fn fire_scheduled(runner: &Arc<Runner>, metrics: &Metrics, at: DateTime<Utc>
 /// be asked, the answer is yes: the run then fails at `connect` and is
 /// alerted on, rather than skipped silently.
 pub async fn leader_may_back_up(config: &Config, metrics: &Metrics, at: DateTime<Utc>) -> bool {
-    let leadership = crate::coordination::check(&config.etcd).await;
+    let leadership = crate::daemon::coordination::check(&config.etcd).await;
     match &leadership {
         Leadership::Leader { member_id } => tracing::info!(
             scheduled = %at,
@@ -473,7 +595,7 @@ async fn newest_finished(
     node: Option<&str>,
 ) -> Result<Option<DateTime<Utc>>, CatalogError> {
     let dest = destination::open(&config.destination).await?;
-    let cat = crate::catalog::scan(dest.as_ref(), &config.cluster_name, node).await?;
+    let cat = crate::store::catalog::scan(dest.as_ref(), &config.cluster_name, node).await?;
     Ok(finished_times(&cat).map(|(_, at)| at).max())
 }
 
@@ -489,14 +611,17 @@ async fn keep_catalog(
     stop: CancellationToken,
 ) {
     // Each rescan lists the sets of every node but reads only new manifests.
-    let mut cache = crate::catalog::ManifestCache::default();
+    let mut cache = crate::store::catalog::ManifestCache::default();
     loop {
         let scanned = match destination::open(&config.destination).await {
-            Ok(dest) => {
-                crate::catalog::scan_cached(dest.as_ref(), &config.cluster_name, None, &mut cache)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
+            Ok(dest) => crate::store::catalog::scan_cached(
+                dest.as_ref(),
+                &config.cluster_name,
+                None,
+                &mut cache,
+            )
+            .await
+            .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         match scanned {
@@ -504,7 +629,7 @@ async fn keep_catalog(
                 if let Some((node, at)) = cluster_newest(&cat) {
                     metrics.set_cluster_last_success(node, at);
                 }
-                let own: Vec<&crate::catalog::CatalogSet> = cat
+                let own: Vec<&crate::store::catalog::CatalogSet> = cat
                     .sets
                     .iter()
                     .filter(|s| s.id.node == config.node_name)
@@ -536,7 +661,7 @@ async fn keep_catalog(
 /// When each set finished, with its node: complete sets, and sets with a
 /// newer manifest format (a downgraded agent still has those backups).
 fn finished_times(
-    cat: &crate::catalog::Catalog,
+    cat: &crate::store::catalog::Catalog,
 ) -> impl Iterator<Item = (&str, DateTime<Utc>)> + '_ {
     cat.sets
         .iter()
@@ -549,7 +674,7 @@ fn finished_times(
 
 /// The set that finished last, of any node (ties: the later node name, so
 /// every agent picks the same one).
-fn cluster_newest(cat: &crate::catalog::Catalog) -> Option<(&str, DateTime<Utc>)> {
+fn cluster_newest(cat: &crate::store::catalog::Catalog) -> Option<(&str, DateTime<Utc>)> {
     finished_times(cat).max_by(|a, b| (a.1, a.0).cmp(&(b.1, b.0)))
 }
 

@@ -34,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use super::sftp_version::{Seen, Sniffer};
 use super::{components, DestinationError, DirEntry, Durability, Upload};
 use crate::config::{HostKeyCheck, SftpAuth, SftpConfig};
-use crate::known_hosts::{sha256_fingerprint, KnownHosts, Verdict};
+use etcd_backup_known_hosts::{sha256_fingerprint, KnownHosts, Verdict};
 
 /// SFTP write requests in flight at once. With [`WRITE_LEN`] that is 4 MiB
 /// unacknowledged, twice OpenSSH's 2 MiB session window: the server's window
@@ -110,6 +110,32 @@ fn host_key_preference(trusted: &[&str]) -> Vec<Algorithm> {
         .chain(rest)
         .chain(HOST_KEY_ALGORITHMS.iter().filter(|a| legacy(a)).cloned())
         .collect()
+}
+
+/// The SSH client's settings: window, keepalives, the cipher order, and the
+/// host-key algorithms to offer.
+fn ssh_config(algorithms: Vec<Algorithm>) -> russh::client::Config {
+    russh::client::Config {
+        window_size: WINDOW,
+        maximum_packet_size: 65535,
+        channel_buffer_size: 64,
+        nodelay: true,
+        keepalive_interval: Some(Duration::from_secs(15)),
+        keepalive_max: 4,
+        inactivity_timeout: None,
+        preferred: russh::Preferred {
+            cipher: std::borrow::Cow::Borrowed(&[
+                russh::cipher::AES_128_GCM,
+                russh::cipher::AES_256_GCM,
+                russh::cipher::CHACHA20_POLY1305,
+                russh::cipher::AES_256_CTR,
+                russh::cipher::AES_128_CTR,
+            ]),
+            key: std::borrow::Cow::Owned(algorithms),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
 }
 
 /// The host-key algorithms left to ask for when the server has already
@@ -416,27 +442,7 @@ impl SftpDir {
                 known_hosts: known_hosts.cloned(),
                 observed: observed.clone(),
             };
-            let ssh_config = russh::client::Config {
-                window_size: WINDOW,
-                maximum_packet_size: 65535,
-                channel_buffer_size: 64,
-                nodelay: true,
-                keepalive_interval: Some(Duration::from_secs(15)),
-                keepalive_max: 4,
-                inactivity_timeout: None,
-                preferred: russh::Preferred {
-                    cipher: std::borrow::Cow::Borrowed(&[
-                        russh::cipher::AES_128_GCM,
-                        russh::cipher::AES_256_GCM,
-                        russh::cipher::CHACHA20_POLY1305,
-                        russh::cipher::AES_256_CTR,
-                        russh::cipher::AES_128_CTR,
-                    ]),
-                    key: std::borrow::Cow::Owned(algorithms),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
+            let ssh_config = ssh_config(algorithms);
             let err = match russh::client::connect(
                 Arc::new(ssh_config),
                 (c.host.as_str(), c.port),
@@ -522,26 +528,16 @@ impl SftpDir {
         }
     }
 
-    async fn connect(&self) -> Result<Connection, DestinationError> {
+    /// Logs in as `destination.sftp.user` with the configured password or key.
+    async fn authenticate(
+        &self,
+        ssh: &mut russh::client::Handle<HostKeyChecker>,
+    ) -> Result<(), DestinationError> {
         let c = &self.config;
         let connect_err = |detail: String| DestinationError::Connect {
             location: self.location(""),
             detail,
         };
-        let known_hosts = match &c.host_key {
-            HostKeyCheck::KnownHosts(path) => {
-                Some(
-                    KnownHosts::load(path).map_err(|e| DestinationError::HostKey {
-                        host: c.host.clone(),
-                        port: c.port,
-                        detail: e.to_string(),
-                    })?,
-                )
-            }
-            HostKeyCheck::Fingerprint(_) => None,
-        };
-        let mut ssh = self.handshake(known_hosts.as_ref()).await?;
-
         let auth =
             match &c.auth {
                 SftpAuth::Password(file) => {
@@ -605,6 +601,30 @@ impl SftpDir {
                 detail: format!("the server rejected {how}"),
             });
         }
+        Ok(())
+    }
+
+    async fn connect(&self) -> Result<Connection, DestinationError> {
+        let c = &self.config;
+        let connect_err = |detail: String| DestinationError::Connect {
+            location: self.location(""),
+            detail,
+        };
+        let known_hosts = match &c.host_key {
+            HostKeyCheck::KnownHosts(path) => {
+                Some(
+                    KnownHosts::load(path).map_err(|e| DestinationError::HostKey {
+                        host: c.host.clone(),
+                        port: c.port,
+                        detail: e.to_string(),
+                    })?,
+                )
+            }
+            HostKeyCheck::Fingerprint(_) => None,
+        };
+        let mut ssh = self.handshake(known_hosts.as_ref()).await?;
+
+        self.authenticate(&mut ssh).await?;
 
         let channel = ssh.channel_open_session().await.map_err(|e| {
             connect_err(format!(
@@ -776,7 +796,7 @@ impl SftpDir {
 }
 
 fn russh_error_text(e: &russh::Error) -> String {
-    crate::etcd::chain(e)
+    crate::error_chain::chain(e)
 }
 
 /// The error for an SFTP request that got no answer within `io_timeout`,

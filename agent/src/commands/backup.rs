@@ -1,0 +1,104 @@
+//! `backup` (one run now, in this process, then retention) and `trigger` (ask
+//! the agent running on this node for one over its HTTP API).
+
+use std::process::ExitCode;
+
+use crate::commands::EXIT_FAILURE;
+use crate::config::Config;
+
+pub async fn backup(config: &Config) -> ExitCode {
+    // Ctrl-C or SIGTERM stops the run and removes what it wrote.
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let watcher = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            crate::daemon::shutdown_signal().await;
+            tracing::warn!("signal received; cancelling the backup");
+            cancel.cancel();
+        })
+    };
+    let outcome = crate::backup::run_with_retries(config, &cancel).await;
+    watcher.abort();
+    if outcome.result.is_ok() {
+        if let Err(e) = crate::store::prune::after_backup(config).await {
+            // The backup itself is complete; say so, but do not hide this.
+            eprintln!("warning: the backup succeeded, but applying retention failed: {e}");
+        }
+    }
+    match outcome.result {
+        Ok(report) => {
+            let m = &report.manifest;
+            println!("backup set {} complete", report.location);
+            for f in &m.files {
+                println!("  {:<48} {:>14} bytes  sha256:{}", f.name, f.size, f.sha256);
+            }
+            println!(
+                "  etcd {} member {} (cluster {}), revision {}",
+                m.etcd.version, m.etcd.member_id, m.etcd.cluster_id, m.etcd.revision
+            );
+            if let Some(enc) = &m.encryption {
+                println!(
+                    "  encrypted with {} to {} recipient(s); decrypt with --identity, or age -d",
+                    enc.scheme,
+                    enc.recipients.len()
+                );
+            }
+            if !m.durable {
+                println!(
+                    "  not durable: the server could not sync the files (no fsync@openssh.com; destination.sftp.require_fsync is false)"
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// `trigger`: POST /v1/backups to the agent on this node.
+pub async fn trigger(config: &Config, wait: bool) -> ExitCode {
+    let mut addr = config.daemon.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!(
+        "http://{addr}/v1/backups{}",
+        if wait { "?wait=true" } else { "" }
+    );
+    let client = reqwest::Client::new();
+    let mut request = client.post(&url);
+    if let Some(path) = &config.daemon.token_file {
+        match std::fs::read_to_string(path) {
+            Ok(t) => request = request.bearer_auth(t.trim()),
+            Err(e) => {
+                eprintln!("error: cannot read http.token_file {}: {e}", path.display());
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        }
+    }
+    let response = match request.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "error: no answer from the agent at {addr} (http.listen): {}; is `etcd-backup-agent run` running on this node?",
+                crate::error_chain::chain(&e)
+            );
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    let pretty = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or(body);
+    if status.is_success() {
+        println!("{pretty}");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("error: the agent answered {status}:\n{pretty}");
+        ExitCode::from(EXIT_FAILURE)
+    }
+}

@@ -1,0 +1,202 @@
+//! `destination:` validated: a local directory or an SFTP server (host, auth, host-key check).
+
+use super::*;
+
+impl Validator {
+    pub(super) fn destination(&mut self, raw: Option<RawDestination>) -> Option<DestinationConfig> {
+        const KINDS: &str = "destination.local or destination.sftp";
+        let Some(raw) = raw else {
+            self.error(
+                "destination",
+                format!("required: configure exactly one of {KINDS}"),
+            );
+            return None;
+        };
+        match (raw.local, raw.sftp) {
+            (None, None) => {
+                self.error(
+                    "destination",
+                    format!("no destination configured: set exactly one of {KINDS}"),
+                );
+                None
+            }
+            (Some(_), Some(_)) => {
+                self.error(
+                    "destination",
+                    format!("both local and sftp are set: configure exactly one of {KINDS}"),
+                );
+                None
+            }
+            (Some(local), None) => match local.unwrap_or_default().path {
+                Some(path) if !path.as_os_str().is_empty() => {
+                    Some(DestinationConfig::Local { path })
+                }
+                _ => {
+                    self.error(
+                        "destination.local.path",
+                        "required: the directory backup sets are written to",
+                    );
+                    None
+                }
+            },
+            (None, Some(sftp)) => self
+                .sftp(sftp.unwrap_or_default())
+                .map(DestinationConfig::Sftp),
+        }
+    }
+
+    pub(super) fn sftp(&mut self, raw: RawSftp) -> Option<SftpConfig> {
+        let host = self.required_text(
+            "destination.sftp.host",
+            raw.host,
+            "the SFTP server's host name or address",
+        );
+        if let Some(h) = &host {
+            if h.contains(|c: char| c.is_whitespace() || c == '/' || c == '@') {
+                self.error("destination.sftp.host", format!("{h:?} is not a host name or address; give the port in destination.sftp.port"));
+            }
+        }
+        let port = raw.port.unwrap_or(defaults::SFTP_PORT);
+        if port == 0 {
+            self.error(
+                "destination.sftp.port",
+                "0 is not a port; the SSH default is 22",
+            );
+        }
+        let user = self.required_text(
+            "destination.sftp.user",
+            raw.user,
+            "the login user on the SFTP server",
+        );
+        let path = self.required_text(
+            "destination.sftp.path",
+            raw.path,
+            "the base directory on the server, e.g. /srv/backups",
+        );
+        if let Some(p) = &path {
+            if p.split('/').any(|c| c == "..") {
+                self.error(
+                    "destination.sftp.path",
+                    format!("{p:?} contains '..'; give a plain directory"),
+                );
+            }
+        }
+
+        let host_key = self.sftp_host_key(raw.known_hosts_file, raw.host_key_fingerprint);
+        let auth = self.sftp_auth(
+            raw.private_key_file,
+            raw.password_file,
+            raw.private_key_passphrase_file,
+        );
+        let connect_timeout = self.duration(
+            "destination.sftp.connect_timeout",
+            raw.connect_timeout,
+            defaults::SFTP_CONNECT_TIMEOUT,
+        );
+        let io_timeout = self.duration(
+            "destination.sftp.io_timeout",
+            raw.io_timeout,
+            defaults::SFTP_IO_TIMEOUT,
+        );
+        if io_timeout < Duration::from_secs(1) {
+            self.error("destination.sftp.io_timeout", "must be at least 1s");
+        }
+        Some(SftpConfig {
+            host: host?,
+            port,
+            user: user?,
+            path: path?,
+            host_key: host_key?,
+            auth: auth?,
+            connect_timeout,
+            io_timeout,
+            require_fsync: raw.require_fsync.unwrap_or(true),
+        })
+    }
+
+    /// `known_hosts_file` or `host_key_fingerprint`: exactly one, the server's
+    /// host key known in advance.
+    fn sftp_host_key(
+        &mut self,
+        known_hosts_file: Option<PathBuf>,
+        host_key_fingerprint: Option<String>,
+    ) -> Option<HostKeyCheck> {
+        match (known_hosts_file, host_key_fingerprint) {
+            (Some(_), Some(_)) => {
+                self.error(
+                    "destination.sftp.host_key_fingerprint",
+                    "set either known_hosts_file or host_key_fingerprint, not both",
+                );
+                None
+            }
+            (None, None) => {
+                self.error(
+                    "destination.sftp.known_hosts_file",
+                    "required (or host_key_fingerprint): the server's host key must be known in advance; \
+                     get it with `ssh-keyscan -p PORT HOST`, check it with the server's administrator, \
+                     and put the lines in a known_hosts file",
+                );
+                None
+            }
+            (Some(file), None) => {
+                self.readable_file("destination.sftp.known_hosts_file", &file);
+                Some(HostKeyCheck::KnownHosts(file))
+            }
+            (None, Some(fp)) => {
+                match etcd_backup_known_hosts::parse_sha256_fingerprint(fp.trim()) {
+                    Ok(fp) => Some(HostKeyCheck::Fingerprint(fp)),
+                    Err(e) => {
+                        self.error("destination.sftp.host_key_fingerprint", e);
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// `private_key_file` (with its optional passphrase file) or `password_file`:
+    /// exactly one, read from files only.
+    fn sftp_auth(
+        &mut self,
+        private_key_file: Option<PathBuf>,
+        password_file: Option<PathBuf>,
+        private_key_passphrase_file: Option<PathBuf>,
+    ) -> Option<SftpAuth> {
+        match (private_key_file, password_file) {
+            (Some(_), Some(_)) => {
+                self.error(
+                    "destination.sftp.password_file",
+                    "set either private_key_file or password_file, not both",
+                );
+                None
+            }
+            (None, None) => {
+                self.error(
+                    "destination.sftp.private_key_file",
+                    "required (or password_file): how the agent logs in; secrets are read from files only",
+                );
+                None
+            }
+            (Some(key_file), None) => {
+                self.readable_file("destination.sftp.private_key_file", &key_file);
+                if let Some(p) = &private_key_passphrase_file {
+                    self.readable_file("destination.sftp.private_key_passphrase_file", p);
+                }
+                Some(SftpAuth::PrivateKey {
+                    key_file,
+                    passphrase_file: private_key_passphrase_file,
+                })
+            }
+            (None, Some(password_file)) => {
+                if private_key_passphrase_file.is_some() {
+                    self.error(
+                        "destination.sftp.private_key_passphrase_file",
+                        "only used with private_key_file",
+                    );
+                }
+                self.readable_file("destination.sftp.password_file", &password_file);
+                Some(SftpAuth::Password(password_file))
+            }
+        }
+    }
+}
