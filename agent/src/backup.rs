@@ -787,10 +787,9 @@ mod tests {
     use super::*;
     use crate::config::Environment;
     use crate::source::etcd::SnapshotStream;
-    use crate::store::destination::{DirEntry, LocalDir};
+    use crate::store::destination::faulty::{Faults, Faulty};
+    use crate::store::destination::LocalDir;
     use async_trait::async_trait;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::AsyncRead;
 
     /// An in-memory member serving a fake database with a correct digest.
     struct MemorySource {
@@ -835,100 +834,6 @@ mod tests {
         }
     }
 
-    /// A local directory whose n-th rename fails, as a destination that drops
-    /// the connection half-way through publishing a set.
-    struct FailingRename {
-        inner: LocalDir,
-        fail_at: usize,
-        renames: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl Destination for FailingRename {
-        fn describe(&self) -> String {
-            self.inner.describe()
-        }
-        async fn create(&self, path: &str) -> Result<Box<dyn Upload>, DestinationError> {
-            self.inner.create(path).await
-        }
-        async fn rename(&self, from: &str, to: &str) -> Result<(), DestinationError> {
-            if self.renames.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
-                return Err(DestinationError::Io {
-                    op: "cannot rename into",
-                    location: to.to_string(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::ConnectionReset,
-                        "connection reset",
-                    ),
-                });
-            }
-            self.inner.rename(from, to).await
-        }
-        async fn list(&self, dir: &str) -> Result<Vec<DirEntry>, DestinationError> {
-            self.inner.list(dir).await
-        }
-        async fn open(
-            &self,
-            path: &str,
-        ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
-            self.inner.open(path).await
-        }
-        async fn delete(&self, path: &str) -> Result<(), DestinationError> {
-            self.inner.delete(path).await
-        }
-        async fn remove_dir(&self, path: &str) -> Result<(), DestinationError> {
-            self.inner.remove_dir(path).await
-        }
-    }
-
-    /// A local directory whose n-th create or rename is carried out and then
-    /// never answered, as a server whose reply is lost: only cancelling the
-    /// run ends it.
-    struct SilentAfter {
-        inner: LocalDir,
-        creates_at: usize,
-        renames_at: usize,
-        creates: AtomicUsize,
-        renames: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl Destination for SilentAfter {
-        fn describe(&self) -> String {
-            self.inner.describe()
-        }
-        async fn create(&self, path: &str) -> Result<Box<dyn Upload>, DestinationError> {
-            let up = self.inner.create(path).await?;
-            if self.creates.fetch_add(1, Ordering::SeqCst) + 1 == self.creates_at {
-                drop(up);
-                return std::future::pending().await;
-            }
-            Ok(up)
-        }
-        async fn rename(&self, from: &str, to: &str) -> Result<(), DestinationError> {
-            self.inner.rename(from, to).await?;
-            if self.renames.fetch_add(1, Ordering::SeqCst) + 1 == self.renames_at {
-                return std::future::pending().await;
-            }
-            Ok(())
-        }
-        async fn list(&self, dir: &str) -> Result<Vec<DirEntry>, DestinationError> {
-            self.inner.list(dir).await
-        }
-        async fn open(
-            &self,
-            path: &str,
-        ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
-            self.inner.open(path).await
-        }
-        async fn delete(&self, path: &str) -> Result<(), DestinationError> {
-            self.inner.delete(path).await
-        }
-        async fn remove_dir(&self, path: &str) -> Result<(), DestinationError> {
-            self.inner.remove_dir(path).await
-        }
-    }
-
     #[tokio::test]
     async fn a_run_cancelled_while_a_create_or_rename_is_unanswered_leaves_nothing() {
         // Three creates (snapshot, tarball, manifest partials) and three
@@ -939,13 +844,14 @@ mod tests {
             let root = kubeadm_root(tmp.path());
             let base = tmp.path().join("dest");
             let cfg = config(&base, Some(&root));
-            let dest = SilentAfter {
-                inner: LocalDir::open(&base).await.unwrap(),
-                creates_at,
-                renames_at,
-                creates: AtomicUsize::new(0),
-                renames: AtomicUsize::new(0),
-            };
+            let dest = Faulty::new(
+                LocalDir::open(&base).await.unwrap(),
+                Faults {
+                    create_silent_at: creates_at,
+                    rename_silent_at: renames_at,
+                    ..Faults::default()
+                },
+            );
             let cancel = CancellationToken::new();
             let stop = cancel.clone();
             tokio::spawn(async move {
@@ -1074,50 +980,6 @@ mod tests {
         );
     }
 
-    /// A local directory that answers `durability` as told, as an SFTP
-    /// server without fsync@openssh.com does (allowed or refused).
-    struct Unsynced {
-        inner: LocalDir,
-        required: bool,
-    }
-
-    #[async_trait]
-    impl Destination for Unsynced {
-        fn describe(&self) -> String {
-            self.inner.describe()
-        }
-        async fn create(&self, path: &str) -> Result<Box<dyn Upload>, DestinationError> {
-            self.inner.create(path).await
-        }
-        async fn rename(&self, from: &str, to: &str) -> Result<(), DestinationError> {
-            self.inner.rename(from, to).await
-        }
-        async fn list(&self, dir: &str) -> Result<Vec<DirEntry>, DestinationError> {
-            self.inner.list(dir).await
-        }
-        async fn open(
-            &self,
-            path: &str,
-        ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
-            self.inner.open(path).await
-        }
-        async fn delete(&self, path: &str) -> Result<(), DestinationError> {
-            self.inner.delete(path).await
-        }
-        async fn remove_dir(&self, path: &str) -> Result<(), DestinationError> {
-            self.inner.remove_dir(path).await
-        }
-        async fn durability(&self) -> Result<Durability, DestinationError> {
-            if self.required {
-                Err(DestinationError::NotDurable {
-                    location: self.describe(),
-                })
-            } else {
-                Ok(Durability::NotSynced)
-            }
-        }
-    }
-
     #[tokio::test]
     async fn a_destination_that_cannot_sync_is_refused_before_writing_or_recorded_not_durable() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1125,10 +987,13 @@ mod tests {
         let base = tmp.path().join("dest");
         let cfg = config(&base, Some(&root));
 
-        let refused = Unsynced {
-            inner: LocalDir::open(&base).await.unwrap(),
-            required: true,
-        };
+        let refused = Faulty::new(
+            LocalDir::open(&base).await.unwrap(),
+            Faults {
+                unsynced_required: Some(true),
+                ..Faults::default()
+            },
+        );
         let err = run_with_source(&cfg, &mut MemorySource::new(4), &refused)
             .await
             .unwrap_err();
@@ -1140,10 +1005,13 @@ mod tests {
         );
         assert!(all_files(&base).is_empty(), "{:?}", all_files(&base));
 
-        let allowed = Unsynced {
-            inner: LocalDir::open(&base).await.unwrap(),
-            required: false,
-        };
+        let allowed = Faulty::new(
+            LocalDir::open(&base).await.unwrap(),
+            Faults {
+                unsynced_required: Some(false),
+                ..Faults::default()
+            },
+        );
         let report = run_with_source(&cfg, &mut MemorySource::new(4), &allowed)
             .await
             .unwrap();
@@ -1179,11 +1047,13 @@ mod tests {
             let root = kubeadm_root(tmp.path());
             let base = tmp.path().join("dest");
             let cfg = config(&base, Some(&root));
-            let dest = FailingRename {
-                inner: LocalDir::open(&base).await.unwrap(),
-                fail_at,
-                renames: AtomicUsize::new(0),
-            };
+            let dest = Faulty::new(
+                LocalDir::open(&base).await.unwrap(),
+                Faults {
+                    rename_fails_at: fail_at,
+                    ..Faults::default()
+                },
+            );
             let err = run_with_source(&cfg, &mut MemorySource::new(4), &dest)
                 .await
                 .unwrap_err();

@@ -236,56 +236,8 @@ pub async fn after_backup(config: &Config) -> Result<PruneReport, String> {
 mod tests {
     use super::*;
     use crate::config::Environment;
-    use crate::store::destination::{DirEntry, LocalDir, Upload};
-    use async_trait::async_trait;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::AsyncRead;
-
-    /// A local directory whose deletes fail from the n-th on, as a connection
-    /// that drops in the middle of a prune.
-    struct DeletesFailFrom {
-        inner: LocalDir,
-        from: usize,
-        deletes: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl Destination for DeletesFailFrom {
-        fn describe(&self) -> String {
-            self.inner.describe()
-        }
-        async fn create(&self, path: &str) -> Result<Box<dyn Upload>, DestinationError> {
-            self.inner.create(path).await
-        }
-        async fn rename(&self, from: &str, to: &str) -> Result<(), DestinationError> {
-            self.inner.rename(from, to).await
-        }
-        async fn list(&self, dir: &str) -> Result<Vec<DirEntry>, DestinationError> {
-            self.inner.list(dir).await
-        }
-        async fn open(
-            &self,
-            path: &str,
-        ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
-            self.inner.open(path).await
-        }
-        async fn delete(&self, path: &str) -> Result<(), DestinationError> {
-            if self.deletes.fetch_add(1, Ordering::SeqCst) + 1 >= self.from {
-                return Err(DestinationError::Io {
-                    op: "cannot delete",
-                    location: path.to_string(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::ConnectionReset,
-                        "connection reset",
-                    ),
-                });
-            }
-            self.inner.delete(path).await
-        }
-        async fn remove_dir(&self, path: &str) -> Result<(), DestinationError> {
-            self.inner.remove_dir(path).await
-        }
-    }
+    use crate::store::destination::faulty::{Faults, Faulty};
+    use crate::store::destination::LocalDir;
 
     #[tokio::test]
     async fn an_interrupted_prune_never_leaves_a_complete_looking_set() {
@@ -302,11 +254,13 @@ mod tests {
         };
         let config = Config::parse(&text, &env).unwrap();
         // The manifest's rename goes through, the snapshot's delete fails.
-        let dest = DeletesFailFrom {
-            inner: LocalDir::open(tmp.path()).await.unwrap(),
-            from: 1,
-            deletes: AtomicUsize::new(0),
-        };
+        let dest = Faulty::new(
+            LocalDir::open(tmp.path()).await.unwrap(),
+            Faults {
+                deletes_fail_from: 1,
+                ..Faults::default()
+            },
+        );
         let now: DateTime<Utc> = "2026-02-01T00:00:00Z".parse().unwrap();
         let report = prune(&dest, &config, "n", now, None, false).await.unwrap();
         assert_eq!(report.errors.len(), 1, "{report:?}");

@@ -5,6 +5,8 @@
 //! and deletes them. The set protocol (partial names, rename, manifest last)
 //! lives in [`crate::backup`], so every destination gets it right the same way.
 
+#[cfg(test)]
+pub(crate) mod faulty;
 mod local;
 mod sftp;
 mod sftp_version;
