@@ -302,22 +302,7 @@ fn keygen_host_key(path: &Path) {
 
 /// An OpenSSH public key line in RFC 4716 form (`ssh-keygen -e`).
 fn to_rfc4716(line: &str) -> String {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let file = tmp.path().join("key.pub");
-    fs::write(&file, format!("{}\n", line.trim())).expect("write public key");
-    let out = Command::new("ssh-keygen")
-        .arg("-e")
-        .arg("-f")
-        .arg(&file)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run ssh-keygen -e");
-    assert!(
-        out.status.success(),
-        "ssh-keygen -e: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("RFC 4716 text is ASCII")
+    crate::sshd::ssh_keygen_on_file("-e", "key.pub", line).0
 }
 
 #[cfg(test)]

@@ -418,22 +418,7 @@ impl SshServer {
     /// `ssh-keygen -H`: `|1|<salt>|<hash> <type> <base64>` (a new salt on
     /// every call).
     pub fn hashed_known_hosts_line(&self) -> String {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let file = tmp.path().join("known_hosts");
-        fs::write(&file, format!("{}\n", self.known_hosts_line())).expect("write known_hosts");
-        let out = Command::new("ssh-keygen")
-            .arg("-H")
-            .arg("-f")
-            .arg(&file)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run ssh-keygen -H");
-        assert!(
-            out.status.success(),
-            "ssh-keygen -H: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let hashed = fs::read_to_string(&file).expect("read hashed known_hosts");
+        let (_, hashed) = ssh_keygen_on_file("-H", "known_hosts", &self.known_hosts_line());
         hashed
             .lines()
             .find(|l| l.starts_with("|1|"))
@@ -687,6 +672,31 @@ pub fn assert_refused_before_login(run: &AgentRun, sshd: &SshServer, wanted: &st
         "a host-key failure was retried: {:?}",
         run.elapsed
     );
+}
+
+/// Runs `ssh-keygen FLAG -f FILE` on a temporary `name` holding `line`;
+/// returns what it printed and what the file holds afterwards.
+pub(crate) fn ssh_keygen_on_file(flag: &str, name: &str, line: &str) -> (String, String) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join(name);
+    fs::write(&file, format!("{}\n", line.trim())).expect("write the key file");
+    let out = Command::new("ssh-keygen")
+        .arg(flag)
+        .arg("-f")
+        .arg(&file)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ssh-keygen");
+    assert!(
+        out.status.success(),
+        "ssh-keygen {flag}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = fs::read_to_string(&file).expect("read the key file back");
+    (
+        String::from_utf8(out.stdout).expect("ssh-keygen prints ASCII"),
+        after,
+    )
 }
 
 /// The `SSH-2.0-...` line a server sends first, if it sends one within 2 s.
