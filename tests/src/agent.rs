@@ -193,23 +193,46 @@ impl AgentRun {
     }
 }
 
-/// Runs the agent binary with `args`, no stdin, `RUST_LOG` unset.
-pub fn run_agent(args: &[&str]) -> AgentRun {
-    let bin = agent_bin();
-    let start = Instant::now();
-    let out = Command::new(bin)
-        .args(args)
+/// The agent binary with `args`, no stdin, `RUST_LOG` and `NODE_NAME` unset.
+fn agent_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(args)
         .env_remove("RUST_LOG")
         .env_remove("NODE_NAME")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run etcd-backup-agent");
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs the agent binary with `args`, no stdin, `RUST_LOG` unset.
+pub fn run_agent(args: &[&str]) -> AgentRun {
+    run_agent_in(None, args)
+}
+
+/// [`run_agent`] in working directory `cwd` (this process's when `None`).
+pub fn run_agent_in(cwd: Option<&Path>, args: &[&str]) -> AgentRun {
+    let mut cmd = agent_command(args);
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    let start = Instant::now();
+    let out = cmd.output().expect("run etcd-backup-agent");
     AgentRun {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         elapsed: start.elapsed(),
     }
+}
+
+/// Starts `etcd-backup-agent backup --config <config>` in the background,
+/// its logs to the file `log`, its standard output discarded, so a test can
+/// signal or stall it mid-run.
+pub fn spawn_backup(config: &Path, log: &Path) -> Child {
+    agent_command(&["backup", "--config", config.to_str().expect("utf-8 path")])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("create the agent's log file"))
+        .spawn()
+        .expect("start etcd-backup-agent backup")
 }
 
 /// `etcd-backup-agent backup --config <config>`.

@@ -17,11 +17,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use etcd_backup_proto::api::{LeftoverKind, SetList};
-use etcd_backup_tests::agent::{agent_bin, backup, run_agent, AgentConfig};
+use etcd_backup_tests::agent::{backup, run_agent, spawn_backup, AgentConfig};
 use etcd_backup_tests::etcd::{fill_incompressible, EtcdServer};
 use etcd_backup_tests::relay::{Relay, RelayOptions, Shape};
 use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
@@ -84,18 +83,6 @@ impl Case {
         run.assert_code(0);
         run.stdout
     }
-}
-
-fn spawn_backup(config: &Path, log: &Path) -> Child {
-    Command::new(agent_bin())
-        .args(["backup", "--config", config.to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .env_remove("NODE_NAME")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
 }
 
 /// Runs `backup` and SIGKILLs it once the partial snapshot is growing.

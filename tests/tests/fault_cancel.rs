@@ -23,7 +23,7 @@ use etcd_backup_agent::store::destination::{
     Destination, DestinationError, DirEntry, LocalDir, SftpDir, Upload,
 };
 use etcd_backup_proto::Manifest;
-use etcd_backup_tests::agent::{agent_bin, AgentConfig};
+use etcd_backup_tests::agent::{spawn_backup, AgentConfig};
 use etcd_backup_tests::etcd::{write_history, EtcdServer};
 use etcd_backup_tests::files_below;
 use etcd_backup_tests::fixtures::kubeadm_tree;
@@ -463,7 +463,6 @@ struct ProcessTally {
 /// from when it catches SIGTERM), and asserts each outcome and what is left.
 fn sigterm_the_binary(etcd: &EtcdServer, root: &Path, target: &Target) -> ProcessTally {
     let work = tempfile::tempdir().unwrap();
-    let bin = agent_bin();
     let run = |node: &str, delay: Option<Duration>| -> (i32, String, Duration) {
         let mut cfg = AgentConfig::new(etcd, &target.base);
         cfg.node_name = node.to_string();
@@ -475,16 +474,7 @@ fn sigterm_the_binary(etcd: &EtcdServer, root: &Path, target: &Target) -> Proces
         let dir = work.path().join(node);
         std::fs::create_dir(&dir).unwrap();
         let config = cfg.write(&dir);
-        let stderr = std::fs::File::create(dir.join("stderr")).unwrap();
-        let mut child = std::process::Command::new(&bin)
-            .args(["backup", "--config", config.to_str().unwrap()])
-            .env_remove("RUST_LOG")
-            .env_remove("NODE_NAME")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
+        let mut child = spawn_backup(&config, &dir.join("stderr"));
         let pid = child.id();
         // Polled every 200 µs: an untouched run takes tens of milliseconds.
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -11,10 +11,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use etcd_backup_tests::agent::{agent_bin, run_agent, AgentConfig};
+use etcd_backup_tests::agent::{run_agent, spawn_backup, AgentConfig};
 use etcd_backup_tests::etcd::{fill_incompressible, restore_and_start, EtcdServer};
 use etcd_backup_tests::relay::{Relay, RelayOptions, Shape};
 use etcd_backup_tests::{complete_sets, files_below, wait_for};
@@ -68,19 +68,6 @@ fn capped_relay(etcd: &EtcdServer) -> Relay {
             },
         },
     )
-}
-
-/// Starts `backup` on `config` in the background, its logs to `log`.
-fn spawn_backup(config: &Path, log: &Path) -> Child {
-    Command::new(agent_bin())
-        .args(["backup", "--config", config.to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .env_remove("NODE_NAME")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
 }
 
 /// Waits until a `.db.partial` below `dest` exists and grew between two

@@ -10,12 +10,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::SystemTime;
 
 use etcd_backup_proto::api::SetList;
 use etcd_backup_proto::Manifest;
-use etcd_backup_tests::agent::{agent_bin, backup, AgentConfig, AgentRun};
+use etcd_backup_tests::agent::{backup, run_agent_in, AgentConfig, AgentRun};
 use etcd_backup_tests::etcd::EtcdServer;
 use etcd_backup_tests::fixtures::openshift_tree;
 use etcd_backup_tests::hostile::{HostileSftp, HOSTILE_BYTES};
@@ -68,21 +67,17 @@ fn assert_no_hostile_bytes(dir: &Path, case: &str) {
 /// Runs the agent with `cwd` as its working directory, so relative escapes
 /// would land inside the sandbox.
 fn agent_in(cwd: &Path, args: &[&str]) -> AgentRun {
-    let start = std::time::Instant::now();
-    let out = Command::new(agent_bin())
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("RUST_LOG")
-        .env_remove("NODE_NAME")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    AgentRun {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        elapsed: start.elapsed(),
-    }
+    let run = run_agent_in(Some(cwd), args);
+    eprintln!(
+        "{}: exit {}: {}",
+        args[0],
+        run.code,
+        run.stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or("")
+    );
+    run
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -195,14 +190,6 @@ async fn a_lying_sftp_server_cannot_make_list_verify_or_fetch_touch_anything_out
             "json",
         ],
     );
-    eprintln!(
-        "exit {}: {}",
-        run.code,
-        run.stderr
-            .lines()
-            .find(|l| l.starts_with("error:"))
-            .unwrap_or("")
-    );
     check("list");
     match run.code {
         0 => {
@@ -216,14 +203,6 @@ async fn a_lying_sftp_server_cannot_make_list_verify_or_fetch_touch_anything_out
 
     // The intact set verifies, and fetches exactly its three files.
     let run = agent_in(&p2, &["verify", "--config", config, &real_ts]);
-    eprintln!(
-        "exit {}: {}",
-        run.code,
-        run.stderr
-            .lines()
-            .find(|l| l.starts_with("error:"))
-            .unwrap_or("")
-    );
     check("verify real");
     run.assert_code(0);
     let run = agent_in(
@@ -236,14 +215,6 @@ async fn a_lying_sftp_server_cannot_make_list_verify_or_fetch_touch_anything_out
             "--to",
             to.to_str().unwrap(),
         ],
-    );
-    eprintln!(
-        "exit {}: {}",
-        run.code,
-        run.stderr
-            .lines()
-            .find(|l| l.starts_with("error:"))
-            .unwrap_or("")
     );
     check("fetch real");
     run.assert_code(0);
@@ -263,14 +234,6 @@ async fn a_lying_sftp_server_cannot_make_list_verify_or_fetch_touch_anything_out
 
     // The lying set is refused, naming the bad name, and writes nothing.
     let run = agent_in(&p2, &["verify", "--config", config, LYING_TS]);
-    eprintln!(
-        "exit {}: {}",
-        run.code,
-        run.stderr
-            .lines()
-            .find(|l| l.starts_with("error:"))
-            .unwrap_or("")
-    );
     check("verify lying");
     assert_eq!(run.code, 1, "verify of the lying set: {}", run.stdout);
     failed_clearly(&run, "verify lying");
@@ -289,14 +252,6 @@ async fn a_lying_sftp_server_cannot_make_list_verify_or_fetch_touch_anything_out
             "--to",
             to2.to_str().unwrap(),
         ],
-    );
-    eprintln!(
-        "exit {}: {}",
-        run.code,
-        run.stderr
-            .lines()
-            .find(|l| l.starts_with("error:"))
-            .unwrap_or("")
     );
     check("fetch lying");
     assert_eq!(run.code, 1, "fetch of the lying set: {}", run.stdout);

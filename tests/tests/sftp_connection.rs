@@ -6,10 +6,10 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use etcd_backup_tests::agent::{agent_bin, backup, AgentConfig};
+use etcd_backup_tests::agent::{backup, spawn_backup, AgentConfig};
 use etcd_backup_tests::etcd::EtcdServer;
 use etcd_backup_tests::sshd::{
     assert_refused_before_login, ClientKey, KeyKind, SshOptions, SshServer,
@@ -246,14 +246,7 @@ struct Stalled {
 /// resumed afterwards.
 fn backup_stalled_by(sshd: &SshServer, config: &Path, stop: impl FnOnce() -> Vec<u32>) -> Stalled {
     let log = config.with_file_name("agent.log");
-    let mut agent = Command::new(agent_bin())
-        .args(["backup", "--config", config.to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut agent = spawn_backup(config, &log);
     let root = backups(sshd);
     wait_for("an upload in progress", Duration::from_secs(60), || {
         if let Some(status) = agent.try_wait().unwrap() {
