@@ -289,8 +289,10 @@ fn stall_timeouts() -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_stalled_session_costs_one_io_timeout_and_the_partials_go_over_a_fresh_connection() {
+/// A big etcd, an sshd that trusts a new key, and a config backing up to it
+/// with the stall tests' short timeouts. The etcd, the key's files and the
+/// work directory must live as long as the test.
+async fn stall_setup() -> (EtcdServer, ClientKey, SshServer, Setup, PathBuf) {
     let etcd = big_etcd().await;
     let key = ClientKey::generate(KeyKind::Ed25519, None);
     let sshd = SshServer::start(SshOptions {
@@ -305,19 +307,32 @@ async fn a_stalled_session_costs_one_io_timeout_and_the_partials_go_over_a_fresh
         &key,
         &stall_timeouts(),
     ));
+    (etcd, key, sshd, s, config)
+}
+
+impl Stalled {
+    /// The run failed (exit 1) within [`STALL_BOUND`] of the stall.
+    fn assert_failed_within_bound(&self) {
+        assert_eq!(self.code, Some(1), "{}", self.stderr);
+        assert!(
+            self.after_stop < STALL_BOUND,
+            "took {:?} after the stall (bound {STALL_BOUND:?}):\n{}",
+            self.after_stop,
+            self.stderr
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_session_costs_one_io_timeout_and_the_partials_go_over_a_fresh_connection() {
+    let (_etcd, _key, sshd, _setup, config) = stall_setup().await;
 
     let run = backup_stalled_by(&sshd, &config, || {
         let pids = sshd.stop_sessions();
         assert!(!pids.is_empty(), "no session processes under sshd");
         pids
     });
-    assert_eq!(run.code, Some(1), "{}", run.stderr);
-    assert!(
-        run.after_stop < STALL_BOUND,
-        "took {:?} after the stall (bound {STALL_BOUND:?}):\n{}",
-        run.after_stop,
-        run.stderr
-    );
+    run.assert_failed_within_bound();
     assert!(run.stderr.contains("stage upload"), "{}", run.stderr);
     assert!(
         run.stderr.contains("destination.sftp.io_timeout")
@@ -348,33 +363,14 @@ async fn a_stalled_session_costs_one_io_timeout_and_the_partials_go_over_a_fresh
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_session_and_listener_still_end_the_run_in_bounded_time_naming_what_is_left() {
-    let etcd = big_etcd().await;
-    let key = ClientKey::generate(KeyKind::Ed25519, None);
-    let sshd = SshServer::start(SshOptions {
-        authorized_keys: vec![key.public_line.clone()],
-        ..SshOptions::default()
-    });
-    let s = Setup::new();
-    let config = s.write(&s.config(
-        &etcd,
-        &sshd,
-        Trust::KnownHosts(sshd.known_hosts_line()),
-        &key,
-        &stall_timeouts(),
-    ));
+    let (_etcd, _key, sshd, _setup, config) = stall_setup().await;
 
     let run = backup_stalled_by(&sshd, &config, || {
         let mut pids = vec![sshd.stop_listener()];
         pids.extend(sshd.stop_sessions());
         pids
     });
-    assert_eq!(run.code, Some(1), "{}", run.stderr);
-    assert!(
-        run.after_stop < STALL_BOUND,
-        "took {:?} after the stall (bound {STALL_BOUND:?}):\n{}",
-        run.after_stop,
-        run.stderr
-    );
+    run.assert_failed_within_bound();
     assert!(
         run.stderr.contains("destination.sftp.io_timeout"),
         "{}",
