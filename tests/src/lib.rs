@@ -16,6 +16,8 @@
 //! - [`hostile`]: a lying SFTP server (paramiko): hostile names in listings.
 //! - [`pod`]: the rendered manifests and a master's file system, to run the
 //!   agent as the DaemonSet does.
+//! - [`sftp_setup`]: an agent config backing up to an sshd (trust, login,
+//!   secret files).
 //! - [`sshd`]: a throwaway OpenSSH server with its own host key and client keys.
 //! - [`proftpd`]: ProFTPD's mod_sftp, a second real SFTP server, with
 //!   configurable extensions.
@@ -29,6 +31,7 @@ pub mod hostile;
 pub mod pod;
 pub mod proftpd;
 pub mod relay;
+pub mod sftp_setup;
 pub mod sshd;
 pub mod tls;
 pub mod tmpfs;

@@ -3,101 +3,18 @@
 //! a set that restores with the real `etcdctl`.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use etcd_backup_proto::{FileKind, Manifest};
-use etcd_backup_tests::agent::{agent_bin, backup, AgentConfig};
+use etcd_backup_tests::agent::{agent_bin, backup};
 use etcd_backup_tests::etcd::{dump, restore_and_start, write_history, EtcdServer};
+use etcd_backup_tests::sftp_setup::{backups, Login, SftpSetup, Trust, QUICK_TIMEOUTS};
 use etcd_backup_tests::sshd::{
     assert_refused_before_login, ClientKey, KeyKind, SshOptions, SshServer,
 };
 use etcd_backup_tests::{complete_sets, files_below, wait_for};
-
-/// How the agent is told to trust the server.
-enum Trust {
-    KnownHosts(String),
-    Fingerprint(String),
-}
-
-/// How the agent logs in.
-enum Login<'a> {
-    Key(&'a ClientKey, Option<&'a str>),
-    Password(String, String),
-}
-
-struct Setup {
-    work: tempfile::TempDir,
-}
-
-impl Setup {
-    fn new() -> Self {
-        Self {
-            work: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn file(&self, name: &str, content: &str) -> PathBuf {
-        let p = self.work.path().join(name);
-        std::fs::write(&p, content).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        p
-    }
-
-    /// A config backing up `etcd` to `sshd` under `<sftp_root>/backups`.
-    fn config(
-        &self,
-        etcd: &EtcdServer,
-        sshd: &SshServer,
-        trust: Trust,
-        login: Login,
-    ) -> AgentConfig {
-        let mut cfg = AgentConfig::new(etcd, &self.work.path().join("unused-local"));
-        let trust = match trust {
-            Trust::KnownHosts(lines) => {
-                format!(
-                    "    known_hosts_file: {}\n",
-                    self.file("known_hosts", &lines).display()
-                )
-            }
-            Trust::Fingerprint(fp) => format!("    host_key_fingerprint: \"{fp}\"\n"),
-        };
-        let (user, login) = match login {
-            Login::Key(key, passphrase) => {
-                let mut s = format!("    private_key_file: {}\n", key.private_key.display());
-                if let Some(p) = passphrase {
-                    s += &format!(
-                        "    private_key_passphrase_file: {}\n",
-                        self.file("passphrase", &format!("{p}\n")).display()
-                    );
-                }
-                (SshServer::key_user(), s)
-            }
-            Login::Password(user, password) => (
-                user,
-                format!(
-                    "    password_file: {}\n",
-                    self.file("password", &format!("{password}\n")).display()
-                ),
-            ),
-        };
-        cfg.destination_yaml = Some(format!(
-            "destination:\n  sftp:\n    host: 127.0.0.1\n    port: {}\n    user: {user}\n    path: {}\n{trust}{login}    connect_timeout: 5s\n    io_timeout: 10s\n",
-            sshd.port,
-            sshd.sftp_root.join("backups").display()
-        ));
-        cfg
-    }
-
-    fn write(&self, cfg: &AgentConfig) -> PathBuf {
-        cfg.write(self.work.path())
-    }
-}
-
-fn backups(sshd: &SshServer) -> PathBuf {
-    sshd.sftp_root.join("backups")
-}
 
 fn manifest(set_dir: &Path) -> Manifest {
     serde_json::from_slice(&std::fs::read(set_dir.join("manifest.json")).unwrap()).unwrap()
@@ -119,12 +36,13 @@ async fn set_uploaded_over_sftp_restores_to_the_same_keyspace() {
 
     let key = ClientKey::generate(KeyKind::Ed25519, None);
     let sshd = key_server(&[&key]);
-    let s = Setup::new();
+    let s = SftpSetup::new();
     let cfg = s.config(
         &etcd,
         &sshd,
         Trust::KnownHosts(sshd.known_hosts_line()),
         Login::Key(&key, None),
+        QUICK_TIMEOUTS,
     );
     let run = backup(&s.write(&cfg));
     run.assert_code(0);
@@ -160,7 +78,7 @@ async fn set_uploaded_over_sftp_restores_to_the_same_keyspace() {
         assert_eq!(mode(&set_dir.join(&f)), 0o600, "{f}");
     }
 
-    let restored = restore_and_start(&set_dir.join(&snap.name), s.work.path());
+    let restored = restore_and_start(&set_dir.join(&snap.name), s.dir());
     assert!(
         dump(&mut restored.client().await).await == before,
         "restored keyspace differs"
@@ -179,12 +97,13 @@ fn ecdsa_rsa_and_passphrase_protected_keys_log_in() {
         (&rsa, None),
         (&locked, Some("correct horse")),
     ] {
-        let s = Setup::new();
+        let s = SftpSetup::new();
         let cfg = s.config(
             &etcd,
             &sshd,
             Trust::KnownHosts(sshd.known_hosts_line()),
             Login::Key(key, passphrase),
+            QUICK_TIMEOUTS,
         );
         backup(&s.write(&cfg)).assert_code(0);
         // Sets are named by the second; keep runs apart.
@@ -199,12 +118,13 @@ fn ecdsa_rsa_and_passphrase_protected_keys_log_in() {
     );
 
     // The locked key without its passphrase fails with a hint, and is not retried.
-    let s = Setup::new();
+    let s = SftpSetup::new();
     let mut cfg = s.config(
         &etcd,
         &sshd,
         Trust::KnownHosts(sshd.known_hosts_line()),
         Login::Key(&locked, None),
+        QUICK_TIMEOUTS,
     );
     cfg.retry_attempts = 3;
     cfg.retry_initial_delay = "5s".into();
@@ -230,12 +150,13 @@ fn password_read_from_a_file_logs_in() {
         ..SshOptions::default()
     });
     let (user, password) = SshServer::password_account();
-    let s = Setup::new();
+    let s = SftpSetup::new();
     let cfg = s.config(
         &etcd,
         &sshd,
         Trust::KnownHosts(sshd.known_hosts_line()),
         Login::Password(user.clone(), password.clone()),
+        QUICK_TIMEOUTS,
     );
     let config = s.write(&cfg);
     let run = backup(&config);
@@ -248,7 +169,7 @@ fn password_read_from_a_file_logs_in() {
         .contains(&password));
 
     // A wrong password: refused, named, not retried.
-    std::fs::write(s.work.path().join("password"), "not-the-password\n").unwrap();
+    std::fs::write(s.dir().join("password"), "not-the-password\n").unwrap();
     let mut cfg = cfg;
     cfg.retry_attempts = 3;
     cfg.retry_initial_delay = "5s".into();
@@ -275,7 +196,7 @@ fn hashed_known_hosts_and_a_pinned_fingerprint_are_trusted() {
     let etcd = EtcdServer::start();
     let key = ClientKey::generate(KeyKind::Ed25519, None);
     let sshd = key_server(&[&key]);
-    let s = Setup::new();
+    let s = SftpSetup::new();
     let other = ClientKey::generate(KeyKind::Ed25519, None);
     // A hashed line among unrelated entries, as ~/.ssh/known_hosts looks.
     let lines = format!(
@@ -288,6 +209,7 @@ fn hashed_known_hosts_and_a_pinned_fingerprint_are_trusted() {
         &sshd,
         Trust::KnownHosts(lines),
         Login::Key(&key, None),
+        QUICK_TIMEOUTS,
     );
     backup(&s.write(&cfg)).assert_code(0);
     std::thread::sleep(Duration::from_millis(1100));
@@ -296,6 +218,7 @@ fn hashed_known_hosts_and_a_pinned_fingerprint_are_trusted() {
         &sshd,
         Trust::Fingerprint(sshd.fingerprint()),
         Login::Key(&key, None),
+        QUICK_TIMEOUTS,
     );
     backup(&s.write(&cfg)).assert_code(0);
     assert_eq!(complete_sets(&backups(&sshd)).len(), 2);
@@ -306,7 +229,7 @@ fn unknown_host_key_is_refused_before_logging_in() {
     let etcd = EtcdServer::start();
     let key = ClientKey::generate(KeyKind::Ed25519, None);
     let sshd = key_server(&[&key]);
-    let s = Setup::new();
+    let s = SftpSetup::new();
     let other = ClientKey::generate(KeyKind::Ed25519, None);
     let lines = format!("backup.example.com {}\n", other.public_line);
     let mut cfg = s.config(
@@ -314,6 +237,7 @@ fn unknown_host_key_is_refused_before_logging_in() {
         &sshd,
         Trust::KnownHosts(lines),
         Login::Key(&key, None),
+        QUICK_TIMEOUTS,
     );
     cfg.retry_attempts = 3;
     cfg.retry_initial_delay = "5s".into();
@@ -325,7 +249,7 @@ fn changed_host_key_is_refused_before_logging_in() {
     let etcd = EtcdServer::start();
     let key = ClientKey::generate(KeyKind::Ed25519, None);
     let sshd = key_server(&[&key]);
-    let s = Setup::new();
+    let s = SftpSetup::new();
     // The server's name with somebody else's key: what an attacker would present.
     let impostor = ClientKey::generate(KeyKind::Ed25519, None);
     let lines = format!("[127.0.0.1]:{} {}\n", sshd.port, impostor.public_line);
@@ -334,6 +258,7 @@ fn changed_host_key_is_refused_before_logging_in() {
         &sshd,
         Trust::KnownHosts(lines),
         Login::Key(&key, None),
+        QUICK_TIMEOUTS,
     );
     cfg.retry_attempts = 3;
     cfg.retry_initial_delay = "5s".into();
@@ -345,6 +270,7 @@ fn changed_host_key_is_refused_before_logging_in() {
         &sshd,
         Trust::Fingerprint(wrong_fp.clone()),
         Login::Key(&key, None),
+        QUICK_TIMEOUTS,
     );
     cfg.retry_attempts = 3;
     let run = backup(&s.write(&cfg));
@@ -366,12 +292,13 @@ async fn sshd_killed_mid_upload_leaves_no_complete_set_and_the_next_run_succeeds
     }
     let key = ClientKey::generate(KeyKind::Ed25519, None);
     let mut sshd = key_server(&[&key]);
-    let s = Setup::new();
+    let s = SftpSetup::new();
     let cfg = s.config(
         &etcd,
         &sshd,
         Trust::KnownHosts(sshd.known_hosts_line()),
         Login::Key(&key, None),
+        QUICK_TIMEOUTS,
     );
     let config = s.write(&cfg);
 
@@ -417,12 +344,13 @@ fn a_server_that_comes_back_is_reached_by_a_retry_with_a_fresh_snapshot() {
     let etcd = EtcdServer::start();
     let key = ClientKey::generate(KeyKind::Ed25519, None);
     let mut sshd = key_server(&[&key]);
-    let s = Setup::new();
+    let s = SftpSetup::new();
     let mut cfg = s.config(
         &etcd,
         &sshd,
         Trust::KnownHosts(sshd.known_hosts_line()),
         Login::Key(&key, None),
+        QUICK_TIMEOUTS,
     );
     cfg.retry_attempts = 4;
     cfg.retry_initial_delay = "2s".into();

@@ -4,83 +4,19 @@
 //! stalls mid-upload costing one `io_timeout`, with the clean-up done over a
 //! fresh connection.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use etcd_backup_tests::agent::{backup, spawn_backup, AgentConfig};
+use etcd_backup_tests::agent::{backup, spawn_backup};
 use etcd_backup_tests::etcd::EtcdServer;
+use etcd_backup_tests::sftp_setup::{backups, Login, SftpSetup, Trust, QUICK_TIMEOUTS};
 use etcd_backup_tests::sshd::{
     assert_refused_before_login, ClientKey, KeyKind, SshOptions, SshServer,
 };
 use etcd_backup_tests::{complete_sets, files_below, wait_for};
 
 const ALL_KINDS: [KeyKind; 3] = [KeyKind::Ed25519, KeyKind::Rsa, KeyKind::Ecdsa];
-
-/// How the agent is told to trust the server.
-enum Trust {
-    KnownHosts(String),
-    Fingerprint(String),
-}
-
-/// A work directory for one agent config.
-struct Setup {
-    work: tempfile::TempDir,
-}
-
-impl Setup {
-    fn new() -> Self {
-        Self {
-            work: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn file(&self, name: &str, content: &str) -> PathBuf {
-        let p = self.work.path().join(name);
-        std::fs::write(&p, content).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        p
-    }
-
-    /// A config backing up `etcd` to `sshd` under `<sftp_root>/backups`,
-    /// logging in with `key`.
-    fn config(
-        &self,
-        etcd: &EtcdServer,
-        sshd: &SshServer,
-        trust: Trust,
-        key: &ClientKey,
-        timeouts: &str,
-    ) -> AgentConfig {
-        let mut cfg = AgentConfig::new(etcd, &self.work.path().join("unused-local"));
-        let trust = match trust {
-            Trust::KnownHosts(lines) => format!(
-                "    known_hosts_file: {}\n",
-                self.file("known_hosts", &lines).display()
-            ),
-            Trust::Fingerprint(fp) => format!("    host_key_fingerprint: \"{fp}\"\n"),
-        };
-        cfg.destination_yaml = Some(format!(
-            "destination:\n  sftp:\n    host: 127.0.0.1\n    port: {}\n    user: {}\n    path: {}\n{trust}    private_key_file: {}\n{timeouts}",
-            sshd.port,
-            SshServer::key_user(),
-            backups(sshd).display(),
-            key.private_key.display(),
-        ));
-        cfg
-    }
-
-    fn write(&self, cfg: &AgentConfig) -> PathBuf {
-        cfg.write(self.work.path())
-    }
-}
-
-fn backups(sshd: &SshServer) -> PathBuf {
-    sshd.sftp_root.join("backups")
-}
-
-const QUICK_TIMEOUTS: &str = "    connect_timeout: 5s\n    io_timeout: 10s\n";
 
 /// A server holding an ed25519, an RSA and an ECDSA host key at once.
 fn three_key_server(key: &ClientKey) -> SshServer {
@@ -123,9 +59,15 @@ fn each_host_key_of_a_multi_key_server_is_trusted_alone_in_known_hosts_or_as_a_p
                 Trust::KnownHosts(l) => format!("known_hosts {l:?}"),
                 Trust::Fingerprint(fp) => format!("pin {fp}"),
             };
-            let s = Setup::new();
+            let s = SftpSetup::new();
             let before = logins();
-            let run = backup(&s.write(&s.config(&etcd, &sshd, trust, &key, QUICK_TIMEOUTS)));
+            let run = backup(&s.write(&s.config(
+                &etcd,
+                &sshd,
+                trust,
+                Login::Key(&key, None),
+                QUICK_TIMEOUTS,
+            )));
             assert_eq!(run.code, 0, "{kind:?} via {what}:\n{}", run.stderr);
             per_run.push((what, logins() - before));
             // Sets are named by the second; keep runs apart.
@@ -147,8 +89,8 @@ fn a_key_the_multi_key_server_does_not_hold_is_refused_whatever_its_type() {
     let etcd = EtcdServer::start();
     let key = ClientKey::generate(KeyKind::Ed25519, None);
     let sshd = three_key_server(&key);
-    let config = |s: &Setup, trust| {
-        let mut cfg = s.config(&etcd, &sshd, trust, &key, QUICK_TIMEOUTS);
+    let config = |s: &SftpSetup, trust| {
+        let mut cfg = s.config(&etcd, &sshd, trust, Login::Key(&key, None), QUICK_TIMEOUTS);
         // Three attempts with a long back-off: a retry would show in the time.
         cfg.retry_attempts = 3;
         cfg.retry_initial_delay = "5s".into();
@@ -159,7 +101,7 @@ fn a_key_the_multi_key_server_does_not_hold_is_refused_whatever_its_type() {
     // its own key of that type, which does not match.
     for kind in ALL_KINDS {
         let impostor = ClientKey::generate(kind, None);
-        let s = Setup::new();
+        let s = SftpSetup::new();
         let trust = Trust::KnownHosts(format!(
             "[127.0.0.1]:{} {}\n",
             sshd.port, impostor.public_line
@@ -169,7 +111,7 @@ fn a_key_the_multi_key_server_does_not_hold_is_refused_whatever_its_type() {
 
     // A type the server has no key of: it presents its preferred one, which
     // is of a type not listed.
-    let s = Setup::new();
+    let s = SftpSetup::new();
     let p384 = {
         // A real ECDSA P-384 key, which the server does not hold.
         let dir = tempfile::tempdir().unwrap();
@@ -192,7 +134,7 @@ fn a_key_the_multi_key_server_does_not_hold_is_refused_whatever_its_type() {
 
     // A pin of no key of the server's: every key it holds was asked for and
     // is named in the refusal.
-    let s = Setup::new();
+    let s = SftpSetup::new();
     let wrong = etcd_backup_known_hosts::sha256_fingerprint(b"not the server's key");
     let run = backup(&config(&s, Trust::Fingerprint(wrong.clone())));
     assert_refused_before_login(&run, &sshd, &wrong);
@@ -292,19 +234,19 @@ fn stall_timeouts() -> String {
 /// A big etcd, an sshd that trusts a new key, and a config backing up to it
 /// with the stall tests' short timeouts. The etcd, the key's files and the
 /// work directory must live as long as the test.
-async fn stall_setup() -> (EtcdServer, ClientKey, SshServer, Setup, PathBuf) {
+async fn stall_setup() -> (EtcdServer, ClientKey, SshServer, SftpSetup, PathBuf) {
     let etcd = big_etcd().await;
     let key = ClientKey::generate(KeyKind::Ed25519, None);
     let sshd = SshServer::start(SshOptions {
         authorized_keys: vec![key.public_line.clone()],
         ..SshOptions::default()
     });
-    let s = Setup::new();
+    let s = SftpSetup::new();
     let config = s.write(&s.config(
         &etcd,
         &sshd,
         Trust::KnownHosts(sshd.known_hosts_line()),
-        &key,
+        Login::Key(&key, None),
         &stall_timeouts(),
     ));
     (etcd, key, sshd, s, config)
