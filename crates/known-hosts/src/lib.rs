@@ -221,26 +221,17 @@ impl KnownHosts {
     /// Precedence: a `@revoked` line with this key wins over everything, then any
     /// matching line with exactly this key, then other keys for the host.
     pub fn check(&self, host: &str, port: u16, key_type: &str, key_blob: &[u8]) -> Verdict {
-        if let Some(entry) = self
-            .entries
-            .iter()
-            .find(|e| e.revoked && e.key_blob == key_blob)
-        {
+        if let Some(entry) = self.revocation_of(key_blob) {
             return Verdict::Revoked { line: entry.line };
         }
 
-        let name = lookup_name(host, port);
         let presented_type: &[u8] = match blob_key_type(key_blob) {
             Some(t) => t,
             None => normalize_key_type(key_type).as_bytes(),
         };
         let mut lines = Vec::new();
         let mut same_type = false;
-        for entry in self
-            .entries
-            .iter()
-            .filter(|e| !e.revoked && e.hosts.matches(&name))
-        {
+        for entry in self.listed_for(host, port) {
             if entry.key_blob == key_blob {
                 return Verdict::Trusted { line: entry.line };
             }
@@ -265,22 +256,30 @@ impl KnownHosts {
     /// revoked elsewhere in the file are left out: those keys would be refused
     /// anyway.
     pub fn key_types_for(&self, host: &str, port: u16) -> Vec<&str> {
-        let name = lookup_name(host, port);
         let mut types: Vec<&str> = Vec::new();
-        for entry in self
-            .entries
-            .iter()
-            .filter(|e| !e.revoked && e.hosts.matches(&name))
-        {
-            let revoked = self
-                .entries
-                .iter()
-                .any(|r| r.revoked && r.key_blob == entry.key_blob);
+        for entry in self.listed_for(host, port) {
+            let revoked = self.revocation_of(&entry.key_blob).is_some();
             if !revoked && !types.contains(&entry.key_type.as_str()) {
                 types.push(&entry.key_type);
             }
         }
         types
+    }
+
+    /// The host-key lines (not `@revoked` ones) whose patterns match
+    /// `host`:`port`, in file order.
+    fn listed_for(&self, host: &str, port: u16) -> impl Iterator<Item = &Entry> {
+        let name = lookup_name(host, port);
+        self.entries
+            .iter()
+            .filter(move |e| !e.revoked && e.hosts.matches(&name))
+    }
+
+    /// The `@revoked` line for `key_blob`, if the file has one.
+    fn revocation_of(&self, key_blob: &[u8]) -> Option<&Entry> {
+        self.entries
+            .iter()
+            .find(|e| e.revoked && e.key_blob == key_blob)
     }
 
     /// The file this was read from, for messages.
