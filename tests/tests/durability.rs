@@ -9,7 +9,9 @@ use std::process::{Command, Stdio};
 use etcd_backup_tests::agent::{agent_bin, backup, AgentConfig};
 use etcd_backup_tests::etcd::EtcdServer;
 use etcd_backup_tests::fixtures::kubeadm_tree;
+use etcd_backup_tests::sftp_setup::{backups, Login, SftpSetup, Trust, QUICK_TIMEOUTS};
 use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
+use etcd_backup_tests::tmpfs::Tmpfs;
 use etcd_backup_tests::{complete_sets, files_below, require_tool};
 
 /// One traced syscall that succeeded.
@@ -260,39 +262,6 @@ fn a_local_backup_syncs_each_file_before_its_rename_each_directory_after_and_the
     }
 }
 
-/// A small tmpfs mounted at a path, unmounted on drop: a disk that fills up.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Self {
-        std::fs::create_dir_all(at).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
-            .arg("tmpfs")
-            .arg(at)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mounting a {size} tmpfs at {} failed (the disk-full tests need root with CAP_SYS_ADMIN): {}",
-            at.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .stdin(Stdio::null())
-            .status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_sftp_disk_fails_at_once_and_says_how_much_is_free() {
     let etcd = EtcdServer::start();
@@ -310,23 +279,20 @@ async fn a_full_sftp_disk_fails_at_once_and_says_how_much_is_free() {
         authorized_keys: vec![key.public_line.clone()],
         ..SshOptions::default()
     });
-    let base = sshd.sftp_root.join("backups");
-    let _disk = Tmpfs::mount(&base, "1m");
-    let work = tempfile::tempdir().unwrap();
-    let known_hosts = work.path().join("known_hosts");
-    std::fs::write(&known_hosts, format!("{}\n", sshd.known_hosts_line())).unwrap();
-    let mut cfg = AgentConfig::new(&etcd, &work.path().join("unused-local"));
-    cfg.destination_yaml = Some(format!(
-        "destination:\n  sftp:\n    host: 127.0.0.1\n    port: {}\n    user: {}\n    path: {}\n    known_hosts_file: {}\n    private_key_file: {}\n    connect_timeout: 5s\n    io_timeout: 10s\n",
-        sshd.port,
-        SshServer::key_user(),
-        base.display(),
-        known_hosts.display(),
-        key.private_key.display(),
-    ));
+    let base = backups(&sshd);
+    std::fs::create_dir_all(&base).unwrap();
+    let _disk = Tmpfs::mount_at(&base, 1 << 20);
+    let s = SftpSetup::new();
+    let mut cfg = s.config(
+        &etcd,
+        &sshd,
+        Trust::KnownHosts(sshd.known_hosts_line()),
+        Login::Key(&key, None),
+        QUICK_TIMEOUTS,
+    );
     cfg.retry_attempts = 3;
     cfg.retry_initial_delay = "5s".into();
-    let run = backup(&cfg.write(work.path()));
+    let run = backup(&s.write(&cfg));
     run.assert_code(1);
     for wanted in ["stage upload", "may be full", "free of 1.0 MiB"] {
         assert!(
