@@ -113,6 +113,36 @@ impl SftpSetup {
     }
 }
 
+/// The `destination:` YAML for an SFTP server on 127.0.0.1:`port`, logging
+/// in as `user` with `private_key`, trusting the `known_hosts` file, storing
+/// under `path`, with [`QUICK_TIMEOUTS`].
+pub fn destination_yaml(
+    port: u16,
+    user: &str,
+    path: &Path,
+    known_hosts: &Path,
+    private_key: &Path,
+) -> String {
+    format!(
+        "destination:\n  sftp:\n    host: 127.0.0.1\n    port: {port}\n    user: {user}\n    path: {}\n    known_hosts_file: {}\n    private_key_file: {}\n{QUICK_TIMEOUTS}",
+        path.display(),
+        known_hosts.display(),
+        private_key.display()
+    )
+}
+
+/// [`destination_yaml`] for `sshd`, its known_hosts file and the key user,
+/// storing under `path`.
+pub fn sshd_destination_yaml(sshd: &SshServer, key: &ClientKey, path: &Path) -> String {
+    destination_yaml(
+        sshd.port,
+        &SshServer::key_user(),
+        path,
+        &sshd.known_hosts_file(),
+        &key.private_key,
+    )
+}
+
 /// Where [`SftpSetup::config`] puts the sets: `<sftp_root>/backups`.
 pub fn backups(sshd: &SshServer) -> PathBuf {
     sshd.sftp_root.join("backups")

@@ -23,6 +23,7 @@ use etcd_backup_proto::api::{LeftoverKind, SetList};
 use etcd_backup_tests::agent::{backup, run_agent, spawn_backup, AgentConfig};
 use etcd_backup_tests::etcd::{fill_incompressible, EtcdServer};
 use etcd_backup_tests::relay::{Relay, RelayOptions, Shape};
+use etcd_backup_tests::sftp_setup::sshd_destination_yaml;
 use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
 use etcd_backup_tests::{complete_sets, files_below, wait_for};
 
@@ -268,14 +269,7 @@ async fn agent_killed_mid_upload_leaves_its_own_partial_which_is_kept_while_youn
     };
     let local_base = work.path().join("dest");
     let sftp_base = sshd.sftp_root.join("backups");
-    let sftp_yaml = format!(
-        "destination:\n  sftp:\n    host: 127.0.0.1\n    port: {}\n    user: {}\n    path: {}\n    known_hosts_file: {}\n    private_key_file: {}\n    connect_timeout: 5s\n    io_timeout: 10s\n",
-        sshd.port,
-        SshServer::key_user(),
-        sftp_base.display(),
-        sshd.known_hosts_file().display(),
-        key.private_key.display()
-    );
+    let sftp_yaml = sshd_destination_yaml(&sshd, &key, &sftp_base);
     let mut cases = [
         Case {
             name: "local",

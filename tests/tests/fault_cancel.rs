@@ -27,6 +27,7 @@ use etcd_backup_tests::agent::{spawn_backup, AgentConfig};
 use etcd_backup_tests::etcd::{write_history, EtcdServer};
 use etcd_backup_tests::files_below;
 use etcd_backup_tests::fixtures::kubeadm_tree;
+use etcd_backup_tests::sftp_setup::sshd_destination_yaml;
 use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
 
 /// Cancellation runs per destination.
@@ -381,14 +382,7 @@ fn local_target(dir: &Path) -> Target {
 fn sftp_target(sshd: &SshServer, key: &ClientKey) -> Target {
     let base = sshd.sftp_root.join("backups");
     Target {
-        destination_yaml: format!(
-            "destination:\n  sftp:\n    host: 127.0.0.1\n    port: {}\n    user: {}\n    path: {}\n    known_hosts_file: {}\n    private_key_file: {}\n    connect_timeout: 5s\n    io_timeout: 10s\n",
-            sshd.port,
-            SshServer::key_user(),
-            base.display(),
-            sshd.known_hosts_file().display(),
-            key.private_key.display()
-        ),
+        destination_yaml: sshd_destination_yaml(sshd, key, &base),
         base,
     }
 }

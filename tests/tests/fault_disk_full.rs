@@ -10,6 +10,7 @@ use etcd_backup_proto::Manifest;
 use etcd_backup_tests::agent::{backup, AgentConfig};
 use etcd_backup_tests::etcd::{fill_incompressible, EtcdServer};
 use etcd_backup_tests::fixtures::kubeadm_tree;
+use etcd_backup_tests::sftp_setup::sshd_destination_yaml;
 use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
 use etcd_backup_tests::tmpfs::{pages, Tmpfs, PAGE};
 use etcd_backup_tests::{complete_sets, files_below};
@@ -199,14 +200,7 @@ async fn a_full_sftp_server_disk_at_each_step_fails_once_says_so_and_leaves_noth
         let store = sshd.sftp_root.join(format!("backups{i}"));
         std::fs::create_dir(&store).unwrap();
         let fs = Tmpfs::mount_at(&store, size);
-        let yaml = format!(
-            "destination:\n  sftp:\n    host: 127.0.0.1\n    port: {}\n    user: {}\n    path: {}\n    known_hosts_file: {}\n    private_key_file: {}\n    connect_timeout: 5s\n    io_timeout: 10s\n",
-            sshd.port,
-            SshServer::key_user(),
-            store.display(),
-            sshd.known_hosts_file().display(),
-            key.private_key.display()
-        );
+        let yaml = sshd_destination_yaml(&sshd, &key, &store);
         let dir = f.work.path().join(format!("sftp-{i}"));
         run_into(&f.etcd, &f.root, &fs.path, Some(yaml), step, &dir);
         drop(fs);

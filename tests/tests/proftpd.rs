@@ -10,6 +10,7 @@ use etcd_backup_proto::{FileKind, Manifest};
 use etcd_backup_tests::agent::{backup, run_agent, AgentConfig, AgentDaemon};
 use etcd_backup_tests::etcd::{dump, restore_and_start, write_history, EtcdServer};
 use etcd_backup_tests::proftpd::{ProftpdOptions, ProftpdServer};
+use etcd_backup_tests::sftp_setup::destination_yaml;
 use etcd_backup_tests::sshd::{ClientKey, KeyKind};
 use etcd_backup_tests::{complete_sets, files_below, free_port, metric, wait_for_async};
 
@@ -34,12 +35,14 @@ fn config(
     std::fs::write(&known_hosts, format!("{}\n", server.known_hosts_line())).unwrap();
     let mut cfg = AgentConfig::new(etcd, &work.join("unused-local"));
     cfg.destination_yaml = Some(format!(
-        "destination:\n  sftp:\n    host: 127.0.0.1\n    port: {}\n    user: {}\n    path: {}\n    known_hosts_file: {}\n    private_key_file: {}\n    connect_timeout: 5s\n    io_timeout: 10s\n{}",
-        server.port,
-        ProftpdServer::user(),
-        backups(server).display(),
-        known_hosts.display(),
-        key.private_key.display(),
+        "{}{}",
+        destination_yaml(
+            server.port,
+            &ProftpdServer::user(),
+            &backups(server),
+            &known_hosts,
+            &key.private_key,
+        ),
         require_fsync.map_or(String::new(), |r| format!("    require_fsync: {r}\n")),
     ));
     cfg

@@ -13,6 +13,7 @@ use etcd_backup_proto::{Manifest, SetTimestamp};
 use etcd_backup_tests::agent::{backup, run_agent, AgentConfig, AgentDaemon};
 use etcd_backup_tests::etcd::EtcdServer;
 use etcd_backup_tests::fixtures::kubeadm_tree;
+use etcd_backup_tests::sftp_setup::sshd_destination_yaml;
 use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
 use etcd_backup_tests::{complete_sets, metric, wait_for_async};
 
@@ -356,18 +357,9 @@ fn sftp_cleanup_and_prune_leave_alone_what_the_agent_did_not_write() {
         ..SshOptions::default()
     });
     let work = tempfile::tempdir().unwrap();
-    let known_hosts = work.path().join("known_hosts");
-    std::fs::write(&known_hosts, sshd.known_hosts_line()).unwrap();
     let mut cfg = AgentConfig::new(&etcd, &work.path().join("unused-local"));
     let base = sshd.sftp_root.join("backups");
-    cfg.destination_yaml = Some(format!(
-        "destination:\n  sftp:\n    host: 127.0.0.1\n    port: {}\n    user: {}\n    path: {}\n    known_hosts_file: {}\n    private_key_file: {}\n    connect_timeout: 5s\n    io_timeout: 10s\n",
-        sshd.port,
-        SshServer::key_user(),
-        base.display(),
-        known_hosts.display(),
-        key.private_key.display()
-    ));
+    cfg.destination_yaml = Some(sshd_destination_yaml(&sshd, &key, &base));
     leaves_alone_what_is_not_its_own(cfg, work.path(), &base.join("test/master-0"));
 }
 
