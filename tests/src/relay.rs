@@ -13,11 +13,18 @@
 //! - `delay`: every byte leaves the relay this long after it arrived, in
 //!   addition to the rate's pacing. Zero: no delay.
 //!
-//! At most [`IN_FLIGHT`] chunks per direction are held between reading and
-//! writing, so a slow side pushes back on the fast one (TCP flow control
-//! still works end to end) while a delayed link of up to `IN_FLIGHT ×
-//! CHUNK / delay` bytes/s stays full. [`Relay::set_target`] points new
-//! connections elsewhere (a restarted server on a new port).
+//! A bounded number of bytes per direction ([`in_flight_bytes`]) is held
+//! between reading and writing, so a slow side pushes back on the fast one
+//! (TCP flow control still works end to end) while a delayed link stays full:
+//! a rate-capped link holds twice what it carries in one delay (at least
+//! [`MIN_IN_FLIGHT_BYTES`], so a capped link without delay still pushes back
+//! after a few MiB, as the fault tests need), an uncapped delayed link
+//! [`IN_FLIGHT_BYTES`] (64 MiB keeps a 40 ms one-way link full up to
+//! 1.6 GB/s, beyond what loopback SSH reaches on the bench machine). The
+//! bound is in bytes, not chunks, so short reads (SSH acknowledgements, small
+//! SFTP replies) do not shrink it.
+//! [`Relay::set_target`] points new connections elsewhere (a restarted server
+//! on a new port).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -29,10 +36,27 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Bytes read at a time, and the largest burst a rate cap lets through.
-pub const CHUNK: usize = 16 * 1024;
+pub const CHUNK: usize = 64 * 1024;
 
-/// Chunks held per direction between reading and writing.
-pub const IN_FLIGHT: usize = 256;
+/// Bytes held per direction between reading and writing on a delayed link
+/// without a rate cap (the emulated link's capacity: it must hold rate ×
+/// delay).
+pub const IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
+
+/// The least a direction holds (a link without delay, or a slow one).
+pub const MIN_IN_FLIGHT_BYTES: usize = 4 * 1024 * 1024;
+
+/// How many bytes a direction shaped by `shape` holds between reading and
+/// writing: twice its rate × delay when capped, [`IN_FLIGHT_BYTES`] when
+/// delayed and uncapped, never less than [`MIN_IN_FLIGHT_BYTES`].
+pub fn in_flight_bytes(shape: &Shape) -> usize {
+    let want = match shape.rate {
+        Some(rate) => (2.0 * rate as f64 * shape.delay.as_secs_f64()) as usize,
+        None if shape.delay.is_zero() => 0,
+        None => IN_FLIGHT_BYTES,
+    };
+    want.max(MIN_IN_FLIGHT_BYTES)
+}
 
 /// How one direction of a relayed connection is shaped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -153,14 +177,25 @@ async fn pump(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     shape: Shape,
 ) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(IN_FLIGHT);
+    // The channel is unbounded in chunks; the semaphore bounds it in bytes:
+    // the reader takes a permit per byte before it reads, the writer gives
+    // them back once the bytes are written.
+    let budget = Arc::new(tokio::sync::Semaphore::new(in_flight_bytes(&shape)));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let reader_budget = budget.clone();
     let reader = async move {
         let mut buf = vec![0u8; CHUNK];
         loop {
+            let Ok(permit) = reader_budget.acquire_many(CHUNK as u32).await else {
+                break;
+            };
             match from.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if tx.send((Instant::now(), buf[..n].to_vec())).await.is_err() {
+                    // Keep the permits of the bytes read; return the rest.
+                    permit.forget();
+                    reader_budget.add_permits(CHUNK - n);
+                    if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
                         break;
                     }
                 }
@@ -174,8 +209,11 @@ async fn pump(
             let due = (arrived + shape.delay).max(next);
             tokio::time::sleep_until(due).await;
             if to.write_all(&chunk).await.is_err() {
+                // Wakes a reader waiting for room, which then ends.
+                budget.close();
                 return;
             }
+            budget.add_permits(chunk.len());
             if let Some(rate) = shape.rate {
                 let start = next.max(due);
                 next = start + Duration::from_secs_f64(chunk.len() as f64 / rate.max(1) as f64);
@@ -244,6 +282,31 @@ mod tests {
         let (back, took) = roundtrip(shaped.addr);
         assert_eq!(back, data);
         assert!(took >= Duration::from_millis(600), "{took:?}");
+    }
+
+    #[test]
+    fn a_direction_holds_what_its_link_carries_in_flight() {
+        let ms = Duration::from_millis;
+        // 1 Gbit/s × 40 ms one way is 5 MB in flight; twice that is held.
+        let gbit = Shape {
+            rate: Some(125_000_000),
+            delay: ms(40),
+        };
+        assert_eq!(in_flight_bytes(&gbit), 10_000_000);
+        // Uncapped and delayed: the large fixed capacity.
+        let uncapped = Shape {
+            rate: None,
+            delay: ms(40),
+        };
+        assert_eq!(in_flight_bytes(&uncapped), IN_FLIGHT_BYTES);
+        // A slow cap without delay (the fault tests' 4 MiB/s) and no shaping
+        // at all hold the minimum, so the sender is pushed back early.
+        let slow = Shape {
+            rate: Some(4 << 20),
+            delay: Duration::ZERO,
+        };
+        assert_eq!(in_flight_bytes(&slow), MIN_IN_FLIGHT_BYTES);
+        assert_eq!(in_flight_bytes(&Shape::default()), MIN_IN_FLIGHT_BYTES);
     }
 
     #[test]
