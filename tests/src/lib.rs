@@ -12,6 +12,8 @@
 //!   as a child process.
 //! - [`fake_etcd`]: a gRPC Maintenance server that serves a tampered snapshot.
 //! - [`fixtures`]: `/etc/kubernetes` trees in the OpenShift and kubeadm shapes.
+//! - [`k8s_objects`]: Kubernetes-like objects in the API server's protobuf
+//!   storage form, for the compression benchmark.
 //! - [`relay`]: a TCP relay with a rate cap and a one-way delay per direction.
 //! - [`hostile`]: a lying SFTP server (paramiko): hostile names in listings.
 //! - [`pod`]: the rendered manifests and a master's file system, to run the
@@ -28,6 +30,7 @@ pub mod etcd;
 pub mod fake_etcd;
 pub mod fixtures;
 pub mod hostile;
+pub mod k8s_objects;
 pub mod pod;
 pub mod proftpd;
 pub mod relay;
