@@ -236,11 +236,12 @@ async fn main() {
             done(tasks.join_next().await);
         }
         let mut kv = client.kv_client();
+        let to = endpoint.clone();
         tasks.spawn(async move {
             kv.txn(Txn::new().and_then(ops))
                 .await
                 .map(|_| ())
-                .map_err(|e| format!("put: {e}"))
+                .map_err(|e| format!("writing to etcd at {to} failed (is it running, with room under its quota?): {e}"))
         });
     }
     while let Some(r) = tasks.join_next().await {
