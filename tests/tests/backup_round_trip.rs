@@ -2,10 +2,11 @@
 //! same keyspace; TLS works; failures to reach etcd are clear and leave nothing.
 
 use std::io::Write;
+use std::path::Path;
 use std::time::Duration;
 
 use etcd_backup_proto::{FileKind, Manifest};
-use etcd_backup_tests::agent::{backup, AgentConfig};
+use etcd_backup_tests::agent::{backup, run_agent, run_agent_with_tmpdir, AgentConfig};
 use etcd_backup_tests::etcd::{
     dump, restore_and_start, snapshot_status, write_history, EtcdServer,
 };
@@ -216,6 +217,46 @@ async fn snapshot_status_of_many_small_keys_equals_etcdctl() {
     let status = manifest.snapshot_status.unwrap();
     assert!(status.total_key > 38_000, "{status:?}");
     assert!(status.total_size > 4 << 20, "{status:?}");
+}
+
+/// The status keeps its page summaries in TMPDIR: when that cannot be written,
+/// the backup still stores the snapshot (checked against etcd's digest) without a
+/// status, and `verify` fails; both say which directory and that TMPDIR picks it.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_writable_tmpdir_the_status_is_left_out_and_verify_says_where() {
+    let etcd = EtcdServer::start();
+    let mut client = etcd.client().await;
+    write_history(&mut client, "/registry/pods/default", 200).await;
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("backups");
+    let config = AgentConfig::new(&etcd, &dest).write(work.path());
+    let config = config.to_str().unwrap();
+    let missing = work.path().join("no-such-tmp");
+
+    let run = run_agent_with_tmpdir(&missing, &["backup", "--config", config]);
+    run.assert_code(0);
+    let set = dest.join(complete_sets(&dest).pop().unwrap());
+    let manifest = read_manifest(&set);
+    assert_eq!(manifest.snapshot_status, None);
+    let said = format!(
+        "cannot create the temporary files of the snapshot status in {}",
+        missing.display()
+    );
+    assert!(
+        run.stderr.contains(&said) && run.stderr.contains("TMPDIR"),
+        "{}",
+        run.stderr
+    );
+    // Without a status in the manifest there is nothing to compare.
+    run_agent_with_tmpdir(&missing, &["verify", "--config", config, "latest"]).assert_code(0);
+
+    std::fs::remove_dir_all(&set).unwrap();
+    backup(Path::new(config)).assert_code(0);
+    let run = run_agent_with_tmpdir(&missing, &["verify", "--config", config, "latest"]);
+    run.assert_code(1);
+    let out = format!("{}{}", run.stdout, run.stderr);
+    assert!(out.contains(&said) && out.contains("TMPDIR"), "{out}");
+    run_agent(&["verify", "--config", config, "latest"]).assert_code(0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
