@@ -14,7 +14,8 @@
 //! - [`status_of`] / [`status_of_file`] seek to the pages the tree reaches, one page at a
 //!   time, so memory stays small whatever the file size.
 //! - [`StreamingStatus`] is fed the snapshot as it streams past (to an SFTP server, say)
-//!   and keeps a few dozen bytes per page; the tree is walked in key order at the end.
+//!   and writes a 32-byte summary per page to an unlinked temporary file; the tree is
+//!   walked in key order at the end. Its memory is the same whatever the file size.
 //!
 //! Both read bbolt's on-disk format as etcd-io/bbolt writes it (little-endian): pages of
 //! `page_size` bytes with a 16-byte header (id, flags, count, overflow), two meta pages
