@@ -525,8 +525,12 @@ impl<'a> Run<'a> {
         // exact bytes etcd sent.
         let status = match status.finish() {
             Ok(s) => Some(s),
-            Err(e) => {
+            Err(e) if e.is_corrupt() => {
                 tracing::error!(error = %e, "the snapshot's bbolt structure could not be read; no snapshot status recorded");
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "no snapshot status recorded");
                 None
             }
         };

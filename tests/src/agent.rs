@@ -214,6 +214,17 @@ pub fn run_agent_in(cwd: Option<&Path>, args: &[&str]) -> AgentRun {
     if let Some(dir) = cwd {
         cmd.current_dir(dir);
     }
+    run(cmd)
+}
+
+/// [`run_agent`] with `TMPDIR` set to `tmpdir`.
+pub fn run_agent_with_tmpdir(tmpdir: &Path, args: &[&str]) -> AgentRun {
+    let mut cmd = agent_command(args);
+    cmd.env("TMPDIR", tmpdir);
+    run(cmd)
+}
+
+fn run(mut cmd: Command) -> AgentRun {
     let start = Instant::now();
     let out = cmd.output().expect("run etcd-backup-agent");
     AgentRun {

@@ -2,10 +2,11 @@
 //! same keyspace; TLS works; failures to reach etcd are clear and leave nothing.
 
 use std::io::Write;
+use std::path::Path;
 use std::time::Duration;
 
 use etcd_backup_proto::{FileKind, Manifest};
-use etcd_backup_tests::agent::{backup, AgentConfig};
+use etcd_backup_tests::agent::{backup, run_agent, run_agent_with_tmpdir, AgentConfig};
 use etcd_backup_tests::etcd::{
     dump, restore_and_start, snapshot_status, write_history, EtcdServer,
 };
@@ -152,6 +153,110 @@ async fn snapshot_status_after_compaction_and_defrag_equals_etcdctl() {
     assert_status_matches(&manifest, &st);
     // The revision etcd reports for the snapshot is the one the agent read from it.
     assert!(manifest.snapshot_status.unwrap().revision >= manifest.etcd.revision);
+}
+
+/// Many small keys make a tall tree: the status the agent computes while the
+/// snapshot streams (its page summaries spilled to a temporary file) must still be
+/// exactly etcdctl's, free pages (left by compaction without defrag) and all.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_status_of_many_small_keys_equals_etcdctl() {
+    use etcd_client::{Txn, TxnOp};
+    let etcd = EtcdServer::start();
+    let mut client = etcd.client().await;
+    const KEYS: usize = 48_000;
+    // etcd takes at most 128 operations in one transaction.
+    for batch in 0..KEYS / 120 {
+        let ops: Vec<TxnOp> = (0..120)
+            .map(|i| {
+                let n = batch * 120 + i;
+                TxnOp::put(
+                    format!("/registry/leases/kube-node-lease/node-{n:06}"),
+                    format!("holder-{n}-{}", "r".repeat(n % 40)),
+                    None,
+                )
+            })
+            .collect();
+        client.txn(Txn::new().and_then(ops)).await.unwrap();
+    }
+    // Some history, and a fifth of the keys deleted; compacting it all away
+    // leaves the pages it held free.
+    write_history(&mut client, "/registry/leases/kube-node-lease/node-0", 900).await;
+    let deleted = client
+        .delete(
+            "/registry/leases/kube-node-lease/node-01",
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap()
+        .deleted();
+    assert_eq!(deleted, 10_000);
+    let compact_at = client
+        .get("x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    assert!(etcd
+        .etcdctl(&["compaction", &compact_at.to_string()])
+        .status
+        .success());
+    write_history(&mut client, "/registry/events/after", 300).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("backups");
+    backup(&AgentConfig::new(&etcd, &dest).write(work.path())).assert_code(0);
+    let set = dest.join(complete_sets(&dest).pop().unwrap());
+    let manifest = read_manifest(&set);
+    let st = snapshot_status(&set.join(&manifest.files[0].name));
+    assert_status_matches(&manifest, &st);
+    // The `key` bucket holds at least the 38,000 revisions left after compaction
+    // (each a 16-byte element, a 17-byte key and a 50-byte-plus value): over 3.1 MB,
+    // so over 760 leaf pages of 4 KiB, more than one branch page (123 children at
+    // most for 17-byte keys) can hold: at least two levels of branch pages.
+    let status = manifest.snapshot_status.unwrap();
+    assert!(status.total_key > 38_000, "{status:?}");
+    assert!(status.total_size > 4 << 20, "{status:?}");
+}
+
+/// The status keeps its page summaries in TMPDIR: when that cannot be written,
+/// the backup still stores the snapshot (checked against etcd's digest) without a
+/// status, and `verify` fails; both say which directory and that TMPDIR picks it.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_writable_tmpdir_the_status_is_left_out_and_verify_says_where() {
+    let etcd = EtcdServer::start();
+    let mut client = etcd.client().await;
+    write_history(&mut client, "/registry/pods/default", 200).await;
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("backups");
+    let config = AgentConfig::new(&etcd, &dest).write(work.path());
+    let config = config.to_str().unwrap();
+    let missing = work.path().join("no-such-tmp");
+
+    let run = run_agent_with_tmpdir(&missing, &["backup", "--config", config]);
+    run.assert_code(0);
+    let set = dest.join(complete_sets(&dest).pop().unwrap());
+    let manifest = read_manifest(&set);
+    assert_eq!(manifest.snapshot_status, None);
+    let said = format!(
+        "cannot create the temporary files of the snapshot status in {}",
+        missing.display()
+    );
+    assert!(
+        run.stderr.contains(&said) && run.stderr.contains("TMPDIR"),
+        "{}",
+        run.stderr
+    );
+    // Without a status in the manifest there is nothing to compare.
+    run_agent_with_tmpdir(&missing, &["verify", "--config", config, "latest"]).assert_code(0);
+
+    std::fs::remove_dir_all(&set).unwrap();
+    backup(Path::new(config)).assert_code(0);
+    let run = run_agent_with_tmpdir(&missing, &["verify", "--config", config, "latest"]);
+    run.assert_code(1);
+    let out = format!("{}{}", run.stdout, run.stderr);
+    assert!(out.contains(&said) && out.contains("TMPDIR"), "{out}");
+    run_agent(&["verify", "--config", config, "latest"]).assert_code(0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -14,7 +14,8 @@
 //! - [`status_of`] / [`status_of_file`] seek to the pages the tree reaches, one page at a
 //!   time, so memory stays small whatever the file size.
 //! - [`StreamingStatus`] is fed the snapshot as it streams past (to an SFTP server, say)
-//!   and keeps a few dozen bytes per page; the tree is walked in key order at the end.
+//!   and writes a 32-byte summary per page to an unlinked temporary file; the tree is
+//!   walked in key order at the end. Its memory is the same whatever the file size.
 //!
 //! Both read bbolt's on-disk format as etcd-io/bbolt writes it (little-endian): pages of
 //! `page_size` bytes with a 16-byte header (id, flags, count, overflow), two meta pages
@@ -28,6 +29,9 @@ use std::collections::{BTreeSet, BinaryHeap};
 use std::fmt;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+
+mod spill;
+use spill::{Kind, Record, Spill, SpillReader};
 
 /// What `etcdctl snapshot status -w json` prints for a snapshot (etcd 3.4 and
 /// 3.5; 3.6 adds a `version` field, which deserializing ignores). It is stored
@@ -67,6 +71,23 @@ pub enum StatusError {
     /// truncated or not a snapshot at all. Reading it again will not help.
     #[error("the snapshot is not a valid bbolt database: {0}; take a new snapshot")]
     Corrupt(#[from] Corruption),
+    /// [`StreamingStatus`] could not create, write or read the unlinked temporary
+    /// files it keeps its page summaries in.
+    #[error(
+        "cannot {action} the temporary files of the snapshot status in {} (the \
+         directory TMPDIR names, else /tmp): {source}; they need about 40 bytes per \
+         page of the snapshot (1% of its size): make that directory writable with \
+         room to spare, or set TMPDIR to one that is",
+        dir.display()
+    )]
+    Spill {
+        /// The directory the files are created in ([`std::env::temp_dir`]).
+        dir: PathBuf,
+        /// "create", "write" or "read".
+        action: &'static str,
+        /// What the OS said.
+        source: io::Error,
+    },
 }
 
 impl StatusError {
@@ -1076,24 +1097,39 @@ impl<R: Read + Seek> PageSource for FilePages<R> {
 ///
 /// Pages arrive in file order but etcd hashes in key order, so each branch or leaf page
 /// is summarised as it completes (leaf: CRC-32C and length of its keys and values,
-/// element count, shortest key, last key's revision, and its bucket entries if any;
-/// branch: its children) and [`finish`](Self::finish) walks the summaries in key order,
-/// joining the CRCs with CRC-32C's combine. Free pages are summarised too and simply
-/// never reached. A page's header is never trusted to skip the blocks after it (a free
-/// page may claim overflow blocks since reused), so every block is also read as a
-/// possible page of its own.
+/// element count, shortest key, last key's revision; branch: its children) and
+/// [`finish`](Self::finish) walks the summaries in key order, joining the CRCs with
+/// CRC-32C's combine. Free pages are summarised too and simply never reached. A page's
+/// header is never trusted to skip the blocks after it (a free page may claim overflow
+/// blocks since reused), so every block is also read as a possible page of its own.
+///
+/// The summaries go to two unlinked temporary files in [`std::env::temp_dir`] (the
+/// directory `TMPDIR` names, else `/tmp`), so memory does not grow with the database;
+/// nothing is left behind however the process ends. If they cannot be created or
+/// written, [`finish`](Self::finish) returns [`StatusError::Spill`] saying where;
+/// [`try_new`](Self::try_new) reports a failure to create them at once.
 ///
 /// # Memory
 ///
-/// - 40 bytes per branch or leaf page in the stream (free pages included), plus for
-///   the few pages that need it a box with 8 bytes per child of a branch page, the
-///   names of the buckets in a leaf page (for etcd, the dozen or so top-level
-///   buckets), or an overflow count: about 1/100 of the file at 4 KiB pages, e.g.
-///   some 85 MiB for an 8 GiB database.
+/// Bounded, whatever the database size:
+/// - Two 64 KiB buffers of summaries on their way to the files, and at
+///   [`finish`](Self::finish) one 64 KiB buffer of summaries read back (what is
+///   read comes through the page cache, which is not the process's memory).
 /// - The bytes of a page with overflow while it arrives (no more than
 ///   [`MAX_PAGE_SPAN`], held in a buffer at most twice that), and otherwise one page.
-/// - Only while meta page 0 is invalid, up to 16 MiB kept to find meta page 1.
-/// - At [`finish`](Self::finish), one bit per page.
+///   An etcd value is at most a few MiB, so for a real database this is a few MiB
+///   at most, and one page for values of a few KiB.
+/// - Only while meta page 0 is invalid (never in a snapshot etcd sent intact), up to
+///   16 MiB kept to find meta page 1.
+/// - At [`finish`](Self::finish), one bit per page (256 KiB for 8 GiB of 4 KiB
+///   pages), and the children of the branch pages on the path being walked.
+///
+/// # Disk
+///
+/// 32 bytes per page of the stream (up to its last branch or leaf page), plus 8 bytes
+/// per child of each branch page and a copy of the few pages that hold bucket
+/// entries or fail to parse: about 40 bytes per 4 KiB page of a real database, 1% of
+/// its size (some 80 MiB for etcd's 8 GiB quota).
 #[derive(Debug)]
 pub struct StreamingStatus {
     /// Bytes fed so far.
@@ -1119,66 +1155,56 @@ pub struct StreamingStatus {
     pending_ends: BinaryHeap<Reverse<(u64, u64)>>,
     /// Bytes of pages with overflow parsed so far; see `overflow_budget`.
     overflow_parsed: u64,
-    pages: Vec<StoredPage>,
+    /// The page summaries.
+    spill: Spill,
 }
 
-/// What the stream keeps of one page: 40 bytes, as most pages are leaves without
-/// overflow or buckets; anything else is boxed.
-#[derive(Debug)]
-struct StoredPage {
+/// Records what the walk needs of page `pgid` (spanning `overflow` more blocks, whose
+/// bytes are `bytes`), parsed as `node`.
+fn store_page(
+    spill: &mut Spill,
     pgid: u64,
-    /// The summary of a leaf (zero for a branch or a broken page).
-    leaf: LeafStats,
-    more: Option<Box<MoreOfPage>>,
-}
-
-#[derive(Debug)]
-struct MoreOfPage {
     overflow: u32,
-    /// `None` for a leaf that is all in `leaf`.
-    node: Option<Result<PageNode, Corruption>>,
-}
-
-impl StoredPage {
-    fn new(pgid: u64, overflow: u32, node: Result<PageNode, Corruption>) -> Self {
-        match node {
-            Ok(PageNode::Leaf(LeafSummary {
-                stats,
-                buckets: None,
-            })) => StoredPage {
-                pgid,
-                leaf: stats,
-                more: (overflow != 0).then(|| {
-                    Box::new(MoreOfPage {
-                        overflow,
-                        node: None,
-                    })
-                }),
-            },
-            node => StoredPage {
-                pgid,
-                leaf: LeafStats::default(),
-                more: Some(Box::new(MoreOfPage {
-                    overflow,
-                    node: Some(node),
-                })),
-            },
+    bytes: &[u8],
+    node: Result<PageNode, Corruption>,
+) {
+    let record = match node {
+        Ok(PageNode::Leaf(LeafSummary {
+            stats,
+            buckets: None,
+        })) => Record {
+            stats,
+            ..Record::new(Kind::Leaf, overflow)
+        },
+        Ok(PageNode::Branch(children)) => {
+            let list: Vec<u8> = children.iter().flat_map(|c| c.to_le_bytes()).collect();
+            Record {
+                // A branch page has at most u16::MAX elements.
+                stats: LeafStats {
+                    count: children.len() as u16,
+                    ..LeafStats::default()
+                },
+                offset: spill.append(&list),
+                ..Record::new(Kind::Branch, overflow)
+            }
         }
-    }
-
-    fn overflow(&self) -> u32 {
-        self.more.as_ref().map_or(0, |more| more.overflow)
-    }
-
-    fn node(&self) -> Result<PageNode, Corruption> {
-        match self.more.as_ref().and_then(|more| more.node.as_ref()) {
-            Some(node) => node.clone(),
-            None => Ok(PageNode::Leaf(LeafSummary {
-                stats: self.leaf,
-                buckets: None,
-            })),
+        Err(Corruption::PageTooLarge { .. }) => Record::new(Kind::TooLarge, overflow),
+        Err(Corruption::OverlappingOverflow { .. }) => {
+            Record::new(Kind::OverlappingOverflow, overflow)
         }
-    }
+        // A leaf with bucket entries, or a page that failed to parse: rare, and
+        // parsing the same bytes again at the end gives the same result.
+        _ => Record {
+            // At most MAX_PAGE_SPAN bytes.
+            stats: LeafStats {
+                len: bytes.len() as u32,
+                ..LeafStats::default()
+            },
+            offset: spill.append(bytes),
+            ..Record::new(Kind::Raw, overflow)
+        },
+    };
+    spill.put(pgid, &record);
 }
 
 impl Default for StreamingStatus {
@@ -1188,8 +1214,28 @@ impl Default for StreamingStatus {
 }
 
 impl StreamingStatus {
-    /// A builder that has seen no bytes.
+    /// A builder that has seen no bytes. If its temporary files cannot be created,
+    /// [`finish`](Self::finish) says so; see [`try_new`](Self::try_new).
     pub fn new() -> Self {
+        Self::new_in(&std::env::temp_dir())
+    }
+
+    /// As [`new`](Self::new), with the temporary files in `dir`.
+    fn new_in(dir: &Path) -> Self {
+        Self::with_spill(Spill::create_in(dir).unwrap_or_else(|e| Spill::failed(dir, e)))
+    }
+
+    /// A builder that has seen no bytes, or the error if its temporary files cannot
+    /// be created.
+    ///
+    /// # Errors
+    ///
+    /// [`StatusError::Spill`] naming the directory.
+    pub fn try_new() -> Result<Self, StatusError> {
+        Ok(Self::with_spill(Spill::create_in(&std::env::temp_dir())?))
+    }
+
+    fn with_spill(spill: Spill) -> Self {
         StreamingStatus {
             received: 0,
             head: Vec::new(),
@@ -1204,8 +1250,24 @@ impl StreamingStatus {
             pending_firsts: BTreeSet::new(),
             pending_ends: BinaryHeap::new(),
             overflow_parsed: 0,
-            pages: Vec::new(),
+            spill,
         }
+    }
+
+    /// Bytes this builder holds in memory (its buffers' capacities), for tests.
+    #[cfg(test)]
+    fn heap_bytes(&self) -> usize {
+        self.head.capacity()
+            + self.window.capacity()
+            + self.pending_firsts.len() * 16
+            + self.pending_ends.capacity() * 16
+            + self.spill.heap_bytes()
+    }
+
+    /// The failure to create or write the temporary files so far, if any: the same
+    /// error [`finish`](Self::finish) will return.
+    pub fn spill_failure(&self) -> Option<&StatusError> {
+        self.spill.failure()
     }
 
     /// Feeds the next bytes of the snapshot, exactly as written to the file, in any
@@ -1302,7 +1364,7 @@ impl StreamingStatus {
         if head.id == block && (head.flags == BRANCH_FLAG || head.flags == LEAF_FLAG) {
             if head.overflow == 0 {
                 let node = parse_tree_page(block, bytes, head);
-                self.pages.push(StoredPage::new(block, 0, node));
+                store_page(&mut self.spill, block, 0, bytes, node);
             } else {
                 let span = (u64::from(head.overflow) + 1) * self.page_size;
                 if span > MAX_PAGE_SPAN {
@@ -1311,8 +1373,7 @@ impl StreamingStatus {
                         overflow: head.overflow,
                         span,
                     };
-                    self.pages
-                        .push(StoredPage::new(block, head.overflow, Err(too_large)));
+                    store_page(&mut self.spill, block, head.overflow, &[], Err(too_large));
                 } else {
                     self.pending_firsts.insert(block);
                     let last = block + u64::from(head.overflow);
@@ -1336,7 +1397,7 @@ impl StreamingStatus {
                 self.overflow_parsed += span;
                 parse_tree_page(first, page, head)
             };
-            self.pages.push(StoredPage::new(first, head.overflow, node));
+            store_page(&mut self.spill, first, head.overflow, page, node);
         }
     }
 
@@ -1372,18 +1433,10 @@ impl StreamingStatus {
         // Pages whose overflow runs past the end of the stream.
         for Reverse((last, first)) in std::mem::take(&mut self.pending_ends) {
             let overflow = u32::try_from(last - first).unwrap_or(u32::MAX);
-            let beyond = Corruption::PageOutOfRange {
-                pgid: first,
-                overflow,
-                high_water_mark: meta.high_water_mark,
-                from: Location::Page(first),
-            };
-            self.pages
-                .push(StoredPage::new(first, overflow, Err(beyond)));
+            self.spill.put(first, &Record::new(Kind::PastEnd, overflow));
         }
-        self.pages.sort_unstable_by_key(|page| page.pgid);
         let source = StreamPages {
-            pages: self.pages,
+            spill: self.spill.finish()?,
             page_size: self.page_size,
         };
         compute(source, meta_page, meta, self.page_size, data_len)
@@ -1401,9 +1454,9 @@ impl io::Write for StreamingStatus {
     }
 }
 
-/// Page summaries of a finished stream, sorted by page id.
+/// Page summaries of a finished stream, read back from its spill files.
 struct StreamPages {
-    pages: Vec<StoredPage>,
+    spill: SpillReader,
     page_size: u64,
 }
 
@@ -1415,19 +1468,53 @@ impl PageSource for StreamPages {
         high_water_mark: u64,
         seen: &mut Seen,
     ) -> Result<PageNode, StatusError> {
-        let Ok(index) = self.pages.binary_search_by_key(&pgid, |page| page.pgid) else {
+        let record = self.spill.record(pgid)?;
+        if record.kind == Kind::Absent {
             return Err(Corruption::NotATreePage {
                 pgid,
                 flags: None,
                 from,
             }
             .into());
-        };
-        let page = &self.pages[index];
-        let overflow = page.overflow();
-        check_span(pgid, overflow, from, high_water_mark, self.page_size)?;
+        }
+        let overflow = record.overflow;
+        let span = check_span(pgid, overflow, from, high_water_mark, self.page_size)?;
         seen.claim(pgid, overflow, from)?;
-        Ok(page.node()?)
+        let node = match record.kind {
+            Kind::Absent | Kind::Leaf => Ok(PageNode::Leaf(LeafSummary {
+                stats: record.stats,
+                buckets: None,
+            })),
+            Kind::Branch => {
+                let count = usize::from(record.stats.count);
+                let list = self.spill.side(record.offset, count * 8)?;
+                let children = list.chunks_exact(8).map(|c| le_u64(c, 0)).collect();
+                Ok(PageNode::Branch(children))
+            }
+            Kind::Raw => {
+                let bytes = self.spill.side(record.offset, record.stats.len as usize)?;
+                if bytes.len() < PAGE_HEADER {
+                    return Err(self.spill.error(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "a page copy is too short",
+                    )));
+                }
+                parse_tree_page(pgid, &bytes, header(&bytes))
+            }
+            Kind::TooLarge => Err(Corruption::PageTooLarge {
+                pgid,
+                overflow,
+                span,
+            }),
+            Kind::OverlappingOverflow => Err(Corruption::OverlappingOverflow { pgid }),
+            Kind::PastEnd => Err(Corruption::PageOutOfRange {
+                pgid,
+                overflow,
+                high_water_mark,
+                from: Location::Page(pgid),
+            }),
+        };
+        Ok(node?)
     }
 }
 
@@ -1608,8 +1695,100 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_status_streaming_keeps_40_bytes_per_ordinary_page() {
-        assert_eq!(std::mem::size_of::<StoredPage>(), 40);
+    fn snapshot_status_streaming_memory_does_not_grow_with_the_database() {
+        use synthetic::*;
+        // A bucket of 40,000 leaf pages (1 KiB) under four levels of branch pages,
+        // 41 MB in all: the summaries alone were 1.6 MB when kept in memory.
+        let leaves = 40_000u64;
+        let keys: Vec<Vec<u8>> = (0..leaves).map(|i| revision(i + 1, 0)).collect();
+        let mut pages = Vec::new();
+        // (index of the first key under it, page id): the leaves are pages 3, 4, ...
+        let mut level: Vec<(usize, u64)> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let value = format!("value {i:0>600}");
+            let id = 3 + i as u64;
+            pages.push(leaf(id, &[(0, key, value.as_bytes())]));
+            level.push((i, id));
+        }
+        let mut next_id = 3 + leaves;
+        while level.len() > 1 {
+            let mut above = Vec::new();
+            for group in level.chunks(20) {
+                let children: Vec<(&[u8], u64)> =
+                    group.iter().map(|&(k, id)| (&keys[k][..], id)).collect();
+                pages.push(branch(next_id, &children));
+                above.push((group[0].0, next_id));
+                next_id += 1;
+            }
+            level = above;
+        }
+        pages.insert(0, leaf(2, &[(1, b"key", &bucket_at(level[0].1))]));
+        let bytes = db(2, &pages);
+        let expected = status_of(Cursor::new(&bytes)).unwrap();
+        assert_eq!(expected.total_key, leaves);
+        assert_eq!(expected.revision, leaves as i64);
+
+        let mut status = StreamingStatus::try_new().unwrap();
+        let mut most = 0;
+        for piece in bytes.chunks(32 << 10) {
+            status.update(piece);
+            most = most.max(status.heap_bytes());
+        }
+        assert!(
+            most <= 256 << 10,
+            "{most} bytes held while streaming {} bytes",
+            bytes.len()
+        );
+        assert_eq!(status.finish().unwrap(), expected);
+    }
+
+    #[test]
+    fn snapshot_status_streaming_says_which_directory_its_files_could_not_go_to() {
+        let (bytes, _) = fixture("few-keys");
+        let missing = tempfile::tempdir().unwrap().path().join("gone");
+        let mut status = StreamingStatus::new_in(&missing);
+        let failure = status.spill_failure().expect("no failure").to_string();
+        status.update(&bytes);
+        let e = status.finish().unwrap_err();
+        assert!(!e.is_corrupt());
+        let message = e.to_string();
+        assert_eq!(message, failure);
+        assert!(
+            message.starts_with(&format!(
+                "cannot create the temporary files of the snapshot status in {}",
+                missing.display()
+            )) && message.contains("TMPDIR"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn spill_records_round_trip() {
+        let stats = LeafStats {
+            crc: 0xdead_beef,
+            len: 4000,
+            count: 17,
+            shortest_key: 3,
+            last_main: -5,
+        };
+        for record in [
+            spill::Record {
+                stats,
+                ..spill::Record::new(Kind::Leaf, 9)
+            },
+            spill::Record {
+                stats: LeafStats {
+                    count: 300,
+                    ..LeafStats::default()
+                },
+                offset: 1 << 40,
+                ..spill::Record::new(Kind::Branch, 0)
+            },
+            spill::Record::new(Kind::PastEnd, u32::MAX),
+        ] {
+            assert_eq!(spill::Record::decode(&record.encode()), Some(record));
+        }
+        assert_eq!(spill::Record::decode(&[7; spill::RECORD]), None);
     }
 
     #[test]
