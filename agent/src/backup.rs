@@ -1147,6 +1147,87 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_compressed_snapshot_is_stored_as_db_zst_and_reads_back_as_the_plain_stream() {
+        use crate::store::verify::{fetch_set, verify_set};
+        let tmp = tempfile::tempdir().unwrap();
+        let root = kubeadm_root(tmp.path());
+        let base = tmp.path().join("dest");
+        let mut cfg = config(&base, Some(&root));
+        cfg.compression = Some(crate::config::CompressionConfig {
+            algorithm: Compression::Zstd,
+            level: 1,
+        });
+        let dest = LocalDir::open(&base).await.unwrap();
+        let mut source = MemorySource::new(4096);
+        let report = run_with_source(&cfg, &mut source, &dest).await.unwrap();
+        let m = &report.manifest;
+        let ts = report.set.timestamp;
+        assert_eq!(m.format_version, MANIFEST_FORMAT_COMPRESSED);
+        assert_eq!(
+            m.compression,
+            Some(ManifestCompression {
+                algorithm: Compression::Zstd,
+                level: 1
+            })
+        );
+        let snap = &m.files[0];
+        assert_eq!(snap.name, format!("{}.zst", ts.snapshot_file_name()));
+        assert_eq!(snap.compression, Some(Compression::Zstd));
+        let plain = snap.plaintext.as_ref().unwrap();
+        assert_eq!(plain.name, ts.snapshot_file_name());
+        assert_eq!(plain.size, source.stream.len() as u64);
+        assert_eq!(plain.sha256, hex::encode(Sha256::digest(&source.stream)));
+        let stored_path = base.join(report.set.dir()).join(&snap.name);
+        let stored = std::fs::read(&stored_path).unwrap();
+        assert!(stored.len() * 4 < source.stream.len(), "{}", stored.len());
+        assert_eq!(snap.sha256, hex::encode(Sha256::digest(&stored)));
+        assert!(zstd::stream::decode_all(&stored[..]).unwrap() == source.stream);
+        // The tarball is gzip already: stored as is.
+        assert_eq!(m.files[1].name, ts.resources_file_name());
+        assert_eq!(m.files[1].compression, None);
+        assert!(m.files[1].plaintext.is_none());
+
+        let set = crate::store::catalog::scan(&dest, "c", None)
+            .await
+            .unwrap()
+            .sets
+            .remove(0);
+        assert_eq!(set.summary().compression, "zstd");
+        let reports = verify_set(&dest, &set, None, &|_, _, _| {}).await.unwrap();
+        assert!(reports.iter().all(|r| r.ok()), "{reports:?}");
+        assert!(reports[0].decompressed);
+        let out = tmp.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let (reports, written) = fetch_set(&dest, &set, &out, None, None, &|_, _, _| {})
+            .await
+            .unwrap();
+        assert!(reports.iter().all(|r| r.ok()), "{reports:?}");
+        assert_eq!(written[0], out.join(ts.snapshot_file_name()));
+        assert!(std::fs::read(&written[0]).unwrap() == source.stream);
+
+        // One flipped byte in the middle of the stored file.
+        let mut bad = stored.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x01;
+        std::fs::write(&stored_path, &bad).unwrap();
+        let reports = verify_set(&dest, &set, None, &|_, _, _| {}).await.unwrap();
+        assert!(!reports[0].ok());
+        assert!(
+            reports[0].problems[0].starts_with("sha256 is "),
+            "{:?}",
+            reports[0].problems
+        );
+        let out = tmp.path().join("out2");
+        std::fs::create_dir(&out).unwrap();
+        let (reports, written) = fetch_set(&dest, &set, &out, None, None, &|_, _, _| {})
+            .await
+            .unwrap();
+        assert!(!reports[0].ok());
+        assert!(!written.contains(&out.join(ts.snapshot_file_name())));
+        assert!(!out.join(ts.snapshot_file_name()).exists());
+    }
+
+    #[tokio::test]
     async fn failure_while_publishing_removes_everything_the_run_wrote() {
         for fail_at in 1..=3 {
             let tmp = tempfile::tempdir().unwrap();

@@ -845,6 +845,68 @@ mod tests {
         assert!(c.etcd.tls.is_none());
         assert_eq!(c.resources.layout, Layout::None);
         assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(c.compression, None);
+    }
+
+    #[test]
+    fn compression_is_none_by_default_and_zstd_takes_a_level_in_range() {
+        let with = |extra: &str| format!("{MINIMAL}{extra}");
+        let c = Config::parse(&with("compression: none\n"), &env()).unwrap();
+        assert_eq!(c.compression, None);
+        let c = Config::parse(&with("compression: zstd\n"), &env()).unwrap();
+        let z = c.compression.unwrap();
+        assert_eq!(z.algorithm, etcd_backup_proto::Compression::Zstd);
+        assert_eq!(z.level, defaults::COMPRESSION_LEVEL);
+        let c = Config::parse(&with("compression: zstd\ncompression_level: 7\n"), &env()).unwrap();
+        assert_eq!(c.compression.unwrap().level, 7);
+
+        for (extra, field, says) in [
+            (
+                "compression: gzip\n",
+                "compression",
+                "\"gzip\" is not a compression this agent knows; use `zstd`",
+            ),
+            ("compression: ZSTD\n", "compression", "use `zstd`"),
+            (
+                "compression: zstd\ncompression_level: 0\n",
+                "compression_level",
+                "0 is outside 1..=7",
+            ),
+            (
+                "compression: zstd\ncompression_level: 22\n",
+                "compression_level",
+                "22 is outside 1..=7",
+            ),
+            (
+                "compression: zstd\ncompression_level: -5\n",
+                "compression_level",
+                "-5 is outside",
+            ),
+            (
+                "compression: zstd\ncompression_level: 99999999999\n",
+                "compression_level",
+                "is outside",
+            ),
+            (
+                "compression_level: 3\n",
+                "compression_level",
+                "compression is none; set `compression: zstd`",
+            ),
+            (
+                "compression: zstd\ncompression_level: fast\n",
+                "compression_level",
+                "invalid type",
+            ),
+        ] {
+            let errs = errors(&with(extra));
+            assert_eq!(errs.len(), 1, "{extra:?}: {errs:?}");
+            assert_eq!(errs[0].field, field, "{extra:?}");
+            assert!(
+                errs[0].message.contains(says),
+                "{extra:?}: {}",
+                errs[0].message
+            );
+        }
     }
 
     #[test]
