@@ -1225,6 +1225,32 @@ mod tests {
         assert!(!reports[0].ok());
         assert!(!written.contains(&out.join(ts.snapshot_file_name())));
         assert!(!out.join(ts.snapshot_file_name()).exists());
+
+        // A valid frame of far more than the manifest's plaintext (a server
+        // swapping files after listing) is cut off at the recorded size.
+        let bomb = zstd::stream::encode_all(&vec![0u8; source.stream.len() * 8][..], 1).unwrap();
+        std::fs::write(&stored_path, &bomb).unwrap();
+        let out = tmp.path().join("out3");
+        std::fs::create_dir(&out).unwrap();
+        let seen = std::sync::atomic::AtomicU64::new(0);
+        let (reports, _) = fetch_set(&dest, &set, &out, None, None, &|_, _, _| {
+            let partial = out.join(format!("{}.partial", ts.snapshot_file_name()));
+            if let Ok(m) = std::fs::metadata(partial) {
+                seen.fetch_max(m.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+        .await
+        .unwrap();
+        assert!(
+            reports[0]
+                .problems
+                .iter()
+                .any(|p| p.contains("decompresses to more than")),
+            "{:?}",
+            reports[0].problems
+        );
+        assert!(seen.into_inner() <= source.stream.len() as u64);
+        assert!(!out.join(ts.snapshot_file_name()).exists());
     }
 
     #[tokio::test]

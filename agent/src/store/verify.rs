@@ -221,6 +221,10 @@ struct Content {
     /// Why decompressing stopped, when the stream was damaged; nothing more
     /// reaches the checks or the sink after that.
     broken: Option<String>,
+    /// The plaintext size the manifest records: a compressed stream that
+    /// decompresses to more is cut off there, so a small altered file cannot
+    /// fill the disk `fetch` writes to.
+    limit: u64,
 }
 
 impl Content {
@@ -238,6 +242,7 @@ impl Content {
             checks,
             decompressor,
             broken: None,
+            limit: entry.plaintext.as_ref().map_or(u64::MAX, |p| p.size),
         })
     }
 
@@ -254,7 +259,13 @@ impl Content {
             checks.update(chunk);
             return sink(chunk);
         };
+        let limit = self.limit;
         let result = d.feed(chunk, |plain| {
+            if checks.size + plain.len() as u64 > limit {
+                return Err(FeedError::Zstd(std::io::Error::other(format!(
+                    "it decompresses to more than the {limit} bytes the manifest records"
+                ))));
+            }
             checks.update(plain);
             sink(plain).map_err(FeedError::Sink)
         });
