@@ -20,9 +20,10 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use etcd_backup_proto::{
-    FileKind, Manifest, ManifestEncryption, ManifestEtcd, ManifestFile, PlaintextFile, SetId,
-    SetTimestamp, MANIFEST_FILE_NAME, MANIFEST_FORMAT_PLAIN, MANIFEST_FORMAT_VERSION,
-    PARTIAL_SUFFIX,
+    Compression, FileKind, Manifest, ManifestCompression, ManifestEncryption, ManifestEtcd,
+    ManifestFile, PlaintextFile, SetId, SetTimestamp, MANIFEST_FILE_NAME,
+    MANIFEST_FORMAT_COMPRESSED, MANIFEST_FORMAT_ENCRYPTED, MANIFEST_FORMAT_PLAIN, PARTIAL_SUFFIX,
+    ZST_SUFFIX,
 };
 
 use crate::config::Config;
@@ -31,6 +32,7 @@ use crate::source::etcd::{
     EtcdError, EtcdMember, MemberInfo, SnapshotSource, SnapshotVerifier, VerifyError,
 };
 use crate::source::resources::{self, ResourcesError};
+use crate::store::compressing::{CompressError, Compressing};
 use crate::store::destination::{Destination, DestinationError, Durability, Upload};
 use crate::store::sealing::SealingUpload;
 
@@ -92,6 +94,9 @@ pub enum Cause {
     /// The destination failed.
     #[error(transparent)]
     Destination(#[from] DestinationError),
+    /// zstd could not compress the snapshot.
+    #[error(transparent)]
+    Compress(#[from] CompressError),
     /// The run was cancelled (shutdown, or Ctrl-C) before it finished.
     #[error("cancelled before the set was complete; the files this run wrote were removed")]
     Cancelled,
@@ -149,6 +154,7 @@ impl BackupError {
             // snapshot over a fresh connection is the right next step.
             Cause::Verify(_) => true,
             Cause::Resources(_) => false,
+            Cause::Compress(_) => false,
             Cause::SetExists { .. } => true,
             Cause::Cancelled => false,
         }
@@ -481,13 +487,18 @@ impl<'a> Run<'a> {
     ) -> Result<ManifestFile, BackupError> {
         let t = Instant::now();
         let name = ts.snapshot_file_name();
-        let stored_name = self.stored_name(&name);
+        let compression = self.config.compression;
+        let stored_name = self.stored_name(&name, compression.is_some());
         let path = partial(&self.set.file(&stored_name));
         let mut stream = source
             .snapshot()
             .await
             .map_err(|e| BackupError::new(Stage::Snapshot, e))?;
         let mut up = self.create_sink(&path).await?;
+        if let Some(c) = &compression {
+            up.compress =
+                Some(Compressing::new(c).map_err(|e| BackupError::new(Stage::Upload, e))?);
+        }
         let mut verifier = SnapshotVerifier::new();
         // What `etcdctl snapshot status` would say, computed from the same
         // bytes as they pass, so no second read of the stored file is needed.
@@ -515,6 +526,7 @@ impl<'a> Run<'a> {
                 .await
                 .map_err(|e| BackupError::new(Stage::Upload, e))?;
         }
+        drop(batch);
         // Check before making the file durable: a bad stream never gets a
         // final name, and the partial is removed by the caller.
         let verified = verifier
@@ -541,7 +553,9 @@ impl<'a> Run<'a> {
             .map_err(|e| BackupError::new(Stage::Upload, e))?;
         tracing::info!(
             bytes = stored.size,
-            encrypted = stored.sha256.is_some(),
+            plaintext_bytes = stored.plaintext_size,
+            encrypted = stored.encrypted,
+            compression = stored.compression.map_or("none", Compression::as_str),
             sha256 = %stored.sha256.as_deref().unwrap_or(&verified.file_sha256),
             plaintext_sha256 = %verified.file_sha256,
             etcd_digest = %verified.etcd_digest,
@@ -563,7 +577,8 @@ impl<'a> Run<'a> {
     ) -> Result<ManifestFile, BackupError> {
         let t = Instant::now();
         let name = ts.resources_file_name();
-        let stored_name = self.stored_name(&name);
+        // Gzip already: never compressed again.
+        let stored_name = self.stored_name(&name, false);
         let path = partial(&self.set.file(&stored_name));
         let mut up = self.create_sink(&path).await?;
         let (mut rx, handle) = resources::spawn_archive(plan);
@@ -612,38 +627,52 @@ impl<'a> Run<'a> {
         Ok(stored.entry(name, FileKind::Resources, hex::encode(hasher.finalize())))
     }
 
-    /// The name a data file is stored under: with `.age` when encrypting.
-    fn stored_name(&self, name: &str) -> String {
-        match self.config.encryption {
-            Some(_) => format!("{name}{AGE_SUFFIX}"),
-            None => name.to_string(),
-        }
+    /// The name a data file is stored under: with `.zst` when compressed,
+    /// then `.age` when encrypting.
+    fn stored_name(&self, name: &str, compressed: bool) -> String {
+        let zst = if compressed { ZST_SUFFIX } else { "" };
+        let age = if self.config.encryption.is_some() {
+            AGE_SUFFIX
+        } else {
+            ""
+        };
+        format!("{name}{zst}{age}")
     }
 
     /// Creates a data file, encrypting what is written to it when configured.
     async fn create_sink(&mut self, path: &str) -> Result<Sink, BackupError> {
         let up = self.create(path, Stage::Upload).await?;
-        match &self.config.encryption {
-            None => Ok(Sink::Plain(up)),
+        let location = format!("{}/{path}", self.dest.describe());
+        let out = match &self.config.encryption {
+            None => Out::Plain(up),
             Some(enc) => {
-                let location = format!("{}/{path}", self.dest.describe());
                 let sealed = SealingUpload::new(up, enc, &location)
                     .await
                     .map_err(|e| BackupError::new(Stage::Upload, e))?;
-                Ok(Sink::Sealed(Box::new(sealed)))
+                Out::Sealed(Box::new(sealed))
             }
-        }
+        };
+        Ok(Sink {
+            compress: None,
+            out,
+            location,
+        })
     }
 
     fn manifest(&self, member: &MemberInfo, files: Vec<ManifestFile>) -> Manifest {
         Manifest {
-            format_version: match self.config.encryption {
-                Some(_) => MANIFEST_FORMAT_VERSION,
-                None => MANIFEST_FORMAT_PLAIN,
+            format_version: match (&self.config.compression, &self.config.encryption) {
+                (Some(_), _) => MANIFEST_FORMAT_COMPRESSED,
+                (None, Some(_)) => MANIFEST_FORMAT_ENCRYPTED,
+                (None, None) => MANIFEST_FORMAT_PLAIN,
             },
             encryption: self.config.encryption.as_ref().map(|e| ManifestEncryption {
                 scheme: crate::encryption::SCHEME.to_string(),
                 recipients: e.recipient_texts(),
+            }),
+            compression: self.config.compression.map(|c| ManifestCompression {
+                algorithm: c.algorithm,
+                level: c.level,
             }),
             cluster: self.set.cluster.clone(),
             node: self.set.node.clone(),
@@ -709,8 +738,18 @@ impl<'a> Run<'a> {
     }
 }
 
-/// A data file being written: as is, or encrypted on the way.
-enum Sink {
+/// A data file being written: compressed first when configured, then as
+/// is or encrypted on the way.
+struct Sink {
+    /// zstd in front of `out`, for the snapshot with `compression: zstd`.
+    compress: Option<Compressing>,
+    out: Out,
+    /// The destination and path, for errors.
+    location: String,
+}
+
+/// Where a sink's (compressed) bytes go.
+enum Out {
     Plain(Box<dyn Upload>),
     Sealed(Box<SealingUpload>),
 }
@@ -719,62 +758,129 @@ enum Sink {
 struct Stored {
     /// Bytes stored.
     size: u64,
-    /// SHA-256 of the stored ciphertext, when encrypted.
+    /// SHA-256 of the stored bytes when they are not the plaintext
+    /// (compressed, encrypted or both).
     sha256: Option<String>,
     /// Plaintext bytes written.
     plaintext_size: u64,
+    /// Whether the stored file is age-encrypted.
+    encrypted: bool,
+    /// How it was compressed.
+    compression: Option<Compression>,
 }
 
 impl Stored {
     /// The manifest entry, given the plaintext's name and SHA-256.
     fn entry(self, name: String, kind: FileKind, plaintext_sha256: String) -> ManifestFile {
-        match self.sha256 {
-            None => ManifestFile {
+        let Some(sha256) = self.sha256 else {
+            return ManifestFile {
                 name,
                 kind,
                 size: self.size,
                 sha256: plaintext_sha256,
+                compression: None,
                 plaintext: None,
-            },
-            Some(sha256) => ManifestFile {
-                name: format!("{name}{AGE_SUFFIX}"),
-                kind,
-                size: self.size,
-                sha256,
-                plaintext: Some(PlaintextFile {
-                    name,
-                    size: self.plaintext_size,
-                    sha256: plaintext_sha256,
-                }),
-            },
+            };
+        };
+        let zst = if self.compression.is_some() {
+            ZST_SUFFIX
+        } else {
+            ""
+        };
+        let age = if self.encrypted { AGE_SUFFIX } else { "" };
+        ManifestFile {
+            name: format!("{name}{zst}{age}"),
+            kind,
+            size: self.size,
+            sha256,
+            compression: self.compression,
+            plaintext: Some(PlaintextFile {
+                name,
+                size: self.plaintext_size,
+                sha256: plaintext_sha256,
+            }),
+        }
+    }
+}
+
+impl Out {
+    async fn write(&mut self, buf: &[u8]) -> Result<(), DestinationError> {
+        match self {
+            Out::Plain(up) => up.write(buf).await,
+            Out::Sealed(up) => up.write(buf).await,
         }
     }
 }
 
 impl Sink {
-    async fn write(&mut self, buf: &[u8]) -> Result<(), DestinationError> {
-        match self {
-            Sink::Plain(up) => up.write(buf).await,
-            Sink::Sealed(up) => up.write(buf).await,
+    async fn write(&mut self, buf: &[u8]) -> Result<(), Cause> {
+        match self.compress.as_mut() {
+            None => self.out.write(buf).await?,
+            Some(c) => {
+                let compressed = c.write(buf).await?;
+                if !compressed.is_empty() {
+                    self.out.write(&compressed).await?;
+                }
+            }
         }
+        Ok(())
     }
 
-    async fn finish(self) -> Result<Stored, DestinationError> {
-        match self {
-            Sink::Plain(up) => {
+    async fn finish(self) -> Result<Stored, Cause> {
+        let Sink {
+            compress,
+            mut out,
+            location,
+        } = self;
+        let compressed = match compress {
+            None => None,
+            Some(c) => {
+                let (last, done) = c.finish().await?;
+                if !last.is_empty() {
+                    out.write(&last).await?;
+                }
+                Some(done)
+            }
+        };
+        let compression = compressed.as_ref().map(|_| Compression::Zstd);
+        match out {
+            Out::Plain(up) => {
                 let size = up.finish().await?;
-                Ok(Stored {
-                    size,
-                    sha256: None,
-                    plaintext_size: size,
+                Ok(match compressed {
+                    None => Stored {
+                        size,
+                        sha256: None,
+                        plaintext_size: size,
+                        encrypted: false,
+                        compression,
+                    },
+                    Some(c) => {
+                        if c.size != size {
+                            return Err(DestinationError::SizeMismatch {
+                                location,
+                                sent: c.size,
+                                stored: size,
+                            }
+                            .into());
+                        }
+                        Stored {
+                            size,
+                            sha256: Some(c.sha256),
+                            plaintext_size: c.plaintext_size,
+                            encrypted: false,
+                            compression,
+                        }
+                    }
                 })
             }
-            Sink::Sealed(up) => {
+            Out::Sealed(up) => {
                 let sealed = up.finish().await?;
                 Ok(Stored {
                     size: sealed.size,
                     sha256: Some(sealed.sha256),
-                    plaintext_size: sealed.plaintext_size,
+                    plaintext_size: compressed.map_or(sealed.plaintext_size, |c| c.plaintext_size),
+                    encrypted: true,
+                    compression,
                 })
             }
         }
@@ -1042,6 +1148,113 @@ mod tests {
         )
         .unwrap();
         assert!(!stored.contains("durable"), "{stored}");
+    }
+
+    #[tokio::test]
+    async fn a_compressed_snapshot_is_stored_as_db_zst_and_reads_back_as_the_plain_stream() {
+        use crate::store::verify::{fetch_set, verify_set};
+        let tmp = tempfile::tempdir().unwrap();
+        let root = kubeadm_root(tmp.path());
+        let base = tmp.path().join("dest");
+        let mut cfg = config(&base, Some(&root));
+        cfg.compression = Some(crate::config::CompressionConfig {
+            algorithm: Compression::Zstd,
+            level: 1,
+        });
+        let dest = LocalDir::open(&base).await.unwrap();
+        let mut source = MemorySource::new(4096);
+        let report = run_with_source(&cfg, &mut source, &dest).await.unwrap();
+        let m = &report.manifest;
+        let ts = report.set.timestamp;
+        assert_eq!(m.format_version, MANIFEST_FORMAT_COMPRESSED);
+        assert_eq!(
+            m.compression,
+            Some(ManifestCompression {
+                algorithm: Compression::Zstd,
+                level: 1
+            })
+        );
+        let snap = &m.files[0];
+        assert_eq!(snap.name, format!("{}.zst", ts.snapshot_file_name()));
+        assert_eq!(snap.compression, Some(Compression::Zstd));
+        let plain = snap.plaintext.as_ref().unwrap();
+        assert_eq!(plain.name, ts.snapshot_file_name());
+        assert_eq!(plain.size, source.stream.len() as u64);
+        assert_eq!(plain.sha256, hex::encode(Sha256::digest(&source.stream)));
+        let stored_path = base.join(report.set.dir()).join(&snap.name);
+        let stored = std::fs::read(&stored_path).unwrap();
+        assert!(stored.len() * 4 < source.stream.len(), "{}", stored.len());
+        assert_eq!(snap.sha256, hex::encode(Sha256::digest(&stored)));
+        assert!(zstd::stream::decode_all(&stored[..]).unwrap() == source.stream);
+        // The tarball is gzip already: stored as is.
+        assert_eq!(m.files[1].name, ts.resources_file_name());
+        assert_eq!(m.files[1].compression, None);
+        assert!(m.files[1].plaintext.is_none());
+
+        let set = crate::store::catalog::scan(&dest, "c", None)
+            .await
+            .unwrap()
+            .sets
+            .remove(0);
+        assert_eq!(set.summary().compression, "zstd");
+        let reports = verify_set(&dest, &set, None, &|_, _, _| {}).await.unwrap();
+        assert!(reports.iter().all(|r| r.ok()), "{reports:?}");
+        assert!(reports[0].decompressed);
+        let out = tmp.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let (reports, written) = fetch_set(&dest, &set, &out, None, None, &|_, _, _| {})
+            .await
+            .unwrap();
+        assert!(reports.iter().all(|r| r.ok()), "{reports:?}");
+        assert_eq!(written[0], out.join(ts.snapshot_file_name()));
+        assert!(std::fs::read(&written[0]).unwrap() == source.stream);
+
+        // One flipped byte in the middle of the stored file.
+        let mut bad = stored.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x01;
+        std::fs::write(&stored_path, &bad).unwrap();
+        let reports = verify_set(&dest, &set, None, &|_, _, _| {}).await.unwrap();
+        assert!(!reports[0].ok());
+        assert!(
+            reports[0].problems[0].starts_with("sha256 is "),
+            "{:?}",
+            reports[0].problems
+        );
+        let out = tmp.path().join("out2");
+        std::fs::create_dir(&out).unwrap();
+        let (reports, written) = fetch_set(&dest, &set, &out, None, None, &|_, _, _| {})
+            .await
+            .unwrap();
+        assert!(!reports[0].ok());
+        assert!(!written.contains(&out.join(ts.snapshot_file_name())));
+        assert!(!out.join(ts.snapshot_file_name()).exists());
+
+        // A valid frame of far more than the manifest's plaintext (a server
+        // swapping files after listing) is cut off at the recorded size.
+        let bomb = zstd::stream::encode_all(&vec![0u8; source.stream.len() * 8][..], 1).unwrap();
+        std::fs::write(&stored_path, &bomb).unwrap();
+        let out = tmp.path().join("out3");
+        std::fs::create_dir(&out).unwrap();
+        let seen = std::sync::atomic::AtomicU64::new(0);
+        let (reports, _) = fetch_set(&dest, &set, &out, None, None, &|_, _, _| {
+            let partial = out.join(format!("{}.partial", ts.snapshot_file_name()));
+            if let Ok(m) = std::fs::metadata(partial) {
+                seen.fetch_max(m.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+        .await
+        .unwrap();
+        assert!(
+            reports[0]
+                .problems
+                .iter()
+                .any(|p| p.contains("decompresses to more than")),
+            "{:?}",
+            reports[0].problems
+        );
+        assert!(seen.into_inner() <= source.stream.len() as u64);
+        assert!(!out.join(ts.snapshot_file_name()).exists());
     }
 
     #[tokio::test]

@@ -311,7 +311,7 @@ fn check_config(config: &std::path::Path) -> ExitCode {
     match load(config) {
         Ok(c) => {
             println!(
-                "{}: valid (node {}, cluster {}, etcd {}, destination {}{})",
+                "{}: valid (node {}, cluster {}, etcd {}, destination {}{}{})",
                 config.display(),
                 c.node_name,
                 c.cluster_name,
@@ -320,6 +320,11 @@ fn check_config(config: &std::path::Path) -> ExitCode {
                 c.encryption.as_ref().map_or(String::new(), |e| format!(
                     ", encrypted with age to {} recipient(s)",
                     e.recipients.len()
+                )),
+                c.compression.map_or(String::new(), |z| format!(
+                    ", snapshot compressed with {} level {}",
+                    z.algorithm.as_str(),
+                    z.level
                 ))
             );
             ExitCode::SUCCESS

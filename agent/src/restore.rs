@@ -85,6 +85,12 @@ pub fn check_snapshot_file(path: &Path) -> Result<(), RestoreError> {
             detail: "the file is age-encrypted; restore the set with --identity FILE instead, or decrypt it first (age -d -i KEYFILE -o snapshot.db FILE)".to_string(),
         });
     }
+    if is_zstd_file(path).unwrap_or(false) {
+        return Err(RestoreError::BadSnapshot {
+            path: path.to_path_buf(),
+            detail: "the file is zstd-compressed; restore the set by name instead (restore decompresses it), or decompress it first (zstd -d FILE -o snapshot.db)".to_string(),
+        });
+    }
     let mut f = std::fs::File::open(path).map_err(|source| RestoreError::Io {
         op: "cannot open",
         path: path.to_path_buf(),
@@ -109,6 +115,17 @@ pub fn check_snapshot_file(path: &Path) -> Result<(), RestoreError> {
             path: path.to_path_buf(),
             detail: e.to_string(),
         })
+}
+
+/// Whether `path` starts with zstd's frame magic number.
+fn is_zstd_file(path: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+    let mut head = Vec::with_capacity(ZSTD_MAGIC.len());
+    std::fs::File::open(path)?
+        .take(ZSTD_MAGIC.len() as u64)
+        .read_to_end(&mut head)?;
+    Ok(head == ZSTD_MAGIC)
 }
 
 /// The restore tool found on PATH: `etcdutl` (etcd 3.5+) or `etcdctl` (3.4).

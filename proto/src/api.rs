@@ -124,6 +124,10 @@ pub struct SetSummary {
     /// Whether the data files are encrypted (an identity is needed to restore).
     #[serde(default)]
     pub encrypted: bool,
+    /// How the snapshot is compressed: `zstd` (stored as `.db.zst`), or
+    /// `none`, also when an older agent's answer does not say.
+    #[serde(default = "compression_none")]
+    pub compression: String,
     /// The static-pod resources layout the set was taken with (`openshift`,
     /// `kubeadm`, `none`): only `openshift` sets are cluster-restore.sh
     /// directories. Empty when an older agent's answer does not say.
@@ -134,6 +138,10 @@ pub struct SetSummary {
     /// not say.
     #[serde(default = "crate::manifest::durable_default")]
     pub durable: bool,
+}
+
+fn compression_none() -> String {
+    "none".to_string()
 }
 
 /// What a leftover is, which decides whether the agent may remove it.

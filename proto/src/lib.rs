@@ -13,10 +13,11 @@ pub mod manifest;
 pub mod naming;
 
 pub use manifest::{
-    FileKind, Manifest, ManifestEncryption, ManifestEtcd, ManifestFile, PlaintextFile,
-    SnapshotStatus, MANIFEST_FORMAT_PLAIN, MANIFEST_FORMAT_VERSION,
+    Compression, FileKind, Manifest, ManifestCompression, ManifestEncryption, ManifestEtcd,
+    ManifestFile, PlaintextFile, SnapshotStatus, MANIFEST_FORMAT_COMPRESSED,
+    MANIFEST_FORMAT_ENCRYPTED, MANIFEST_FORMAT_PLAIN, MANIFEST_FORMAT_VERSION,
 };
 pub use naming::{
     is_valid_name_component, InvalidFileName, InvalidTimestamp, SetId, SetTimestamp, AGE_SUFFIX,
-    MANIFEST_FILE_NAME, PARTIAL_SUFFIX,
+    MANIFEST_FILE_NAME, PARTIAL_SUFFIX, ZST_SUFFIX,
 };

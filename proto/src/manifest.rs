@@ -16,14 +16,26 @@ use crate::naming::SetTimestamp;
 ///   [`ManifestFile::plaintext`]). Only encrypted sets are written as 2, so
 ///   agents that know only version 1 still read plaintext sets, and refuse
 ///   encrypted ones instead of misreading them.
+/// - 3: adds compression of the snapshot ([`Manifest::compression`],
+///   [`ManifestFile::compression`]; the stored file is `.db.zst`, its
+///   [`ManifestFile::plaintext`] the `.db` it decompresses to). Only
+///   compressed sets (encrypted or not) are written as 3, so agents that know
+///   only versions 1 and 2 refuse them (keeping them, as a newer format)
+///   instead of handing a compressed file to etcd.
 ///
 /// Optional fields that an older reader may ignore without misreading the
 /// set ([`Manifest::durable`], [`Manifest::snapshot_status`]) do not change
 /// the version: readers ignore fields they do not know.
-pub const MANIFEST_FORMAT_VERSION: u32 = 2;
+pub const MANIFEST_FORMAT_VERSION: u32 = 3;
 
-/// The `format_version` of a set written without encryption.
+/// The `format_version` of a set written without encryption or compression.
 pub const MANIFEST_FORMAT_PLAIN: u32 = 1;
+
+/// The `format_version` of an encrypted set without compression.
+pub const MANIFEST_FORMAT_ENCRYPTED: u32 = 2;
+
+/// The `format_version` of a set with a compressed snapshot (encrypted or not).
+pub const MANIFEST_FORMAT_COMPRESSED: u32 = 3;
 
 /// The content of `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +67,11 @@ pub struct Manifest {
     /// How the data files are encrypted; absent when they are stored as is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<ManifestEncryption>,
+    /// How the snapshot was compressed; absent when it is stored uncompressed.
+    /// Which files are compressed is each file's
+    /// [`compression`](ManifestFile::compression).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<ManifestCompression>,
     /// Whether every file was synced to stable storage on the destination
     /// before the set was published. `false` only for an SFTP server without
     /// `fsync@openssh.com`, accepted with `destination.sftp.require_fsync:
@@ -82,6 +99,34 @@ pub struct ManifestEncryption {
     /// The public keys each file is encrypted to (age `age1…`, `ssh-ed25519 …`,
     /// `ssh-rsa …`); the private key of any one of them decrypts the set.
     pub recipients: Vec<String>,
+}
+
+/// A compression algorithm a data file may be stored with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// Zstandard, one standard zstd frame (`zstd -d` reads it); the stored
+    /// name ends in `.zst` (before any `.age`).
+    Zstd,
+}
+
+impl Compression {
+    /// The name used in the config, the manifest and listings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// How a set's snapshot was compressed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestCompression {
+    /// The algorithm.
+    pub algorithm: Compression,
+    /// The level it was compressed at (`compression_level`); for information
+    /// only, decompressing does not need it.
+    pub level: i32,
 }
 
 /// `etcdctl snapshot status -w json` of a snapshot, with its field names.
@@ -141,19 +186,25 @@ pub struct ManifestFile {
     pub kind: FileKind,
     /// Size in bytes as stored.
     pub size: u64,
-    /// SHA-256 of the whole file as stored (the ciphertext, when encrypted),
-    /// lower-case hex: checkable without any key.
+    /// SHA-256 of the whole file as stored (the ciphertext, when encrypted;
+    /// the compressed bytes, when compressed), lower-case hex: checkable
+    /// without any key.
     pub sha256: String,
-    /// For an encrypted file, what decrypting it must give.
+    /// How the content was compressed before it was stored (and before it
+    /// was encrypted, when both); absent for a file stored uncompressed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+    /// For an encrypted or compressed file, what decrypting and
+    /// decompressing it must give.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plaintext: Option<PlaintextFile>,
 }
 
-/// The decrypted form of an encrypted data file.
+/// The plain form of an encrypted or compressed data file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlaintextFile {
-    /// The name to give the decrypted file (the stored name without `.age`):
-    /// `snapshot_<ts>.db`, `static_kuberesources_<ts>.tar.gz`.
+    /// The name to give the plain file (the stored name without `.age` and
+    /// `.zst`): `snapshot_<ts>.db`, `static_kuberesources_<ts>.tar.gz`.
     pub name: String,
     /// Size in bytes.
     pub size: u64,
@@ -162,9 +213,29 @@ pub struct PlaintextFile {
 }
 
 impl ManifestFile {
-    /// The name the file has once decrypted (its stored name when it is not encrypted).
+    /// The name the file has once decrypted and decompressed (its stored
+    /// name when it is neither).
     pub fn plaintext_name(&self) -> &str {
         self.plaintext.as_ref().map_or(&self.name, |p| &p.name)
+    }
+
+    /// Whether the file is stored age-encrypted (its name ends in `.age`).
+    pub fn is_encrypted(&self) -> bool {
+        self.name.ends_with(crate::naming::AGE_SUFFIX)
+    }
+
+    /// The plain name that the stored name and the file's compression imply:
+    /// the stored name without `.age`, then without `.zst` when compressed.
+    /// `None` when the name lacks a suffix its compression needs.
+    pub fn expected_plaintext_name(&self) -> Option<&str> {
+        let name = self
+            .name
+            .strip_suffix(crate::naming::AGE_SUFFIX)
+            .unwrap_or(&self.name);
+        match self.compression {
+            None => Some(name),
+            Some(Compression::Zstd) => name.strip_suffix(crate::naming::ZST_SUFFIX),
+        }
     }
 }
 
@@ -212,6 +283,7 @@ mod tests {
                     kind: FileKind::Snapshot,
                     size: 20512,
                     sha256: "00".repeat(32),
+                    compression: None,
                     plaintext: None,
                 },
                 ManifestFile {
@@ -219,6 +291,7 @@ mod tests {
                     kind: FileKind::Resources,
                     size: 1000,
                     sha256: "11".repeat(32),
+                    compression: None,
                     plaintext: None,
                 },
             ],
@@ -229,6 +302,7 @@ mod tests {
                 total_size: 24576,
             }),
             encryption: None,
+            compression: None,
             durable: true,
         }
     }
@@ -253,6 +327,45 @@ mod tests {
         let json = serde_json::to_string(&sample()).unwrap();
         assert!(!json.contains("encryption"), "{json}");
         assert!(!json.contains("plaintext"), "{json}");
+        assert!(!json.contains("compression"), "{json}");
+    }
+
+    #[test]
+    fn compressed_manifest_records_algorithm_and_names_the_plain_snapshot() {
+        let mut m = sample();
+        m.format_version = MANIFEST_FORMAT_COMPRESSED;
+        m.compression = Some(ManifestCompression {
+            algorithm: Compression::Zstd,
+            level: 3,
+        });
+        let f = &mut m.files[0];
+        f.compression = Some(Compression::Zstd);
+        f.plaintext = Some(PlaintextFile {
+            name: f.name.clone(),
+            size: 20512,
+            sha256: "22".repeat(32),
+        });
+        f.name.push_str(".zst");
+        let json = serde_json::to_string_pretty(&m).unwrap();
+        assert!(json.contains("\"compression\": \"zstd\""), "{json}");
+        assert!(json.contains("\"algorithm\": \"zstd\""), "{json}");
+        let back: Manifest = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m);
+        assert!(!back.files[0].is_encrypted());
+        assert_eq!(
+            back.files[0].expected_plaintext_name(),
+            Some("snapshot_2026-11-24_120000.db")
+        );
+        let mut both = back.files[0].clone();
+        both.name.push_str(".age");
+        assert!(both.is_encrypted());
+        assert_eq!(
+            both.expected_plaintext_name(),
+            Some("snapshot_2026-11-24_120000.db")
+        );
+        // A compressed entry whose name lacks `.zst` implies no plain name.
+        both.name = "snapshot_2026-11-24_120000.db.age".into();
+        assert_eq!(both.expected_plaintext_name(), None);
     }
 
     #[test]

@@ -23,6 +23,11 @@ pub const PARTIAL_SUFFIX: &str = ".partial";
 /// Suffix of a data file encrypted with age.
 pub const AGE_SUFFIX: &str = ".age";
 
+/// Suffix of a snapshot compressed with zstd (`compression: zstd`), before
+/// any [`AGE_SUFFIX`]: `snapshot_<ts>.db.zst`, `snapshot_<ts>.db.zst.age`.
+/// The resources tarball is gzip already and never gets it.
+pub const ZST_SUFFIX: &str = ".zst";
+
 const TS_FORMAT: &str = "%Y-%m-%d_%H%M%S";
 
 /// The UTC second a backup run started, which names its set.
@@ -40,7 +45,7 @@ pub struct InvalidTimestamp {
 /// A file name, from a manifest or a server's listing, that is not one the
 /// set naming scheme gives a file of that set.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("refusing file name {name:?} in backup set {set}: {problem}; a set holds only snapshot_{set}.db, static_kuberesources_{set}.tar.gz (each optionally .age) and manifest.json, so the manifest or the server's listing was altered; nothing was written or removed for it")]
+#[error("refusing file name {name:?} in backup set {set}: {problem}; a set holds only snapshot_{set}.db (optionally .zst), static_kuberesources_{set}.tar.gz (each optionally .age) and manifest.json, so the manifest or the server's listing was altered; nothing was written or removed for it")]
 pub struct InvalidFileName {
     /// The rejected name.
     pub name: String,
@@ -73,10 +78,13 @@ impl SetTimestamp {
     }
 
     /// Every name the agent gives a data file of this set, as stored: the
-    /// snapshot and the resources tarball, each plain or encrypted.
-    pub fn data_file_names(&self) -> [String; 4] {
+    /// snapshot (plain or zstd-compressed) and the resources tarball, each
+    /// plain or encrypted.
+    pub fn data_file_names(&self) -> [String; 6] {
         let (snapshot, resources) = (self.snapshot_file_name(), self.resources_file_name());
         [
+            format!("{snapshot}{ZST_SUFFIX}{AGE_SUFFIX}"),
+            format!("{snapshot}{ZST_SUFFIX}"),
             format!("{snapshot}{AGE_SUFFIX}"),
             format!("{resources}{AGE_SUFFIX}"),
             snapshot,
@@ -245,6 +253,8 @@ mod tests {
         for ok in [
             "snapshot_2026-11-24_120000.db.partial",
             "snapshot_2026-11-24_120000.db.age.partial",
+            "snapshot_2026-11-24_120000.db.zst.partial",
+            "snapshot_2026-11-24_120000.db.zst.age.partial",
             "static_kuberesources_2026-11-24_120000.tar.gz.partial",
             "static_kuberesources_2026-11-24_120000.tar.gz.age.partial",
             "manifest.json.partial",
@@ -270,6 +280,8 @@ mod tests {
         for ok in [
             "snapshot_2026-11-24_120000.db",
             "snapshot_2026-11-24_120000.db.age",
+            "snapshot_2026-11-24_120000.db.zst",
+            "snapshot_2026-11-24_120000.db.zst.age",
             "static_kuberesources_2026-11-24_120000.tar.gz",
             "static_kuberesources_2026-11-24_120000.tar.gz.age",
         ] {
@@ -290,6 +302,14 @@ mod tests {
                 "not a file name of this set",
             ),
             ("notes.txt", "not a file name of this set"),
+            (
+                "static_kuberesources_2026-11-24_120000.tar.gz.zst",
+                "not a file name of this set",
+            ),
+            (
+                "snapshot_2026-11-24_120000.db.age.zst",
+                "not a file name of this set",
+            ),
             (
                 "snapshot_2026-11-24_120000.db.partial",
                 "not a file name of this set",

@@ -36,6 +36,17 @@ pub async fn backup(config: &Config) -> ExitCode {
                 "  etcd {} member {} (cluster {}), revision {}",
                 m.etcd.version, m.etcd.member_id, m.etcd.cluster_id, m.etcd.revision
             );
+            if let Some(c) = &m.compression {
+                let plain = m
+                    .file(etcd_backup_proto::FileKind::Snapshot)
+                    .and_then(|f| f.plaintext.as_ref());
+                println!(
+                    "  snapshot compressed with {} level {}{}; fetch writes the plain .db, or zstd -d",
+                    c.algorithm.as_str(),
+                    c.level,
+                    plain.map_or(String::new(), |p| format!(" from {} bytes", p.size))
+                );
+            }
             if let Some(enc) = &m.encryption {
                 println!(
                     "  encrypted with {} to {} recipient(s); decrypt with --identity, or age -d",

@@ -7,7 +7,10 @@ use crate::config::Config;
 use crate::store::catalog::CatalogSet;
 use crate::store::verify;
 
-use super::{fail, find, identities, note_encryption, open, print_reports, IdentityArgs, Progress};
+use super::{
+    fail, find, identities, note_compression, note_encryption, open, print_reports, IdentityArgs,
+    Progress,
+};
 use crate::commands::{EXIT_FAILURE, EXIT_USAGE};
 
 /// What `fetch` was asked for, beyond the set.
@@ -73,6 +76,7 @@ pub async fn fetch(
         ids.as_ref(),
         "the files are written as stored (.age), which cluster-restore.sh cannot use; pass --identity FILE to write them decrypted",
     );
+    note_compression(&set, ids.as_ref());
     let only = args
         .snapshot_only
         .then_some(etcd_backup_proto::FileKind::Snapshot);
@@ -107,7 +111,14 @@ pub async fn fetch(
         println!("wrote   {}", p.display());
     }
     let encrypted_as_stored = set.manifest.encryption.is_some() && ids.is_none();
-    say_what_was_fetched(&set, to, args.snapshot_only, encrypted_as_stored);
+    let compressed = set.manifest.compression.is_some();
+    say_what_was_fetched(
+        &set,
+        to,
+        args.snapshot_only,
+        encrypted_as_stored,
+        compressed,
+    );
     ExitCode::SUCCESS
 }
 
@@ -212,23 +223,33 @@ fn say_what_was_fetched(
     to: &Path,
     snapshot_only: bool,
     encrypted_as_stored: bool,
+    compressed: bool,
 ) {
+    // What turns a file fetched as stored into the plain one.
+    let decode = match (encrypted_as_stored, compressed) {
+        (true, true) => {
+            ", after decrypting it with age -d -i KEYFILE and decompressing it with zstd -d"
+        }
+        (true, false) => ", after decrypting it with age -d -i KEYFILE",
+        (false, _) => "",
+    };
     if snapshot_only {
         println!(
             "snapshot of set {} fetched and verified; {} holds the snapshot only and is not a cluster-restore.sh directory: restore it with `etcd-backup-agent restore --snapshot FILE` (or etcdutl snapshot restore){}",
             set.id.dir(),
             to.display(),
-            if encrypted_as_stored {
-                ", after decrypting it with age -d -i KEYFILE"
-            } else {
-                ""
-            }
+            decode
         );
     } else if encrypted_as_stored {
         println!(
-            "set {} fetched and its ciphertext verified; {} is not a cluster-restore.sh directory while the files are encrypted: decrypt each file with age -d -i KEYFILE, or fetch again with --identity FILE",
+            "set {} fetched and its ciphertext verified; {} is not a cluster-restore.sh directory while the files are encrypted: decrypt each file with age -d -i KEYFILE{}, or fetch again with --identity FILE",
             set.id.dir(),
-            to.display()
+            to.display(),
+            if compressed {
+                " (then the snapshot with zstd -d)"
+            } else {
+                ""
+            }
         );
     } else {
         println!(

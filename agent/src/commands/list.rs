@@ -46,7 +46,7 @@ pub async fn list(
         }
         Output::Table => {
             println!(
-                "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<9}  {:<7}  SET",
+                "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<11}  {:<9}  {:<7}  SET",
                 "TIME (UTC)",
                 "NODE",
                 "SNAPSHOT",
@@ -54,12 +54,13 @@ pub async fn list(
                 "REVISION",
                 "KEYS",
                 "ENCRYPTED",
+                "COMPRESSION",
                 "LAYOUT",
                 "DURABLE"
             );
             for s in &list.sets {
                 println!(
-                    "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<9}  {:<7}  {}",
+                    "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<11}  {:<9}  {:<7}  {}",
                     s.timestamp.as_datetime().format("%Y-%m-%d %H:%M:%S"),
                     s.node,
                     human_bytes(s.snapshot_bytes),
@@ -67,6 +68,7 @@ pub async fn list(
                     s.revision,
                     s.total_key.map_or("-".to_string(), |k| k.to_string()),
                     if s.encrypted { "age" } else { "no" },
+                    s.compression,
                     if s.layout.is_empty() { "-" } else { &s.layout },
                     if s.durable { "yes" } else { "no" },
                     s.set

@@ -149,14 +149,36 @@ fn note_encryption(set: &CatalogSet, ids: Option<&Identities>, without: &str) {
     }
 }
 
+/// Says that a set's snapshot is compressed, and whether it is decompressed
+/// here (always, unless it is also encrypted and no key is at hand).
+fn note_compression(set: &CatalogSet, ids: Option<&Identities>) {
+    let Some(c) = &set.manifest.compression else {
+        return;
+    };
+    if set.manifest.encryption.is_some() && ids.is_none() {
+        println!(
+            "the snapshot of set {} is {}-compressed inside its encryption; without a key it is checked as stored",
+            set.id.dir(),
+            c.algorithm.as_str()
+        );
+    } else {
+        println!(
+            "the snapshot of set {} is {}-compressed; decompressing it to check (and write) the plain snapshot",
+            set.id.dir(),
+            c.algorithm.as_str()
+        );
+    }
+}
+
 fn print_reports(reports: &[FileReport]) -> bool {
     let mut all_ok = true;
     for r in reports {
         if r.ok() {
-            let how = if r.decrypted {
-                ", decrypted and checked"
-            } else {
-                ""
+            let how = match (r.decrypted, r.decompressed) {
+                (true, true) => ", decrypted, decompressed and checked",
+                (true, false) => ", decrypted and checked",
+                (false, true) => ", decompressed and checked",
+                (false, false) => "",
             };
             println!("ok      {}  ({}{how})", r.name, human_bytes(r.size));
         } else {

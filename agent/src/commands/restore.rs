@@ -8,7 +8,10 @@ use crate::encryption::Identities;
 use crate::store::catalog::CatalogSet;
 use crate::store::verify;
 
-use super::{fail, find, identities, note_encryption, open, print_reports, IdentityArgs, Progress};
+use super::{
+    fail, find, identities, note_compression, note_encryption, open, print_reports, IdentityArgs,
+    Progress,
+};
 use crate::commands::EXIT_USAGE;
 
 /// Where `restore` takes its snapshot from.
@@ -56,6 +59,7 @@ async fn fetch_snapshot(
     println!("fetching {}/{}", dest.describe(), set.id.dir());
     let progress = Progress::new();
     note_encryption(&set, ids, "");
+    note_compression(&set, ids);
     let result = verify::fetch_set(dest.as_ref(), &set, tmp.path(), ids, None, &|n, d, t| {
         progress.update(n, d, t)
     })

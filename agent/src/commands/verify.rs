@@ -5,7 +5,10 @@ use std::process::ExitCode;
 use crate::config::Config;
 use crate::store::verify;
 
-use super::{fail, find, identities, note_encryption, open, print_reports, IdentityArgs, Progress};
+use super::{
+    fail, find, identities, note_compression, note_encryption, open, print_reports, IdentityArgs,
+    Progress,
+};
 use crate::commands::EXIT_FAILURE;
 
 /// `verify`.
@@ -28,6 +31,7 @@ pub async fn verify(config: &Config, node: &str, wanted: &str, id: &IdentityArgs
         ids.as_ref(),
         "checking the stored ciphertext only (pass --identity FILE to also decrypt and check the plaintext)",
     );
+    note_compression(&set, ids.as_ref());
     let progress = Progress::new();
     let result = verify::verify_set(dest.as_ref(), &set, ids.as_ref(), &|n, d, t| {
         progress.update(n, d, t)

@@ -112,6 +112,11 @@ impl CatalogSet {
             revision: m.revision(),
             total_key: m.snapshot_status.map(|s| s.total_key),
             encrypted: m.encryption.is_some(),
+            compression: m
+                .compression
+                .as_ref()
+                .map_or("none", |c| c.algorithm.as_str())
+                .to_string(),
             layout: m.resources_layout.clone(),
             durable: m.durable,
         }
@@ -356,22 +361,47 @@ fn manifest_problem(m: &Manifest, id: &SetId, listing: &[DirEntry]) -> Option<St
                 f.name, stored.size, f.size
             ));
         }
-        // fetch writes a decrypted file under this name: it must be the stored
-        // name without `.age`, never a path of the manifest's choosing.
-        if let Some(p) = &f.plaintext {
-            let expected = f.name.strip_suffix(crate::encryption::AGE_SUFFIX);
-            if expected != Some(p.name.as_str()) {
-                return Some(format!(
-                    "{}: the manifest names its plaintext {:?}; only {:?} is accepted",
-                    f.name,
-                    p.name,
-                    expected.unwrap_or("(a name ending in .age)")
-                ));
+        // fetch writes a decrypted or decompressed file under this name: it
+        // must be the stored name without `.age` and `.zst`, never a path of
+        // the manifest's choosing.
+        let transformed = f.is_encrypted() || f.compression.is_some();
+        match (&f.plaintext, transformed) {
+            (Some(p), true) => {
+                let expected = f.expected_plaintext_name();
+                if expected != Some(p.name.as_str()) {
+                    return Some(format!(
+                        "{}: the manifest names its plaintext {:?}; only {:?} is accepted",
+                        f.name,
+                        p.name,
+                        expected.unwrap_or(
+                            "(a name ending in .zst or .zst.age, for a compressed file)"
+                        )
+                    ));
+                }
             }
+            (None, true) => {
+                return Some(format!(
+                    "{}: the manifest gives no plaintext for an encrypted or compressed file",
+                    f.name
+                ))
+            }
+            (Some(_), false) => {
+                return Some(format!(
+                    "{}: the manifest gives a plaintext for a file stored as is",
+                    f.name
+                ))
+            }
+            (None, false) => {}
+        }
+        if f.compression.is_some() && f.kind != etcd_backup_proto::FileKind::Snapshot {
+            return Some(format!("{}: only the snapshot is ever compressed", f.name));
         }
     }
-    if m.files.iter().any(|f| f.plaintext.is_some()) != m.encryption.is_some() {
-        return Some("the manifest's encryption and its files' plaintext entries disagree".into());
+    if m.files.iter().any(|f| f.is_encrypted()) != m.encryption.is_some() {
+        return Some("the manifest's encryption and its files' names disagree".into());
+    }
+    if m.files.iter().any(|f| f.compression.is_some()) != m.compression.is_some() {
+        return Some("the manifest's compression and its files' compression disagree".into());
     }
     None
 }

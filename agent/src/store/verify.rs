@@ -1,7 +1,9 @@
 //! Proving a stored set is what its manifest says: `verify` streams every file
 //! back and checks size and SHA-256, the snapshot's etcd digest trailer and its
 //! snapshot status; `fetch` does the same while writing the files locally,
-//! under temporary names until each has passed.
+//! under temporary names until each has passed. A compressed snapshot is
+//! decompressed on the way (after decrypting, when also encrypted), so its
+//! content gets every check and `fetch` writes the plain `snapshot_<ts>.db`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use etcd_backup_proto::{FileKind, ManifestFile};
 use crate::encryption::Identities;
 use crate::source::etcd::SnapshotVerifier;
 use crate::store::catalog::CatalogSet;
+use crate::store::compressing::Decompressor;
 use crate::store::destination::{Destination, DestinationError};
 
 /// What was found for one file.
@@ -26,6 +29,8 @@ pub struct FileReport {
     pub size: u64,
     /// Whether the file was decrypted and its plaintext checked too.
     pub decrypted: bool,
+    /// Whether the file was decompressed and its plaintext checked too.
+    pub decompressed: bool,
     /// Everything that differs from the manifest; empty when the file is good.
     pub problems: Vec<String>,
 }
@@ -55,6 +60,14 @@ pub enum CheckError {
     /// file was opened, created or removed for it.
     #[error(transparent)]
     BadName(#[from] etcd_backup_proto::InvalidFileName),
+    /// The zstd decompressor could not be set up.
+    #[error("{file}: cannot set up zstd to decompress it: {source}")]
+    Decompress {
+        /// The stored file.
+        file: String,
+        /// What zstd said.
+        source: std::io::Error,
+    },
     /// The identity given cannot decrypt the set.
     #[error("{file}: {message}")]
     Identity {
@@ -188,6 +201,111 @@ impl ContentChecks {
     }
 }
 
+/// A failure inside [`Content::feed`]: the sink's, or zstd's.
+enum FeedError {
+    Sink(CheckError),
+    Zstd(std::io::Error),
+}
+
+impl From<std::io::Error> for FeedError {
+    fn from(e: std::io::Error) -> Self {
+        FeedError::Zstd(e)
+    }
+}
+
+/// A file's content as it is read: decompressed first when the file is
+/// compressed, then checked and handed to the sink.
+struct Content {
+    checks: ContentChecks,
+    decompressor: Option<Decompressor>,
+    /// Why decompressing stopped, when the stream was damaged; nothing more
+    /// reaches the checks or the sink after that.
+    broken: Option<String>,
+    /// The plaintext size the manifest records: a compressed stream that
+    /// decompresses to more is cut off there, so a small altered file cannot
+    /// fill the disk `fetch` writes to.
+    limit: u64,
+}
+
+impl Content {
+    fn new(entry: &ManifestFile, checks: ContentChecks) -> Result<Self, CheckError> {
+        let decompressor = match entry.compression {
+            None => None,
+            Some(etcd_backup_proto::Compression::Zstd) => Some(Decompressor::new().map_err(
+                |source| CheckError::Decompress {
+                    file: entry.name.clone(),
+                    source,
+                },
+            )?),
+        };
+        Ok(Self {
+            checks,
+            decompressor,
+            broken: None,
+            limit: entry.plaintext.as_ref().map_or(u64::MAX, |p| p.size),
+        })
+    }
+
+    fn feed(
+        &mut self,
+        chunk: &[u8],
+        sink: &mut impl FnMut(&[u8]) -> Result<(), CheckError>,
+    ) -> Result<(), CheckError> {
+        if self.broken.is_some() {
+            return Ok(());
+        }
+        let checks = &mut self.checks;
+        let Some(d) = self.decompressor.as_mut() else {
+            checks.update(chunk);
+            return sink(chunk);
+        };
+        let limit = self.limit;
+        let result = d.feed(chunk, |plain| {
+            if checks.size + plain.len() as u64 > limit {
+                return Err(FeedError::Zstd(std::io::Error::other(format!(
+                    "it decompresses to more than the {limit} bytes the manifest records"
+                ))));
+            }
+            checks.update(plain);
+            sink(plain).map_err(FeedError::Sink)
+        });
+        match result {
+            Ok(()) => Ok(()),
+            Err(FeedError::Sink(e)) => Err(e),
+            Err(FeedError::Zstd(e)) => {
+                self.broken = Some(format!(
+                    "cannot decompress after {} plaintext bytes: {e}",
+                    checks.size
+                ));
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds what is wrong with the content to `problems`: a damaged or
+    /// truncated compressed stream, else the content checks' findings.
+    fn finish(
+        self,
+        what: &str,
+        size: u64,
+        sha256: &str,
+        status: Option<etcd_backup_proto::SnapshotStatus>,
+        problems: &mut Vec<String>,
+    ) {
+        if let Some(why) = self.broken {
+            problems.push(why);
+            return;
+        }
+        if let Some(d) = &self.decompressor {
+            if let Err(e) = d.finish() {
+                problems.push(format!("cannot decompress: {e}"));
+                return;
+            }
+        }
+        self.checks.finish(what, size, sha256, status, problems);
+    }
+}
+
 /// How decrypting a file ended.
 enum Decrypted {
     /// The whole plaintext was read.
@@ -233,9 +351,11 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<'_, R> {
     }
 }
 
-/// A file checked as stored: a plain file gets every check; an encrypted
-/// one, without a key, its ciphertext's size and hash.
-async fn check_as_stored(
+/// A file checked without decrypting: a plain file gets every check; a
+/// compressed one is decompressed, and its stored bytes and its plaintext
+/// are checked; an encrypted one, without a key, gets its ciphertext's size
+/// and hash checked.
+async fn check_unencrypted(
     mut reader: Box<dyn AsyncRead + Send + Unpin>,
     set: &CatalogSet,
     entry: &ManifestFile,
@@ -246,40 +366,103 @@ async fn check_as_stored(
 ) -> Result<FileReport, CheckError> {
     let is_snapshot = entry.kind == FileKind::Snapshot;
     let mut problems = Vec::new();
-    let mut checks = ContentChecks::new(is_snapshot && entry.plaintext.is_none(), want_status);
+    if entry.is_encrypted() || entry.compression.is_none() {
+        // The content is the stored bytes (or out of reach without a key).
+        let mut checks = ContentChecks::new(is_snapshot && entry.plaintext.is_none(), want_status);
+        let result = read_all(&mut reader, |chunk| {
+            checks.update(chunk);
+            progress(checks.size);
+            sink(chunk)
+        })
+        .await;
+        if let Err(mut e) = result {
+            return Err(sink_error(&mut e).unwrap_or_else(|| read_error(e)));
+        }
+        let size = checks.size;
+        checks.finish(
+            "",
+            entry.size,
+            &entry.sha256,
+            set.manifest.snapshot_status,
+            &mut problems,
+        );
+        return Ok(FileReport {
+            name: entry.name.clone(),
+            size,
+            decrypted: false,
+            decompressed: false,
+            problems,
+        });
+    }
+    let Some(plain) = entry.plaintext.as_ref() else {
+        // The catalog refuses such a manifest; say so rather than guess.
+        problems.push("compressed, but the manifest names no plaintext to check".into());
+        return Ok(FileReport {
+            name: entry.name.clone(),
+            size: 0,
+            decrypted: false,
+            decompressed: false,
+            problems,
+        });
+    };
+    let mut stored_sha = Sha256::new();
+    let mut stored_size = 0u64;
+    let mut content = Content::new(entry, ContentChecks::new(is_snapshot, want_status))?;
     let result = read_all(&mut reader, |chunk| {
-        checks.update(chunk);
-        progress(checks.size);
-        sink(chunk)
+        stored_sha.update(chunk);
+        stored_size += chunk.len() as u64;
+        progress(stored_size);
+        content.feed(chunk, &mut sink)
     })
     .await;
     if let Err(mut e) = result {
         return Err(sink_error(&mut e).unwrap_or_else(|| read_error(e)));
     }
-    let size = checks.size;
-    checks.finish(
+    compare(
         "",
+        stored_size,
+        stored_sha,
         entry.size,
         &entry.sha256,
-        set.manifest.snapshot_status,
         &mut problems,
     );
+    let mut content_problems = Vec::new();
+    content.finish(
+        "decompressed ",
+        plain.size,
+        &plain.sha256,
+        set.manifest.snapshot_status,
+        &mut content_problems,
+    );
+    // A damaged stream is worth naming beside a wrong hash; a plaintext
+    // mismatch follows from it and is not.
+    if problems.is_empty()
+        || content_problems
+            .iter()
+            .any(|p| p.starts_with("cannot decompress"))
+    {
+        problems.extend(content_problems);
+    }
     Ok(FileReport {
         name: entry.name.clone(),
-        size,
+        size: stored_size,
         decrypted: false,
+        decompressed: true,
         problems,
     })
 }
 
 /// Streams one file of `set` back, checking it against `entry`. Every chunk
 /// of content is handed to `sink` (fetch writes it; verify passes a no-op):
-/// the plaintext when the file is encrypted and `identities` are given, else
-/// the bytes as stored. `progress` gets the running count of stored bytes read.
+/// the plaintext when the file can be turned into it (not encrypted, or
+/// `identities` given; decompressed when compressed), else the bytes as
+/// stored. `progress` gets the running count of stored bytes read.
 ///
 /// Without identities, an encrypted file's ciphertext size and SHA-256 are
-/// checked; with them, it is also decrypted, and the plaintext's size and
-/// SHA-256, the etcd digest and the snapshot status are checked.
+/// checked; with them, it is also decrypted (and decompressed), and the
+/// plaintext's size and SHA-256, the etcd digest and the snapshot status are
+/// checked. A compressed file that is not encrypted is always decompressed
+/// and checked both ways.
 ///
 /// # Errors
 /// Read failures of the destination, failures of `sink`, and identities that
@@ -308,13 +491,14 @@ pub async fn check_file(
     let mut problems = Vec::new();
 
     let (Some(plain), Some(ids)) = (entry.plaintext.as_ref(), identities) else {
-        return check_as_stored(reader, set, entry, want_status, sink, progress, &read_error).await;
+        return check_unencrypted(reader, set, entry, want_status, sink, progress, &read_error)
+            .await;
     };
 
     let mut cipher_sha = Sha256::new();
     let mut cipher_size = 0u64;
     let mut read_failed = false;
-    let mut checks = ContentChecks::new(is_snapshot, want_status);
+    let mut content = Content::new(entry, ContentChecks::new(is_snapshot, want_status))?;
     let recipients = set
         .manifest
         .encryption
@@ -336,11 +520,8 @@ pub async fn check_file(
                 Err(e) => Decrypted::Header(e),
                 Ok(reader) => {
                     let mut plaintext = reader.compat();
-                    let result = read_all(&mut plaintext, |chunk| {
-                        checks.update(chunk);
-                        sink(chunk)
-                    })
-                    .await;
+                    let result =
+                        read_all(&mut plaintext, |chunk| content.feed(chunk, &mut sink)).await;
                     match result {
                         Ok(()) => Decrypted::Done,
                         Err(mut e) => match sink_error(&mut e) {
@@ -370,7 +551,7 @@ pub async fn check_file(
         Decrypted::Header(e) => problems.push(format!("cannot decrypt: {e}")),
         Decrypted::Payload(e) => problems.push(format!(
             "cannot decrypt after {} plaintext bytes: {e}",
-            checks.size
+            content.checks.size
         )),
     }
     compare(
@@ -381,9 +562,14 @@ pub async fn check_file(
         &entry.sha256,
         &mut problems,
     );
+    let decompressed = entry.compression.is_some();
     if problems.is_empty() {
-        checks.finish(
-            "decrypted ",
+        content.finish(
+            if decompressed {
+                "decrypted and decompressed "
+            } else {
+                "decrypted "
+            },
             plain.size,
             &plain.sha256,
             set.manifest.snapshot_status,
@@ -394,6 +580,7 @@ pub async fn check_file(
         name: entry.name.clone(),
         size: cipher_size,
         decrypted: true,
+        decompressed,
         problems,
     })
 }
@@ -468,9 +655,11 @@ pub fn restore_script_ready(set: &CatalogSet) -> Result<(), NotForRestoreScript>
     Ok(())
 }
 
-/// The name `fetch` gives a file locally: decrypted files get their plaintext name.
+/// The name `fetch` gives a file locally: its plaintext name when it is
+/// written in plain form (not encrypted, or decrypted with `decrypting`;
+/// decompressed when compressed), else its stored name.
 pub fn local_name(entry: &ManifestFile, decrypting: bool) -> &str {
-    if decrypting {
+    if decrypting || !entry.is_encrypted() {
         entry.plaintext_name()
     } else {
         &entry.name
@@ -524,7 +713,8 @@ pub async fn verify_set(
 /// `<name>.partial`, synced, checked, and only then renamed to `<name>`; a file
 /// that fails its check is deleted. With `identities`, encrypted files are
 /// written decrypted, under their plaintext names (`snapshot_<ts>.db`);
-/// without, as stored. With `only`, just the file of that kind. Returns the
+/// without, as stored. A compressed file is written decompressed whenever
+/// it can be read (not encrypted, or decrypted). With `only`, just the file of that kind. Returns the
 /// reports and the final paths of the files that passed.
 ///
 /// # Errors
