@@ -172,6 +172,9 @@ pub struct SftpDir {
     /// Whether fewer sessions than `streams` could be opened, and that was
     /// warned about.
     warned_lanes: AtomicBool,
+    /// Further sessions to open at most: what the server allowed when it
+    /// refused one (not asked again for more in this run).
+    lane_cap: std::sync::atomic::AtomicUsize,
 }
 
 /// The connection an [`SftpDir`] uses next.
@@ -339,6 +342,7 @@ impl SftpDir {
             lanes: tokio::sync::Mutex::new(Vec::new()),
             stripe_over: StripeOver::Connections,
             warned_lanes: AtomicBool::new(false),
+            lane_cap: std::sync::atomic::AtomicUsize::new(usize::MAX),
         }
     }
 

@@ -45,8 +45,10 @@ pub(super) const BLOCK: u64 = 4 * WRITE_LEN as u64;
 
 /// Bytes of SFTP requests in flight over all lanes of one striped transfer
 /// (writes sent but not yet acknowledged; reads asked for but not yet handed
-/// back). 16 MiB is 4 lanes x 4 MiB or 8 lanes x 2 MiB (OpenSSH's window).
-pub(super) const IN_FLIGHT: usize = 16 << 20;
+/// back): 48 requests of 255 KiB. Throughput is at most this per round trip
+/// (150 MB/s at 80 ms), and at most 2 MiB (OpenSSH's window) per lane per
+/// round trip, so 6 lanes fill it.
+pub(super) const IN_FLIGHT: usize = 48 * WRITE_LEN as usize;
 
 /// How the lanes of a striped transfer reach the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,7 +162,8 @@ impl SftpDir {
     /// none) when the server refuses more sessions; that is warned about
     /// once per destination.
     pub(super) async fn lanes(&self, control: &Arc<Connection>) -> Vec<Arc<Lane>> {
-        let want = self.config.streams as usize;
+        // After the server refused some, no more than it allowed then.
+        let want = (self.config.streams as usize).min(self.lane_cap.load(Ordering::Relaxed));
         let mut pool = self.lanes.lock().await;
         pool.retain(|l| l.usable(control));
         if pool.len() >= want {
@@ -193,6 +196,9 @@ impl SftpDir {
                 }
             }
             break;
+        }
+        if pool.len() < want {
+            self.lane_cap.store(pool.len(), Ordering::Relaxed);
         }
         if pool.len() < want && !self.warned_lanes.swap(true, Ordering::Relaxed) {
             let last = refusals.last().map(ToString::to_string).unwrap_or_default();
@@ -673,12 +679,14 @@ async fn read_range(
     failing: &Failing,
     lane: usize,
 ) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(len as usize);
+    let mut out = Vec::new();
     while out.len() < len as usize {
         let at = offset + out.len() as u64;
         let want = len - out.len() as u32;
         match tokio::time::timeout(failing.io_timeout, raw.read(handle, at, want)).await {
             Ok(Ok(d)) if d.data.is_empty() => break,
+            // Whole, as servers answer but at the end: no copy.
+            Ok(Ok(d)) if out.is_empty() => out = d.data,
             Ok(Ok(d)) => out.extend_from_slice(&d.data),
             Ok(Err(SftpError::Status(s))) if s.status_code == StatusCode::Eof => break,
             Ok(Err(e)) => return Err(failing.io(lane, e)),
