@@ -165,6 +165,7 @@ async fn a_striped_backup_over_a_delayed_link_is_byte_identical_and_fetched_stri
         "--config",
         config,
         "latest",
+        "--snapshot-only",
         "--to",
         out.to_str().unwrap(),
     ])
