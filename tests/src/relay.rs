@@ -24,9 +24,12 @@
 //! bound is in bytes, not chunks, so short reads (SSH acknowledgements, small
 //! SFTP replies) do not shrink it.
 //! [`Relay::set_target`] points new connections elsewhere (a restarted server
-//! on a new port).
+//! on a new port); [`Relay::limit_connections`] closes any connection beyond
+//! a number open at once (a server or firewall that lets a client hold only
+//! so many).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -81,6 +84,11 @@ pub struct Relay {
     /// Where clients connect: `127.0.0.1:<port>`.
     pub addr: SocketAddr,
     target: Arc<Mutex<SocketAddr>>,
+    /// Connections relayed at once at most; more are closed as soon as
+    /// they are accepted.
+    limit: Arc<AtomicUsize>,
+    /// Connections being relayed now.
+    open: Arc<AtomicUsize>,
     stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -96,7 +104,10 @@ impl Relay {
         let addr = std_listener.local_addr().expect("relay address");
         let target = Arc::new(Mutex::new(target));
         let stop = CancellationToken::new();
+        let limit = Arc::new(AtomicUsize::new(usize::MAX));
+        let open = Arc::new(AtomicUsize::new(0));
         let (t, s) = (target.clone(), stop.clone());
+        let (lim, now_open) = (limit.clone(), open.clone());
         let thread = std::thread::Builder::new()
             .name("relay".into())
             .spawn(move || {
@@ -114,8 +125,17 @@ impl Relay {
                                 Err(_) => continue,
                             },
                         };
+                        if now_open.fetch_add(1, Ordering::SeqCst) >= lim.load(Ordering::SeqCst) {
+                            now_open.fetch_sub(1, Ordering::SeqCst);
+                            drop(client);
+                            continue;
+                        }
                         let to = *t.lock().expect("relay target");
-                        tokio::spawn(relay_one(client, to, options, s.clone()));
+                        let (stop, done) = (s.clone(), now_open.clone());
+                        tokio::spawn(async move {
+                            relay_one(client, to, options, stop).await;
+                            done.fetch_sub(1, Ordering::SeqCst);
+                        });
                     }
                 });
             })
@@ -123,6 +143,8 @@ impl Relay {
         Self {
             addr,
             target,
+            limit,
+            open,
             stop,
             thread: Some(thread),
         }
@@ -131,6 +153,17 @@ impl Relay {
     /// `http://127.0.0.1:<port>`, for an endpoint setting.
     pub fn http_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Relays no more than `n` connections at once; one accepted beyond
+    /// that is closed at once.
+    pub fn limit_connections(&self, n: usize) {
+        self.limit.store(n, Ordering::SeqCst);
+    }
+
+    /// Connections being relayed now.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// Sends connections accepted from now on to `target`.

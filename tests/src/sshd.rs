@@ -150,6 +150,11 @@ pub struct SshOptions {
     /// temporary directory traversable by it). Panics if the account is
     /// missing.
     pub password_user: bool,
+    /// `MaxSessions` (session channels per connection); `None`: 100.
+    pub max_sessions: Option<u32>,
+    /// `MaxStartups` (connections not yet logged in at once, beyond which
+    /// sshd drops new ones); `None`: 100.
+    pub max_startups: Option<u32>,
 }
 
 /// A running `sshd` on 127.0.0.1; killed (with every session) on drop, and
@@ -168,6 +173,8 @@ pub struct SshServer {
     sshd: PathBuf,
     config: PathBuf,
     child: Option<Child>,
+    /// `MaxSessions` and `MaxStartups` as written to the config.
+    limits: (u32, u32),
 }
 
 /// Why sshd did not come up.
@@ -231,6 +238,10 @@ impl SshServer {
             dir,
             sshd,
             child: None,
+            limits: (
+                opts.max_sessions.unwrap_or(100),
+                opts.max_startups.unwrap_or(100),
+            ),
         };
         let mut attempts = 0;
         loop {
@@ -334,6 +345,20 @@ impl SshServer {
             Some(c) => descendants(c.id()),
             None => Vec::new(),
         }
+    }
+
+    /// The processes serving one SFTP session each (with `internal-sftp`,
+    /// the child sshd forks per session channel): the leaves of sshd's
+    /// process tree, oldest (lowest pid) first. SIGKILLing one ends that
+    /// session alone, its connection's other channels and other
+    /// connections going on.
+    pub fn sftp_session_pids(&self) -> Vec<u32> {
+        let all = self.session_pids();
+        let table = process_table();
+        all.iter()
+            .copied()
+            .filter(|&p| !table.iter().any(|&(_, ppid, _)| ppid == p))
+            .collect()
     }
 
     /// The listening sshd's pid, while it runs.
@@ -502,9 +527,11 @@ impl SshServer {
              UsePAM no\n\
              Subsystem sftp internal-sftp\n\
              LogLevel VERBOSE\n\
-             MaxStartups 100\n\
-             MaxSessions 100\n",
+             MaxStartups {max_startups}\n\
+             MaxSessions {max_sessions}\n",
             port = self.port,
+            max_sessions = self.limits.0,
+            max_startups = self.limits.1,
             host_keys = self
                 .host_keys
                 .iter()

@@ -101,6 +101,17 @@ impl Validator {
         if io_timeout < Duration::from_secs(1) {
             self.error("destination.sftp.io_timeout", "must be at least 1s");
         }
+        let streams = raw.streams.unwrap_or(defaults::SFTP_STREAMS);
+        if !(1..=defaults::SFTP_STREAMS_MAX).contains(&streams) {
+            self.error(
+                "destination.sftp.streams",
+                format!(
+                    "{streams} is out of range: give 1 to {} (1 uses one SFTP session per file; the default is {})",
+                    defaults::SFTP_STREAMS_MAX,
+                    defaults::SFTP_STREAMS
+                ),
+            );
+        }
         Some(SftpConfig {
             host: host?,
             port,
@@ -111,6 +122,7 @@ impl Validator {
             connect_timeout,
             io_timeout,
             require_fsync: raw.require_fsync.unwrap_or(true),
+            streams,
         })
     }
 
@@ -197,6 +209,47 @@ impl Validator {
                 self.readable_file("destination.sftp.password_file", &password_file);
                 Some(SftpAuth::Password(password_file))
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Config, DestinationConfig, Environment};
+
+    fn sftp(streams_line: &str) -> Result<u32, Vec<super::super::FieldError>> {
+        let password = tempfile::NamedTempFile::new().unwrap();
+        let text = format!(
+            "etcd:\n  endpoints: [\"http://127.0.0.1:2379\"]\nresources:\n  layout: none\n\
+             destination:\n  sftp:\n    host: backup.example\n    user: u\n    path: /b\n    \
+             host_key_fingerprint: \"SHA256:{}\"\n    password_file: {}\n{streams_line}",
+            "A".repeat(43),
+            password.path().display()
+        );
+        let env = Environment {
+            node_name: None,
+            hostname: Some("h".into()),
+        };
+        Config::parse(&text, &env).map(|c| match c.destination {
+            DestinationConfig::Sftp(s) => s.streams,
+            DestinationConfig::Local { .. } => unreachable!("an sftp destination"),
+        })
+    }
+
+    #[test]
+    fn streams_defaults_to_the_documented_value_and_must_be_1_to_16() {
+        assert_eq!(sftp("").unwrap(), super::defaults::SFTP_STREAMS);
+        assert_eq!(sftp("    streams: 1\n").unwrap(), 1);
+        assert_eq!(sftp("    streams: 16\n").unwrap(), 16);
+        for bad in ["0", "17"] {
+            let errs = sftp(&format!("    streams: {bad}\n")).unwrap_err();
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert_eq!(errs[0].field, "destination.sftp.streams");
+            assert!(
+                errs[0].message.contains("give 1 to 16"),
+                "{}",
+                errs[0].message
+            );
         }
     }
 }

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use tokio::io::AsyncRead;
 
 pub use local::LocalDir;
-pub use sftp::SftpDir;
+pub use sftp::{SftpDir, StripeOver};
 
 use crate::config::DestinationConfig;
 

@@ -31,6 +31,11 @@ use russh_sftp::client::SftpSession;
 use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 
+mod stripe;
+
+use stripe::Lane;
+pub use stripe::StripeOver;
+
 use super::sftp_version::{Seen, Sniffer};
 use super::{components, DestinationError, DirEntry, Durability, Upload};
 use crate::config::{HostKeyCheck, SftpAuth, SftpConfig};
@@ -159,6 +164,17 @@ pub struct SftpDir {
     conn: tokio::sync::Mutex<Slot>,
     /// Directories known to exist, so each is created or checked once.
     dirs: Mutex<HashSet<String>>,
+    /// Further SFTP sessions for striped transfers (`streams` > 1), kept
+    /// from one file to the next.
+    lanes: tokio::sync::Mutex<Vec<Arc<Lane>>>,
+    /// How those sessions reach the server.
+    stripe_over: StripeOver,
+    /// Whether fewer sessions than `streams` could be opened, and that was
+    /// warned about.
+    warned_lanes: AtomicBool,
+    /// Further sessions to open at most: what the server allowed when it
+    /// refused one (not asked again for more in this run).
+    lane_cap: std::sync::atomic::AtomicUsize,
 }
 
 /// The connection an [`SftpDir`] uses next.
@@ -182,8 +198,9 @@ struct Connection {
     /// Set when an operation on this connection timed out or failed at the
     /// connection level: nothing more is sent over it.
     broken: AtomicBool,
-    // Dropping the handle closes the SSH connection.
-    _ssh: russh::client::Handle<HostKeyChecker>,
+    /// Dropping the handle closes the SSH connection; striped transfers may
+    /// open further channels on it.
+    ssh: russh::client::Handle<HostKeyChecker>,
 }
 
 impl Connection {
@@ -322,7 +339,19 @@ impl SftpDir {
             config,
             conn: tokio::sync::Mutex::new(Slot::Empty),
             dirs: Mutex::new(HashSet::new()),
+            lanes: tokio::sync::Mutex::new(Vec::new()),
+            stripe_over: StripeOver::Connections,
+            warned_lanes: AtomicBool::new(false),
+            lane_cap: std::sync::atomic::AtomicUsize::new(usize::MAX),
         }
+    }
+
+    /// Stripes over further channels of one connection, or over further
+    /// connections (the default), for measuring one against the other.
+    #[must_use]
+    pub fn stripe_over(mut self, over: StripeOver) -> Self {
+        self.stripe_over = over;
+        self
     }
 
     fn location(&self, path: &str) -> String {
@@ -604,12 +633,10 @@ impl SftpDir {
         Ok(())
     }
 
-    async fn connect(&self) -> Result<Connection, DestinationError> {
+    /// TCP, key exchange, the host-key check and login: an SSH connection
+    /// with no channel yet.
+    async fn login(&self) -> Result<russh::client::Handle<HostKeyChecker>, DestinationError> {
         let c = &self.config;
-        let connect_err = |detail: String| DestinationError::Connect {
-            location: self.location(""),
-            detail,
-        };
         let known_hosts = match &c.host_key {
             HostKeyCheck::KnownHosts(path) => {
                 Some(
@@ -623,9 +650,19 @@ impl SftpDir {
             HostKeyCheck::Fingerprint(_) => None,
         };
         let mut ssh = self.handshake(known_hosts.as_ref()).await?;
-
         self.authenticate(&mut ssh).await?;
+        Ok(ssh)
+    }
 
+    /// A new session channel on `ssh` running the `sftp` subsystem.
+    async fn sftp_channel(
+        &self,
+        ssh: &russh::client::Handle<HostKeyChecker>,
+    ) -> Result<russh::ChannelStream<russh::client::Msg>, DestinationError> {
+        let connect_err = |detail: String| DestinationError::Connect {
+            location: self.location(""),
+            detail,
+        };
         let channel = ssh.channel_open_session().await.map_err(|e| {
             connect_err(format!(
                 "cannot open an SSH session channel: {}",
@@ -638,18 +675,32 @@ impl SftpDir {
                 russh_error_text(&e)
             ))
         })?;
-        let sftp_config = russh_sftp::client::Config {
+        Ok(channel.into_stream())
+    }
+
+    /// The russh-sftp settings every session uses.
+    fn sftp_config(&self) -> russh_sftp::client::Config {
+        russh_sftp::client::Config {
             max_packet_len: 256 * 1024 + 1024,
             max_concurrent_reads: READS_IN_FLIGHT,
             max_concurrent_writes: WRITES_IN_FLIGHT,
             max_write_packet_len: WRITE_LEN,
-            request_timeout_secs: c.io_timeout.as_secs().max(1),
+            request_timeout_secs: self.config.io_timeout.as_secs().max(1),
+        }
+    }
+
+    async fn connect(&self) -> Result<Connection, DestinationError> {
+        let connect_err = |detail: String| DestinationError::Connect {
+            location: self.location(""),
+            detail,
         };
+        let ssh = self.login().await?;
+        let channel = self.sftp_channel(&ssh).await?;
         // russh-sftp keeps the server's extensions to itself; the sniffer
         // reads them off the VERSION packet on its way in.
         let seen = Seen::default();
-        let stream = Sniffer::new(channel.into_stream(), seen.clone());
-        let sftp = SftpSession::new_with_config(stream, sftp_config)
+        let stream = Sniffer::new(channel, seen.clone());
+        let sftp = SftpSession::new_with_config(stream, self.sftp_config())
             .await
             .map_err(|e| connect_err(format!("SFTP handshake failed: {e}")))?;
         let fsync = match seen.get() {
@@ -667,7 +718,7 @@ impl SftpDir {
             fsync,
             warned_not_durable: AtomicBool::new(false),
             broken: AtomicBool::new(false),
-            _ssh: ssh,
+            ssh,
         })
     }
 
@@ -880,6 +931,12 @@ impl super::Destination for SftpDir {
         let parts = components(path)?;
         self.ensure_dir(&parts[..parts.len() - 1].join("/")).await?;
         let conn = self.conn().await?;
+        if self.config.streams > 1 {
+            let lanes = self.lanes(&conn).await;
+            if !lanes.is_empty() {
+                return self.create_striped(path, conn, lanes).await;
+            }
+        }
         let attrs = FileAttributes {
             permissions: Some(0o600),
             ..FileAttributes::empty()
@@ -978,6 +1035,12 @@ impl super::Destination for SftpDir {
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
         components(path)?;
         let conn = self.conn().await?;
+        if self.config.streams > 1 {
+            let lanes = self.lanes(&conn).await;
+            if !lanes.is_empty() {
+                return self.open_striped(path, conn, lanes).await;
+            }
+        }
         let file = self
             .timed(
                 &conn,

@@ -1,0 +1,750 @@
+//! Striping (`destination.sftp.streams` > 1): one file written or read over
+//! several SFTP sessions at once, each carrying its own byte ranges.
+//!
+//! One SFTP session moves at most the server's channel window per round trip
+//! (OpenSSH grants 2 MiB: 26 MB/s at 80 ms RTT, whatever the link). Several
+//! sessions, each with its own window, multiply that.
+//!
+//! The sessions ("lanes") are opened once per [`SftpDir`] and kept, beside
+//! the control connection that does everything else (directories, create,
+//! rename, stat). Each lane is its own SSH connection by default (its own TCP
+//! window too, which matters on a lossy WAN), or a further channel on the
+//! control connection ([`StripeOver::Channels`]). A server that refuses one
+//! kind gets the other; one that refuses both gets fewer lanes, with one
+//! warning naming the server settings that limit them (OpenSSH's
+//! `MaxSessions`, `MaxStartups`). With no lane at all, files go over the
+//! control connection alone, as with `streams: 1`.
+//!
+//! Writing: [`Upload::write`] gets the stream in order; it is cut into
+//! [`WRITE_LEN`] requests and [`BLOCK`]-sized blocks, block `i` going to
+//! lane `i % lanes` at its offset (known as the bytes arrive). Every lane
+//! holds its own handle on the same `.partial` file (the first creates it
+//! exclusively). Requests are pipelined, at most [`IN_FLIGHT`] bytes over all
+//! lanes together, so memory stays bounded whatever the file size.
+//!
+//! Reading: the file's ranges are requested over the lanes the same way,
+//! and handed back in order through a reorder queue of at most
+//! [`IN_FLIGHT`] bytes.
+//!
+//! Any failure of any lane fails the whole file. A lane that timed out marks
+//! every connection of the destination broken (a stalled server costs one
+//! `io_timeout`, as without striping).
+
+use std::collections::VecDeque;
+use std::future::Future;
+
+use russh_sftp::client::error::Error as SftpError;
+use russh_sftp::client::RawSftpSession;
+use tokio::task::JoinHandle;
+
+use super::*;
+
+/// Bytes one lane writes in a row before the next lane takes over: four
+/// whole write requests.
+pub(super) const BLOCK: u64 = 4 * WRITE_LEN as u64;
+
+/// Bytes of SFTP requests in flight over all lanes of one striped transfer
+/// (writes sent but not yet acknowledged; reads asked for but not yet handed
+/// back): 48 requests of 255 KiB. Throughput is at most this per round trip
+/// (150 MB/s at 80 ms), and at most 2 MiB (OpenSSH's window) per lane per
+/// round trip, so 6 lanes fill it.
+pub(super) const IN_FLIGHT: usize = 48 * WRITE_LEN as usize;
+
+/// How the lanes of a striped transfer reach the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StripeOver {
+    /// Each lane is its own SSH connection (own TCP window, own key
+    /// exchange); a server refusing more connections gets channels instead.
+    Connections,
+    /// Each lane is another session channel on the control connection; a
+    /// server refusing more channels (`MaxSessions`) gets connections.
+    Channels,
+}
+
+/// One SFTP session of a striped transfer.
+pub(super) struct Lane {
+    raw: Arc<RawSftpSession>,
+    /// Set when a request on this lane failed at the connection level.
+    broken: AtomicBool,
+    /// The control connection this lane is a channel of, if it is one.
+    shared: Option<Arc<Connection>>,
+    /// Its own connection, if it has one (dropping it closes it).
+    _own: Option<russh::client::Handle<HostKeyChecker>>,
+}
+
+impl Lane {
+    /// Whether the lane can carry another transfer for `control`.
+    fn usable(&self, control: &Arc<Connection>) -> bool {
+        !self.broken.load(Ordering::Relaxed)
+            && match &self.shared {
+                Some(c) => Arc::ptr_eq(c, control) && !c.is_broken(),
+                None => true,
+            }
+    }
+}
+
+/// What a striped transfer needs to fail well: its lanes and the control
+/// connection, to mark broken, and the timeout, to name.
+#[derive(Clone)]
+struct Failing {
+    lanes: Vec<Arc<Lane>>,
+    control: Arc<Connection>,
+    io_timeout: Duration,
+}
+
+impl Failing {
+    /// Marks what `e` says is unusable: the lane on a connection-level
+    /// failure; every lane and the control connection on a timeout (the
+    /// server is stalled: nothing more is waited on).
+    fn note(&self, lane: usize, e: &SftpError) {
+        if matches!(e, SftpError::Timeout) {
+            self.stalled();
+        } else if breaks_connection(e) {
+            self.lanes[lane].broken.store(true, Ordering::Relaxed);
+            if let Some(c) = &self.lanes[lane].shared {
+                c.mark_broken();
+            }
+        }
+    }
+
+    fn stalled(&self) {
+        for l in &self.lanes {
+            l.broken.store(true, Ordering::Relaxed);
+        }
+        self.control.mark_broken();
+    }
+
+    /// The `std::io::Error` for `e` on `lane`, after noting it.
+    fn io(&self, lane: usize, e: SftpError) -> std::io::Error {
+        self.note(lane, &e);
+        sftp_io_error(e, self.io_timeout)
+    }
+
+    /// The error for a request on `lane` that got no answer in time.
+    fn timeout(&self) -> std::io::Error {
+        self.stalled();
+        timeout_error(self.io_timeout)
+    }
+}
+
+/// One handle per lane on the same remote file, closed (without waiting)
+/// when dropped unless closed before.
+struct Handles {
+    lanes: Vec<Arc<Lane>>,
+    handles: Vec<String>,
+    closed: bool,
+}
+
+impl Drop for Handles {
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        for (lane, handle) in self.lanes.iter().zip(self.handles.drain(..)) {
+            if lane.broken.load(Ordering::Relaxed) {
+                continue;
+            }
+            let raw = lane.raw.clone();
+            // Bounded by the session's own request timeout (io_timeout).
+            rt.spawn(async move {
+                let _ = raw.close(handle).await;
+            });
+        }
+    }
+}
+
+impl SftpDir {
+    /// The lanes for a striped transfer next to `control`: the kept ones
+    /// that still work, topped up to `destination.sftp.streams`. Fewer (or
+    /// none) when the server refuses more sessions; that is warned about
+    /// once per destination.
+    pub(super) async fn lanes(&self, control: &Arc<Connection>) -> Vec<Arc<Lane>> {
+        // After the server refused some, no more than it allowed then.
+        let want = (self.config.streams as usize).min(self.lane_cap.load(Ordering::Relaxed));
+        let mut pool = self.lanes.lock().await;
+        pool.retain(|l| l.usable(control));
+        if pool.len() >= want {
+            return pool.clone();
+        }
+        let (first, second) = match self.stripe_over {
+            StripeOver::Connections => (StripeOver::Connections, StripeOver::Channels),
+            StripeOver::Channels => (StripeOver::Channels, StripeOver::Connections),
+        };
+        // All at once first; then each missing one on its own (a server that
+        // limits concurrent logins, MaxStartups, takes them one by one), then
+        // the other kind.
+        let missing = want - pool.len();
+        let mut refusals = Vec::new();
+        let opened = join_all((0..missing).map(|_| self.open_lane(first, control))).await;
+        for r in opened {
+            match r {
+                Ok(l) => pool.push(Arc::new(l)),
+                Err(e) => refusals.push(e),
+            }
+        }
+        'more: while pool.len() < want {
+            for over in [first, second] {
+                match self.open_lane(over, control).await {
+                    Ok(l) => {
+                        pool.push(Arc::new(l));
+                        continue 'more;
+                    }
+                    Err(e) => refusals.push(e),
+                }
+            }
+            break;
+        }
+        if pool.len() < want {
+            self.lane_cap.store(pool.len(), Ordering::Relaxed);
+        }
+        if pool.len() < want && !self.warned_lanes.swap(true, Ordering::Relaxed) {
+            let last = refusals.last().map(ToString::to_string).unwrap_or_default();
+            tracing::warn!(
+                location = %self.location(""),
+                streams = want,
+                opened = pool.len(),
+                error = %last,
+                "destination.sftp.streams is {want}, but the server let only {} more SFTP session(s) open beside the first (OpenSSH limits them with MaxSessions per connection and MaxStartups for connections logging in at once); transferring over {}; raise those limits on the server, or lower destination.sftp.streams",
+                pool.len(),
+                if pool.is_empty() { "one session".to_string() } else { format!("{} sessions", pool.len()) },
+            );
+        }
+        pool.clone()
+    }
+
+    /// Opens one lane, within `connect_timeout`.
+    async fn open_lane(
+        &self,
+        over: StripeOver,
+        control: &Arc<Connection>,
+    ) -> Result<Lane, DestinationError> {
+        let work = async {
+            let (stream, shared, own) = match over {
+                StripeOver::Connections => {
+                    let ssh = self.login().await?;
+                    (self.sftp_channel(&ssh).await?, None, Some(ssh))
+                }
+                StripeOver::Channels => (
+                    self.sftp_channel(&control.ssh).await?,
+                    Some(control.clone()),
+                    None,
+                ),
+            };
+            let raw = RawSftpSession::new_with_config(stream, self.sftp_config());
+            raw.init().await.map_err(|e| DestinationError::Connect {
+                location: self.location(""),
+                detail: format!("SFTP handshake failed: {e}"),
+            })?;
+            Ok(Lane {
+                raw: Arc::new(raw),
+                broken: AtomicBool::new(false),
+                shared,
+                _own: own,
+            })
+        };
+        tokio::time::timeout(self.config.connect_timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(DestinationError::Connect {
+                    location: self.location(""),
+                    detail: format!(
+                        "no further SSH session within {:?} (destination.sftp.connect_timeout)",
+                        self.config.connect_timeout
+                    ),
+                })
+            })
+    }
+
+    /// Opens `path` on every lane: the first creates it (exclusively, mode
+    /// 0600), the others open it for writing without truncating.
+    pub(super) async fn create_striped(
+        &self,
+        path: &str,
+        control: Arc<Connection>,
+        lanes: Vec<Arc<Lane>>,
+    ) -> Result<Box<dyn Upload>, DestinationError> {
+        let remote = self.remote(path);
+        let failing = Failing {
+            lanes: lanes.clone(),
+            control: control.clone(),
+            io_timeout: self.config.io_timeout,
+        };
+        let attrs = FileAttributes {
+            permissions: Some(0o600),
+            ..FileAttributes::empty()
+        };
+        let first = self
+            .lane_call(&failing, 0, "cannot create", path, {
+                lanes[0].raw.open(
+                    remote.clone(),
+                    OpenFlags::CREATE | OpenFlags::EXCLUDE | OpenFlags::WRITE,
+                    attrs,
+                )
+            })
+            .await?
+            .handle;
+        let mut handles = Handles {
+            lanes: lanes.clone(),
+            handles: vec![first],
+            closed: false,
+        };
+        let rest = join_all(lanes.iter().enumerate().skip(1).map(|(i, l)| {
+            self.lane_call(
+                &failing,
+                i,
+                "cannot open",
+                path,
+                l.raw
+                    .open(remote.clone(), OpenFlags::WRITE, FileAttributes::empty()),
+            )
+        }))
+        .await;
+        for h in rest {
+            // On an error, `handles` closes what was opened.
+            handles.handles.push(h?.handle);
+        }
+        let depth = (IN_FLIGHT / WRITE_LEN as usize / lanes.len()).max(2);
+        Ok(Box::new(StripedUpload {
+            pending: lanes.iter().map(|_| VecDeque::new()).collect(),
+            handles,
+            failing,
+            remote,
+            location: self.location(path),
+            fsync: control.fsync,
+            packet: Vec::with_capacity(WRITE_LEN as usize),
+            sent: 0,
+            depth,
+        }))
+    }
+
+    /// Opens `path` on every lane for a striped read.
+    pub(super) async fn open_striped(
+        &self,
+        path: &str,
+        control: Arc<Connection>,
+        lanes: Vec<Arc<Lane>>,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
+        let remote = self.remote(path);
+        let failing = Failing {
+            lanes: lanes.clone(),
+            control,
+            io_timeout: self.config.io_timeout,
+        };
+        let opened = join_all(lanes.iter().enumerate().map(|(i, l)| {
+            self.lane_call(
+                &failing,
+                i,
+                "cannot open",
+                path,
+                l.raw
+                    .open(remote.clone(), OpenFlags::READ, FileAttributes::empty()),
+            )
+        }))
+        .await;
+        let mut handles = Handles {
+            lanes: lanes.clone(),
+            handles: Vec::new(),
+            closed: false,
+        };
+        let mut first_err = None;
+        for h in opened {
+            match h {
+                Ok(h) => handles.handles.push(h.handle),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        let size = self
+            .lane_call(
+                &failing,
+                0,
+                "cannot stat",
+                path,
+                lanes[0].raw.fstat(handles.handles[0].clone()),
+            )
+            .await?
+            .attrs
+            .size
+            .unwrap_or(0);
+        Ok(Box::new(StripedReader {
+            handles,
+            failing,
+            size,
+            next: 0,
+            queue: VecDeque::new(),
+            depth: (IN_FLIGHT / WRITE_LEN as usize).max(2),
+            current: Vec::new(),
+            pos: 0,
+        }))
+    }
+
+    /// [`SftpDir::timed`] for a request on lane `lane`.
+    async fn lane_call<T>(
+        &self,
+        failing: &Failing,
+        lane: usize,
+        op: &'static str,
+        path: &str,
+        fut: impl std::future::Future<Output = Result<T, SftpError>>,
+    ) -> Result<T, DestinationError> {
+        let source = match tokio::time::timeout(failing.io_timeout, fut).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => failing.io(lane, e),
+            Err(_) => failing.timeout(),
+        };
+        Err(DestinationError::Io {
+            op,
+            location: self.location(path),
+            source,
+        })
+    }
+}
+
+/// Runs `futs` concurrently on this task, in order of the results.
+async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut futs: Vec<_> = futs.into_iter().map(|f| Some(Box::pin(f))).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, result) in futs.iter_mut().zip(out.iter_mut()) {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => {
+                        *result = Some(v);
+                        *slot = None;
+                    }
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|r| r.expect("every future finished"))
+        .collect()
+}
+
+/// A file being written over several lanes.
+struct StripedUpload {
+    handles: Handles,
+    failing: Failing,
+    /// Per lane, its writes not yet acknowledged, oldest first.
+    pending: Vec<VecDeque<JoinHandle<Result<(), SftpError>>>>,
+    remote: String,
+    location: String,
+    /// Whether to sync the file on the server before closing it.
+    fsync: bool,
+    /// Bytes not yet sent, fewer than one write request.
+    packet: Vec<u8>,
+    /// Bytes sent so far: the offset of `packet`.
+    sent: u64,
+    /// Writes in flight per lane at most.
+    depth: usize,
+}
+
+impl StripedUpload {
+    /// Sends `packet` at offset `sent` over the lane whose block it is in.
+    async fn send(&mut self) -> Result<(), DestinationError> {
+        let data = std::mem::replace(&mut self.packet, Vec::with_capacity(WRITE_LEN as usize));
+        let lane = ((self.sent / BLOCK) % self.handles.lanes.len() as u64) as usize;
+        while self.pending[lane].len() >= self.depth {
+            self.wait_oldest(lane).await?;
+        }
+        let raw = self.handles.lanes[lane].raw.clone();
+        let handle = self.handles.handles[lane].clone();
+        let offset = self.sent;
+        self.sent += data.len() as u64;
+        self.pending[lane].push_back(tokio::spawn(async move {
+            raw.write(handle, offset, data).await.map(|_| ())
+        }));
+        Ok(())
+    }
+
+    /// Waits for lane `lane`'s oldest write to be acknowledged.
+    async fn wait_oldest(&mut self, lane: usize) -> Result<(), DestinationError> {
+        let Some(ack) = self.pending[lane].front_mut() else {
+            return Ok(());
+        };
+        let result = tokio::time::timeout(self.failing.io_timeout, ack).await;
+        self.pending[lane].pop_front();
+        match result {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(self.write_error(lane, e).await),
+            Ok(Err(join)) => Err(DestinationError::Io {
+                op: "cannot write",
+                location: self.location.clone(),
+                source: std::io::Error::other(join.to_string()),
+            }),
+            Err(_) => Err(DestinationError::Io {
+                op: "cannot write",
+                location: self.location.clone(),
+                source: self.failing.timeout(),
+            }),
+        }
+    }
+
+    /// A refused write: as [`SftpUpload::write_error`] reads it, a server's
+    /// `Failure` on a file it let us create means it has no room.
+    async fn write_error(&self, lane: usize, e: SftpError) -> DestinationError {
+        let failure = matches!(&e, SftpError::Status(s) if s.status_code == StatusCode::Failure);
+        let e = self.failing.io(lane, e);
+        if failure || super::super::is_out_of_space(&e) {
+            let control = &self.failing.control;
+            let free = tokio::time::timeout(
+                self.failing.io_timeout,
+                control.sftp.fs_info(self.remote.clone()),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten()
+            .map(|st| {
+                let unit = st.fragment_size.max(1);
+                super::super::space_text(
+                    st.blocks_avail.saturating_mul(unit),
+                    st.blocks.saturating_mul(unit),
+                )
+            });
+            let detail = match free {
+                Some(free) => format!("the server answered {e} ({free})"),
+                None => format!("the server answered {e}"),
+            };
+            DestinationError::Full {
+                op: "cannot write",
+                location: self.location.clone(),
+                detail,
+            }
+        } else {
+            DestinationError::Io {
+                op: "cannot write",
+                location: self.location.clone(),
+                source: e,
+            }
+        }
+    }
+
+    fn io(&self, op: &'static str, source: std::io::Error) -> DestinationError {
+        DestinationError::Io {
+            op,
+            location: self.location.clone(),
+            source,
+        }
+    }
+
+    /// [`Failing`]'s timed call on lane `lane`, for `finish`.
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        lane: usize,
+        fut: impl std::future::Future<Output = Result<T, SftpError>>,
+    ) -> Result<T, DestinationError> {
+        match tokio::time::timeout(self.failing.io_timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.io(op, self.failing.io(lane, e))),
+            Err(_) => Err(self.io(op, self.failing.timeout())),
+        }
+    }
+}
+
+impl Drop for StripedUpload {
+    fn drop(&mut self) {
+        // Abandoned: its writes are not waited for.
+        for lane in &mut self.pending {
+            for w in lane.drain(..) {
+                w.abort();
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Upload for StripedUpload {
+    async fn write(&mut self, mut buf: &[u8]) -> Result<(), DestinationError> {
+        while !buf.is_empty() {
+            let room = WRITE_LEN as usize - self.packet.len();
+            let n = room.min(buf.len());
+            self.packet.extend_from_slice(&buf[..n]);
+            buf = &buf[n..];
+            if self.packet.len() == WRITE_LEN as usize {
+                self.send().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<u64, DestinationError> {
+        if !self.packet.is_empty() {
+            self.send().await?;
+        }
+        for lane in 0..self.pending.len() {
+            while !self.pending[lane].is_empty() {
+                self.wait_oldest(lane).await?;
+            }
+        }
+        // Every write is acknowledged, so in the file whichever handle wrote
+        // it: one fsync covers them all.
+        if self.fsync {
+            let raw = self.handles.lanes[0].raw.clone();
+            let handle = self.handles.handles[0].clone();
+            if let Err(e) = self.call("cannot sync", 0, raw.fsync(handle)).await {
+                return Err(e);
+            }
+        }
+        let closes = join_all(
+            self.handles
+                .lanes
+                .iter()
+                .zip(&self.handles.handles)
+                .enumerate()
+                .map(|(i, (l, h))| self.call("cannot close", i, l.raw.close(h.clone()))),
+        )
+        .await;
+        self.handles.closed = true;
+        for c in closes {
+            c?;
+        }
+        let raw = self.handles.lanes[0].raw.clone();
+        let stored = self
+            .call("cannot stat", 0, raw.stat(self.remote.clone()))
+            .await?
+            .attrs
+            .size
+            .unwrap_or(0);
+        if stored != self.sent {
+            return Err(DestinationError::SizeMismatch {
+                location: self.location.clone(),
+                sent: self.sent,
+                stored,
+            });
+        }
+        Ok(stored)
+    }
+}
+
+/// A file being read over several lanes, in order.
+struct StripedReader {
+    handles: Handles,
+    failing: Failing,
+    /// The file's size when opened: where the reads stop.
+    size: u64,
+    /// The offset of the next read to ask for.
+    next: u64,
+    /// Reads asked for, oldest (next to hand back) first.
+    queue: VecDeque<JoinHandle<std::io::Result<Vec<u8>>>>,
+    /// Reads in flight at most.
+    depth: usize,
+    /// The read being handed back, and how far.
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl StripedReader {
+    /// Asks for reads until `depth` are in flight or the file is covered.
+    fn fill(&mut self) {
+        let lanes = self.handles.lanes.len() as u64;
+        while self.queue.len() < self.depth && self.next < self.size {
+            let offset = self.next;
+            let len = (WRITE_LEN as u64).min(self.size - offset) as u32;
+            self.next += u64::from(len);
+            let lane = ((offset / BLOCK) % lanes) as usize;
+            let raw = self.handles.lanes[lane].raw.clone();
+            let handle = self.handles.handles[lane].clone();
+            let failing = self.failing.clone();
+            self.queue.push_back(tokio::spawn(async move {
+                read_range(&raw, &handle, offset, len, &failing, lane).await
+            }));
+        }
+    }
+}
+
+/// Reads `len` bytes at `offset` (fewer only at the end of the file),
+/// asking again after a short answer.
+async fn read_range(
+    raw: &RawSftpSession,
+    handle: &str,
+    offset: u64,
+    len: u32,
+    failing: &Failing,
+    lane: usize,
+) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    while out.len() < len as usize {
+        let at = offset + out.len() as u64;
+        let want = len - out.len() as u32;
+        match tokio::time::timeout(failing.io_timeout, raw.read(handle, at, want)).await {
+            Ok(Ok(d)) if d.data.is_empty() => break,
+            // Whole, as servers answer but at the end: no copy.
+            Ok(Ok(d)) if out.is_empty() => out = d.data,
+            Ok(Ok(d)) => out.extend_from_slice(&d.data),
+            Ok(Err(SftpError::Status(s))) if s.status_code == StatusCode::Eof => break,
+            Ok(Err(e)) => return Err(failing.io(lane, e)),
+            Err(_) => return Err(failing.timeout()),
+        }
+    }
+    Ok(out)
+}
+
+impl Drop for StripedReader {
+    fn drop(&mut self) {
+        for r in self.queue.drain(..) {
+            r.abort();
+        }
+    }
+}
+
+impl AsyncRead for StripedReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        while this.pos == this.current.len() {
+            this.fill();
+            let Some(front) = this.queue.front_mut() else {
+                // Everything handed back: the file ends here.
+                return Poll::Ready(Ok(()));
+            };
+            let chunk = match Pin::new(front).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(Ok(chunk))) => chunk,
+                Poll::Ready(Ok(Err(e))) => {
+                    this.queue.pop_front();
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Ready(Err(join)) => {
+                    this.queue.pop_front();
+                    return Poll::Ready(Err(std::io::Error::other(join.to_string())));
+                }
+            };
+            this.queue.pop_front();
+            if chunk.is_empty() {
+                // The file got shorter than it was when opened.
+                this.queue.clear();
+                this.next = this.size;
+                return Poll::Ready(Ok(()));
+            }
+            this.current = chunk;
+            this.pos = 0;
+        }
+        let n = buf.remaining().min(this.current.len() - this.pos);
+        buf.put_slice(&this.current[this.pos..this.pos + n]);
+        this.pos += n;
+        if this.pos == this.current.len() {
+            this.fill();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
