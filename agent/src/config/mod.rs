@@ -234,7 +234,7 @@ pub mod defaults {
     pub const SFTP_IO_TIMEOUT: Duration = Duration::from_secs(60);
     /// `destination.sftp.streams`: SFTP sessions each file is striped over
     /// (docs/sftp.md says how this was chosen).
-    pub const SFTP_STREAMS: u32 = 4;
+    pub const SFTP_STREAMS: u32 = 8;
     /// The largest `destination.sftp.streams` accepted.
     pub const SFTP_STREAMS_MAX: u32 = 16;
     /// `retry.attempts`: attempts in all, the first included.

@@ -24,7 +24,7 @@
 //!
 //! Reading: the file's ranges are requested over the lanes the same way,
 //! and handed back in order through a reorder queue of at most
-//! [`IN_FLIGHT`] bytes.
+//! [`READ_IN_FLIGHT`] bytes.
 //!
 //! Any failure of any lane fails the whole file. A lane that timed out marks
 //! every connection of the destination broken (a stalled server costs one
@@ -43,12 +43,20 @@ use super::*;
 /// whole write requests.
 pub(super) const BLOCK: u64 = 4 * WRITE_LEN as u64;
 
-/// Bytes of SFTP requests in flight over all lanes of one striped transfer
-/// (writes sent but not yet acknowledged; reads asked for but not yet handed
-/// back): 48 requests of 255 KiB. Throughput is at most this per round trip
-/// (150 MB/s at 80 ms), and at most 2 MiB (OpenSSH's window) per lane per
-/// round trip, so 6 lanes fill it.
-pub(super) const IN_FLIGHT: usize = 48 * WRITE_LEN as usize;
+/// Bytes of SFTP write requests in flight over all lanes of one striped
+/// upload (sent but not yet acknowledged): 64 requests of 255 KiB, 16 MiB.
+/// Throughput is at most this per round trip (200 MB/s at 80 ms), and at
+/// most 2 MiB (OpenSSH's channel window) per lane per round trip, so 8 lanes
+/// fill it. What is sent leaves the process (it is in the kernel's socket
+/// buffers or on the wire), so only the part a lane's window holds back
+/// stays in memory.
+pub(super) const IN_FLIGHT: usize = 64 * WRITE_LEN as usize;
+
+/// Bytes of SFTP read requests in flight over all lanes of one striped read
+/// (asked for but not yet handed back): 48 requests of 255 KiB, 12 MiB.
+/// Unlike writes, every byte of it may sit in memory at once (the reorder
+/// queue), so it is kept below the write bound.
+pub(super) const READ_IN_FLIGHT: usize = 48 * WRITE_LEN as usize;
 
 /// How the lanes of a striped transfer reach the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -379,7 +387,7 @@ impl SftpDir {
             size,
             next: 0,
             queue: VecDeque::new(),
-            depth: (IN_FLIGHT / WRITE_LEN as usize).max(2),
+            depth: (READ_IN_FLIGHT / WRITE_LEN as usize).max(2),
             current: Vec::new(),
             pos: 0,
         }))
@@ -598,9 +606,7 @@ impl Upload for StripedUpload {
         if self.fsync {
             let raw = self.handles.lanes[0].raw.clone();
             let handle = self.handles.handles[0].clone();
-            if let Err(e) = self.call("cannot sync", 0, raw.fsync(handle)).await {
-                return Err(e);
-            }
+            self.call("cannot sync", 0, raw.fsync(handle)).await?;
         }
         let closes = join_all(
             self.handles
