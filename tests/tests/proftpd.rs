@@ -76,6 +76,15 @@ async fn a_set_on_proftpd_is_listed_verified_fetched_and_restores_to_the_same_ke
     let run = backup(&config);
     run.assert_code(0);
     assert!(run.stdout.contains(&location(&server)), "{}", run.stdout);
+    // ProFTPD (AllowOverwrite off, its default) refuses to open the partial
+    // from a second session: the default streams fall back to the sessions
+    // that could open it, with one warning that says what to change.
+    assert_eq!(
+        run.stderr.matches("AllowOverwrite on").count(),
+        1,
+        "{}",
+        run.stderr
+    );
     // A server with fsync@openssh.com: nothing to warn about.
     assert!(!run.stderr.contains("fsync@openssh.com"), "{}", run.stderr);
 

@@ -172,6 +172,9 @@ pub struct SftpDir {
     /// Whether fewer sessions than `streams` could be opened, and that was
     /// warned about.
     warned_lanes: AtomicBool,
+    /// Whether the server's refusal to open a file being written from a
+    /// second session has been warned about.
+    warned_reopen: AtomicBool,
     /// Further sessions to open at most: what the server allowed when it
     /// refused one (not asked again for more in this run).
     lane_cap: std::sync::atomic::AtomicUsize,
@@ -342,6 +345,7 @@ impl SftpDir {
             lanes: tokio::sync::Mutex::new(Vec::new()),
             stripe_over: StripeOver::Connections,
             warned_lanes: AtomicBool::new(false),
+            warned_reopen: AtomicBool::new(false),
             lane_cap: std::sync::atomic::AtomicUsize::new(usize::MAX),
         }
     }
@@ -753,6 +757,27 @@ impl SftpDir {
         })
     }
 
+    /// Whether reading `path` over the striped sessions pays for opening
+    /// them: files of [`stripe::STRIPE_READ_MIN`] bytes or more. Manifests,
+    /// small tarballs and the like are read over the control session alone,
+    /// so `list`, `prune` and the manifest reads of `verify` never log in
+    /// `streams` more times. One stat round trip decides.
+    async fn worth_striping(
+        &self,
+        conn: &Connection,
+        path: &str,
+    ) -> Result<bool, DestinationError> {
+        let attrs = self
+            .timed(
+                conn,
+                "cannot stat",
+                path,
+                conn.sftp.metadata(self.remote(path)),
+            )
+            .await?;
+        Ok(attrs.size.unwrap_or(u64::MAX) >= stripe::STRIPE_READ_MIN)
+    }
+
     /// Creates every missing directory of `dir` (a relative path, `""` for
     /// the base itself), mode 0700.
     async fn ensure_dir(&self, dir: &str) -> Result<(), DestinationError> {
@@ -1035,7 +1060,7 @@ impl super::Destination for SftpDir {
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
         components(path)?;
         let conn = self.conn().await?;
-        if self.config.streams > 1 {
+        if self.config.streams > 1 && self.worth_striping(&conn, path).await? {
             let lanes = self.lanes(&conn).await;
             if !lanes.is_empty() {
                 return self.open_striped(path, conn, lanes).await;

@@ -58,6 +58,10 @@ pub(super) const IN_FLIGHT: usize = 64 * WRITE_LEN as usize;
 /// queue), so it is kept below the write bound.
 pub(super) const READ_IN_FLIGHT: usize = 48 * WRITE_LEN as usize;
 
+/// The smallest file read over the striped sessions: below one read window
+/// (12 MiB) of data, the logins they may cost outweigh what they save.
+pub(super) const STRIPE_READ_MIN: u64 = READ_IN_FLIGHT as u64;
+
 /// How the lanes of a striped transfer reach the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StripeOver {
@@ -295,7 +299,7 @@ impl SftpDir {
             .await?
             .handle;
         let mut handles = Handles {
-            lanes: lanes.clone(),
+            lanes: vec![lanes[0].clone()],
             handles: vec![first],
             closed: false,
         };
@@ -310,15 +314,45 @@ impl SftpDir {
             )
         }))
         .await;
-        for h in rest {
-            // On an error, `handles` closes what was opened.
-            handles.handles.push(h?.handle);
+        let mut refused = None;
+        for (lane, h) in lanes.iter().skip(1).zip(rest) {
+            match h {
+                Ok(h) => {
+                    handles.lanes.push(lane.clone());
+                    handles.handles.push(h.handle);
+                }
+                // A server that will not open a file a second time for
+                // writing (ProFTPD's `AllowOverwrite off`, its default) gets
+                // the file over the sessions that could open it.
+                Err(DestinationError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    refused.get_or_insert(source);
+                }
+                // On any other error, `handles` closes what was opened.
+                Err(e) => return Err(e),
+            }
         }
+        if let Some(e) = refused {
+            if !self.warned_reopen.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    location = %self.location(""),
+                    streams = lanes.len(),
+                    sessions = handles.lanes.len(),
+                    error = %e,
+                    "the server would not open a file being written from a second SFTP session (ProFTPD refuses this unless `AllowOverwrite on`), so files are written over {} session(s) instead of destination.sftp.streams = {}; allow it on the server for striped uploads, or set destination.sftp.streams: 1 to silence this",
+                    handles.lanes.len(),
+                    lanes.len(),
+                );
+            }
+        }
+        let lanes = handles.lanes.clone();
         let depth = (IN_FLIGHT / WRITE_LEN as usize / lanes.len()).max(2);
         Ok(Box::new(StripedUpload {
             pending: lanes.iter().map(|_| VecDeque::new()).collect(),
             handles,
-            failing,
+            // Lane numbers from here on are those of the sessions writing.
+            failing: Failing { lanes, ..failing },
             remote,
             location: self.location(path),
             fsync: control.fsync,
