@@ -1188,6 +1188,40 @@ fn connection_failure(
     }
 }
 
+/// The [`DestinationError::Full`] for a write `e` the server refused for
+/// lack of room, with what `statvfs@openssh.com` says about the file system
+/// holding `remote` when the server offers it and answers within
+/// `io_timeout`. Shared by one-session and striped uploads.
+async fn out_of_space(
+    conn: &Connection,
+    io_timeout: Duration,
+    remote: &str,
+    location: &str,
+    e: std::io::Error,
+) -> DestinationError {
+    let free = tokio::time::timeout(io_timeout, conn.sftp.fs_info(remote.to_string()))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten()
+        .map(|st| {
+            let unit = st.fragment_size.max(1);
+            super::space_text(
+                st.blocks_avail.saturating_mul(unit),
+                st.blocks.saturating_mul(unit),
+            )
+        });
+    let detail = match free {
+        Some(free) => format!("the server answered {e} ({free})"),
+        None => format!("the server answered {e}"),
+    };
+    DestinationError::Full {
+        op: "cannot write",
+        location: location.to_string(),
+        detail,
+    }
+}
+
 struct SftpUpload {
     file: russh_sftp::client::fs::File,
     /// Kept alive while the upload is; marked broken when a write stalls.
@@ -1233,33 +1267,10 @@ impl SftpUpload {
             }
         };
         if failure || super::is_out_of_space(&e) {
-            let detail = match self.free_space().await {
-                Some(free) => format!("the server answered {e} ({free})"),
-                None => format!("the server answered {e}"),
-            };
-            DestinationError::Full {
-                op: "cannot write",
-                location: self.location.clone(),
-                detail,
-            }
+            out_of_space(&self.conn, self.io_timeout, &self.remote, &self.location, e).await
         } else {
             self.io("cannot write", e)
         }
-    }
-
-    /// What `statvfs@openssh.com` says about the file system holding the
-    /// file, for a disk-full message; `None` when the server does not offer
-    /// it or does not answer within `io_timeout`.
-    async fn free_space(&self) -> Option<String> {
-        let st = tokio::time::timeout(self.io_timeout, self.conn.sftp.fs_info(self.remote.clone()))
-            .await
-            .ok()?
-            .ok()??;
-        let unit = st.fragment_size.max(1);
-        Some(super::space_text(
-            st.blocks_avail.saturating_mul(unit),
-            st.blocks.saturating_mul(unit),
-        ))
     }
 
     /// The error for a step that got no answer within `io_timeout`; the

@@ -543,31 +543,14 @@ impl StripedUpload {
         let failure = matches!(&e, SftpError::Status(s) if s.status_code == StatusCode::Failure);
         let e = self.failing.io(lane, e);
         if failure || super::super::is_out_of_space(&e) {
-            let control = &self.failing.control;
-            let free = tokio::time::timeout(
+            out_of_space(
+                &self.failing.control,
                 self.failing.io_timeout,
-                control.sftp.fs_info(self.remote.clone()),
+                &self.remote,
+                &self.location,
+                e,
             )
             .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten()
-            .map(|st| {
-                let unit = st.fragment_size.max(1);
-                super::super::space_text(
-                    st.blocks_avail.saturating_mul(unit),
-                    st.blocks.saturating_mul(unit),
-                )
-            });
-            let detail = match free {
-                Some(free) => format!("the server answered {e} ({free})"),
-                None => format!("the server answered {e}"),
-            };
-            DestinationError::Full {
-                op: "cannot write",
-                location: self.location.clone(),
-                detail,
-            }
         } else {
             DestinationError::Io {
                 op: "cannot write",
