@@ -85,11 +85,13 @@ pub struct Object {
     pub value: Vec<u8>,
 }
 
-/// xorshift64*: deterministic, fast, good enough for filler.
-struct Rng(u64);
+/// xorshift64*: deterministic, fast, good enough for filler (also
+/// `etcd-fill`'s random values). The seed must not be zero.
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    /// The next pseudo-random number.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -97,7 +99,7 @@ impl Rng {
     }
 
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        (self.next_u64() % n.max(1) as u64) as usize
     }
 
     fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
@@ -107,7 +109,7 @@ impl Rng {
     fn bytes(&mut self, n: usize) -> Vec<u8> {
         let mut v = Vec::with_capacity(n + 8);
         while v.len() < n {
-            v.extend_from_slice(&self.next().to_le_bytes());
+            v.extend_from_slice(&self.next_u64().to_le_bytes());
         }
         v.truncate(n);
         v
@@ -116,7 +118,7 @@ impl Rng {
     fn hex(&mut self, n: usize) -> String {
         let mut s = String::with_capacity(n + 16);
         while s.len() < n {
-            let _ = write!(s, "{:016x}", self.next());
+            let _ = write!(s, "{:016x}", self.next_u64());
         }
         s.truncate(n);
         s

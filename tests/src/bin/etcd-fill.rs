@@ -23,7 +23,7 @@
 
 use std::time::Instant;
 
-use etcd_backup_tests::k8s_objects::{Generator, Kind};
+use etcd_backup_tests::k8s_objects::{Generator, Kind, Rng};
 use etcd_client::{Client, Txn, TxnOp};
 
 const RESOURCES: [&str; 6] = [
@@ -38,18 +38,6 @@ const MAX_TXN_OPS: usize = 128;
 const MAX_TXN_BYTES: usize = 1 << 20;
 const USAGE: &str = "usage: etcd-fill ENDPOINT MIB [--kind random|k8s] [--value-size BYTES] [--in-flight N] [--seed N]";
 
-/// xorshift64*: deterministic, fast, good enough for filler.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
 /// A JSON-shaped value of `size` bytes (or 2–64 KiB when `None`) whose payload
 /// is pseudo-random text.
 fn object(rng: &mut Rng, kind: &str, ns: &str, name: &str, size: Option<usize>) -> Vec<u8> {
@@ -58,17 +46,17 @@ fn object(rng: &mut Rng, kind: &str, ns: &str, name: &str, size: Option<usize>) 
     // versions of this tool wrote.
     let random_size = size
         .is_none()
-        .then(|| 2048 + (rng.next() % (62 * 1024)) as usize);
+        .then(|| 2048 + (rng.next_u64() % (62 * 1024)) as usize);
     let mut v = format!(
         "{{\"apiVersion\":\"v1\",\"kind\":\"{kind}\",\"metadata\":{{\"name\":\"{name}\",\"namespace\":\"{ns}\",\"uid\":\"{:016x}\"}},\"data\":{{\"payload\":\"",
-        rng.next()
+        rng.next_u64()
     )
     .into_bytes();
     // The payload runs up to the size (less the closing `"}}` when the size
     // is exact).
     let payload_end = random_size.unwrap_or_else(|| size.unwrap_or(0).saturating_sub(3));
     while v.len() < payload_end {
-        let r = rng.next();
+        let r = rng.next_u64();
         for i in 0..8 {
             v.push(ALPHABET[((r >> (i * 6)) & 63) as usize]);
         }
