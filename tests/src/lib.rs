@@ -107,6 +107,21 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap()
 }
 
+/// Asserts that `fetch` said it wrote a cluster-restore.sh directory (its
+/// `stdout`) and that `out` holds exactly the plain snapshot and resources
+/// tarball of set `ts`, as cluster-restore.sh wants them.
+pub fn assert_cluster_restore_dir(stdout: &str, out: &Path, ts: &etcd_backup_proto::SetTimestamp) {
+    assert!(
+        stdout.contains("is a cluster-restore.sh directory"),
+        "{stdout}"
+    );
+    let mut names = files_below(out);
+    names.sort();
+    let mut want = vec![ts.snapshot_file_name(), ts.resources_file_name()];
+    want.sort();
+    assert_eq!(names, want);
+}
+
 /// Every regular file below `dir`, as paths relative to it, sorted.
 pub fn files_below(dir: &Path) -> Vec<String> {
     fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {

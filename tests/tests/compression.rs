@@ -19,7 +19,7 @@ use etcd_backup_tests::etcd::{
 use etcd_backup_tests::fixtures::openshift_tree;
 use etcd_backup_tests::sftp_setup::sshd_destination_yaml;
 use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
-use etcd_backup_tests::{complete_sets, files_below, require_tool};
+use etcd_backup_tests::{assert_cluster_restore_dir, complete_sets, files_below, require_tool};
 
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -218,16 +218,7 @@ async fn a_compressed_set_round_trips_through_every_command_and_the_zstd_tool() 
     let out = f.work.path().join("fetched");
     let run = f.run(&["fetch", "latest", "--to", out.to_str().unwrap()]);
     run.assert_code(0);
-    assert!(
-        run.stdout.contains("is a cluster-restore.sh directory"),
-        "{}",
-        run.stdout
-    );
-    let mut names = files_below(&out);
-    names.sort();
-    let mut want = vec![ts.snapshot_file_name(), ts.resources_file_name()];
-    want.sort();
-    assert_eq!(names, want);
+    assert_cluster_restore_dir(&run.stdout, &out, &ts);
     assert!(std::fs::read(out.join(ts.snapshot_file_name())).unwrap() == plain);
     assert!(
         std::fs::read(out.join(ts.resources_file_name())).unwrap()

@@ -17,7 +17,7 @@ use etcd_backup_tests::etcd::{
 };
 use etcd_backup_tests::fixtures::{openshift_tree, tar_gz_entries};
 use etcd_backup_tests::sshd::{ClientKey, KeyKind};
-use etcd_backup_tests::{complete_sets, files_below, require_tool};
+use etcd_backup_tests::{assert_cluster_restore_dir, complete_sets, files_below, require_tool};
 
 /// An age key pair made by the reference `age-keygen`.
 struct AgeKey {
@@ -302,16 +302,7 @@ async fn encrypted_sets_decrypt_with_the_age_tool_to_the_exact_plaintext_and_res
         &f.ed25519.private_key,
     );
     run.assert_code(0);
-    assert!(
-        run.stdout.contains("is a cluster-restore.sh directory"),
-        "{}",
-        run.stdout
-    );
-    let mut names = files_below(&out);
-    names.sort();
-    let mut want = vec![ts.snapshot_file_name(), ts.resources_file_name()];
-    want.sort();
-    assert_eq!(names, want);
+    assert_cluster_restore_dir(&run.stdout, &out, &ts);
     for (_, path, bytes) in &plaintexts {
         let name = path.file_name().unwrap();
         assert!(std::fs::read(out.join(name)).unwrap() == *bytes, "{name:?}");
