@@ -34,6 +34,7 @@ use crate::source::etcd::{
 use crate::source::resources::{self, ResourcesError};
 use crate::store::compressing::{CompressError, Compressing};
 use crate::store::destination::{Destination, DestinationError, Durability, Upload};
+use crate::store::fanout::{Lost, Tee};
 use crate::store::sealing::SealingUpload;
 
 /// Snapshot bytes gathered before each destination write.
@@ -112,7 +113,7 @@ pub enum Cause {
 
 /// A failed run: the stage, and why.
 #[derive(Debug, thiserror::Error)]
-#[error("backup failed at stage {stage}: {cause}{}", not_removed_note(.not_removed))]
+#[error("backup failed at stage {stage}: {cause}{}{}", not_removed_note(.not_removed), destinations_note(.destinations))]
 pub struct BackupError {
     /// Where it failed.
     pub stage: Stage,
@@ -122,6 +123,69 @@ pub struct BackupError {
     /// Files of the run its clean-up could not remove (they are `.partial`
     /// names or files of an incomplete set, which later clean-up handles).
     pub not_removed: Vec<String>,
+    /// How each destination ended (all failed), in configuration order;
+    /// empty when the run failed before it knew its destinations.
+    pub destinations: Vec<DestinationOutcome>,
+}
+
+/// With several destinations, what happened at each.
+fn destinations_note(destinations: &[DestinationOutcome]) -> String {
+    if destinations.len() < 2 {
+        return String::new();
+    }
+    let each: Vec<String> = destinations.iter().map(ToString::to_string).collect();
+    format!("; destinations: {}", each.join("; "))
+}
+
+/// How one destination's copy of a run's set ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestinationOutcome {
+    /// The configured name (`default` for `destination:`).
+    pub name: String,
+    /// Where it is, for people (no secrets).
+    pub location: String,
+    /// Whether its copy is complete.
+    pub result: DestinationResult,
+}
+
+/// Whether a destination's copy is complete, or why it is absent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DestinationResult {
+    /// The copy is complete: its manifest is written.
+    Succeeded {
+        /// Whether the destination synced the files (the manifest's `durable`).
+        durable: bool,
+    },
+    /// The copy is absent (what was written is removed, or left as
+    /// `.partial` names for prune when the destination could not be reached).
+    Failed {
+        /// Where it failed.
+        stage: Stage,
+        /// Why, for people.
+        error: String,
+    },
+}
+
+impl DestinationOutcome {
+    /// Whether this destination's copy is complete.
+    pub fn succeeded(&self) -> bool {
+        matches!(self.result, DestinationResult::Succeeded { .. })
+    }
+}
+
+impl fmt::Display for DestinationOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.result {
+            DestinationResult::Succeeded { .. } => {
+                write!(f, "{} ({}) succeeded", self.name, self.location)
+            }
+            DestinationResult::Failed { stage, error } => write!(
+                f,
+                "{} ({}) failed at stage {stage}: {error}",
+                self.name, self.location
+            ),
+        }
+    }
 }
 
 fn not_removed_note(paths: &[String]) -> String {
@@ -141,6 +205,7 @@ impl BackupError {
             stage,
             cause: cause.into(),
             not_removed: Vec::new(),
+            destinations: Vec::new(),
         }
     }
 
@@ -183,6 +248,16 @@ pub struct BackupReport {
     pub manifest: Manifest,
     /// Each stage in order.
     pub stages: Vec<StageReport>,
+    /// How each destination ended, in configuration order: at least one
+    /// succeeded; when some failed, the run is partial.
+    pub destinations: Vec<DestinationOutcome>,
+}
+
+impl BackupReport {
+    /// Whether some destination's copy is missing.
+    pub fn is_partial(&self) -> bool {
+        self.destinations.iter().any(|d| !d.succeeded())
+    }
 }
 
 /// Runs a backup with the configured retries: an attempt that fails on
@@ -196,10 +271,33 @@ pub async fn run_with_retries(config: &Config, cancel: &CancellationToken) -> Ou
     let retry = config.retry;
     let mut attempt = 1;
     loop {
-        let result = match crate::store::destination::open(&config.destination).await {
-            Ok(dest) => run(config, dest.as_ref(), cancel).await,
-            Err(e) => Err(BackupError::new(Stage::Upload, e)),
-        };
+        // A fresh connection to every destination for each attempt; one
+        // that cannot even be opened fails on its own.
+        let mut opened = Vec::with_capacity(config.destinations.len());
+        let mut open_errors = Vec::with_capacity(config.destinations.len());
+        for d in &config.destinations {
+            match crate::store::destination::open(&d.config).await {
+                Ok(dest) => {
+                    opened.push(Some(dest));
+                    open_errors.push(None);
+                }
+                Err(e) => {
+                    opened.push(None);
+                    open_errors.push(Some(e));
+                }
+            }
+        }
+        let targets = config
+            .destinations
+            .iter()
+            .zip(&opened)
+            .zip(open_errors)
+            .map(|((d, dest), error)| match (dest, error) {
+                (Some(dest), _) => Target::new(&d.name, dest.as_ref()),
+                (None, error) => Target::unopened(&d.name, d.config.describe(), error),
+            })
+            .collect();
+        let result = run_targets(config, targets, cancel).await;
         match result {
             Err(e) if e.is_transient() && attempt < retry.attempts && !cancel.is_cancelled() => {
                 let delay = backoff(&retry, attempt, rand::random::<f64>());
@@ -261,6 +359,61 @@ pub async fn run(
     dest: &dyn Destination,
     cancel: &CancellationToken,
 ) -> Result<BackupReport, BackupError> {
+    let name = &config.default_destination().name;
+    run_targets(config, vec![Target::new(name, dest)], cancel).await
+}
+
+/// Runs one backup to several destinations, each given with its name: one
+/// etcd read, every destination written at once.
+///
+/// # Errors
+/// As [`run`], when every destination failed.
+pub async fn run_to(
+    config: &Config,
+    dests: &[(&str, &dyn Destination)],
+    cancel: &CancellationToken,
+) -> Result<BackupReport, BackupError> {
+    let targets = dests
+        .iter()
+        .map(|(name, dest)| Target::new(name, *dest))
+        .collect();
+    run_targets(config, targets, cancel).await
+}
+
+async fn run_targets(
+    config: &Config,
+    targets: Vec<Target<'_>>,
+    cancel: &CancellationToken,
+) -> Result<BackupReport, BackupError> {
+    let names: Vec<(String, String)> = targets
+        .iter()
+        .map(|t| (t.name.clone(), t.location()))
+        .collect();
+    let result = run_once(config, targets, cancel).await;
+    // A run that failed before it knew its destinations failed at each.
+    result.map_err(|mut e| {
+        if e.destinations.is_empty() {
+            e.destinations = names
+                .into_iter()
+                .map(|(name, location)| DestinationOutcome {
+                    name,
+                    location,
+                    result: DestinationResult::Failed {
+                        stage: e.stage,
+                        error: e.cause.to_string(),
+                    },
+                })
+                .collect();
+        }
+        e
+    })
+}
+
+async fn run_once(
+    config: &Config,
+    targets: Vec<Target<'_>>,
+    cancel: &CancellationToken,
+) -> Result<BackupReport, BackupError> {
     let started_at = Utc::now();
     // Plan first: a missing manifest is a configuration problem, found before
     // etcd is asked for anything.
@@ -272,7 +425,7 @@ pub async fn run(
         _ = cancel.cancelled() => return Err(BackupError::new(Stage::Connect, Cause::Cancelled)),
     };
     let connect_time = t.elapsed();
-    let mut run = Run::new(config, dest, started_at, plan);
+    let mut run = Run::new(config, targets, started_at, plan);
     run.stages.push(StageReport {
         stage: Stage::Connect,
         bytes: 0,
@@ -293,32 +446,102 @@ pub async fn run_with_source(
     let started_at = Utc::now();
     let plan =
         resources::plan(&config.resources).map_err(|e| BackupError::new(Stage::Resources, e))?;
-    Run::new(config, dest, started_at, plan)
+    let name = &config.default_destination().name;
+    Run::new(config, vec![Target::new(name, dest)], started_at, plan)
         .execute(source, &CancellationToken::new())
         .await
 }
 
+/// One destination's part of a run: its own durability, its own files, its
+/// own manifest, its own clean-up.
+struct Target<'a> {
+    name: String,
+    /// `None` when the destination could not even be opened.
+    dest: Option<&'a dyn Destination>,
+    /// Where it is, for people.
+    describe: String,
+    /// Every path this run created there, so a failure can remove them all.
+    created: Vec<String>,
+    /// Whether the destination syncs what it stores, asked before writing.
+    durability: Durability,
+    /// Where and why it failed, once it has.
+    failed: Option<(Stage, String)>,
+    /// The failure itself, until it becomes the run's error.
+    error: Option<BackupError>,
+}
+
+impl<'a> Target<'a> {
+    fn new(name: &str, dest: &'a dyn Destination) -> Self {
+        Self {
+            name: name.to_string(),
+            dest: Some(dest),
+            describe: dest.describe(),
+            created: Vec::new(),
+            durability: Durability::Synced,
+            failed: None,
+            error: None,
+        }
+    }
+
+    fn unopened(name: &str, describe: String, error: Option<DestinationError>) -> Self {
+        let mut t = Self {
+            name: name.to_string(),
+            dest: None,
+            describe,
+            created: Vec::new(),
+            durability: Durability::Synced,
+            failed: None,
+            error: None,
+        };
+        let error = error.unwrap_or_else(|| DestinationError::Connect {
+            location: t.describe.clone(),
+            detail: "not opened".into(),
+        });
+        t.fail(Stage::Upload, error);
+        t
+    }
+
+    fn location(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn live(&self) -> Option<&'a dyn Destination> {
+        if self.failed.is_some() {
+            None
+        } else {
+            self.dest
+        }
+    }
+
+    fn fail(&mut self, stage: Stage, cause: impl Into<Cause>) {
+        let cause = cause.into();
+        if self.failed.is_none() {
+            self.failed = Some((stage, cause.to_string()));
+            self.error = Some(BackupError::new(stage, cause));
+        }
+    }
+}
+
 struct Run<'a> {
     config: &'a Config,
-    dest: &'a dyn Destination,
+    /// The destinations, in configuration order.
+    targets: Vec<Target<'a>>,
+    /// Destinations the fan-out lost during a write, not yet failed here.
+    lost: Lost,
     started_at: DateTime<Utc>,
     set: SetId,
     plan: Option<resources::Plan>,
-    /// Every path this run created, so a failure can remove them all.
-    created: Vec<String>,
     stages: Vec<StageReport>,
     /// The step in progress, for a cancellation's error.
     stage: Stage,
     /// What `etcdctl snapshot status` reports for the stored snapshot.
     snapshot_status: Option<etcd_backup_proto::SnapshotStatus>,
-    /// Whether the destination syncs what it stores, asked before writing.
-    durability: Durability,
 }
 
 impl<'a> Run<'a> {
     fn new(
         config: &'a Config,
-        dest: &'a dyn Destination,
+        targets: Vec<Target<'a>>,
         started_at: DateTime<Utc>,
         plan: Option<resources::Plan>,
     ) -> Self {
@@ -329,15 +552,14 @@ impl<'a> Run<'a> {
         };
         Self {
             config,
-            dest,
+            targets,
+            lost: Lost::default(),
             started_at,
             set,
             plan,
-            created: Vec::new(),
             stages: Vec::new(),
             stage: Stage::Connect,
             snapshot_status: None,
-            durability: Durability::Synced,
         }
     }
 
@@ -353,16 +575,140 @@ impl<'a> Run<'a> {
         // The steps future is gone here, so `self.stage` says where it stopped.
         let result = outcome.unwrap_or_else(|| Err(BackupError::new(self.stage, Cause::Cancelled)));
         match result {
-            Ok(manifest) => Ok(BackupReport {
-                location: format!("{}/{}", self.dest.describe(), self.set.dir()),
-                set: self.set,
-                manifest,
-                stages: self.stages,
-            }),
+            Ok(manifest) => {
+                for i in 0..self.targets.len() {
+                    let Some((stage, error)) = self.targets[i].failed.clone() else {
+                        continue;
+                    };
+                    let t = &self.targets[i];
+                    tracing::warn!(set = %self.set, destination = %t.name, stage = %stage, error = %error, "this destination failed; removing what this run wrote there");
+                    let not_removed = self.clean_up(i).await;
+                    if !not_removed.is_empty() {
+                        if let Some((_, error)) = self.targets[i].failed.as_mut() {
+                            error.push_str(&not_removed_note(&not_removed));
+                        }
+                    }
+                }
+                let destinations = self.outcomes();
+                let first = self
+                    .targets
+                    .iter()
+                    .find(|t| t.failed.is_none())
+                    .map_or_else(String::new, Target::location);
+                Ok(BackupReport {
+                    location: format!("{first}/{}", self.set.dir()),
+                    set: self.set,
+                    manifest,
+                    stages: self.stages,
+                    destinations,
+                })
+            }
             Err(mut e) => {
                 tracing::warn!(set = %self.set, stage = %e.stage, error = %e, "backup failed; removing what this run wrote");
-                e.not_removed = self.clean_up().await;
+                // A failure of the run as a whole fails every destination
+                // still going; each keeps its own reason otherwise.
+                let (stage, text) = (e.stage, e.cause.to_string());
+                for t in &mut self.targets {
+                    if t.failed.is_none() {
+                        t.failed = Some((stage, text.clone()));
+                    }
+                }
+                let several = self.targets.len() > 1;
+                for i in 0..self.targets.len() {
+                    let not_removed = self.clean_up(i).await;
+                    if several && !not_removed.is_empty() {
+                        if let Some((_, error)) = self.targets[i].failed.as_mut() {
+                            error.push_str(&not_removed_note(&not_removed));
+                        }
+                    }
+                    e.not_removed.extend(not_removed);
+                }
+                e.destinations = self.outcomes();
                 Err(e)
+            }
+        }
+    }
+
+    /// Each destination's outcome, in configuration order.
+    fn outcomes(&self) -> Vec<DestinationOutcome> {
+        self.targets
+            .iter()
+            .map(|t| DestinationOutcome {
+                name: t.name.clone(),
+                location: t.location(),
+                result: match &t.failed {
+                    None => DestinationResult::Succeeded {
+                        durable: t.durability == Durability::Synced,
+                    },
+                    Some((stage, error)) => DestinationResult::Failed {
+                        stage: *stage,
+                        error: error.clone(),
+                    },
+                },
+            })
+            .collect()
+    }
+
+    /// The destinations still going, by index.
+    fn live(&self) -> Vec<(usize, &'a dyn Destination)> {
+        self.targets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.live().map(|d| (i, d)))
+            .collect()
+    }
+
+    /// The run's error once every destination has failed: the first
+    /// destination's own (with one destination, exactly its error).
+    fn all_failed(&mut self) -> BackupError {
+        self.targets
+            .iter_mut()
+            .find_map(|t| t.error.take())
+            .unwrap_or_else(|| {
+                BackupError::new(
+                    Stage::Upload,
+                    DestinationError::Connect {
+                        location: "every destination".into(),
+                        detail: "failed".into(),
+                    },
+                )
+            })
+    }
+
+    /// Fails destination `i` at `stage`; the others go on.
+    fn fail(&mut self, i: usize, stage: Stage, cause: impl Into<Cause>) {
+        let several = self.targets.len() > 1;
+        let t = &mut self.targets[i];
+        let cause = cause.into();
+        if several {
+            tracing::warn!(destination = %t.name, stage = %stage, error = %cause, "destination failed; the run goes on with the others");
+        }
+        t.fail(stage, cause);
+    }
+
+    /// Ok while some destination is still going.
+    fn any_left(&mut self) -> Result<(), BackupError> {
+        if self.live().is_empty() {
+            Err(self.all_failed())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// After a write to the fan-out: fails the destinations it lost; the
+    /// write's own error is the run's only when it was no destination's.
+    fn settle<T>(&mut self, result: Result<T, Cause>) -> Result<T, BackupError> {
+        for (i, e) in self.lost.take() {
+            self.fail(i, Stage::Upload, e);
+        }
+        match result {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if self.live().is_empty() {
+                    Err(self.all_failed())
+                } else {
+                    Err(BackupError::new(Stage::Upload, e))
+                }
             }
         }
     }
@@ -372,24 +718,28 @@ impl<'a> Run<'a> {
         // Before anything is written: a destination that cannot sync, where
         // the configuration requires it, fails the run here, with nothing
         // to clean up.
-        self.durability = self
-            .dest
-            .durability()
-            .await
-            .map_err(|e| BackupError::new(Stage::Upload, e))?;
-        let existing = self
-            .dest
-            .list(&self.set.dir())
-            .await
-            .map_err(|e| BackupError::new(Stage::Upload, e))?;
-        if !existing.is_empty() {
-            return Err(BackupError::new(
-                Stage::Upload,
-                Cause::SetExists {
-                    location: format!("{}/{}", self.dest.describe(), self.set.dir()),
-                },
-            ));
+        // Each destination on its own: one that fails here is left out.
+        for (i, dest) in self.live() {
+            match dest.durability().await {
+                Ok(d) => self.targets[i].durability = d,
+                Err(e) => {
+                    self.fail(i, Stage::Upload, e);
+                    continue;
+                }
+            }
+            match dest.list(&self.set.dir()).await {
+                Ok(existing) if existing.is_empty() => {}
+                Ok(_) => self.fail(
+                    i,
+                    Stage::Upload,
+                    Cause::SetExists {
+                        location: format!("{}/{}", dest.describe(), self.set.dir()),
+                    },
+                ),
+                Err(e) => self.fail(i, Stage::Upload, e),
+            }
         }
+        self.any_left()?;
 
         let t = Instant::now();
         let member = source
@@ -425,13 +775,19 @@ impl<'a> Run<'a> {
         let t = Instant::now();
         for f in &files {
             let final_path = self.set.file(&f.name);
-            let dest = self.dest;
-            self.recorded(
-                final_path.clone(),
-                dest.rename(&partial(&final_path), &final_path),
-            )
-            .await
-            .map_err(|e| BackupError::new(Stage::Upload, e))?;
+            for (i, dest) in self.live() {
+                if let Err(e) = self
+                    .recorded(
+                        i,
+                        final_path.clone(),
+                        dest.rename(&partial(&final_path), &final_path),
+                    )
+                    .await
+                {
+                    self.fail(i, Stage::Upload, e);
+                }
+            }
+            self.any_left()?;
         }
         self.add_time(Stage::Upload, t.elapsed());
 
@@ -439,8 +795,7 @@ impl<'a> Run<'a> {
         manifest.etcd.live_keys = live_keys;
         manifest.snapshot_status = self.snapshot_status;
         self.stage = Stage::Manifest;
-        self.write_manifest(&manifest).await?;
-        Ok(manifest)
+        self.write_manifests(manifest).await
     }
 
     fn add_time(&mut self, stage: Stage, d: Duration) {
@@ -455,29 +810,42 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Records `path` before the operation that may create it, so a run
-    /// cancelled while the destination is carrying it out (the file exists,
-    /// the answer never came) still removes it. A refusal the destination
-    /// answers created nothing of ours: the record is dropped again, so an
-    /// existing file of the same name is never removed.
+    /// Records `path` at destination `i` before the operation that may
+    /// create it, so a run cancelled while the destination is carrying it
+    /// out (the file exists, the answer never came) still removes it. A
+    /// refusal the destination answers created nothing of ours: the record
+    /// is dropped again, so an existing file of the same name is never
+    /// removed.
     async fn recorded<T>(
         &mut self,
+        i: usize,
         path: String,
         op: impl std::future::Future<Output = Result<T, DestinationError>>,
     ) -> Result<T, DestinationError> {
-        self.created.push(path);
+        self.targets[i].created.push(path);
         let result = op.await;
         if result.is_err() {
-            self.created.pop();
+            self.targets[i].created.pop();
         }
         result
     }
 
-    async fn create(&mut self, path: &str, stage: Stage) -> Result<Box<dyn Upload>, BackupError> {
-        let dest = self.dest;
-        self.recorded(path.to_string(), dest.create(path))
-            .await
-            .map_err(|e| BackupError::new(stage, e))
+    /// Creates `path` at every destination still going; those that refuse
+    /// are failed at `stage`.
+    async fn create_each(
+        &mut self,
+        path: &str,
+        stage: Stage,
+    ) -> Result<Vec<(usize, Box<dyn Upload>)>, BackupError> {
+        let mut uploads = Vec::new();
+        for (i, dest) in self.live() {
+            match self.recorded(i, path.to_string(), dest.create(path)).await {
+                Ok(up) => uploads.push((i, up)),
+                Err(e) => self.fail(i, stage, e),
+            }
+        }
+        self.any_left()?;
+        Ok(uploads)
     }
 
     async fn snapshot(
@@ -515,16 +883,14 @@ impl<'a> Run<'a> {
             status.update(&chunk);
             batch.extend_from_slice(&chunk);
             if batch.len() >= WRITE_BATCH {
-                up.write(&batch)
-                    .await
-                    .map_err(|e| BackupError::new(Stage::Upload, e))?;
+                let written = up.write(&batch).await;
+                self.settle(written)?;
                 batch.clear();
             }
         }
         if !batch.is_empty() {
-            up.write(&batch)
-                .await
-                .map_err(|e| BackupError::new(Stage::Upload, e))?;
+            let written = up.write(&batch).await;
+            self.settle(written)?;
         }
         drop(batch);
         // Check before making the file durable: a bad stream never gets a
@@ -547,10 +913,8 @@ impl<'a> Run<'a> {
             }
         };
         self.snapshot_status = status;
-        let stored = up
-            .finish()
-            .await
-            .map_err(|e| BackupError::new(Stage::Upload, e))?;
+        let finished = up.finish().await;
+        let stored = self.settle(finished)?;
         tracing::info!(
             bytes = stored.size,
             plaintext_bytes = stored.plaintext_size,
@@ -586,7 +950,8 @@ impl<'a> Run<'a> {
         let mut upload_error = None;
         while let Some(chunk) = rx.recv().await {
             hasher.update(&chunk);
-            if let Err(e) = up.write(&chunk).await {
+            let written = up.write(&chunk).await;
+            if let Err(e) = self.settle(written) {
                 upload_error = Some(e);
                 break;
             }
@@ -604,13 +969,11 @@ impl<'a> Run<'a> {
             )
         })?;
         if let Some(e) = upload_error {
-            return Err(BackupError::new(Stage::Upload, e));
+            return Err(e);
         }
         let stats = archived.map_err(|e| BackupError::new(Stage::Resources, e))?;
-        let stored = up
-            .finish()
-            .await
-            .map_err(|e| BackupError::new(Stage::Upload, e))?;
+        let finished = up.finish().await;
+        let stored = self.settle(finished)?;
         tracing::info!(
             bytes = stored.size,
             plaintext_bytes = stored.plaintext_size,
@@ -641,8 +1004,12 @@ impl<'a> Run<'a> {
 
     /// Creates a data file, encrypting what is written to it when configured.
     async fn create_sink(&mut self, path: &str) -> Result<Sink, BackupError> {
-        let up = self.create(path, Stage::Upload).await?;
-        let location = format!("{}/{path}", self.dest.describe());
+        let uploads = self.create_each(path, Stage::Upload).await?;
+        let location = match uploads.as_slice() {
+            [(i, _)] => format!("{}/{path}", self.targets[*i].describe),
+            _ => format!("{path} at each destination"),
+        };
+        let up: Box<dyn Upload> = Box::new(Tee::new(uploads, self.lost.clone()));
         let out = match &self.config.encryption {
             None => Out::Plain(up),
             Some(enc) => {
@@ -659,6 +1026,8 @@ impl<'a> Run<'a> {
         })
     }
 
+    /// The manifest, `durable` as if every destination synced; each
+    /// destination's copy says what it did.
     fn manifest(&self, member: &MemberInfo, files: Vec<ManifestFile>) -> Manifest {
         Manifest {
             format_version: match (&self.config.compression, &self.config.encryption) {
@@ -692,46 +1061,78 @@ impl<'a> Run<'a> {
             resources_layout: self.config.resources.layout.as_str().to_string(),
             files,
             snapshot_status: None,
-            durable: self.durability == Durability::Synced,
+            durable: true,
         }
     }
 
-    async fn write_manifest(&mut self, manifest: &Manifest) -> Result<(), BackupError> {
+    /// Writes each destination's manifest (its own `durable`); returns the
+    /// first successful destination's.
+    async fn write_manifests(&mut self, manifest: Manifest) -> Result<Manifest, BackupError> {
         let t = Instant::now();
-        let err = |e| BackupError::new(Stage::Manifest, e);
-        let mut json = serde_json::to_vec_pretty(manifest).expect("a manifest always serializes");
-        json.push(b'\n');
         let final_path = self.set.file(MANIFEST_FILE_NAME);
         let path = partial(&final_path);
-        let mut up = self.create(&path, Stage::Manifest).await?;
-        up.write(&json).await.map_err(err)?;
-        up.finish().await.map_err(err)?;
-        let dest = self.dest;
-        self.recorded(final_path.clone(), dest.rename(&path, &final_path))
-            .await
-            .map_err(err)?;
+        let mut written: Option<(Manifest, u64)> = None;
+        for (i, dest) in self.live() {
+            let mut own = manifest.clone();
+            own.durable = self.targets[i].durability == Durability::Synced;
+            let mut json = serde_json::to_vec_pretty(&own).expect("a manifest always serializes");
+            json.push(b'\n');
+            let mut up = match self.recorded(i, path.clone(), dest.create(&path)).await {
+                Ok(up) => up,
+                Err(e) => {
+                    self.fail(i, Stage::Manifest, e);
+                    continue;
+                }
+            };
+            let stored = async {
+                up.write(&json).await?;
+                up.finish().await
+            }
+            .await;
+            let renamed = match stored {
+                Ok(_) => {
+                    self.recorded(i, final_path.clone(), dest.rename(&path, &final_path))
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match renamed {
+                Ok(()) => {
+                    if written.is_none() {
+                        written = Some((own, json.len() as u64));
+                    }
+                }
+                Err(e) => self.fail(i, Stage::Manifest, e),
+            }
+        }
+        self.any_left()?;
+        let (manifest, bytes) =
+            written.expect("a destination is left, so one manifest was written");
         self.stages.push(StageReport {
             stage: Stage::Manifest,
-            bytes: json.len() as u64,
+            bytes,
             duration: t.elapsed(),
         });
-        Ok(())
+        Ok(manifest)
     }
 
     /// Removes everything this run wrote, manifest first, so that even an
     /// interrupted clean-up never leaves a set that looks complete.
     /// Returns the paths it could not remove.
-    async fn clean_up(&mut self) -> Vec<String> {
-        let mut paths = std::mem::take(&mut self.created);
+    async fn clean_up(&mut self, i: usize) -> Vec<String> {
+        let mut paths = std::mem::take(&mut self.targets[i].created);
+        let Some(dest) = self.targets[i].dest else {
+            return Vec::new();
+        };
         paths.sort_by_key(|p| !p.ends_with(MANIFEST_FILE_NAME));
         let mut not_removed = Vec::new();
         for p in paths {
-            if let Err(e) = self.dest.delete(&p).await {
+            if let Err(e) = dest.delete(&p).await {
                 tracing::warn!(path = %p, error = %e, "could not remove a file of the failed run; retention removes it later");
                 not_removed.push(p);
             }
         }
-        if let Err(e) = self.dest.remove_dir(&self.set.dir()).await {
+        if let Err(e) = dest.remove_dir(&self.set.dir()).await {
             tracing::debug!(set = %self.set, error = %e, "set directory not removed");
         }
         not_removed
@@ -969,7 +1370,7 @@ mod tests {
                 stop.cancel();
             });
             let plan = resources::plan(&cfg.resources).unwrap();
-            let err = Run::new(&cfg, &dest, Utc::now(), plan)
+            let err = Run::new(&cfg, vec![Target::new("default", &dest)], Utc::now(), plan)
                 .execute(&mut MemorySource::new(4), &cancel)
                 .await
                 .unwrap_err();

@@ -316,7 +316,7 @@ fn check_config(config: &std::path::Path) -> ExitCode {
                 c.node_name,
                 c.cluster_name,
                 c.etcd.endpoints[0].as_str().trim_end_matches('/'),
-                c.destination.describe(),
+                c.destination().describe(),
                 c.encryption.as_ref().map_or(String::new(), |e| format!(
                     ", encrypted with age to {} recipient(s)",
                     e.recipients.len()

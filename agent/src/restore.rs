@@ -381,7 +381,7 @@ pub async fn run_drill(
         .prefix("etcd-backup-drill-")
         .tempdir()
         .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
-    let dest = crate::store::destination::open(&config.destination)
+    let dest = crate::store::destination::open(config.destination())
         .await
         .map_err(|e| format!("cannot open the destination: {e}"))?;
     let set = crate::store::catalog::find(dest.as_ref(), &config.cluster_name, node, wanted)

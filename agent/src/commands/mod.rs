@@ -50,7 +50,7 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 }
 
 async fn open(config: &Config) -> Result<Box<dyn Destination>, ExitCode> {
-    destination::open(&config.destination)
+    destination::open(config.destination())
         .await
         .map_err(|e| fail(format!("cannot open the destination: {e}")))
 }

@@ -3,27 +3,112 @@
 use super::*;
 
 impl Validator {
+    /// `destination:` (one, named `default`) or `destinations:` (a list of
+    /// named ones), never both.
+    pub(super) fn destinations(
+        &mut self,
+        single: Option<RawDestination>,
+        list: Option<Vec<RawNamedDestination>>,
+    ) -> Option<Vec<NamedDestination>> {
+        let list = match (single, list) {
+            (Some(_), Some(_)) => {
+                self.error(
+                    "destinations",
+                    "both destination and destinations are set: use one; move the single destination into the list as an entry with a name",
+                );
+                return None;
+            }
+            (single, None) => {
+                return self.destination(single).map(|config| {
+                    vec![NamedDestination {
+                        name: DEFAULT_DESTINATION_NAME.to_string(),
+                        config,
+                    }]
+                })
+            }
+            (None, Some(list)) => list,
+        };
+        if list.is_empty() {
+            self.error(
+                "destinations",
+                "empty: configure at least one destination, e.g. [{name: local, local: {path: /backups}}]",
+            );
+            return None;
+        }
+        let mut out = Vec::with_capacity(list.len());
+        let mut complete = true;
+        for (i, entry) in list.into_iter().enumerate() {
+            let at = format!("destinations[{i}]");
+            let (name, raw) = entry.split();
+            let name = match name {
+                None => {
+                    self.error(
+                        format!("{at}.name"),
+                        "required: a short name for this destination (lower-case letters, digits and '-'), used in results, metric labels and --destination",
+                    );
+                    None
+                }
+                Some(n) if !is_valid_destination_name(&n) => {
+                    self.error(
+                        format!("{at}.name"),
+                        format!(
+                            "{n:?} is not a destination name: use 1 to {DESTINATION_NAME_MAX} lower-case letters, digits and '-', starting and ending with a letter or digit"
+                        ),
+                    );
+                    None
+                }
+                Some(n) => match out.iter().position(|d: &NamedDestination| d.name == n) {
+                    Some(j) => {
+                        self.error(
+                            format!("{at}.name"),
+                            format!("{n:?} is already the name of destinations[{j}]; names must be unique"),
+                        );
+                        None
+                    }
+                    None => Some(n),
+                },
+            };
+            let config = self.destination_kind(&at, raw);
+            match (name, config) {
+                (Some(name), Some(config)) => out.push(NamedDestination { name, config }),
+                _ => complete = false,
+            }
+        }
+        complete.then_some(out)
+    }
+
     pub(super) fn destination(&mut self, raw: Option<RawDestination>) -> Option<DestinationConfig> {
-        const KINDS: &str = "destination.local or destination.sftp";
         let Some(raw) = raw else {
             self.error(
                 "destination",
-                format!("required: configure exactly one of {KINDS}"),
+                "required: configure exactly one of destination.local or destination.sftp (or a list of named destinations under destinations)",
             );
             return None;
         };
+        self.destination_kind("destination", raw)
+    }
+
+    /// One destination's kind and settings, `at` its key path
+    /// (`destination`, `destinations[1]`), which every error names.
+    pub(super) fn destination_kind(
+        &mut self,
+        at: &str,
+        raw: RawDestination,
+    ) -> Option<DestinationConfig> {
+        let kinds = format!("{at}.local or {at}.sftp");
+        let kinds = kinds.as_str();
         match (raw.local, raw.sftp) {
             (None, None) => {
                 self.error(
-                    "destination",
-                    format!("no destination configured: set exactly one of {KINDS}"),
+                    at,
+                    format!("no destination configured: set exactly one of {kinds}"),
                 );
                 None
             }
             (Some(_), Some(_)) => {
                 self.error(
-                    "destination",
-                    format!("both local and sftp are set: configure exactly one of {KINDS}"),
+                    at,
+                    format!("both local and sftp are set: configure exactly one of {kinds}"),
                 );
                 None
             }
@@ -33,78 +118,82 @@ impl Validator {
                 }
                 _ => {
                     self.error(
-                        "destination.local.path",
+                        format!("{at}.local.path"),
                         "required: the directory backup sets are written to",
                     );
                     None
                 }
             },
             (None, Some(sftp)) => self
-                .sftp(sftp.unwrap_or_default())
+                .sftp(at, sftp.unwrap_or_default())
                 .map(DestinationConfig::Sftp),
         }
     }
 
-    pub(super) fn sftp(&mut self, raw: RawSftp) -> Option<SftpConfig> {
+    pub(super) fn sftp(&mut self, at: &str, raw: RawSftp) -> Option<SftpConfig> {
         let host = self.required_text(
-            "destination.sftp.host",
+            &format!("{at}.sftp.host"),
             raw.host,
             "the SFTP server's host name or address",
         );
         if let Some(h) = &host {
             if h.contains(|c: char| c.is_whitespace() || c == '/' || c == '@') {
-                self.error("destination.sftp.host", format!("{h:?} is not a host name or address; give the port in destination.sftp.port"));
+                self.error(
+                    format!("{at}.sftp.host"),
+                    format!("{h:?} is not a host name or address; give the port in {at}.sftp.port"),
+                );
             }
         }
         let port = raw.port.unwrap_or(defaults::SFTP_PORT);
         if port == 0 {
             self.error(
-                "destination.sftp.port",
+                format!("{at}.sftp.port"),
                 "0 is not a port; the SSH default is 22",
             );
         }
         let user = self.required_text(
-            "destination.sftp.user",
+            &format!("{at}.sftp.user"),
             raw.user,
             "the login user on the SFTP server",
         );
         let path = self.required_text(
-            "destination.sftp.path",
+            &format!("{at}.sftp.path"),
             raw.path,
             "the base directory on the server, e.g. /srv/backups",
         );
         if let Some(p) = &path {
             if p.split('/').any(|c| c == "..") {
                 self.error(
-                    "destination.sftp.path",
+                    format!("{at}.sftp.path"),
                     format!("{p:?} contains '..'; give a plain directory"),
                 );
             }
         }
 
-        let host_key = self.sftp_host_key(raw.known_hosts_file, raw.host_key_fingerprint);
+        let host_key = self.sftp_host_key(at, raw.known_hosts_file, raw.host_key_fingerprint);
         let auth = self.sftp_auth(
+            at,
             raw.private_key_file,
             raw.password_file,
             raw.private_key_passphrase_file,
         );
         let connect_timeout = self.duration(
-            "destination.sftp.connect_timeout",
+            &format!("{at}.sftp.connect_timeout"),
             raw.connect_timeout,
             defaults::SFTP_CONNECT_TIMEOUT,
         );
         let io_timeout = self.duration(
-            "destination.sftp.io_timeout",
+            &format!("{at}.sftp.io_timeout"),
             raw.io_timeout,
             defaults::SFTP_IO_TIMEOUT,
         );
         if io_timeout < Duration::from_secs(1) {
-            self.error("destination.sftp.io_timeout", "must be at least 1s");
+            self.error(format!("{at}.sftp.io_timeout"), "must be at least 1s");
         }
         let streams = raw.streams.unwrap_or(defaults::SFTP_STREAMS);
         if !(1..=defaults::SFTP_STREAMS_MAX).contains(&streams) {
             self.error(
-                "destination.sftp.streams",
+                format!("{at}.sftp.streams"),
                 format!(
                     "{streams} is out of range: give 1 to {} (1 uses one SFTP session per file; the default is {})",
                     defaults::SFTP_STREAMS_MAX,
@@ -130,20 +219,21 @@ impl Validator {
     /// host key known in advance.
     fn sftp_host_key(
         &mut self,
+        at: &str,
         known_hosts_file: Option<PathBuf>,
         host_key_fingerprint: Option<String>,
     ) -> Option<HostKeyCheck> {
         match (known_hosts_file, host_key_fingerprint) {
             (Some(_), Some(_)) => {
                 self.error(
-                    "destination.sftp.host_key_fingerprint",
+                    format!("{at}.sftp.host_key_fingerprint"),
                     "set either known_hosts_file or host_key_fingerprint, not both",
                 );
                 None
             }
             (None, None) => {
                 self.error(
-                    "destination.sftp.known_hosts_file",
+                    format!("{at}.sftp.known_hosts_file"),
                     "required (or host_key_fingerprint): the server's host key must be known in advance; \
                      get it with `ssh-keyscan -p PORT HOST`, check it with the server's administrator, \
                      and put the lines in a known_hosts file",
@@ -151,14 +241,14 @@ impl Validator {
                 None
             }
             (Some(file), None) => {
-                self.readable_file("destination.sftp.known_hosts_file", &file);
+                self.readable_file(&format!("{at}.sftp.known_hosts_file"), &file);
                 Some(HostKeyCheck::KnownHosts(file))
             }
             (None, Some(fp)) => {
                 match etcd_backup_known_hosts::parse_sha256_fingerprint(fp.trim()) {
                     Ok(fp) => Some(HostKeyCheck::Fingerprint(fp)),
                     Err(e) => {
-                        self.error("destination.sftp.host_key_fingerprint", e);
+                        self.error(format!("{at}.sftp.host_key_fingerprint"), e);
                         None
                     }
                 }
@@ -170,6 +260,7 @@ impl Validator {
     /// exactly one, read from files only.
     fn sftp_auth(
         &mut self,
+        at: &str,
         private_key_file: Option<PathBuf>,
         password_file: Option<PathBuf>,
         private_key_passphrase_file: Option<PathBuf>,
@@ -177,22 +268,22 @@ impl Validator {
         match (private_key_file, password_file) {
             (Some(_), Some(_)) => {
                 self.error(
-                    "destination.sftp.password_file",
+                    format!("{at}.sftp.password_file"),
                     "set either private_key_file or password_file, not both",
                 );
                 None
             }
             (None, None) => {
                 self.error(
-                    "destination.sftp.private_key_file",
+                    format!("{at}.sftp.private_key_file"),
                     "required (or password_file): how the agent logs in; secrets are read from files only",
                 );
                 None
             }
             (Some(key_file), None) => {
-                self.readable_file("destination.sftp.private_key_file", &key_file);
+                self.readable_file(&format!("{at}.sftp.private_key_file"), &key_file);
                 if let Some(p) = &private_key_passphrase_file {
-                    self.readable_file("destination.sftp.private_key_passphrase_file", p);
+                    self.readable_file(&format!("{at}.sftp.private_key_passphrase_file"), p);
                 }
                 Some(SftpAuth::PrivateKey {
                     key_file,
@@ -202,15 +293,27 @@ impl Validator {
             (None, Some(password_file)) => {
                 if private_key_passphrase_file.is_some() {
                     self.error(
-                        "destination.sftp.private_key_passphrase_file",
+                        format!("{at}.sftp.private_key_passphrase_file"),
                         "only used with private_key_file",
                     );
                 }
-                self.readable_file("destination.sftp.password_file", &password_file);
+                self.readable_file(&format!("{at}.sftp.password_file"), &password_file);
                 Some(SftpAuth::Password(password_file))
             }
         }
     }
+}
+
+/// `^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$`: a metric label value and a
+/// command-line word, nothing to quote.
+pub(super) fn is_valid_destination_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    let inner = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !b.is_empty()
+        && b.len() <= DESTINATION_NAME_MAX
+        && inner(&b[0])
+        && inner(&b[b.len() - 1])
+        && b.iter().all(|c| inner(c) || *c == b'-')
 }
 
 #[cfg(test)]
@@ -230,7 +333,7 @@ mod tests {
             node_name: None,
             hostname: Some("h".into()),
         };
-        Config::parse(&text, &env).map(|c| match c.destination {
+        Config::parse(&text, &env).map(|c| match c.destination() {
             DestinationConfig::Sftp(s) => s.streams,
             DestinationConfig::Local { .. } => unreachable!("an sftp destination"),
         })

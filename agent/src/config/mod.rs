@@ -89,6 +89,7 @@ pub struct RawConfig {
     etcd: Option<RawEtcd>,
     resources: Option<RawResources>,
     destination: Option<RawDestination>,
+    destinations: Option<Vec<RawNamedDestination>>,
     retry: Option<RawRetry>,
     log: Option<RawLog>,
     schedule: Option<String>,
@@ -163,6 +164,30 @@ struct RawDestination {
     local: Option<Option<RawLocal>>,
     #[serde(default, deserialize_with = "present")]
     sftp: Option<Option<RawSftp>>,
+}
+
+/// One entry of `destinations:`: a name and exactly one kind.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamedDestination {
+    name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    local: Option<Option<RawLocal>>,
+    #[serde(default, deserialize_with = "present")]
+    sftp: Option<Option<RawSftp>>,
+}
+
+impl RawNamedDestination {
+    /// The name, and the destination as `destination:` would hold it.
+    fn split(self) -> (Option<String>, RawDestination) {
+        (
+            self.name,
+            RawDestination {
+                local: self.local,
+                sftp: self.sftp,
+            },
+        )
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -275,8 +300,10 @@ pub struct Config {
     pub etcd: EtcdConfig,
     /// Which static-pod resources to bundle.
     pub resources: ResourcesConfig,
-    /// Where backup sets are stored.
-    pub destination: DestinationConfig,
+    /// Where backup sets are stored: `destinations:` in order, or the one
+    /// `destination:` named [`DEFAULT_DESTINATION_NAME`]. Never empty; the
+    /// first is the one commands use without `--destination`.
+    pub destinations: Vec<NamedDestination>,
     /// How failed attempts are retried.
     pub retry: RetryConfig,
     /// Logging.
@@ -407,6 +434,61 @@ pub struct ResourcesConfig {
     pub layout: Layout,
     /// Where the host's `/etc/kubernetes` is mounted.
     pub root: PathBuf,
+}
+
+/// The name `destination:` (a single destination) goes by in results,
+/// metric labels and `--destination`.
+pub const DEFAULT_DESTINATION_NAME: &str = "default";
+
+/// The longest destination name accepted (it is a metric label value).
+pub const DESTINATION_NAME_MAX: usize = 32;
+
+/// One configured destination and its name.
+#[derive(Debug, Clone)]
+pub struct NamedDestination {
+    /// `destinations[i].name` (`default` for `destination:`): lower-case
+    /// letters, digits and `-`, unique, used as the `destination` metric label.
+    pub name: String,
+    /// Where and how.
+    pub config: DestinationConfig,
+}
+
+impl Config {
+    /// The first configured destination: the one commands use without
+    /// `--destination`.
+    pub fn default_destination(&self) -> &NamedDestination {
+        &self.destinations[0]
+    }
+
+    /// The first configured destination's settings.
+    pub fn destination(&self) -> &DestinationConfig {
+        &self.default_destination().config
+    }
+
+    /// The destination `--destination NAME` names, or the first one when no
+    /// name is given.
+    ///
+    /// # Errors
+    /// An unknown name, with the configured names listed.
+    pub fn named_destination(&self, name: Option<&str>) -> Result<&NamedDestination, String> {
+        let Some(name) = name else {
+            return Ok(self.default_destination());
+        };
+        self.destinations
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| {
+                format!(
+                    "no destination named {name:?} is configured; the configured destinations are: {}",
+                    self.destination_names().join(", ")
+                )
+            })
+    }
+
+    /// The configured destinations' names, in order.
+    pub fn destination_names(&self) -> Vec<&str> {
+        self.destinations.iter().map(|d| d.name.as_str()).collect()
+    }
 }
 
 /// `destination:`, exactly one of its kinds.
@@ -607,7 +689,7 @@ impl Config {
 
         let etcd = v.etcd(raw.etcd.unwrap_or_default());
         let resources = v.resources(raw.resources.unwrap_or_default());
-        let destination = v.destination(raw.destination);
+        let destinations = v.destinations(raw.destination, raw.destinations);
         let retry = v.retry(raw.retry.unwrap_or_default());
         let log = v.log(raw.log.unwrap_or_default());
         let retention = v.retention(raw.retention.unwrap_or_default());
@@ -637,19 +719,19 @@ impl Config {
             return Err(v.errors);
         }
         // Every None above pushed an error, so these are all Some here.
-        match (node_name, cluster_name, etcd, resources, destination) {
+        match (node_name, cluster_name, etcd, resources, destinations) {
             (
                 Some(node_name),
                 Some(cluster_name),
                 Some(etcd),
                 Some(resources),
-                Some(destination),
+                Some(destinations),
             ) => Ok(Config {
                 node_name,
                 cluster_name,
                 etcd,
                 resources,
-                destination,
+                destinations,
                 retry,
                 log,
                 daemon: DaemonConfig {
@@ -669,76 +751,98 @@ impl Config {
     }
 }
 
+/// `${NODE_NAME}` in one path field.
+fn expand_one(field: &str, path: &mut Option<PathBuf>, node: &str, v: &mut Validator) {
+    let Some(p) = path.as_mut() else { return };
+    let Some(text) = p.to_str() else { return };
+    if !text.contains("${") {
+        return;
+    }
+    let expanded = text.replace("${NODE_NAME}", node);
+    if expanded.contains("${") {
+        v.error(
+            field,
+            format!("{text:?}: only ${{NODE_NAME}} is expanded in paths"),
+        );
+        return;
+    }
+    *p = PathBuf::from(expanded);
+}
+
+/// `${NODE_NAME}` in one destination's file paths, `at` its key path.
+fn expand_destination(
+    at: &str,
+    local: &mut Option<Option<RawLocal>>,
+    sftp: &mut Option<Option<RawSftp>>,
+    node: &str,
+    v: &mut Validator,
+) {
+    if let Some(Some(l)) = local.as_mut() {
+        expand_one(&format!("{at}.local.path"), &mut l.path, node, v);
+    }
+    if let Some(Some(s)) = sftp.as_mut() {
+        expand_one(
+            &format!("{at}.sftp.known_hosts_file"),
+            &mut s.known_hosts_file,
+            node,
+            v,
+        );
+        expand_one(
+            &format!("{at}.sftp.private_key_file"),
+            &mut s.private_key_file,
+            node,
+            v,
+        );
+        expand_one(
+            &format!("{at}.sftp.private_key_passphrase_file"),
+            &mut s.private_key_passphrase_file,
+            node,
+            v,
+        );
+        expand_one(
+            &format!("{at}.sftp.password_file"),
+            &mut s.password_file,
+            node,
+            v,
+        );
+    }
+}
+
 /// Replaces `${NODE_NAME}` in every file path of the config with this node's
 /// name, so one ConfigMap can name per-node files (OpenShift's client
 /// certificate is `etcd-peer-<node>.crt`). Any other `${...}` is an error.
 fn expand_node_name(raw: &mut RawConfig, node: &str, v: &mut Validator) {
-    fn one(field: &str, path: &mut Option<PathBuf>, node: &str, v: &mut Validator) {
-        let Some(p) = path.as_mut() else { return };
-        let Some(text) = p.to_str() else { return };
-        if !text.contains("${") {
-            return;
-        }
-        let expanded = text.replace("${NODE_NAME}", node);
-        if expanded.contains("${") {
-            v.error(
-                field,
-                format!("{text:?}: only ${{NODE_NAME}} is expanded in paths"),
-            );
-            return;
-        }
-        *p = PathBuf::from(expanded);
-    }
     if let Some(e) = raw.etcd.as_mut() {
-        one("etcd.ca_file", &mut e.ca_file, node, v);
-        one("etcd.cert_file", &mut e.cert_file, node, v);
-        one("etcd.key_file", &mut e.key_file, node, v);
+        expand_one("etcd.ca_file", &mut e.ca_file, node, v);
+        expand_one("etcd.cert_file", &mut e.cert_file, node, v);
+        expand_one("etcd.key_file", &mut e.key_file, node, v);
     }
     if let Some(r) = raw.resources.as_mut() {
-        one("resources.root", &mut r.root, node, v);
+        expand_one("resources.root", &mut r.root, node, v);
     }
     if let Some(d) = raw.destination.as_mut() {
-        if let Some(Some(l)) = d.local.as_mut() {
-            one("destination.local.path", &mut l.path, node, v);
-        }
-        if let Some(Some(s)) = d.sftp.as_mut() {
-            one(
-                "destination.sftp.known_hosts_file",
-                &mut s.known_hosts_file,
-                node,
-                v,
-            );
-            one(
-                "destination.sftp.private_key_file",
-                &mut s.private_key_file,
-                node,
-                v,
-            );
-            one(
-                "destination.sftp.private_key_passphrase_file",
-                &mut s.private_key_passphrase_file,
-                node,
-                v,
-            );
-            one(
-                "destination.sftp.password_file",
-                &mut s.password_file,
-                node,
-                v,
-            );
-        }
+        expand_destination("destination", &mut d.local, &mut d.sftp, node, v);
+    }
+    for (i, d) in raw.destinations.iter_mut().flatten().enumerate() {
+        expand_destination(
+            &format!("destinations[{i}]"),
+            &mut d.local,
+            &mut d.sftp,
+            node,
+            v,
+        );
     }
     if let Some(h) = raw.http.as_mut() {
-        one("http.token_file", &mut h.token_file, node, v);
+        expand_one("http.token_file", &mut h.token_file, node, v);
     }
     if let Some(Some(e)) = raw.encryption.as_mut() {
-        one(
+        expand_one(
             "encryption.recipients_file",
             &mut e.recipients_file,
             node,
             v,
         );
-        one("encryption.identity_file", &mut e.identity_file, node, v);
+        expand_one("encryption.identity_file", &mut e.identity_file, node, v);
     }
 }
 
@@ -1097,9 +1201,9 @@ mod tests {
         let tls = c.etcd.tls.unwrap();
         let (cert, _) = tls.client.unwrap();
         assert_eq!(cert, dir.path().join("etcd-peer-master-3.crt"));
-        match c.destination {
+        match &c.destinations[0].config {
             DestinationConfig::Local { path } => {
-                assert_eq!(path, PathBuf::from("/backups/master-3"))
+                assert_eq!(*path, PathBuf::from("/backups/master-3"))
             }
             other => panic!("{other:?}"),
         }

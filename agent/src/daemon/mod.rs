@@ -145,7 +145,7 @@ pub async fn run_on(
     tracing::info!(
         listen = ?listener.local_addr().ok(),
         schedule = %schedule.describe(),
-        destination = %daemon.config.destination.describe(),
+        destination = %daemon.config.destination().describe(),
         node = %daemon.config.node_name,
         cluster = %daemon.config.cluster_name,
         coordination = daemon.config.daemon.coordination.as_str(),
@@ -594,7 +594,7 @@ async fn newest_finished(
     config: &Config,
     node: Option<&str>,
 ) -> Result<Option<DateTime<Utc>>, CatalogError> {
-    let dest = destination::open(&config.destination).await?;
+    let dest = destination::open(config.destination()).await?;
     let cat = crate::store::catalog::scan(dest.as_ref(), &config.cluster_name, node).await?;
     Ok(finished_times(&cat).map(|(_, at)| at).max())
 }
@@ -613,7 +613,7 @@ async fn keep_catalog(
     // Each rescan lists the sets of every node but reads only new manifests.
     let mut cache = crate::store::catalog::ManifestCache::default();
     loop {
-        let scanned = match destination::open(&config.destination).await {
+        let scanned = match destination::open(config.destination()).await {
             Ok(dest) => crate::store::catalog::scan_cached(
                 dest.as_ref(),
                 &config.cluster_name,
@@ -688,7 +688,7 @@ async fn probe_readiness(config: Arc<Config>, ready: Arc<ReadyFlags>, stop: Canc
             tracing::info!(etcd_ok, "etcd readiness changed");
         }
         if !ready.destination.load(Ordering::Relaxed) {
-            let reached = match destination::open(&config.destination).await {
+            let reached = match destination::open(config.destination()).await {
                 Ok(d) => d.list("").await.is_ok(),
                 Err(_) => false,
             };

@@ -191,7 +191,7 @@ async fn remove_files(
 /// The destination or its catalog could not be read, or some removals failed
 /// (summarised).
 pub async fn after_backup(config: &Config) -> Result<PruneReport, String> {
-    let dest = crate::store::destination::open(&config.destination)
+    let dest = crate::store::destination::open(config.destination())
         .await
         .map_err(|e| e.to_string())?;
     let report = prune(
