@@ -1492,6 +1492,120 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_destination_gets_its_own_complete_copy_or_none_from_one_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = kubeadm_root(tmp.path());
+        let (a, b, c) = (
+            tmp.path().join("a"),
+            tmp.path().join("b"),
+            tmp.path().join("c"),
+        );
+        let cfg = config(&a, Some(&root));
+        let good = LocalDir::open(&a).await.unwrap();
+        let broken = Faulty::new(
+            LocalDir::open(&b).await.unwrap(),
+            Faults {
+                rename_fails_at: 2,
+                ..Faults::default()
+            },
+        );
+        let unsynced = Faulty::new(
+            LocalDir::open(&c).await.unwrap(),
+            Faults {
+                unsynced_required: Some(false),
+                ..Faults::default()
+            },
+        );
+        let targets = vec![
+            Target::new("a", &good),
+            Target::new("b", &broken),
+            Target::new("c", &unsynced),
+        ];
+        let mut source = MemorySource::new(64);
+        let plan = resources::plan(&cfg.resources).unwrap();
+        let report = Run::new(&cfg, targets, Utc::now(), plan)
+            .execute(&mut source, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert!(report.is_partial());
+        let names: Vec<(&str, bool)> = report
+            .destinations
+            .iter()
+            .map(|d| (d.name.as_str(), d.succeeded()))
+            .collect();
+        assert_eq!(names, [("a", true), ("b", false), ("c", true)]);
+        match &report.destinations[1].result {
+            DestinationResult::Failed { stage, error } => {
+                assert_eq!(*stage, Stage::Upload);
+                assert!(error.contains("connection reset"), "{error}");
+            }
+            other => panic!("b: {other:?}"),
+        }
+        assert_eq!(
+            report.destinations[2].result,
+            DestinationResult::Succeeded { durable: false }
+        );
+        // The failed destination holds nothing of the run; the others the
+        // same files, byte for byte, each with its own manifest.
+        assert!(all_files(&b).is_empty(), "{:?}", all_files(&b));
+        let dir = report.set.dir();
+        assert_eq!(all_files(&a.join(&dir)), all_files(&c.join(&dir)));
+        let snapshot = report.set.timestamp.snapshot_file_name();
+        let stored = std::fs::read(a.join(&dir).join(&snapshot)).unwrap();
+        assert_eq!(stored, source.stream);
+        assert_eq!(std::fs::read(c.join(&dir).join(&snapshot)).unwrap(), stored);
+        let manifest = |d: &std::path::Path| {
+            std::fs::read_to_string(d.join(&dir).join(MANIFEST_FILE_NAME)).unwrap()
+        };
+        assert!(!manifest(&a).contains("durable"), "{}", manifest(&a));
+        assert!(
+            manifest(&c).contains("\"durable\": false"),
+            "{}",
+            manifest(&c)
+        );
+    }
+
+    #[tokio::test]
+    async fn when_every_destination_fails_the_run_fails_and_names_each() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = kubeadm_root(tmp.path());
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        let cfg = config(&a, Some(&root));
+        let faults = Faults {
+            rename_fails_at: 1,
+            ..Faults::default()
+        };
+        let one = Faulty::new(LocalDir::open(&a).await.unwrap(), faults);
+        let two = Faulty::new(
+            LocalDir::open(&b).await.unwrap(),
+            Faults {
+                unsynced_required: Some(true),
+                ..Faults::default()
+            },
+        );
+        let plan = resources::plan(&cfg.resources).unwrap();
+        let err = Run::new(
+            &cfg,
+            vec![Target::new("one", &one), Target::new("two", &two)],
+            Utc::now(),
+            plan,
+        )
+        .execute(&mut MemorySource::new(8), &CancellationToken::new())
+        .await
+        .unwrap_err();
+        assert_eq!(err.stage, Stage::Upload);
+        let text = err.to_string();
+        assert!(text.contains("one ("), "{text}");
+        assert!(
+            text.contains("two (") && text.contains("require_fsync"),
+            "{text}"
+        );
+        assert!(err.destinations.iter().all(|d| !d.succeeded()));
+        assert!(all_files(&a).is_empty(), "{:?}", all_files(&a));
+        assert!(all_files(&b).is_empty(), "{:?}", all_files(&b));
+    }
+
+    #[tokio::test]
     async fn a_destination_that_cannot_sync_is_refused_before_writing_or_recorded_not_durable() {
         let tmp = tempfile::tempdir().unwrap();
         let root = kubeadm_root(tmp.path());
