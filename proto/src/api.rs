@@ -17,6 +17,9 @@ pub enum RunState {
     Succeeded,
     /// Finished without a set; `error` says why.
     Failed,
+    /// Finished with a complete set at some destinations and none at the
+    /// others; `destinations` says which, `error` why.
+    Partial,
 }
 
 /// What started a run.
@@ -84,9 +87,38 @@ pub struct RunRecord {
     /// The stage a failed run stopped at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_stage: Option<String>,
-    /// Why the run failed.
+    /// Why the run failed (or, when partial, which destinations failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How each configured destination ended, in configuration order,
+    /// once the run has finished.
+    #[serde(default)]
+    pub destinations: Vec<DestinationRecord>,
+}
+
+/// How one destination's copy of a run's set ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationRecord {
+    /// The configured name (`default` for a single `destination:`).
+    pub name: String,
+    /// Whether its copy is complete.
+    pub result: DestinationResultKind,
+    /// The stage it failed at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `succeeded` or `failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DestinationResultKind {
+    /// The destination holds the complete set.
+    Succeeded,
+    /// The destination holds none of it.
+    Failed,
 }
 
 /// `GET /v1/backups`: recent runs, newest first, and the node's stored sets.
@@ -229,6 +261,7 @@ mod tests {
             revision: None,
             failed_stage: None,
             error: None,
+            destinations: Vec::new(),
         };
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         assert_eq!(v["state"], "running");

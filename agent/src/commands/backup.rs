@@ -19,16 +19,36 @@ pub async fn backup(config: &Config) -> ExitCode {
     };
     let outcome = crate::backup::run_with_retries(config, &cancel).await;
     watcher.abort();
-    if outcome.result.is_ok() {
-        if let Err(e) = crate::store::prune::after_backup(config).await {
-            // The backup itself is complete; say so, but do not hide this.
-            eprintln!("warning: the backup succeeded, but applying retention failed: {e}");
+    if let Ok(report) = &outcome.result {
+        // Retention at each destination that holds the new set, on its own.
+        for d in report.destinations.iter().filter(|d| d.succeeded()) {
+            let Ok(named) = config.named_destination(Some(&d.name)) else {
+                continue;
+            };
+            if let Err(e) = crate::store::prune::after_backup(config, &named.config).await {
+                // The backup itself is complete; say so, but do not hide this.
+                eprintln!(
+                    "warning: the backup succeeded, but applying retention at destination {} failed: {e}",
+                    d.name
+                );
+            }
         }
     }
     match outcome.result {
         Ok(report) => {
             let m = &report.manifest;
-            println!("backup set {} complete", report.location);
+            if config.destinations.len() == 1 {
+                println!("backup set {} complete", report.location);
+            } else {
+                println!("backup set {}", report.set.dir());
+                for d in &report.destinations {
+                    if d.succeeded() {
+                        println!("  destination {:<20} complete at {}", d.name, d.location);
+                    } else {
+                        println!("  destination {:<20} FAILED: {d}", d.name);
+                    }
+                }
+            }
             for f in &m.files {
                 println!("  {:<48} {:>14} bytes  sha256:{}", f.name, f.size, f.sha256);
             }
@@ -58,6 +78,13 @@ pub async fn backup(config: &Config) -> ExitCode {
                 println!(
                     "  not durable: the server could not sync the files (no fsync@openssh.com; destination.sftp.require_fsync is false)"
                 );
+            }
+            if report.is_partial() {
+                eprintln!(
+                    "error: backup partial: {}",
+                    crate::daemon::runner::partial_message(&report.destinations)
+                );
+                return ExitCode::from(EXIT_FAILURE);
             }
             ExitCode::SUCCESS
         }

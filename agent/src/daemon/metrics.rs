@@ -5,6 +5,13 @@
 //! every combination is created at start so counters exist at 0 before the
 //! first event (`increase()` and absence alerts then work from the start).
 //!
+//! The `destination` label's values are the configured destination names
+//! (`default` for a single `destination:`): a bounded set the configuration
+//! fixes, every series created at start. It is on what describes one
+//! destination's copy: its last success, its failures, its results, its sets
+//! and unrecognised entries, its not-durable sets. What describes the run
+//! (its start, its result, duration, sizes, revision) has no such label.
+//!
 //! One exception: `etcd_backup_cluster_last_success_timestamp_seconds` is
 //! labelled with the node that took the cluster's newest set, a name read from
 //! the destination. It has exactly one series once a set exists and none
@@ -26,7 +33,7 @@ use prometheus_client::registry::Registry;
 
 use etcd_backup_proto::api::Trigger;
 
-use crate::backup::Stage;
+use crate::backup::{DestinationOutcome, DestinationResult, Stage};
 use crate::config::Coordination;
 
 /// Buckets of `etcd_backup_duration_seconds`: 1 s to 1 h.
@@ -35,7 +42,12 @@ const DURATION_BUCKETS: [f64; 12] = [
 ];
 
 const TRIGGERS: [Trigger; 3] = [Trigger::Schedule, Trigger::Http, Trigger::Startup];
-const RESULTS: [&str; 2] = ["success", "failure"];
+/// The `result` label values of `etcd_backup_runs_total` and
+/// `etcd_backup_duration_seconds`: `partial` when some destinations hold
+/// the set and others do not.
+const RESULTS: [&str; 3] = ["success", "partial", "failure"];
+/// The `result` label values of `etcd_backup_destination_runs_total`.
+const DESTINATION_RESULTS: [&str; 2] = ["success", "failure"];
 /// The `stage` label values of `etcd_backup_failures_total`.
 pub const FAILURE_STAGES: [&str; 7] = [
     "connect",
@@ -77,6 +89,18 @@ struct RunLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StageLabels {
     stage: &'static str,
+    destination: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DestinationLabels {
+    destination: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DestinationResultLabels {
+    destination: String,
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,24 +128,27 @@ type TimestampGauge = Gauge<f64, AtomicU64>;
 /// The agent's metrics.
 pub struct Metrics {
     registry: Registry,
-    last_success: TimestampGauge,
+    /// The configured destination names, in order.
+    destinations: Vec<String>,
+    last_success: Family<DestinationLabels, TimestampGauge>,
     last_attempt: TimestampGauge,
     last_size: Family<ArtifactLabels, Gauge>,
     last_revision: Gauge,
     runs: Family<RunLabels, Counter>,
+    destination_runs: Family<DestinationResultLabels, Counter>,
     failures: Family<StageLabels, Counter>,
     skipped: Family<ReasonLabels, Counter>,
     duration: Family<ResultLabels, Histogram, fn() -> Histogram>,
     in_progress: Gauge,
     next_run: TimestampGauge,
-    sets: Gauge,
-    unrecognised: Gauge,
+    sets: Family<DestinationLabels, Gauge>,
+    unrecognised: Family<DestinationLabels, Gauge>,
     last_drill_success: TimestampGauge,
     cluster_last_success: Family<NodeLabels, TimestampGauge>,
     /// The node whose series `cluster_last_success` holds, if any.
     cluster_node: Mutex<Option<String>>,
     http_rate_limited: Counter,
-    not_durable_sets: Counter,
+    not_durable_sets: Family<DestinationLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -148,25 +175,41 @@ impl Metrics {
     /// Registers every metric; `version` labels the build-info metric and
     /// `coordination` the mode metric, so alert rules can tell modes apart.
     pub fn with_coordination(version: &str, coordination: Coordination) -> Self {
+        Self::with_destinations(
+            version,
+            coordination,
+            &[crate::config::DEFAULT_DESTINATION_NAME],
+        )
+    }
+
+    /// Registers every metric, with a series per destination name (the
+    /// configured ones) wherever the `destination` label is.
+    pub fn with_destinations(
+        version: &str,
+        coordination: Coordination,
+        destinations: &[&str],
+    ) -> Self {
         let mut registry = Registry::default();
         let m = Metrics {
-            last_success: TimestampGauge::default(),
+            destinations: destinations.iter().map(|d| (*d).to_string()).collect(),
+            last_success: Family::default(),
             last_attempt: TimestampGauge::default(),
             last_size: Family::default(),
             last_revision: Gauge::default(),
             runs: Family::default(),
+            destination_runs: Family::default(),
             failures: Family::default(),
             skipped: Family::default(),
             duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             in_progress: Gauge::default(),
             next_run: TimestampGauge::default(),
-            sets: Gauge::default(),
-            unrecognised: Gauge::default(),
+            sets: Family::default(),
+            unrecognised: Family::default(),
             last_drill_success: TimestampGauge::default(),
             cluster_last_success: Family::default(),
             cluster_node: Mutex::new(None),
             http_rate_limited: Counter::default(),
-            not_durable_sets: Counter::default(),
+            not_durable_sets: Family::default(),
             registry: Registry::default(),
         };
         m.register_run_metrics(&mut registry);
@@ -179,7 +222,7 @@ impl Metrics {
     fn register_run_metrics(&self, registry: &mut Registry) {
         registry.register(
             "etcd_backup_last_success_timestamp_seconds",
-            "Unix time the newest successful backup finished (0 until the first)",
+            "Unix time the newest complete set at each destination finished (0 until the first)",
             self.last_success.clone(),
         );
         registry.register(
@@ -199,12 +242,17 @@ impl Metrics {
         );
         registry.register(
             "etcd_backup_runs",
-            "Backup runs by trigger and result",
+            "Backup runs by trigger and result: success (every destination), partial (some), failure (none)",
             self.runs.clone(),
         );
         registry.register(
+            "etcd_backup_destination_runs",
+            "Each destination's outcome of each backup run: success (its copy is complete) or failure",
+            self.destination_runs.clone(),
+        );
+        registry.register(
             "etcd_backup_failures",
-            "Failed backup runs by the stage they failed at",
+            "Destinations a backup run (or the retention after it) failed at, by stage: a run that fails before any destination (connect, snapshot) counts once per destination",
             self.failures.clone(),
         );
         registry.register(
@@ -238,12 +286,12 @@ impl Metrics {
     ) {
         registry.register(
             "etcd_backup_sets",
-            "Complete backup sets of this node at the destination, as of the last scan",
+            "Complete backup sets of this node at each destination, as of the last scan",
             self.sets.clone(),
         );
         registry.register(
             "etcd_backup_unrecognised_entries",
-            "Entries in this node's directory at the destination that the agent never removes: newer-format sets, damaged or incomplete sets, and anything it did not write (see list --include-partial), as of the last scan",
+            "Entries in this node's directory at each destination that the agent never removes: newer-format sets, damaged or incomplete sets, and anything it did not write (see list --include-partial), as of the last scan",
             self.unrecognised.clone(),
         );
         registry.register(
@@ -281,6 +329,29 @@ impl Metrics {
     /// Every labelled series from the closed label sets, at zero, so alert
     /// rules see them before the first run.
     fn create_series(&self) {
+        for d in &self.destinations {
+            let destination = || DestinationLabels {
+                destination: d.clone(),
+            };
+            let _ = self.last_success.get_or_create(&destination());
+            let _ = self.sets.get_or_create(&destination());
+            let _ = self.unrecognised.get_or_create(&destination());
+            let _ = self.not_durable_sets.get_or_create(&destination());
+            for result in DESTINATION_RESULTS {
+                let _ = self
+                    .destination_runs
+                    .get_or_create(&DestinationResultLabels {
+                        destination: d.clone(),
+                        result,
+                    });
+            }
+            for stage in FAILURE_STAGES {
+                let _ = self.failures.get_or_create(&StageLabels {
+                    stage,
+                    destination: d.clone(),
+                });
+            }
+        }
         for trigger in TRIGGERS {
             for result in RESULTS {
                 let _ = self.runs.get_or_create(&RunLabels {
@@ -288,9 +359,6 @@ impl Metrics {
                     result,
                 });
             }
-        }
-        for stage in FAILURE_STAGES {
-            let _ = self.failures.get_or_create(&StageLabels { stage });
         }
         for reason in SkipReason::ALL {
             let _ = self.skipped.get_or_create(&ReasonLabels {
@@ -319,24 +387,30 @@ impl Metrics {
         self.in_progress.set(1);
     }
 
-    /// A run finished with a complete set.
+    /// A run finished with a complete set at one destination at least
+    /// (partial when not at all of them, as `destinations` says).
     pub fn run_succeeded(
         &self,
         trigger: Trigger,
         took: Duration,
         finished: DateTime<Utc>,
         outcome: &SuccessFigures,
+        destinations: &[DestinationOutcome],
     ) {
         self.in_progress.set(0);
-        self.last_success.set(seconds(finished));
+        let result = if destinations.iter().all(DestinationOutcome::succeeded) {
+            "success"
+        } else {
+            "partial"
+        };
         self.runs
             .get_or_create(&RunLabels {
                 trigger: trigger.as_str(),
-                result: "success",
+                result,
             })
             .inc();
         self.duration
-            .get_or_create(&ResultLabels { result: "success" })
+            .get_or_create(&ResultLabels { result })
             .observe(took.as_secs_f64());
         self.last_size
             .get_or_create(&ArtifactLabels {
@@ -349,13 +423,18 @@ impl Metrics {
             })
             .set(i64::try_from(outcome.resources_bytes.unwrap_or(0)).unwrap_or(i64::MAX));
         self.last_revision.set(outcome.revision);
-        if !outcome.durable {
-            self.not_durable_sets.inc();
-        }
+        self.destinations_finished(Some(finished), destinations);
     }
 
-    /// A run finished without a set, at `stage`.
-    pub fn run_failed(&self, trigger: Trigger, took: Duration, stage: Stage) {
+    /// A run finished without a set anywhere; `stage` is where the run
+    /// failed, `destinations` where each destination did.
+    pub fn run_failed(
+        &self,
+        trigger: Trigger,
+        took: Duration,
+        stage: Stage,
+        destinations: &[DestinationOutcome],
+    ) {
         self.in_progress.set(0);
         self.runs
             .get_or_create(&RunLabels {
@@ -363,20 +442,71 @@ impl Metrics {
                 result: "failure",
             })
             .inc();
-        self.failures
-            .get_or_create(&StageLabels {
-                stage: stage.as_str(),
-            })
-            .inc();
         self.duration
             .get_or_create(&ResultLabels { result: "failure" })
             .observe(took.as_secs_f64());
+        if destinations.is_empty() {
+            // Failed before it knew its destinations: failed at each.
+            for d in &self.destinations {
+                self.destination_failed(d, stage.as_str());
+            }
+        }
+        self.destinations_finished(None, destinations);
     }
 
-    /// Applying retention after a successful run failed.
-    pub fn retention_failed(&self) {
+    /// Each destination's part of a finished run.
+    fn destinations_finished(
+        &self,
+        finished: Option<DateTime<Utc>>,
+        destinations: &[DestinationOutcome],
+    ) {
+        for d in destinations {
+            match (&d.result, finished) {
+                (DestinationResult::Succeeded { durable }, Some(at)) => {
+                    let labels = DestinationLabels {
+                        destination: d.name.clone(),
+                    };
+                    self.last_success.get_or_create(&labels).set(seconds(at));
+                    if !durable {
+                        self.not_durable_sets.get_or_create(&labels).inc();
+                    }
+                    self.destination_runs
+                        .get_or_create(&DestinationResultLabels {
+                            destination: d.name.clone(),
+                            result: "success",
+                        })
+                        .inc();
+                }
+                (DestinationResult::Failed { stage, .. }, _) => {
+                    self.destination_failed(&d.name, stage.as_str());
+                }
+                (DestinationResult::Succeeded { .. }, None) => {}
+            }
+        }
+    }
+
+    fn destination_failed(&self, destination: &str, stage: &'static str) {
         self.failures
-            .get_or_create(&StageLabels { stage: "retention" })
+            .get_or_create(&StageLabels {
+                stage,
+                destination: destination.to_string(),
+            })
+            .inc();
+        self.destination_runs
+            .get_or_create(&DestinationResultLabels {
+                destination: destination.to_string(),
+                result: "failure",
+            })
+            .inc();
+    }
+
+    /// Applying retention at `destination` after a successful run failed.
+    pub fn retention_failed(&self, destination: &str) {
+        self.failures
+            .get_or_create(&StageLabels {
+                stage: "retention",
+                destination: destination.to_string(),
+            })
             .inc();
     }
 
@@ -392,10 +522,13 @@ impl Metrics {
     /// The newest complete set at the destination finished at `at`: a daemon
     /// that starts after a restart reports that, not 0, so staleness alerts
     /// see the real age of the newest backup. Never moves the gauge back.
-    pub fn seed_last_success(&self, at: DateTime<Utc>) {
+    pub fn seed_last_success(&self, destination: &str, at: DateTime<Utc>) {
         let s = seconds(at);
-        if self.last_success.get() < s {
-            self.last_success.set(s);
+        let gauge = self.last_success.get_or_create(&DestinationLabels {
+            destination: destination.to_string(),
+        });
+        if gauge.get() < s {
+            gauge.set(s);
         }
     }
 
@@ -428,15 +561,23 @@ impl Metrics {
         self.last_drill_success.set(seconds(at));
     }
 
-    /// How many complete sets this node has at the destination.
-    pub fn set_sets(&self, n: usize) {
-        self.sets.set(i64::try_from(n).unwrap_or(i64::MAX));
+    /// How many complete sets this node has at `destination`.
+    pub fn set_sets(&self, destination: &str, n: usize) {
+        self.sets
+            .get_or_create(&DestinationLabels {
+                destination: destination.to_string(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// How many entries of this node's directory the agent leaves alone
     /// because it cannot prove they are its own.
-    pub fn set_unrecognised(&self, n: usize) {
-        self.unrecognised.set(i64::try_from(n).unwrap_or(i64::MAX));
+    pub fn set_unrecognised(&self, destination: &str, n: usize) {
+        self.unrecognised
+            .get_or_create(&DestinationLabels {
+                destination: destination.to_string(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// The next scheduled start; `None` clears it.
@@ -454,13 +595,111 @@ pub struct SuccessFigures {
     pub resources_bytes: Option<u64>,
     /// etcd revision in the manifest.
     pub revision: i64,
-    /// Whether the destination synced the set's files (the manifest's `durable`).
-    pub durable: bool,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ok(name: &str, durable: bool) -> DestinationOutcome {
+        DestinationOutcome {
+            name: name.into(),
+            location: format!("local:/{name}"),
+            result: DestinationResult::Succeeded { durable },
+        }
+    }
+
+    fn failed(name: &str, stage: Stage) -> DestinationOutcome {
+        DestinationOutcome {
+            name: name.into(),
+            location: format!("local:/{name}"),
+            result: DestinationResult::Failed {
+                stage,
+                error: "connection reset".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_partial_run_moves_each_destination_on_its_own() {
+        let m = Metrics::with_destinations("0", Coordination::PerNode, &["sftp", "s3"]);
+        let text = m.encode();
+        for d in ["sftp", "s3"] {
+            for series in [
+                format!("etcd_backup_last_success_timestamp_seconds{{destination=\"{d}\"}}"),
+                format!("etcd_backup_failures_total{{stage=\"upload\",destination=\"{d}\"}}"),
+                format!(
+                    "etcd_backup_destination_runs_total{{destination=\"{d}\",result=\"failure\"}}"
+                ),
+                format!("etcd_backup_sets{{destination=\"{d}\"}}"),
+            ] {
+                assert_eq!(value(&text, &series), 0.0, "{series}");
+            }
+        }
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        m.run_succeeded(
+            Trigger::Schedule,
+            Duration::from_secs(3),
+            t0,
+            &SuccessFigures {
+                snapshot_bytes: 1,
+                resources_bytes: None,
+                revision: 7,
+            },
+            &[failed("sftp", Stage::Upload), ok("s3", true)],
+        );
+        let text = m.encode();
+        let v = |s: &str| value(&text, s);
+        assert_eq!(
+            v("etcd_backup_runs_total{trigger=\"schedule\",result=\"partial\"}"),
+            1.0
+        );
+        assert_eq!(
+            v("etcd_backup_runs_total{trigger=\"schedule\",result=\"success\"}"),
+            0.0
+        );
+        assert_eq!(
+            v("etcd_backup_last_success_timestamp_seconds{destination=\"s3\"}"),
+            1_800_000_000.0
+        );
+        assert_eq!(
+            v("etcd_backup_last_success_timestamp_seconds{destination=\"sftp\"}"),
+            0.0
+        );
+        assert_eq!(
+            v("etcd_backup_failures_total{stage=\"upload\",destination=\"sftp\"}"),
+            1.0
+        );
+        assert_eq!(
+            v("etcd_backup_failures_total{stage=\"upload\",destination=\"s3\"}"),
+            0.0
+        );
+        assert_eq!(
+            v("etcd_backup_destination_runs_total{destination=\"s3\",result=\"success\"}"),
+            1.0
+        );
+        assert_eq!(
+            v("etcd_backup_destination_runs_total{destination=\"sftp\",result=\"failure\"}"),
+            1.0
+        );
+        // A run that fails before any destination fails at each.
+        m.run_failed(
+            Trigger::Schedule,
+            Duration::from_secs(1),
+            Stage::Connect,
+            &[],
+        );
+        let text = m.encode();
+        for d in ["sftp", "s3"] {
+            assert_eq!(
+                value(
+                    &text,
+                    &format!("etcd_backup_failures_total{{stage=\"connect\",destination=\"{d}\"}}")
+                ),
+                1.0
+            );
+        }
+    }
 
     fn value(text: &str, series: &str) -> f64 {
         text.lines()
@@ -478,7 +717,10 @@ mod tests {
         let m = Metrics::new("1.2.3");
         let text = m.encode();
         assert_eq!(
-            value(&text, "etcd_backup_last_success_timestamp_seconds"),
+            value(
+                &text,
+                "etcd_backup_last_success_timestamp_seconds{destination=\"default\"}"
+            ),
             0.0
         );
         assert_eq!(
@@ -493,7 +735,10 @@ mod tests {
             0.0
         );
         assert_eq!(
-            value(&text, "etcd_backup_failures_total{stage=\"retention\"}"),
+            value(
+                &text,
+                "etcd_backup_failures_total{stage=\"retention\",destination=\"default\"}"
+            ),
             0.0
         );
         assert_eq!(
@@ -525,9 +770,21 @@ mod tests {
             0.0
         );
         assert_eq!(value(&text, "etcd_backup_in_progress"), 0.0);
-        assert_eq!(value(&text, "etcd_backup_unrecognised_entries"), 0.0);
+        assert_eq!(
+            value(
+                &text,
+                "etcd_backup_unrecognised_entries{destination=\"default\"}"
+            ),
+            0.0
+        );
         assert_eq!(value(&text, "etcd_backup_http_rate_limited_total"), 0.0);
-        assert_eq!(value(&text, "etcd_backup_not_durable_sets_total"), 0.0);
+        assert_eq!(
+            value(
+                &text,
+                "etcd_backup_not_durable_sets_total{destination=\"default\"}"
+            ),
+            0.0
+        );
         assert_eq!(
             value(&text, "etcd_backup_agent_build_info{version=\"1.2.3\"}"),
             1.0
@@ -555,18 +812,26 @@ mod tests {
                 snapshot_bytes: 20512,
                 resources_bytes: Some(471),
                 revision: 42,
-                durable: true,
             },
+            &[ok("default", true)],
         );
         m.run_started(t0 + chrono::Duration::seconds(60));
-        m.run_failed(Trigger::Schedule, Duration::from_secs(70), Stage::Upload);
+        m.run_failed(
+            Trigger::Schedule,
+            Duration::from_secs(70),
+            Stage::Upload,
+            &[failed("default", Stage::Upload)],
+        );
         m.skipped(SkipReason::InProgress);
         m.http_rate_limited();
         m.http_rate_limited();
         m.set_next_run(Some(t0 + chrono::Duration::seconds(3600)));
         let text = m.encode();
         assert_eq!(
-            value(&text, "etcd_backup_last_success_timestamp_seconds"),
+            value(
+                &text,
+                "etcd_backup_last_success_timestamp_seconds{destination=\"default\"}"
+            ),
             1_800_000_003.5
         );
         assert_eq!(
@@ -593,7 +858,10 @@ mod tests {
             1.0
         );
         assert_eq!(
-            value(&text, "etcd_backup_failures_total{stage=\"upload\"}"),
+            value(
+                &text,
+                "etcd_backup_failures_total{stage=\"upload\",destination=\"default\"}"
+            ),
             1.0
         );
         assert_eq!(
@@ -628,7 +896,13 @@ mod tests {
         assert_eq!(value(&text, "etcd_backup_in_progress"), 0.0);
         assert_eq!(value(&text, "etcd_backup_http_rate_limited_total"), 2.0);
         // That success was durable.
-        assert_eq!(value(&text, "etcd_backup_not_durable_sets_total"), 0.0);
+        assert_eq!(
+            value(
+                &text,
+                "etcd_backup_not_durable_sets_total{destination=\"default\"}"
+            ),
+            0.0
+        );
         m.run_succeeded(
             Trigger::Schedule,
             Duration::from_secs(3),
@@ -637,11 +911,14 @@ mod tests {
                 snapshot_bytes: 20512,
                 resources_bytes: None,
                 revision: 43,
-                durable: false,
             },
+            &[ok("default", false)],
         );
         assert_eq!(
-            value(&m.encode(), "etcd_backup_not_durable_sets_total"),
+            value(
+                &m.encode(),
+                "etcd_backup_not_durable_sets_total{destination=\"default\"}"
+            ),
             1.0
         );
     }

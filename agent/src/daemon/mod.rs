@@ -251,9 +251,10 @@ impl Daemon {
     /// run asks for a catalog rescan.
     fn start(config: Config, rescan: Arc<tokio::sync::Notify>) -> Self {
         let config = Arc::new(config);
-        let metrics = Arc::new(Metrics::with_coordination(
+        let metrics = Arc::new(Metrics::with_destinations(
             crate::backup::AGENT_VERSION,
             config.daemon.coordination,
+            &config.destination_names(),
         ));
         let ready = Arc::new(ReadyFlags::default());
         let runner = {
@@ -590,13 +591,24 @@ pub async fn newest_complete_set_of_cluster(
     newest_finished(config, None).await
 }
 
+/// The newest set's finish time at the destination whose newest is oldest:
+/// with several destinations, a run is due as soon as one of them is stale
+/// (`None` when one holds no set at all).
 async fn newest_finished(
     config: &Config,
     node: Option<&str>,
 ) -> Result<Option<DateTime<Utc>>, CatalogError> {
-    let dest = destination::open(config.destination()).await?;
-    let cat = crate::store::catalog::scan(dest.as_ref(), &config.cluster_name, node).await?;
-    Ok(finished_times(&cat).map(|(_, at)| at).max())
+    let mut oldest_newest: Option<Option<DateTime<Utc>>> = None;
+    for d in &config.destinations {
+        let dest = destination::open(&d.config).await?;
+        let cat = crate::store::catalog::scan(dest.as_ref(), &config.cluster_name, node).await?;
+        let newest = finished_times(&cat).map(|(_, at)| at).max();
+        oldest_newest = Some(match oldest_newest {
+            None => newest,
+            Some(seen) => seen.min(newest),
+        });
+    }
+    Ok(oldest_newest.flatten())
 }
 
 /// Scans the cluster's sets at start, after every run and every
@@ -610,45 +622,64 @@ async fn keep_catalog(
     rescan_every: Duration,
     stop: CancellationToken,
 ) {
-    // Each rescan lists the sets of every node but reads only new manifests.
-    let mut cache = crate::store::catalog::ManifestCache::default();
+    // Each rescan lists the sets of every node but reads only new
+    // manifests; one cache per destination.
+    let mut caches: Vec<crate::store::catalog::ManifestCache> = config
+        .destinations
+        .iter()
+        .map(|_| crate::store::catalog::ManifestCache::default())
+        .collect();
     loop {
-        let scanned = match destination::open(config.destination()).await {
-            Ok(dest) => crate::store::catalog::scan_cached(
-                dest.as_ref(),
-                &config.cluster_name,
-                None,
-                &mut cache,
-            )
-            .await
-            .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match scanned {
-            Ok(cat) => {
-                if let Some((node, at)) = cluster_newest(&cat) {
-                    metrics.set_cluster_last_success(node, at);
+        let mut cluster: Option<(String, DateTime<Utc>)> = None;
+        for (i, (d, cache)) in config.destinations.iter().zip(&mut caches).enumerate() {
+            let scanned = match destination::open(&d.config).await {
+                Ok(dest) => crate::store::catalog::scan_cached(
+                    dest.as_ref(),
+                    &config.cluster_name,
+                    None,
+                    cache,
+                )
+                .await
+                .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let cat = match scanned {
+                Ok(cat) => cat,
+                Err(e) => {
+                    tracing::warn!(destination = %d.name, error = %e, "cannot scan the cluster's backup sets");
+                    continue;
                 }
-                let own: Vec<&crate::store::catalog::CatalogSet> = cat
-                    .sets
-                    .iter()
-                    .filter(|s| s.id.node == config.node_name)
-                    .collect();
-                metrics.set_sets(own.len());
-                metrics.set_unrecognised(cat.needing_attention(&config.node_name));
-                if let Some(at) = finished_times(&cat)
-                    .filter(|(node, _)| *node == config.node_name)
-                    .map(|(_, at)| at)
-                    .max()
-                {
-                    metrics.seed_last_success(at);
+            };
+            if let Some((node, at)) = cluster_newest(&cat) {
+                if cluster.as_ref().is_none_or(|(_, seen)| at > *seen) {
+                    cluster = Some((node.to_string(), at));
                 }
+            }
+            let own: Vec<&crate::store::catalog::CatalogSet> = cat
+                .sets
+                .iter()
+                .filter(|s| s.id.node == config.node_name)
+                .collect();
+            metrics.set_sets(&d.name, own.len());
+            metrics.set_unrecognised(&d.name, cat.needing_attention(&config.node_name));
+            if let Some(at) = finished_times(&cat)
+                .filter(|(node, _)| *node == config.node_name)
+                .map(|(_, at)| at)
+                .max()
+            {
+                metrics.seed_last_success(&d.name, at);
+            }
+            // The API lists the sets of the first destination, the one
+            // commands use by default.
+            if i == 0 {
                 let summaries = own.iter().rev().map(|s| s.summary()).collect();
                 if let Ok(mut s) = sets.write() {
                     *s = summaries;
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot scan the cluster's backup sets"),
+        }
+        if let Some((node, at)) = cluster {
+            metrics.set_cluster_last_success(&node, at);
         }
         tokio::select! {
             _ = rescan.notified() => {}
@@ -688,10 +719,18 @@ async fn probe_readiness(config: Arc<Config>, ready: Arc<ReadyFlags>, stop: Canc
             tracing::info!(etcd_ok, "etcd readiness changed");
         }
         if !ready.destination.load(Ordering::Relaxed) {
-            let reached = match destination::open(config.destination()).await {
-                Ok(d) => d.list("").await.is_ok(),
-                Err(_) => false,
-            };
+            // Ready once any destination answers: the agent can store sets
+            // there; a destination that does not shows in its metrics.
+            let mut reached = false;
+            for d in &config.destinations {
+                reached = match destination::open(&d.config).await {
+                    Ok(d) => d.list("").await.is_ok(),
+                    Err(_) => false,
+                };
+                if reached {
+                    break;
+                }
+            }
             if reached {
                 ready.destination.store(true, Ordering::Relaxed);
                 tracing::info!("destination reached");

@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use etcd_backup_proto::api::{RunRecord, RunState, StageRecord, Trigger};
+use etcd_backup_proto::api::{
+    DestinationRecord, DestinationResultKind, RunRecord, RunState, StageRecord, Trigger,
+};
 use etcd_backup_proto::FileKind;
 
 use crate::backup::{self, Outcome};
@@ -148,6 +150,7 @@ impl Runner {
             revision: None,
             failed_stage: None,
             error: None,
+            destinations: Vec::new(),
         };
         let (tx, rx) = watch::channel(None);
         let handle = RunHandle {
@@ -166,8 +169,8 @@ impl Runner {
                 let t = Instant::now();
                 let outcome =
                     backup::run_with_retries(&runner.config, &runner.abort.child_token()).await;
-                if outcome.result.is_ok() {
-                    runner.apply_retention().await;
+                if let Ok(report) = &outcome.result {
+                    runner.apply_retention(report).await;
                 }
                 let finished = runner.finish(record, outcome, t.elapsed());
                 let _ = tx.send(Some(finished));
@@ -177,12 +180,18 @@ impl Runner {
         Ok(handle)
     }
 
-    /// Retention after a successful run; a failure is logged and counted, the
-    /// run itself stays a success (its set is complete).
-    async fn apply_retention(&self) {
-        if let Err(e) = crate::store::prune::after_backup(&self.config).await {
-            self.metrics.retention_failed();
-            tracing::error!(error = %e, "applying retention failed");
+    /// Retention at each destination that holds the run's set; a failure
+    /// is logged and counted, the run itself stays a success (its set is
+    /// complete).
+    async fn apply_retention(&self, report: &backup::BackupReport) {
+        for d in report.destinations.iter().filter(|d| d.succeeded()) {
+            let Ok(named) = self.config.named_destination(Some(&d.name)) else {
+                continue;
+            };
+            if let Err(e) = crate::store::prune::after_backup(&self.config, &named.config).await {
+                self.metrics.retention_failed(&d.name);
+                tracing::error!(destination = %d.name, error = %e, "applying retention failed");
+            }
         }
     }
 
@@ -192,7 +201,26 @@ impl Runner {
         record.attempts = outcome.attempts;
         match outcome.result {
             Ok(report) => {
-                record.state = RunState::Succeeded;
+                record.state = if report.is_partial() {
+                    RunState::Partial
+                } else {
+                    RunState::Succeeded
+                };
+                record.destinations = destination_records(&report.destinations);
+                if report.is_partial() {
+                    let failed: Vec<&backup::DestinationOutcome> = report
+                        .destinations
+                        .iter()
+                        .filter(|d| !d.succeeded())
+                        .collect();
+                    record.failed_stage = failed.first().and_then(|d| match &d.result {
+                        backup::DestinationResult::Failed { stage, .. } => {
+                            Some(stage.as_str().to_string())
+                        }
+                        backup::DestinationResult::Succeeded { .. } => None,
+                    });
+                    record.error = Some(partial_message(&report.destinations));
+                }
                 record.stages = report
                     .stages
                     .iter()
@@ -214,16 +242,22 @@ impl Runner {
                         snapshot_bytes: size(FileKind::Snapshot).unwrap_or(0),
                         resources_bytes: size(FileKind::Resources),
                         revision: report.manifest.revision(),
-                        durable: report.manifest.durable,
                     },
+                    &report.destinations,
                 );
-                tracing::info!(set = %report.location, took_ms = took.as_millis() as u64, "backup succeeded");
+                if report.is_partial() {
+                    tracing::error!(set = %report.location, took_ms = took.as_millis() as u64, error = %partial_message(&report.destinations), "backup partial: some destinations hold the set, others do not");
+                } else {
+                    tracing::info!(set = %report.location, took_ms = took.as_millis() as u64, "backup succeeded");
+                }
             }
             Err(e) => {
                 record.state = RunState::Failed;
                 record.failed_stage = Some(e.stage.as_str().to_string());
                 record.error = Some(e.to_string());
-                self.metrics.run_failed(record.trigger, took, e.stage);
+                record.destinations = destination_records(&e.destinations);
+                self.metrics
+                    .run_failed(record.trigger, took, e.stage, &e.destinations);
                 tracing::error!(stage = %e.stage, error = %e, "backup failed");
             }
         }
@@ -233,7 +267,10 @@ impl Runner {
             state.history.push_front(record.clone());
             state.history.truncate(HISTORY);
         }
-        (self.on_finish)(record.state == RunState::Succeeded);
+        (self.on_finish)(matches!(
+            record.state,
+            RunState::Succeeded | RunState::Partial
+        ));
         record
     }
 
@@ -298,4 +335,45 @@ impl Runner {
         tracing::error!("the aborted backup did not finish its clean-up in time");
         false
     }
+}
+
+/// The API's view of each destination's outcome.
+fn destination_records(outcomes: &[backup::DestinationOutcome]) -> Vec<DestinationRecord> {
+    outcomes
+        .iter()
+        .map(|d| match &d.result {
+            backup::DestinationResult::Succeeded { .. } => DestinationRecord {
+                name: d.name.clone(),
+                result: DestinationResultKind::Succeeded,
+                stage: None,
+                error: None,
+            },
+            backup::DestinationResult::Failed { stage, error } => DestinationRecord {
+                name: d.name.clone(),
+                result: DestinationResultKind::Failed,
+                stage: Some(stage.as_str().to_string()),
+                error: Some(error.clone()),
+            },
+        })
+        .collect()
+}
+
+/// What a partial run says: which destinations failed and why, and which
+/// hold the set.
+pub fn partial_message(outcomes: &[backup::DestinationOutcome]) -> String {
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter(|d| !d.succeeded())
+        .map(ToString::to_string)
+        .collect();
+    let succeeded: Vec<&str> = outcomes
+        .iter()
+        .filter(|d| d.succeeded())
+        .map(|d| d.name.as_str())
+        .collect();
+    format!(
+        "the set is complete at {} but not at every destination: {}",
+        succeeded.join(", "),
+        failed.join("; ")
+    )
 }

@@ -184,14 +184,18 @@ async fn remove_files(
     Ok(())
 }
 
-/// Applies retention after a successful run of the daemon or `backup`,
-/// logging what went; the caller counts a failure.
+/// Applies retention at one destination after a run that stored a complete
+/// set there (the daemon or `backup`; each destination that succeeded is
+/// pruned on its own), logging what went; the caller counts a failure.
 ///
 /// # Errors
 /// The destination or its catalog could not be read, or some removals failed
 /// (summarised).
-pub async fn after_backup(config: &Config) -> Result<PruneReport, String> {
-    let dest = crate::store::destination::open(config.destination())
+pub async fn after_backup(
+    config: &Config,
+    destination: &crate::config::DestinationConfig,
+) -> Result<PruneReport, String> {
+    let dest = crate::store::destination::open(destination)
         .await
         .map_err(|e| e.to_string())?;
     let report = prune(
