@@ -117,9 +117,9 @@ pub enum Cause {
 pub struct BackupError {
     /// Where it failed.
     pub stage: Stage,
-    /// Why.
+    /// Why (boxed: errors travel in `Result`s and should stay small).
     #[source]
-    pub cause: Cause,
+    pub cause: Box<Cause>,
     /// Files of the run its clean-up could not remove (they are `.partial`
     /// names or files of an incomplete set, which later clean-up handles).
     pub not_removed: Vec<String>,
@@ -203,7 +203,7 @@ impl BackupError {
     fn new(stage: Stage, cause: impl Into<Cause>) -> Self {
         Self {
             stage,
-            cause: cause.into(),
+            cause: Box::new(cause.into()),
             not_removed: Vec::new(),
             destinations: Vec::new(),
         }
@@ -212,7 +212,7 @@ impl BackupError {
     /// Whether a fresh attempt may succeed (a connection or I/O hiccup), as
     /// opposed to a problem a person must fix or a corrupt stream.
     pub fn is_transient(&self) -> bool {
-        match &self.cause {
+        match &*self.cause {
             Cause::Etcd(e) => e.is_transient(),
             Cause::Destination(e) => e.is_transient(),
             // A digest mismatch means the bytes changed on the way; a fresh
@@ -1375,7 +1375,7 @@ mod tests {
                 .await
                 .unwrap_err();
             let case = format!("create {creates_at}, rename {renames_at}");
-            assert!(matches!(err.cause, Cause::Cancelled), "{case}: {err}");
+            assert!(matches!(*err.cause, Cause::Cancelled), "{case}: {err}");
             assert!(err.not_removed.is_empty(), "{case}: {err}");
             assert!(
                 all_files(&base).is_empty(),

@@ -351,7 +351,7 @@ async fn one_run(
         }
         Err(e) => {
             assert!(fired, "{case}: failed without a fault: {e}");
-            assert!(matches!(e.cause, Cause::Cancelled), "{case}: {e}");
+            assert!(matches!(*e.cause, Cause::Cancelled), "{case}: {e}");
             assert!(e.not_removed.is_empty(), "{case}: {e}");
             assert!(
                 entries.is_empty(),

@@ -53,6 +53,12 @@ impl Lost {
     }
 }
 
+impl std::fmt::Debug for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lost")
+    }
+}
+
 /// What the tee's write or finish answers once no destination is left; the
 /// destinations' own errors are in the [`Lost`].
 fn every_destination_failed() -> DestinationError {
@@ -329,11 +335,5 @@ mod tests {
         let mut lost: Vec<usize> = lost.take().into_iter().map(|(i, _)| i).collect();
         lost.sort_unstable();
         assert_eq!(lost, vec![0, 1]);
-    }
-}
-
-impl std::fmt::Debug for Lost {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Lost")
     }
 }
