@@ -51,6 +51,10 @@ pub enum Command {
         /// The agent's YAML config file.
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
+        /// Which configured destination (its name under `destinations`;
+        /// default: the first).
+        #[arg(long, value_name = "NAME")]
+        destination: Option<String>,
         /// Another node's sets.
         #[arg(long, conflicts_with = "all_nodes")]
         node: Option<String>,
@@ -69,6 +73,10 @@ pub enum Command {
         /// The agent's YAML config file.
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
+        /// Which configured destination (its name under `destinations`;
+        /// default: the first).
+        #[arg(long, value_name = "NAME")]
+        destination: Option<String>,
         /// `latest`, a set timestamp (2026-11-24_120000) or `<cluster>/<node>/<timestamp>`.
         set: String,
         /// The node whose set it is (default: this node).
@@ -84,6 +92,10 @@ pub enum Command {
         /// The agent's YAML config file.
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
+        /// Which configured destination (its name under `destinations`;
+        /// default: the first).
+        #[arg(long, value_name = "NAME")]
+        destination: Option<String>,
         /// `latest`, a set timestamp or `<cluster>/<node>/<timestamp>`.
         set: String,
         /// Where to put the files (created if missing; must be empty unless --force).
@@ -108,6 +120,10 @@ pub enum Command {
         /// The agent's YAML config file.
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
+        /// Which configured destination (its name under `destinations`;
+        /// default: the first).
+        #[arg(long, value_name = "NAME")]
+        destination: Option<String>,
         /// Print what would be removed and why; remove nothing.
         #[arg(long)]
         dry_run: bool,
@@ -121,6 +137,10 @@ pub enum Command {
         /// The agent's YAML config file.
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
+        /// Which configured destination (its name under `destinations`;
+        /// default: the first).
+        #[arg(long, value_name = "NAME")]
+        destination: Option<String>,
         /// `latest`, a set timestamp or `<cluster>/<node>/<timestamp>` (default: latest).
         #[arg(conflicts_with = "snapshot")]
         set: Option<String>,
@@ -155,6 +175,10 @@ pub enum Command {
         /// The agent's YAML config file.
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
+        /// Which configured destination (its name under `destinations`;
+        /// default: the first).
+        #[arg(long, value_name = "NAME")]
+        destination: Option<String>,
         /// `latest`, a set timestamp or `<cluster>/<node>/<timestamp>` (default: latest).
         set: Option<String>,
         /// The node whose set it is (default: this node).
@@ -212,11 +236,16 @@ fn run(command: Command) -> ExitCode {
         Command::CheckConfig { config } => check_config(&config),
         Command::List {
             config,
+            destination,
             node,
             all_nodes,
             include_partial,
             output,
         } => with_config(&config, |c| async move {
+            let c = match on_destination(c, destination.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
             let node = if all_nodes {
                 None
             } else {
@@ -226,15 +255,21 @@ fn run(command: Command) -> ExitCode {
         }),
         Command::Verify {
             config,
+            destination,
             set,
             node,
             identity,
         } => with_config(&config, |c| async move {
+            let c = match on_destination(c, destination.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
             let node = node.unwrap_or_else(|| c.node_name.clone());
             crate::commands::verify::verify(&c, &node, &set, &identity.args()).await
         }),
         Command::Fetch {
             config,
+            destination,
             set,
             to,
             node,
@@ -242,6 +277,10 @@ fn run(command: Command) -> ExitCode {
             snapshot_only,
             identity,
         } => with_config(&config, |c| async move {
+            let c = match on_destination(c, destination.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
             let node = node.unwrap_or_else(|| c.node_name.clone());
             let args = crate::commands::fetch::FetchArgs {
                 to,
@@ -252,14 +291,20 @@ fn run(command: Command) -> ExitCode {
         }),
         Command::Prune {
             config,
+            destination,
             dry_run,
             node,
         } => with_config(&config, |c| async move {
+            let c = match on_destination(c, destination.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
             let node = node.unwrap_or_else(|| c.node_name.clone());
             crate::commands::prune::prune(&c, &node, dry_run).await
         }),
         Command::Restore {
             config,
+            destination,
             set,
             snapshot,
             data_dir,
@@ -270,6 +315,10 @@ fn run(command: Command) -> ExitCode {
             node,
             identity,
         } => with_config(&config, |c| async move {
+            let c = match on_destination(c, destination.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
             let node = node.unwrap_or_else(|| c.node_name.clone());
             let target = crate::restore::RestoreTarget {
                 data_dir,
@@ -288,10 +337,15 @@ fn run(command: Command) -> ExitCode {
         }),
         Command::Drill {
             config,
+            destination,
             set,
             node,
             identity,
         } => with_config(&config, |c| async move {
+            let c = match on_destination(c, destination.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
             let node = node.unwrap_or_else(|| c.node_name.clone());
             let wanted = set.as_deref().unwrap_or("latest");
             crate::commands::restore::drill(&c, &node, wanted, &identity.args()).await
@@ -306,6 +360,18 @@ fn run(command: Command) -> ExitCode {
     }
 }
 
+/// The config narrowed to the destination `--destination` names (the first
+/// configured one without it), so a command reads and writes only there.
+fn on_destination(c: Config, name: Option<&str>) -> Result<Config, ExitCode> {
+    match c.only_destination(name) {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            eprintln!("error: --destination: {e}");
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+    }
+}
+
 /// `check-config`: the config validated completely, summed up on one line.
 fn check_config(config: &std::path::Path) -> ExitCode {
     match load(config) {
@@ -316,7 +382,15 @@ fn check_config(config: &std::path::Path) -> ExitCode {
                 c.node_name,
                 c.cluster_name,
                 c.etcd.endpoints[0].as_str().trim_end_matches('/'),
-                c.destination().describe(),
+                if c.destinations.len() == 1 {
+                    c.destination().describe()
+                } else {
+                    c.destinations
+                        .iter()
+                        .map(|d| format!("{} {}", d.name, d.config.describe()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
                 c.encryption.as_ref().map_or(String::new(), |e| format!(
                     ", encrypted with age to {} recipient(s)",
                     e.recipients.len()

@@ -253,7 +253,10 @@ async fn only_the_leaders_agent_backs_up_each_tick_and_the_new_leader_takes_over
     // the run failed at connect, counted, not skipped.
     let text = metrics(&agents[leader0]).await;
     assert!(
-        metric(&text, "etcd_backup_failures_total{stage=\"connect\"}") >= 1.0,
+        metric(
+            &text,
+            "etcd_backup_failures_total{stage=\"connect\",destination=\"default\"}"
+        ) >= 1.0,
         "{text}"
     );
     assert_eq!(metric(&text, NOT_LEADER), 0.0);

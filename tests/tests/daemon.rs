@@ -193,7 +193,10 @@ async fn wait_true_answers_200_on_success_and_500_on_failure_and_metrics_follow(
     assert_eq!(ok.state, RunState::Succeeded);
 
     let text = d.metrics().await;
-    let success_at = metric(&text, "etcd_backup_last_success_timestamp_seconds");
+    let success_at = metric(
+        &text,
+        "etcd_backup_last_success_timestamp_seconds{destination=\"default\"}",
+    );
     assert!(
         success_at >= t0 && success_at <= t0 + 30.0,
         "{success_at} vs {t0}"
@@ -271,16 +274,25 @@ async fn wait_true_answers_200_on_success_and_500_on_failure_and_metrics_follow(
         );
     }
     assert_eq!(
-        metric(&text, "etcd_backup_failures_total{stage=\"connect\"}"),
+        metric(
+            &text,
+            "etcd_backup_failures_total{stage=\"connect\",destination=\"default\"}"
+        ),
         1.0
     );
     assert_eq!(
-        metric(&text, "etcd_backup_failures_total{stage=\"upload\"}"),
+        metric(
+            &text,
+            "etcd_backup_failures_total{stage=\"upload\",destination=\"default\"}"
+        ),
         0.0
     );
     // The success timestamp stays where the success left it; the attempt moved on.
     assert_eq!(
-        metric(&text, "etcd_backup_last_success_timestamp_seconds"),
+        metric(
+            &text,
+            "etcd_backup_last_success_timestamp_seconds{destination=\"default\"}"
+        ),
         success_at
     );
     assert!(metric(&text, "etcd_backup_last_attempt_timestamp_seconds") > before);
@@ -478,12 +490,18 @@ async fn run_on_start_backs_up_when_stale_or_always_and_not_when_fresh_or_never(
     assert_eq!(startup_runs(&runs), 0, "{runs:?}");
     // A restarted agent reports the stored set's time, not 0, and lists it.
     let text = d.metrics().await;
-    let seeded = metric(&text, "etcd_backup_last_success_timestamp_seconds");
+    let seeded = metric(
+        &text,
+        "etcd_backup_last_success_timestamp_seconds{destination=\"default\"}",
+    );
     assert!(
         seeded > chrono::Utc::now().timestamp() as f64 - 60.0,
         "{seeded}"
     );
-    assert_eq!(metric(&text, "etcd_backup_sets"), 1.0);
+    assert_eq!(
+        metric(&text, "etcd_backup_sets{destination=\"default\"}"),
+        1.0
+    );
     let list: RunList = d
         .http
         .get(d.url("/v1/backups"))

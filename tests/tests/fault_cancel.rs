@@ -200,7 +200,7 @@ fn parse(text: &str) -> Config {
 }
 
 async fn open_destination(cfg: &Config) -> Box<dyn Destination> {
-    match &cfg.destination {
+    match cfg.destination() {
         DestinationConfig::Local { path } => Box::new(LocalDir::open(path).await.unwrap()),
         DestinationConfig::Sftp(c) => Box::new(SftpDir::new(c.clone())),
         #[allow(unreachable_patterns)]

@@ -259,7 +259,10 @@ async fn proftpd_without_fsync_and_require_fsync_false_stores_sets_marked_not_du
         .await
         .unwrap();
     assert_eq!(
-        metric(&metrics, "etcd_backup_not_durable_sets_total"),
+        metric(
+            &metrics,
+            "etcd_backup_not_durable_sets_total{destination=\"default\"}"
+        ),
         1.0,
         "{metrics}"
     );

@@ -333,13 +333,16 @@ async fn local_cleanup_and_prune_leave_alone_what_the_agent_did_not_write() {
     let daemon = AgentDaemon::start_on_free_port(&daemon_cfg);
     let url = daemon.url("/metrics");
     let count = wait_for_async(
-        "etcd_backup_unrecognised_entries",
+        "etcd_backup_unrecognised_entries{destination=\"default\"}",
         Duration::from_secs(20),
         || {
             let url = url.clone();
             async move {
                 let text = reqwest::get(url).await.ok()?.text().await.ok()?;
-                let n = metric(&text, "etcd_backup_unrecognised_entries");
+                let n = metric(
+                    &text,
+                    "etcd_backup_unrecognised_entries{destination=\"default\"}",
+                );
                 (n > 0.0).then_some(n)
             }
         },

@@ -485,6 +485,17 @@ impl Config {
             })
     }
 
+    /// This configuration with only the destination `name` (the first
+    /// without one): what a command given `--destination` works on.
+    ///
+    /// # Errors
+    /// As [`Config::named_destination`].
+    pub fn only_destination(mut self, name: Option<&str>) -> Result<Config, String> {
+        let chosen = self.named_destination(name)?.clone();
+        self.destinations = vec![chosen];
+        Ok(self)
+    }
+
     /// The configured destinations' names, in order.
     pub fn destination_names(&self) -> Vec<&str> {
         self.destinations.iter().map(|d| d.name.as_str()).collect()
