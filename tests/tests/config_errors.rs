@@ -43,6 +43,19 @@ fn each_bad_value_exits_2_naming_its_field() {
     let base = good("/nonexistent-dir-for-config-test/backups");
     let cases: Vec<(String, &str, &str)> = vec![
         (
+            format!("{base}destinations:\n  - name: b\n    local:\n      path: /x\n"),
+            "destinations",
+            "both destination and destinations are set: use one",
+        ),
+        (
+            base.replace(
+                "destination:\n  local:\n    path: /nonexistent-dir-for-config-test/backups\n",
+                "destinations:\n  - name: a\n    local:\n      path: /x\n  - name: a\n    local:\n      path: /y\n",
+            ),
+            "destinations[1].name",
+            "names must be unique",
+        ),
+        (
             base.replace("http://127.0.0.1:1", "htp://x"),
             "etcd.endpoints[0]",
             "invalid URL \"htp://x\"",

@@ -355,4 +355,123 @@ mod tests {
             );
         }
     }
+
+    const HEAD: &str =
+        "node_name: n\netcd:\n  endpoints: [\"http://127.0.0.1:2379\"]\nresources:\n  layout: none\n";
+
+    fn parse(destinations: &str) -> Result<Config, Vec<super::super::FieldError>> {
+        let env = Environment {
+            node_name: None,
+            hostname: None,
+        };
+        Config::parse(&format!("{HEAD}{destinations}"), &env)
+    }
+
+    fn fields(destinations: &str) -> Vec<(String, String)> {
+        parse(destinations)
+            .expect_err("config was accepted")
+            .into_iter()
+            .map(|e| (e.field, e.message))
+            .collect()
+    }
+
+    #[test]
+    fn named_destinations_are_kept_in_order_and_the_first_is_the_default() {
+        let c = parse(
+            "destinations:\n  - name: here\n    local:\n      path: /a\n  - name: there-2\n    local:\n      path: /b\n",
+        )
+        .unwrap();
+        assert_eq!(c.destination_names(), ["here", "there-2"]);
+        assert_eq!(c.default_destination().name, "here");
+        assert_eq!(
+            c.named_destination(Some("there-2")).unwrap().name,
+            "there-2"
+        );
+        let e = c.named_destination(Some("nope")).unwrap_err();
+        assert!(e.contains("\"nope\"") && e.contains("here, there-2"), "{e}");
+        let only = c.only_destination(Some("there-2")).unwrap();
+        assert_eq!(only.destination_names(), ["there-2"]);
+
+        // `destination:` is one destination named `default`.
+        let c = parse("destination:\n  local:\n    path: /a\n").unwrap();
+        assert_eq!(
+            c.destination_names(),
+            [super::super::DEFAULT_DESTINATION_NAME]
+        );
+    }
+
+    #[test]
+    fn bad_destination_lists_name_the_entry_and_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "destination:\n  local:\n    path: /a\ndestinations:\n  - name: b\n    local:\n      path: /b\n",
+                "destinations",
+                "use one",
+            ),
+            ("destinations: []\n", "destinations", "at least one"),
+            (
+                "destinations:\n  - local:\n      path: /a\n",
+                "destinations[0].name",
+                "required",
+            ),
+            (
+                "destinations:\n  - name: Offsite\n    local:\n      path: /a\n",
+                "destinations[0].name",
+                "lower-case",
+            ),
+            (
+                "destinations:\n  - name: -a\n    local:\n      path: /a\n",
+                "destinations[0].name",
+                "starting and ending",
+            ),
+            (
+                &"destinations:\n  - name: NAME\n    local:\n      path: /a\n".replace("NAME", &"a".repeat(33)),
+                "destinations[0].name",
+                "1 to 32",
+            ),
+            (
+                "destinations:\n  - name: a\n    local:\n      path: /a\n  - name: a\n    local:\n      path: /b\n",
+                "destinations[1].name",
+                "already the name of destinations[0]",
+            ),
+            (
+                "destinations:\n  - name: a\n    local:\n      path: /a\n  - name: b\n    sftp:\n      user: u\n      path: /b\n      host_key_fingerprint: x\n      password_file: /nonexistent\n",
+                "destinations[1].sftp.host",
+                "required",
+            ),
+            (
+                "destinations:\n  - name: a\n",
+                "destinations[0]",
+                "exactly one of destinations[0].local or destinations[0].sftp",
+            ),
+            (
+                "destinations:\n  - name: a\n    local:\n",
+                "destinations[0].local.path",
+                "required",
+            ),
+            (
+                "destinations:\n  - name: a\n    local:\n      path: /a\n    color: red\n",
+                "destinations[0]",
+                "unknown field",
+            ),
+        ];
+        for (yaml, field, message) in cases {
+            let errs = fields(yaml);
+            assert!(
+                errs.iter()
+                    .any(|(f, m)| f.starts_with(field) && m.contains(message)),
+                "{yaml}: wanted {field}: ..{message}.., got {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn destination_names_are_label_values() {
+        for good in ["a", "s3", "offsite-1", &"a".repeat(32)] {
+            assert!(super::is_valid_destination_name(good), "{good}");
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", "ä", &"a".repeat(33)] {
+            assert!(!super::is_valid_destination_name(bad), "{bad}");
+        }
+    }
 }
