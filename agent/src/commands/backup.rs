@@ -42,8 +42,13 @@ pub async fn backup(config: &Config) -> ExitCode {
             } else {
                 println!("backup set {}", report.set.dir());
                 for d in &report.destinations {
-                    if d.succeeded() {
-                        println!("  destination {:<20} complete at {}", d.name, d.location);
+                    if let crate::backup::DestinationResult::Succeeded { durable } = d.result {
+                        println!(
+                            "  destination {:<20} complete at {}{}",
+                            d.name,
+                            d.location,
+                            if durable { "" } else { " (not durable)" }
+                        );
                     } else {
                         println!("  destination {:<20} FAILED: {d}", d.name);
                     }
@@ -74,7 +79,7 @@ pub async fn backup(config: &Config) -> ExitCode {
                     enc.recipients.len()
                 );
             }
-            if !m.durable {
+            if !m.durable && config.destinations.len() == 1 {
                 println!(
                     "  not durable: the server could not sync the files (no fsync@openssh.com; destination.sftp.require_fsync is false)"
                 );
