@@ -190,35 +190,37 @@ impl Upload for Tee {
             }
         } else {
             let chunk: Arc<[u8]> = Arc::from(buf);
-            let mut kept = Vec::with_capacity(self.lanes.len());
-            for lane in std::mem::take(&mut self.lanes) {
-                let Lane::Task { index, tx, task } = lane else {
-                    kept.push(lane);
+            // Lanes stay in place while sends are awaited, so a write that is
+            // itself dropped (a cancelled run) loses no lane.
+            let mut failed = Vec::new();
+            for (at, lane) in self.lanes.iter_mut().enumerate() {
+                let Lane::Task { tx, .. } = lane else {
                     continue;
                 };
                 // Waits while this destination's buffer is full; fails at
                 // once when its task has ended (on an error).
-                if tx.send(Msg::Data(Arc::clone(&chunk))).await.is_ok() {
-                    kept.push(Lane::Task { index, tx, task });
-                } else {
-                    let (i, e) = match task.join(index).await {
-                        Err(failed) => failed,
-                        Ok(_) => (
-                            index,
-                            DestinationError::Io {
-                                op: "cannot write",
-                                location: "upload".into(),
-                                source: std::io::Error::other(
-                                    "the upload ended before the file did",
-                                ),
-                            },
-                        ),
-                    };
-                    tracing::warn!(destination_index = i, error = %e, "a destination failed; the others go on");
-                    self.lost.push(i, e);
+                if tx.send(Msg::Data(Arc::clone(&chunk))).await.is_err() {
+                    failed.push(at);
                 }
             }
-            self.lanes = kept;
+            for at in failed.into_iter().rev() {
+                let Lane::Task { index, task, .. } = self.lanes.remove(at) else {
+                    continue;
+                };
+                let (i, e) = match task.join(index).await {
+                    Err(failed) => failed,
+                    Ok(_) => (
+                        index,
+                        DestinationError::Io {
+                            op: "cannot write",
+                            location: "upload".into(),
+                            source: std::io::Error::other("the upload ended before the file did"),
+                        },
+                    ),
+                };
+                tracing::warn!(destination_index = i, error = %e, "a destination failed; the others go on");
+                self.lost.push(i, e);
+            }
         }
         self.written += buf.len() as u64;
         self.result()
@@ -256,6 +258,8 @@ impl Upload for Tee {
 mod tests {
     use super::*;
     use crate::store::destination::{Destination, LocalDir};
+    use std::time::Duration;
+    use tokio::sync::Semaphore;
 
     /// An upload that fails on its `fail_at`-th write.
     struct Failing {
@@ -306,6 +310,75 @@ mod tests {
         assert_eq!(lost.len(), 1, "{lost:?}");
         assert_eq!(lost[0].0, 0);
         assert!(lost[0].1.to_string().contains("failing"), "{}", lost[0].1);
+    }
+
+    /// An upload whose writes each wait for a permit, keeping what it got.
+    struct Gated {
+        gate: Arc<tokio::sync::Semaphore>,
+        got: Arc<Mutex<Vec<u8>>>,
+    }
+
+    #[async_trait]
+    impl Upload for Gated {
+        async fn write(&mut self, buf: &[u8]) -> Result<(), DestinationError> {
+            self.gate.acquire().await.expect("gate open").forget();
+            self.got.lock().unwrap().extend_from_slice(buf);
+            Ok(())
+        }
+
+        async fn finish(self: Box<Self>) -> Result<u64, DestinationError> {
+            Ok(self.got.lock().unwrap().len() as u64)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_destination_holds_the_stream_only_once_its_buffer_is_full() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let slow_got = Arc::new(Mutex::new(Vec::new()));
+        let fast_got = Arc::new(Mutex::new(Vec::new()));
+        let slow: Box<dyn Upload> = Box::new(Gated {
+            gate: Arc::clone(&gate),
+            got: Arc::clone(&slow_got),
+        });
+        let open = Arc::new(tokio::sync::Semaphore::new(Semaphore::MAX_PERMITS));
+        let fast: Box<dyn Upload> = Box::new(Gated {
+            gate: open,
+            got: Arc::clone(&fast_got),
+        });
+        let mut tee: Box<dyn Upload> =
+            Box::new(Tee::new(vec![(0, slow), (1, fast)], Lost::default()));
+        // The slow destination takes the first chunk and stalls on it; its
+        // buffer then holds FANOUT_BUFFER_CHUNKS more, and the next write
+        // waits. The clock is paused: the sleep below ends only once every
+        // task is idle, so the count is what got through before the writer
+        // blocked, not a matter of speed.
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let chunks = FANOUT_BUFFER_CHUNKS * 3;
+        let writer = tokio::spawn({
+            let accepted = Arc::clone(&accepted);
+            async move {
+                let mut expected = Vec::new();
+                for i in 0..chunks {
+                    let chunk = vec![i as u8; 100];
+                    tee.write(&chunk).await.unwrap();
+                    expected.extend_from_slice(&chunk);
+                    accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                let size = tee.finish().await.unwrap();
+                (size, expected)
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1 + FANOUT_BUFFER_CHUNKS
+        );
+        // Released, the stream goes on, and each destination gets it all.
+        gate.add_permits(Semaphore::MAX_PERMITS / 2);
+        let (size, expected) = writer.await.unwrap();
+        assert_eq!(size, expected.len() as u64);
+        assert_eq!(*fast_got.lock().unwrap(), expected);
+        assert_eq!(*slow_got.lock().unwrap(), expected);
     }
 
     #[tokio::test]
