@@ -151,13 +151,40 @@ async fn one_read_two_complete_copies_commands_per_destination_and_a_partial_run
     cli(&config, &["prune", "--destination", "offsite"]).assert_code(0);
     assert!(!stray.join("snapshot_2020-01-01_000000.db.partial").exists());
 
-    let run = cli(&config, &["verify", "latest", "--destination", "nope"]);
-    run.assert_code(2);
-    assert!(
-        run.stderr.contains("\"nope\"") && run.stderr.contains("local, offsite"),
-        "{}",
-        run.stderr
-    );
+    // A restore drill from the SFTP copy: restored into a throwaway etcd,
+    // it serves the keys.
+    let run = cli(&config, &["drill", "latest", "--destination", "offsite"]);
+    run.assert_code(0);
+    assert!(run.stdout.contains(&sets[0]), "{}", run.stdout);
+
+    let data_dir = work.path().join("restored");
+    for args in [
+        vec!["verify", "latest"],
+        vec!["drill", "latest"],
+        vec![
+            "restore",
+            "latest",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--name",
+            "m0",
+            "--initial-cluster",
+            "m0=http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+        ],
+    ] {
+        let mut args = args;
+        args.extend(["--destination", "nope"]);
+        let run = cli(&config, &args);
+        run.assert_code(2);
+        assert!(
+            run.stderr.contains("\"nope\"") && run.stderr.contains("local, offsite"),
+            "{args:?}: {}",
+            run.stderr
+        );
+    }
+    assert!(!data_dir.exists());
 
     // The SFTP server gone: the local copy is made, the run is partial.
     sshd.kill_all();
