@@ -565,38 +565,23 @@ impl super::Destination for S3Dir {
         match c.send_text(&req).await {
             Ok(_) => Ok(Durability::Synced),
             Err(f) => {
+                let (k, b, e) = (c.key_id(), c.bucket(), c.endpoint());
                 let detail = if f.code_is("NoSuchBucket") || f.is(StatusCode::NOT_FOUND) {
-                    format!(
-                        "bucket {} does not exist at {} (access key id {}): create it or fix destination.s3.bucket",
-                        c.bucket(),
-                        c.endpoint(),
-                        c.key_id()
-                    )
-                } else if f.code_is("InvalidAccessKeyId") {
-                    format!(
-                        "access key id {} is not known at {}: check destination.s3.access_key_id_file",
-                        c.key_id(),
-                        c.endpoint()
-                    )
-                } else if f.code_is("SignatureDoesNotMatch") {
-                    format!(
-                        "the secret access key of access key id {} is wrong (the signature does not match): check destination.s3.secret_access_key_file",
-                        c.key_id()
-                    )
+                    format!("bucket {b} does not exist at {e} (access key id {k}): create it or fix destination.s3.bucket")
+                } else if f.code_is("InvalidAccessKeyId") || f.detail.contains("No such key") {
+                    format!("access key id {k} is not known at {e} ({}): check destination.s3.access_key_id_file", f.detail)
+                } else if f.code_is("SignatureDoesNotMatch")
+                    || f.detail.to_ascii_lowercase().contains("signature")
+                {
+                    format!("the secret access key of access key id {k} is wrong ({}): check destination.s3.secret_access_key_file", f.detail)
                 } else if f.is(StatusCode::FORBIDDEN) {
-                    format!(
-                        "access key id {} is not allowed to use bucket {} at {} ({}): check the key, its secret and the bucket policy (docs/s3.md)",
-                        c.key_id(),
-                        c.bucket(),
-                        c.endpoint(),
-                        f.detail
-                    )
+                    format!("access key id {k} is not allowed to use bucket {b} at {e} ({}): check the key and the bucket policy (docs/s3.md)", f.detail)
                 } else {
                     return Err(c.error(req.op, Some(&prefix), f));
                 };
                 Err(DestinationError::S3 {
                     op: req.op,
-                    location: c.location(Some(&prefix)),
+                    location: format!("s3://{b}/{prefix}"),
                     detail,
                     transient: false,
                 })
