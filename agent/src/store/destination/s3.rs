@@ -46,6 +46,9 @@ pub const PART_SIZE: usize = 8 * 1024 * 1024;
 /// 24 MiB.
 pub const PARTS_IN_FLIGHT: usize = 2;
 
+/// The first buffer of a file; it grows to [`PART_SIZE`] in one step.
+const SMALL_BUFFER: usize = 64 * 1024;
+
 /// What a finished `.partial` file is, until its rename.
 enum Pending {
     /// Smaller than one part: the bytes, put at the rename.
@@ -783,12 +786,18 @@ impl S3Upload {
 impl Upload for S3Upload {
     async fn write(&mut self, mut buf: &[u8]) -> Result<(), DestinationError> {
         while !buf.is_empty() {
-            if self.buf.capacity() == 0 {
-                self.buf
-                    .reserve_exact(PART_SIZE.min(buf.len().max(64 * 1024)));
-            }
             let room = PART_SIZE - self.buf.len();
             let take = room.min(buf.len());
+            if self.buf.len() + take > self.buf.capacity() {
+                // Small files (the manifest) get a small buffer; a file that
+                // outgrows it gets one whole part at once, never more.
+                let want = if self.buf.capacity() == 0 {
+                    take.max(SMALL_BUFFER)
+                } else {
+                    PART_SIZE
+                };
+                self.buf.reserve_exact(want.min(PART_SIZE) - self.buf.len());
+            }
             self.buf.extend_from_slice(&buf[..take]);
             self.written += take as u64;
             buf = &buf[take..];
