@@ -46,6 +46,9 @@ pub const PART_SIZE: usize = 8 * 1024 * 1024;
 /// 24 MiB.
 pub const PARTS_IN_FLIGHT: usize = 2;
 
+/// S3's limit on the parts of one upload.
+const MAX_PARTS: u32 = 10_000;
+
 /// The first buffer of a file; it grows to [`PART_SIZE`] in one step.
 const SMALL_BUFFER: usize = 64 * 1024;
 
@@ -751,6 +754,16 @@ impl S3Upload {
                 id
             }
         };
+        if self.next_part > MAX_PARTS {
+            return Err(DestinationError::S3 {
+                op: "cannot upload a part of",
+                location: c.location(Some(&self.key)),
+                detail: format!(
+                    "the file is larger than S3's {MAX_PARTS} parts of {PART_SIZE} bytes"
+                ),
+                transient: false,
+            });
+        }
         while self.in_flight.len() >= PARTS_IN_FLIGHT {
             self.wait_oldest().await?;
         }
