@@ -152,3 +152,27 @@ openshift_tree() {
   echo "kind: EncryptionConfiguration" \
     >"$root/static-pod-resources/kube-apiserver-pod-3/secrets/encryption-config/encryption-config"
 }
+
+# The Garage version the S3 tests and the s3 bench run (tests/src/garage.rs).
+GARAGE_VERSION=2.5.0
+
+# ensure_garage: installs Garage $GARAGE_VERSION once, with cargo, into
+# ${ETCD_BACKUP_TOOL_CACHE:-/var/cache/etcd-backup-agent}/garage-$GARAGE_VERSION
+# (a build of about 5 minutes; skipped when the cached binary already reports
+# that version), exports GARAGE_BIN and prints where it is. Debian has no
+# Garage package.
+ensure_garage() {
+  local dir=${ETCD_BACKUP_TOOL_CACHE:-/var/cache/etcd-backup-agent}/garage-$GARAGE_VERSION
+  if ! "$dir/bin/garage" --version 2>/dev/null | grep -qF "v$GARAGE_VERSION"; then
+    command -v cargo >/dev/null || { echo "error: cargo not found; it builds Garage $GARAGE_VERSION" >&2; return 1; }
+    mkdir -p "$dir"
+    echo "==> building Garage $GARAGE_VERSION into $dir (about 5 minutes, once)" >&2
+    cargo install --locked garage --version "$GARAGE_VERSION" --root "$dir" || {
+      echo "error: cargo install of Garage $GARAGE_VERSION into $dir failed" >&2
+      return 1
+    }
+  fi
+  GARAGE_BIN=$dir/bin/garage
+  export GARAGE_BIN
+  echo "==> garage $GARAGE_VERSION: $GARAGE_BIN" >&2
+}
