@@ -244,12 +244,7 @@ pub struct Outcome {
 /// doubled per attempt, capped, then scaled into `[d/2, d]` by `unit` in
 /// `[0, 1)` so agents that failed together do not retry together.
 pub fn backoff(retry: &crate::config::RetryConfig, attempt: u32, unit: f64) -> Duration {
-    let exp = attempt.saturating_sub(1).min(30);
-    let full = retry
-        .initial_delay
-        .saturating_mul(1u32 << exp)
-        .min(retry.max_delay);
-    full.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+    retry.backoff(attempt, unit)
 }
 
 /// Runs one backup against the configured etcd member.
@@ -382,13 +377,34 @@ impl<'a> Run<'a> {
             .list(&self.set.dir())
             .await
             .map_err(|e| BackupError::new(Stage::Upload, e))?;
-        if !existing.is_empty() {
-            return Err(BackupError::new(
+        let set_exists = |dest: &dyn Destination, set: &SetId| {
+            BackupError::new(
                 Stage::Upload,
                 Cause::SetExists {
-                    location: format!("{}/{}", self.dest.describe(), self.set.dir()),
+                    location: format!("{}/{}", dest.describe(), set.dir()),
                 },
-            ));
+            )
+        };
+        if !existing.is_empty() {
+            return Err(set_exists(self.dest, &self.set));
+        }
+        // Where a second writer is not refused by exclusive creates (S3),
+        // the destination claims the set; the claim is released by clean-up
+        // through the manifest's partial name.
+        let dest = self.dest;
+        let dir = self.set.dir();
+        match self
+            .recorded(
+                partial(&self.set.file(MANIFEST_FILE_NAME)),
+                dest.claim(&dir),
+            )
+            .await
+        {
+            Ok(()) => {}
+            Err(DestinationError::AlreadyExists { .. }) => {
+                return Err(set_exists(self.dest, &self.set))
+            }
+            Err(e) => return Err(BackupError::new(Stage::Upload, e)),
         }
 
         let t = Instant::now();
