@@ -497,10 +497,18 @@ impl Rclone {
         self.dir.path().join("rclone.conf")
     }
 
-    /// Runs `rclone --config <config> args`.
+    /// Runs `rclone --config <config> args`, without the environment's
+    /// `AWS_*` and `RCLONE_*` variables (an `AWS_CA_BUNDLE` makes rclone's S3
+    /// client fail even for plain http; the config file says everything).
     pub fn run(&self, args: &[&str]) -> Output {
-        Command::new("rclone")
-            .arg("--config")
+        let mut cmd = Command::new("rclone");
+        for (k, _) in std::env::vars_os() {
+            let k_str = k.to_string_lossy();
+            if k_str.starts_with("AWS_") || k_str.starts_with("RCLONE_") {
+                cmd.env_remove(&k);
+            }
+        }
+        cmd.arg("--config")
             .arg(self.config())
             .args(["--low-level-retries", "2", "--retries", "1"])
             .args(args)

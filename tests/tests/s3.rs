@@ -153,10 +153,13 @@ async fn a_set_on_garage_lists_verifies_fetches_restores_drills_and_is_pruned_by
     );
 
     // list
+    let snap = m.file(FileKind::Snapshot).unwrap();
     let list = list_json(&config, &[]);
     assert_eq!(list.sets.len(), 1, "{list:?}");
     assert_eq!(list.sets[0].node, "master-0");
-    assert_eq!(list.sets[0].set, ts.to_string());
+    assert_eq!(list.sets[0].set, *set);
+    assert_eq!(list.sets[0].timestamp, ts);
+    assert_eq!(list.sets[0].snapshot_bytes, snap.size);
     assert!(list.leftovers.is_empty(), "{list:?}");
 
     // verify: intact, then a changed byte in the stored snapshot (put back
@@ -164,7 +167,6 @@ async fn a_set_on_garage_lists_verifies_fetches_restores_drills_and_is_pruned_by
     let ok = agent(&config, &["verify", "latest"]);
     ok.assert_code(0);
     assert!(ok.stdout.contains("is intact"), "{}", ok.stdout);
-    let snap = m.file(FileKind::Snapshot).unwrap();
     let snap_key = format!("{PREFIX}/{set}/{}", snap.name);
     let mut flipped = files[&snap.name].clone();
     let at = flipped.len() / 2;
