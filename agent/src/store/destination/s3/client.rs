@@ -434,7 +434,11 @@ impl Client {
         loop {
             let resp = self.send(req).await?;
             match resp.text().await {
-                Ok(t) => return Ok(t),
+                Ok(t) => {
+                    // Listings and upload ids only: nothing secret.
+                    tracing::trace!(op = req.op, body = %t, "S3 answer");
+                    return Ok(t);
+                }
                 Err(e) if attempt < self.retry.attempts => {
                     let delay = self.retry.backoff(attempt, rand::random::<f64>());
                     tracing::warn!(op = req.op, error = %e, "S3 answer cut off; retrying");
