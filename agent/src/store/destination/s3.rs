@@ -60,6 +60,8 @@ enum Pending {
     Multipart {
         upload_id: String,
         parts: Vec<(u32, String)>,
+        /// The bytes written (and found stored in the parts).
+        size: u64,
     },
     /// The set's claim: the manifest's multipart upload, started by
     /// [`Destination::claim`], no part yet.
@@ -201,10 +203,21 @@ impl S3Dir {
 
     /// Whether object `key` exists.
     async fn exists(&self, key: &str) -> Result<bool, DestinationError> {
+        Ok(self.stored_size(key).await?.is_some())
+    }
+
+    /// The size of object `key`, `None` when it does not exist.
+    async fn stored_size(&self, key: &str) -> Result<Option<u64>, DestinationError> {
         let req = Req::new("cannot check", Method::HEAD, Some(key));
         match self.client.send(&req).await {
-            Ok(_) => Ok(true),
-            Err(f) if f.is(StatusCode::NOT_FOUND) => Ok(false),
+            Ok(r) => Ok(Some(
+                r.headers()
+                    .get(reqwest::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            )),
+            Err(f) if f.is(StatusCode::NOT_FOUND) => Ok(None),
             Err(f) => Err(self.client.error(req.op, Some(key), f)),
         }
     }
@@ -225,11 +238,26 @@ impl S3Dir {
         match pending {
             Pending::Small(bytes) => put(c, key, bytes).await.map_err(|e| match e {
                 Conditional::Exists => exists(),
-                Conditional::Failed(e) => e,
+                Conditional::Gone(e) | Conditional::Failed(e) => e,
             }),
-            Pending::Multipart { upload_id, parts } => {
+            Pending::Multipart {
+                upload_id,
+                parts,
+                size,
+            } => {
                 match complete(c, key, &upload_id, &parts).await {
                     Ok(()) => Ok(()),
+                    Err(Conditional::Gone(e)) => {
+                        // A retried completion whose first attempt went
+                        // through, its answer lost: the object is there.
+                        match self.stored_size(key).await? {
+                            Some(stored) if stored == size => {
+                                tracing::info!(key, "the upload was completed by an earlier attempt of the same request");
+                                Ok(())
+                            }
+                            _ => Err(e),
+                        }
+                    }
                     Err(Conditional::Exists) => {
                         abort(c, key, &upload_id).await;
                         Err(exists())
@@ -280,6 +308,8 @@ fn at_prefix(e: DestinationError, c: &Client, prefix: &str) -> DestinationError 
 enum Conditional {
     /// The key exists (412): nothing was overwritten.
     Exists,
+    /// The upload is gone (NoSuchUpload): completed or aborted already.
+    Gone(DestinationError),
     /// Anything else.
     Failed(DestinationError),
 }
@@ -312,6 +342,9 @@ async fn complete(
     let text = match c.send_text(&req).await {
         Ok(t) => t,
         Err(f) if f.is(StatusCode::PRECONDITION_FAILED) => return Err(Conditional::Exists),
+        Err(f) if f.code_is("NoSuchUpload") => {
+            return Err(Conditional::Gone(c.error(req.op, Some(key), f)))
+        }
         Err(f) => return Err(Conditional::Failed(c.error(req.op, Some(key), f))),
     };
     // A 200 answer may still carry an error.
@@ -842,7 +875,11 @@ impl Upload for S3Upload {
             }
             let mut parts = std::mem::take(&mut self.parts);
             parts.sort_by_key(|(n, _)| *n);
-            Pending::Multipart { upload_id, parts }
+            Pending::Multipart {
+                upload_id,
+                parts,
+                size: self.written,
+            }
         };
         self.done = true;
         if self.partial {
