@@ -6,6 +6,7 @@
 //! an unfinished upload aborts it; the set claim refuses a second writer.
 //! Every object and upload is cross-checked with rclone, a separate client.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
@@ -13,14 +14,18 @@ use tokio::io::AsyncReadExt;
 use etcd_backup_agent::config::{Config, Environment};
 use etcd_backup_agent::store::destination::{self, Destination, DestinationError, PART_SIZE};
 use etcd_backup_tests::garage::{GarageCluster, Rclone};
-use etcd_backup_tests::s3_setup::garage_destination_yaml;
+use etcd_backup_tests::s3_setup::{garage_destination_yaml, s3_destination_yaml};
+use etcd_backup_tests::tls::TlsFiles;
 
 const PREFIX: &str = "dest-test";
 
 fn open(garage: &GarageCluster) -> impl std::future::Future<Output = Box<dyn Destination>> {
+    open_with(garage_destination_yaml(garage, PREFIX))
+}
+
+fn open_with(destination_yaml: String) -> impl std::future::Future<Output = Box<dyn Destination>> {
     let text = format!(
-        "node_name: n\ncluster_name: c\netcd:\n  endpoints: [\"http://127.0.0.1:1\"]\nresources:\n  layout: none\nretry:\n  attempts: 2\n  initial_delay: 100ms\n  max_delay: 200ms\n{}",
-        garage_destination_yaml(garage, PREFIX)
+        "node_name: n\ncluster_name: c\netcd:\n  endpoints: [\"http://127.0.0.1:1\"]\nresources:\n  layout: none\nretry:\n  attempts: 2\n  initial_delay: 100ms\n  max_delay: 200ms\n{destination_yaml}"
     );
     let config = Config::parse(
         &text,
@@ -31,6 +36,49 @@ fn open(garage: &GarageCluster) -> impl std::future::Future<Output = Box<dyn Des
     )
     .unwrap_or_else(|e| panic!("config {text}: {e:?}"));
     async move { destination::open(&config.destination).await.unwrap() }
+}
+
+/// A TLS-terminating relay on a free loopback port, presenting `tls`'s
+/// server certificate (signed by its test CA) and forwarding to `upstream`
+/// (`http://host:port`); returns the port.
+async fn tls_relay(tls: &TlsFiles, upstream: &str) -> u16 {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls::{crypto::ring, ServerConfig};
+
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.server_cert)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&tls.server_key).unwrap();
+    let config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let upstream = upstream.trim_start_matches("http://").to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                // A client refusing the certificate ends the handshake here.
+                let Ok(mut client) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    port
 }
 
 /// Deterministic bytes that differ from part to part.
@@ -268,4 +316,43 @@ async fn a_claimed_set_is_refused_to_a_second_writer_and_its_manifest_completes_
     first.delete("c/n/v/manifest.json.partial").await.unwrap();
     assert!(rclone.multipart_uploads(&bucket).is_empty());
     assert!(first.list("c/n/v").await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_works_with_ca_file_and_an_untrusted_certificate_fails_at_once_naming_ca_file() {
+    let garage = GarageCluster::start(3);
+    let tls = TlsFiles::generate();
+    let port = tls_relay(&tls, &garage.endpoint()).await;
+    let yaml = |ca_file: Option<&std::path::Path>| {
+        let mut y = s3_destination_yaml(
+            &format!("https://127.0.0.1:{port}"),
+            &garage.bucket,
+            PREFIX,
+            &garage.access_key_id_file,
+            &garage.secret_access_key_file,
+        );
+        if let Some(ca) = ca_file {
+            y.push_str(&format!("    ca_file: {}\n", ca.display()));
+        }
+        y
+    };
+
+    let trusted = open_with(yaml(Some(&tls.ca_cert))).await;
+    trusted.durability().await.unwrap();
+    let bytes = data(PART_SIZE + 5, 9);
+    write_file(trusted.as_ref(), "c/n/t/f.partial", &bytes).await;
+    trusted.rename("c/n/t/f.partial", "c/n/t/f").await.unwrap();
+    assert!(read(trusted.as_ref(), "c/n/t/f").await == bytes);
+
+    // The system's roots do not know the test CA; nor does another CA.
+    let other_ca = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(other_ca.path(), TlsFiles::unrelated_ca_pem()).unwrap();
+    for ca in [None, Some(other_ca.path())] {
+        let untrusted = open_with(yaml(ca)).await;
+        let e = untrusted.durability().await.unwrap_err();
+        let text = e.to_string();
+        assert!(!e.is_transient(), "{text}");
+        assert!(text.contains("certificate"), "{text}");
+        assert!(text.contains("destination.s3.ca_file"), "{text}");
+    }
 }

@@ -109,11 +109,13 @@ impl Failure {
             detail.push_str(&s.to_string());
             src = s.source();
         }
+        // An untrusted certificate stays untrusted: not worth a retry.
+        let certificate = detail.contains("certificate");
         Self {
             status: None,
-            code: None,
+            code: certificate.then(|| "TlsCertificate".to_string()),
             detail,
-            transient: true,
+            transient: !certificate,
         }
     }
 
@@ -169,6 +171,9 @@ fn hint(f: &Failure, bucket: &str) -> String {
         Some("NoSuchBucket") => format!(
             "bucket {bucket} does not exist: create it or fix destination.s3.bucket"
         ),
+        Some("TlsCertificate") => {
+            "the store's TLS certificate is not trusted: give the CA that signed it (PEM) in destination.s3.ca_file".into()
+        }
         Some("AccessDenied") => {
             "not allowed: check the key and the bucket policy (docs/s3.md)".into()
         }
