@@ -46,6 +46,12 @@ pub const PART_SIZE: usize = 8 * 1024 * 1024;
 /// 24 MiB.
 pub const PARTS_IN_FLIGHT: usize = 2;
 
+/// S3's limit on the parts of one upload.
+const MAX_PARTS: u32 = 10_000;
+
+/// The first buffer of a file; it grows to [`PART_SIZE`] in one step.
+const SMALL_BUFFER: usize = 64 * 1024;
+
 /// What a finished `.partial` file is, until its rename.
 enum Pending {
     /// Smaller than one part: the bytes, put at the rename.
@@ -54,6 +60,8 @@ enum Pending {
     Multipart {
         upload_id: String,
         parts: Vec<(u32, String)>,
+        /// The bytes written (and found stored in the parts).
+        size: u64,
     },
     /// The set's claim: the manifest's multipart upload, started by
     /// [`Destination::claim`], no part yet.
@@ -195,10 +203,21 @@ impl S3Dir {
 
     /// Whether object `key` exists.
     async fn exists(&self, key: &str) -> Result<bool, DestinationError> {
+        Ok(self.stored_size(key).await?.is_some())
+    }
+
+    /// The size of object `key`, `None` when it does not exist.
+    async fn stored_size(&self, key: &str) -> Result<Option<u64>, DestinationError> {
         let req = Req::new("cannot check", Method::HEAD, Some(key));
         match self.client.send(&req).await {
-            Ok(_) => Ok(true),
-            Err(f) if f.is(StatusCode::NOT_FOUND) => Ok(false),
+            Ok(r) => Ok(Some(
+                r.headers()
+                    .get(reqwest::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            )),
+            Err(f) if f.is(StatusCode::NOT_FOUND) => Ok(None),
             Err(f) => Err(self.client.error(req.op, Some(key), f)),
         }
     }
@@ -219,11 +238,26 @@ impl S3Dir {
         match pending {
             Pending::Small(bytes) => put(c, key, bytes).await.map_err(|e| match e {
                 Conditional::Exists => exists(),
-                Conditional::Failed(e) => e,
+                Conditional::Gone(e) | Conditional::Failed(e) => e,
             }),
-            Pending::Multipart { upload_id, parts } => {
+            Pending::Multipart {
+                upload_id,
+                parts,
+                size,
+            } => {
                 match complete(c, key, &upload_id, &parts).await {
                     Ok(()) => Ok(()),
+                    Err(Conditional::Gone(e)) => {
+                        // A retried completion whose first attempt went
+                        // through, its answer lost: the object is there.
+                        match self.stored_size(key).await? {
+                            Some(stored) if stored == size => {
+                                tracing::info!(key, "the upload was completed by an earlier attempt of the same request");
+                                Ok(())
+                            }
+                            _ => Err(e),
+                        }
+                    }
                     Err(Conditional::Exists) => {
                         abort(c, key, &upload_id).await;
                         Err(exists())
@@ -274,6 +308,8 @@ fn at_prefix(e: DestinationError, c: &Client, prefix: &str) -> DestinationError 
 enum Conditional {
     /// The key exists (412): nothing was overwritten.
     Exists,
+    /// The upload is gone (NoSuchUpload): completed or aborted already.
+    Gone(DestinationError),
     /// Anything else.
     Failed(DestinationError),
 }
@@ -306,6 +342,9 @@ async fn complete(
     let text = match c.send_text(&req).await {
         Ok(t) => t,
         Err(f) if f.is(StatusCode::PRECONDITION_FAILED) => return Err(Conditional::Exists),
+        Err(f) if f.code_is("NoSuchUpload") => {
+            return Err(Conditional::Gone(c.error(req.op, Some(key), f)))
+        }
         Err(f) => return Err(Conditional::Failed(c.error(req.op, Some(key), f))),
     };
     // A 200 answer may still carry an error.
@@ -565,38 +604,23 @@ impl super::Destination for S3Dir {
         match c.send_text(&req).await {
             Ok(_) => Ok(Durability::Synced),
             Err(f) => {
+                let (k, b, e) = (c.key_id(), c.bucket(), c.endpoint());
                 let detail = if f.code_is("NoSuchBucket") || f.is(StatusCode::NOT_FOUND) {
-                    format!(
-                        "bucket {} does not exist at {} (access key id {}): create it or fix destination.s3.bucket",
-                        c.bucket(),
-                        c.endpoint(),
-                        c.key_id()
-                    )
-                } else if f.code_is("InvalidAccessKeyId") {
-                    format!(
-                        "access key id {} is not known at {}: check destination.s3.access_key_id_file",
-                        c.key_id(),
-                        c.endpoint()
-                    )
-                } else if f.code_is("SignatureDoesNotMatch") {
-                    format!(
-                        "the secret access key of access key id {} is wrong (the signature does not match): check destination.s3.secret_access_key_file",
-                        c.key_id()
-                    )
+                    format!("bucket {b} does not exist at {e} (access key id {k}): create it or fix destination.s3.bucket")
+                } else if f.code_is("InvalidAccessKeyId") || f.detail.contains("No such key") {
+                    format!("access key id {k} is not known at {e} ({}): check destination.s3.access_key_id_file", f.detail)
+                } else if f.code_is("SignatureDoesNotMatch")
+                    || f.detail.to_ascii_lowercase().contains("signature")
+                {
+                    format!("the secret access key of access key id {k} is wrong ({}): check destination.s3.secret_access_key_file", f.detail)
                 } else if f.is(StatusCode::FORBIDDEN) {
-                    format!(
-                        "access key id {} is not allowed to use bucket {} at {} ({}): check the key, its secret and the bucket policy (docs/s3.md)",
-                        c.key_id(),
-                        c.bucket(),
-                        c.endpoint(),
-                        f.detail
-                    )
+                    format!("access key id {k} is not allowed to use bucket {b} at {e} ({}): check the key and the bucket policy (docs/s3.md)", f.detail)
                 } else {
                     return Err(c.error(req.op, Some(&prefix), f));
                 };
                 Err(DestinationError::S3 {
                     op: req.op,
-                    location: c.location(Some(&prefix)),
+                    location: format!("s3://{b}/{prefix}"),
                     detail,
                     transient: false,
                 })
@@ -763,6 +787,16 @@ impl S3Upload {
                 id
             }
         };
+        if self.next_part > MAX_PARTS {
+            return Err(DestinationError::S3 {
+                op: "cannot upload a part of",
+                location: c.location(Some(&self.key)),
+                detail: format!(
+                    "the file is larger than S3's {MAX_PARTS} parts of {PART_SIZE} bytes"
+                ),
+                transient: false,
+            });
+        }
         while self.in_flight.len() >= PARTS_IN_FLIGHT {
             self.wait_oldest().await?;
         }
@@ -798,12 +832,18 @@ impl S3Upload {
 impl Upload for S3Upload {
     async fn write(&mut self, mut buf: &[u8]) -> Result<(), DestinationError> {
         while !buf.is_empty() {
-            if self.buf.capacity() == 0 {
-                self.buf
-                    .reserve_exact(PART_SIZE.min(buf.len().max(64 * 1024)));
-            }
             let room = PART_SIZE - self.buf.len();
             let take = room.min(buf.len());
+            if self.buf.len() + take > self.buf.capacity() {
+                // Small files (the manifest) get a small buffer; a file that
+                // outgrows it gets one whole part at once, never more.
+                let want = if self.buf.capacity() == 0 {
+                    take.max(SMALL_BUFFER)
+                } else {
+                    PART_SIZE
+                };
+                self.buf.reserve_exact(want.min(PART_SIZE) - self.buf.len());
+            }
             self.buf.extend_from_slice(&buf[..take]);
             self.written += take as u64;
             buf = &buf[take..];
@@ -835,7 +875,11 @@ impl Upload for S3Upload {
             }
             let mut parts = std::mem::take(&mut self.parts);
             parts.sort_by_key(|(n, _)| *n);
-            Pending::Multipart { upload_id, parts }
+            Pending::Multipart {
+                upload_id,
+                parts,
+                size: self.written,
+            }
         };
         self.done = true;
         if self.partial {

@@ -109,11 +109,13 @@ impl Failure {
             detail.push_str(&s.to_string());
             src = s.source();
         }
+        // An untrusted certificate stays untrusted: not worth a retry.
+        let certificate = detail.contains("certificate");
         Self {
             status: None,
-            code: None,
+            code: certificate.then(|| "TlsCertificate".to_string()),
             detail,
-            transient: true,
+            transient: !certificate,
         }
     }
 
@@ -169,6 +171,9 @@ fn hint(f: &Failure, bucket: &str) -> String {
         Some("NoSuchBucket") => format!(
             "bucket {bucket} does not exist: create it or fix destination.s3.bucket"
         ),
+        Some("TlsCertificate") => {
+            "the store's TLS certificate is not trusted: give the CA that signed it (PEM) in destination.s3.ca_file".into()
+        }
         Some("AccessDenied") => {
             "not allowed: check the key and the bucket policy (docs/s3.md)".into()
         }
@@ -434,7 +439,11 @@ impl Client {
         loop {
             let resp = self.send(req).await?;
             match resp.text().await {
-                Ok(t) => return Ok(t),
+                Ok(t) => {
+                    // Listings and upload ids only: nothing secret.
+                    tracing::trace!(op = req.op, body = %t, "S3 answer");
+                    return Ok(t);
+                }
                 Err(e) if attempt < self.retry.attempts => {
                     let delay = self.retry.backoff(attempt, rand::random::<f64>());
                     tracing::warn!(op = req.op, error = %e, "S3 answer cut off; retrying");
@@ -477,4 +486,131 @@ async fn read_limited(mut resp: reqwest::Response) -> String {
         }
     }
     String::from_utf8_lossy(&body).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(secret_file: &std::path::Path) -> S3Config {
+        S3Config {
+            endpoint: "http://127.0.0.1:9".parse().unwrap(),
+            region: "us-east-1".into(),
+            bucket: "backups".into(),
+            prefix: Some("etcd".into()),
+            path_style: true,
+            access_key_id_file: secret_file.with_extension("id"),
+            secret_access_key_file: secret_file.to_path_buf(),
+            storage_class: None,
+            ca_file: None,
+            retry: RetryConfig {
+                attempts: 2,
+                initial_delay: Duration::from_millis(1),
+                max_delay: Duration::from_millis(1),
+            },
+        }
+    }
+
+    const ERROR: &str = "<Error><Code>CODE</Code><Message>msg</Message></Error>";
+
+    #[test]
+    fn throttling_server_errors_and_timeouts_are_transient_refusals_are_not() {
+        let answer = |status: u16, code: &str| {
+            Failure::from_answer(
+                StatusCode::from_u16(status).unwrap(),
+                &ERROR.replace("CODE", code),
+            )
+        };
+        for (status, code) in [
+            (503, "SlowDown"),
+            (500, "InternalError"),
+            (429, "TooManyRequests"),
+            (400, "RequestTimeout"),
+            (502, "whatever"),
+        ] {
+            assert!(answer(status, code).transient, "{status} {code}");
+        }
+        for (status, code) in [
+            (403, "AccessDenied"),
+            (403, "InvalidAccessKeyId"),
+            (403, "SignatureDoesNotMatch"),
+            (404, "NoSuchBucket"),
+            (400, "InvalidRequest"),
+        ] {
+            let f = answer(status, code);
+            assert!(!f.transient, "{status} {code}");
+            assert!(f.code_is(code));
+        }
+        // A HEAD answer has no body: the status alone decides.
+        let head = Failure::from_answer(StatusCode::SERVICE_UNAVAILABLE, "");
+        assert!(head.transient);
+        assert_eq!(head.detail, "HTTP 503 Service Unavailable");
+    }
+
+    #[test]
+    fn errors_name_operation_bucket_key_and_key_id_never_the_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cr3t-value-never-shown\n").unwrap();
+        std::fs::write(secret.with_extension("id"), "  GKexample \n").unwrap();
+        let c = Client::new(&config(&secret)).unwrap();
+        assert_eq!(c.key_id(), "GKexample", "trimmed");
+        let f = Failure::from_answer(
+            StatusCode::FORBIDDEN,
+            &ERROR.replace("CODE", "AccessDenied"),
+        );
+        let e = c.error("cannot store", Some("etcd/c/n/t/f"), f);
+        assert!(!e.is_transient());
+        let text = e.to_string();
+        for part in [
+            "cannot store",
+            "s3://backups/etcd/c/n/t/f",
+            "http://127.0.0.1:9",
+            "access key id GKexample",
+            "AccessDenied",
+            "bucket policy",
+        ] {
+            assert!(text.contains(part), "{part:?} missing in {text}");
+        }
+        assert!(!text.contains("s3cr3t"), "{text}");
+        assert!(!format!("{:?}", c.creds).contains("s3cr3t"));
+    }
+
+    #[test]
+    fn missing_or_empty_credential_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "x").unwrap();
+        let err = Client::new(&config(&secret)).err().unwrap().to_string();
+        assert!(err.contains("destination.s3.access_key_id_file"), "{err}");
+        std::fs::write(secret.with_extension("id"), "GK1").unwrap();
+        std::fs::write(&secret, "\n").unwrap();
+        let err = Client::new(&config(&secret)).err().unwrap().to_string();
+        assert!(
+            err.contains("destination.s3.secret_access_key_file"),
+            "{err}"
+        );
+        assert!(err.contains("empty"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_transient() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "x").unwrap();
+        std::fs::write(secret.with_extension("id"), "GK1").unwrap();
+        // A loopback port just freed: nothing listens there.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let mut cfg = config(&secret);
+        cfg.endpoint = format!("http://127.0.0.1:{port}").parse().unwrap();
+        let c = Client::new(&cfg).unwrap();
+        let f = c
+            .send(&Req::new("cannot list", Method::GET, None))
+            .await
+            .unwrap_err();
+        assert!(f.transient, "{f:?}");
+        assert!(c.error("cannot list", None, f).is_transient());
+    }
 }

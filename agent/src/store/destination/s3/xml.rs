@@ -368,4 +368,81 @@ mod tests {
              <Part><PartNumber>2</PartNumber><ETag>b</ETag></Part></CompleteMultipartUpload>"
         );
     }
+
+    /// Answers Garage 2.5.0 gave the agent's own requests (logged at `trace`
+    /// during a backup), in `recorded/`.
+    mod garage {
+        use super::super::*;
+
+        fn rec(name: &str) -> String {
+            let path = format!(
+                "{}/src/store/destination/s3/recorded/{name}",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+        }
+
+        #[test]
+        fn listings() {
+            let files = list_objects(&rec("list_objects_files.xml")).unwrap();
+            let keys: Vec<(&str, u64)> = files
+                .objects
+                .iter()
+                .map(|o| (o.key.as_str(), o.size))
+                .collect();
+            assert_eq!(
+                keys,
+                [
+                    ("etcd/prod/c1/m1/2026-12-06_211600/manifest.json", 812),
+                    (
+                        "etcd/prod/c1/m1/2026-12-06_211600/snapshot_2026-12-06_211600.db",
+                        25_722_912
+                    ),
+                ]
+            );
+            assert!(files.objects.iter().all(|o| o.last_modified.is_some()));
+            assert!(files.prefixes.is_empty() && files.next.is_none());
+
+            let dirs = list_objects(&rec("list_objects_dirs.xml")).unwrap();
+            assert!(dirs.objects.is_empty());
+            assert_eq!(dirs.prefixes.len(), 12);
+            assert_eq!(dirs.prefixes[0], "etcd/prod/c1/m1/2026-12-06_211600/");
+
+            let truncated = list_objects(&rec("list_objects_truncated.xml")).unwrap();
+            assert_eq!(truncated.objects.len(), 1);
+            assert!(truncated.next.is_some_and(|t| !t.is_empty()));
+
+            let claim = list_uploads(&rec("list_uploads_claim.xml")).unwrap();
+            assert_eq!(claim.uploads.len(), 1);
+            assert_eq!(
+                claim.uploads[0].key,
+                "etcd/prod/c1/m1/2026-12-06_213158/manifest.json"
+            );
+            assert_eq!(claim.uploads[0].upload_id.len(), 64);
+            assert!(claim.uploads[0].initiated.is_some());
+            assert!(claim.next.is_none());
+
+            let dirs = list_uploads(&rec("list_uploads_dirs.xml")).unwrap();
+            assert!(dirs.uploads.is_empty());
+            assert_eq!(dirs.prefixes, ["etcd/prod/c1/m1/2026-12-06_213032/"]);
+        }
+
+        #[test]
+        fn uploads_and_errors() {
+            assert_eq!(upload_id(&rec("initiate.xml")).unwrap().len(), 64);
+            let parts = list_parts(&rec("list_parts.xml")).unwrap();
+            assert_eq!(
+                parts.parts,
+                [(1, 8_388_608), (2, 8_388_608), (3, 8_388_608), (4, 557_088)]
+            );
+            assert_eq!(parts.parts.iter().map(|(_, s)| s).sum::<u64>(), 25_722_912);
+            assert_eq!(
+                expect_root(&rec("complete.xml"), "CompleteMultipartUploadResult").unwrap(),
+                Ok(())
+            );
+            let e = error(&rec("error_invalid_signature.xml")).unwrap();
+            assert_eq!(e.code, "AccessDenied");
+            assert_eq!(e.message, "Forbidden: Invalid signature");
+        }
+    }
 }
