@@ -264,7 +264,9 @@ TOML
     return 1
   }
   for _ in $(seq 1 300); do
-    rclone --config "$GARAGE_RCLONE_CONF" lsf "garage:$GARAGE_BUCKET" >/dev/null 2>&1 && return 0
+    # An AWS_CA_BUNDLE in the environment makes rclone's S3 client fail,
+    # even for plain http.
+    env -u AWS_CA_BUNDLE rclone --config "$GARAGE_RCLONE_CONF" lsf "garage:$GARAGE_BUCKET" >/dev/null 2>&1 && return 0
     sleep 0.1
   done
   echo "error: the Garage cluster in $dir does not serve bucket $GARAGE_BUCKET over S3" >&2

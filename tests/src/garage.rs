@@ -368,28 +368,35 @@ impl GarageCluster {
         }
     }
 
-    /// Waits until `garage status` on every running node lists no failed
-    /// node and shows every node with a role.
+    /// Waits until `garage status` on every running node shows every running
+    /// node among the healthy ones (nodes killed by [`GarageCluster::kill`]
+    /// may be listed as failed).
     fn wait_all_healthy(&mut self) {
         let start = Instant::now();
         loop {
-            let mut ok = true;
-            let mut last = String::new();
-            for i in 0..self.nodes.len() {
+            let running: Vec<usize> = (0..self.nodes.len())
+                .filter(|&i| self.nodes[i].child.is_some())
+                .collect();
+            let mut last = None;
+            for &i in &running {
                 let out = self.garage(i, &["status"]);
                 let text = String::from_utf8_lossy(&out.stdout).into_owned();
-                if !out.status.success()
-                    || text.contains("FAILED NODES")
-                    || !self.nodes.iter().all(|n| text.contains(&n.id[..16]))
-                {
-                    ok = false;
-                    last = format!("node {i}: {text}{}", String::from_utf8_lossy(&out.stderr));
+                let healthy = text.split("==== FAILED NODES").next().unwrap_or_default();
+                let ok = out.status.success()
+                    && running
+                        .iter()
+                        .all(|&j| healthy.contains(&self.nodes[j].id[..16]));
+                if !ok {
+                    last = Some(format!(
+                        "node {i}: {text}{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
                     break;
                 }
             }
-            if ok {
+            let Some(last) = last else {
                 return;
-            }
+            };
             self.assert_running();
             assert!(
                 start.elapsed() < READY_TIMEOUT,

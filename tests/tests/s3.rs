@@ -345,8 +345,8 @@ fn wait_mid_upload(rclone: &Rclone, bucket: &str, agent: &mut Child, log: &Path)
     );
 }
 
-fn finish(agent: Child, log: &Path) -> AgentRun {
-    let started = Instant::now();
+/// Waits for a [`spawn_backup`] started at `started`.
+fn finish(agent: Child, log: &Path, started: Instant) -> AgentRun {
     let out = agent.wait_with_output().unwrap();
     AgentRun {
         code: out.status.code().unwrap_or(-1),
@@ -365,11 +365,12 @@ async fn one_garage_node_killed_mid_upload_the_backup_completes_on_quorum_and_ve
     let (_etcd, _relay, config) = slow_source(&garage, work.path()).await;
     let log = work.path().join("agent.log");
 
+    let started = Instant::now();
     let mut child = spawn_backup(&config, &log);
     wait_mid_upload(&rclone, &bucket, &mut child, &log);
     // Node 0 serves the agent's endpoint; a replica goes away.
     garage.kill(2);
-    let run = finish(child, &log);
+    let run = finish(child, &log, started);
     run.assert_code(0);
 
     // With node 2 still down: the set is complete, as its manifest says,
@@ -397,12 +398,13 @@ async fn two_garage_nodes_killed_mid_upload_fail_the_run_at_upload_and_prune_lea
     let (_etcd, _relay, config) = slow_source(&garage, work.path()).await;
     let log = work.path().join("agent.log");
 
+    let started = Instant::now();
     let mut child = spawn_backup(&config, &log);
     wait_mid_upload(&rclone, &bucket, &mut child, &log);
     garage.kill(1);
     garage.kill(2);
     let killed = Instant::now();
-    let run = finish(child, &log);
+    let run = finish(child, &log, started);
     run.assert_code(1);
     assert!(run.stderr.contains("stage upload"), "{}", run.stderr);
     assert_secret_not_shown(&run, garage.secret());
@@ -541,12 +543,12 @@ fn two_agents_racing_for_one_set_name_one_wins_and_nothing_is_overwritten() {
             .enumerate()
             .map(|(i, c)| {
                 let log = work.path().join(format!("agent-{attempt}-{i}.log"));
-                (spawn_backup(c, &log), log)
+                (spawn_backup(c, &log), log, Instant::now())
             })
             .collect();
         let runs: Vec<AgentRun> = children
             .into_iter()
-            .map(|(child, log)| finish(child, &log))
+            .map(|(child, log, started)| finish(child, &log, started))
             .collect();
         let stored = objects(&rclone, &bucket);
         let sets = complete_sets(&stored);
