@@ -33,7 +33,7 @@ impl Validator {
             self.error(
                 "destination",
                 format!(
-                    "{} are all set: configure exactly one of {KINDS}",
+                    "{} are set: configure exactly one of {KINDS}",
                     given.join(" and ")
                 ),
             );

@@ -593,6 +593,39 @@ mod tests {
         assert!(err.contains("empty"), "{err}");
     }
 
+    #[test]
+    fn path_style_and_virtual_hosted_urls() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "x").unwrap();
+        std::fs::write(secret.with_extension("id"), "GK1").unwrap();
+        let mut cfg = config(&secret);
+        cfg.endpoint = "https://s3.example.com:8443".parse().unwrap();
+        let c = Client::new(&cfg).unwrap();
+        assert_eq!(
+            c.target(Some("etcd/c/n/a b+c")),
+            (
+                "s3.example.com:8443".to_string(),
+                "/backups/etcd/c/n/a%20b%2Bc".to_string()
+            )
+        );
+        assert_eq!(
+            c.target(None),
+            ("s3.example.com:8443".to_string(), "/backups".to_string())
+        );
+        cfg.path_style = false;
+        cfg.endpoint = "https://s3.example.com".parse().unwrap();
+        let c = Client::new(&cfg).unwrap();
+        assert_eq!(
+            c.target(Some("etcd/x")),
+            ("backups.s3.example.com".to_string(), "/etcd/x".to_string())
+        );
+        assert_eq!(
+            c.target(None),
+            ("backups.s3.example.com".to_string(), "/".to_string())
+        );
+    }
+
     #[tokio::test]
     async fn a_refused_connection_is_transient() {
         let dir = tempfile::tempdir().unwrap();
