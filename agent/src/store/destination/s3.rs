@@ -14,7 +14,7 @@
 //! - listing shows in-progress uploads for `X` as files `X.partial`, so the
 //!   catalog and prune treat a killed run's uploads as its partial files;
 //!   deleting `X.partial` aborts them.
-//! - [`Destination::claim`] starts the manifest's upload before anything
+//! - [`super::Destination::claim`] starts the manifest's upload before anything
 //!   else and refuses a set where anything else is found: two agents never
 //!   write the same set.
 
@@ -64,7 +64,7 @@ enum Pending {
         size: u64,
     },
     /// The set's claim: the manifest's multipart upload, started by
-    /// [`Destination::claim`], no part yet.
+    /// [`super::Destination::claim`], no part yet.
     Claimed { upload_id: String },
 }
 
@@ -93,7 +93,7 @@ fn lock(p: &PendingMap) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
 
 impl S3Dir {
     /// Reads the credentials and sets up the client; nothing is sent yet
-    /// ([`Destination::durability`] is the first request of a run).
+    /// ([`super::Destination::durability`] is the first request of a run).
     ///
     /// # Errors
     /// Unreadable credential or CA files.
