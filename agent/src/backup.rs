@@ -342,12 +342,7 @@ pub struct Outcome {
 /// doubled per attempt, capped, then scaled into `[d/2, d]` by `unit` in
 /// `[0, 1)` so agents that failed together do not retry together.
 pub fn backoff(retry: &crate::config::RetryConfig, attempt: u32, unit: f64) -> Duration {
-    let exp = attempt.saturating_sub(1).min(30);
-    let full = retry
-        .initial_delay
-        .saturating_mul(1u32 << exp)
-        .min(retry.max_delay);
-    full.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+    retry.backoff(attempt, unit)
 }
 
 /// Runs one backup against the configured etcd member.
@@ -727,15 +722,30 @@ impl<'a> Run<'a> {
                     continue;
                 }
             }
+            let set_exists = Cause::SetExists {
+                location: format!("{}/{}", dest.describe(), self.set.dir()),
+            };
             match dest.list(&self.set.dir()).await {
                 Ok(existing) if existing.is_empty() => {}
-                Ok(_) => self.fail(
-                    i,
-                    Stage::Upload,
-                    Cause::SetExists {
-                        location: format!("{}/{}", dest.describe(), self.set.dir()),
-                    },
-                ),
+                Ok(_) => {
+                    self.fail(i, Stage::Upload, set_exists);
+                    continue;
+                }
+                Err(e) => {
+                    self.fail(i, Stage::Upload, e);
+                    continue;
+                }
+            }
+            // Where a second writer is not refused by exclusive creates
+            // (S3), the destination claims the set; the claim is released
+            // by clean-up through the manifest's partial name.
+            let dir = self.set.dir();
+            let claim = partial(&self.set.file(MANIFEST_FILE_NAME));
+            match self.recorded(i, claim, dest.claim(&dir)).await {
+                Ok(()) => {}
+                Err(DestinationError::AlreadyExists { .. }) => {
+                    self.fail(i, Stage::Upload, set_exists);
+                }
                 Err(e) => self.fail(i, Stage::Upload, e),
             }
         }

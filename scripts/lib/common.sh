@@ -152,3 +152,132 @@ openshift_tree() {
   echo "kind: EncryptionConfiguration" \
     >"$root/static-pod-resources/kube-apiserver-pod-3/secrets/encryption-config/encryption-config"
 }
+
+# The Garage version the S3 tests and the s3 bench run (tests/src/garage.rs).
+GARAGE_VERSION=2.5.0
+
+# ensure_garage: installs Garage $GARAGE_VERSION once, with cargo, into
+# ${ETCD_BACKUP_TOOL_CACHE:-/var/cache/etcd-backup-agent}/garage-$GARAGE_VERSION
+# (a build of about 5 minutes; skipped when the cached binary already reports
+# that version), exports GARAGE_BIN and prints where it is. Debian has no
+# Garage package.
+ensure_garage() {
+  local dir=${ETCD_BACKUP_TOOL_CACHE:-/var/cache/etcd-backup-agent}/garage-$GARAGE_VERSION
+  # It prints "garage cargo:2.5.0 [features: ...]" when built by cargo install.
+  if ! "$dir/bin/garage" --version 2>/dev/null | grep -qE "(^|[^0-9.])${GARAGE_VERSION//./\\.}([^0-9.]|$)"; then
+    command -v cargo >/dev/null || { echo "error: cargo not found; it builds Garage $GARAGE_VERSION" >&2; return 1; }
+    mkdir -p "$dir"
+    echo "==> building Garage $GARAGE_VERSION into $dir (about 5 minutes, once)" >&2
+    cargo install --locked garage --version "$GARAGE_VERSION" --root "$dir" || {
+      echo "error: cargo install of Garage $GARAGE_VERSION into $dir failed" >&2
+      return 1
+    }
+  fi
+  GARAGE_BIN=$dir/bin/garage
+  export GARAGE_BIN
+  echo "==> garage $GARAGE_VERSION: $GARAGE_BIN" >&2
+}
+
+# garage_cli NODE ARGS...: the garage CLI against node NODE of start_garage's
+# cluster.
+garage_cli() {
+  local node=$1
+  shift
+  "$GARAGE_BIN" -c "$GARAGE_DIR/node$node/garage.toml" "$@"
+}
+
+# start_garage DIR: a throwaway three-node Garage cluster on free 127.0.0.1
+# ports (replication_factor 3, sqlite metadata, everything in DIR), as
+# tests/src/garage.rs starts it, with a bucket and a key that may read, write
+# and own it. Needs ensure_garage. Sets GARAGE_DIR, GARAGE_PIDS,
+# GARAGE_ENDPOINT (node 0's S3 API), GARAGE_BUCKET, GARAGE_KEY_ID_FILE and
+# GARAGE_SECRET_FILE (0600 files) and GARAGE_RCLONE_CONF (an rclone config
+# whose remote "garage:" is that endpoint with that key).
+start_garage() {
+  local dir=$1 i rpc s3 secret ids=() key_out
+  GARAGE_DIR=$dir
+  GARAGE_PIDS=
+  mkdir -p "$dir"
+  secret=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
+  for i in 0 1 2; do
+    mkdir -p "$dir/node$i"
+    rpc=$(free_port)
+    s3=$(free_port)
+    [ "$i" = 0 ] && GARAGE_ENDPOINT=http://127.0.0.1:$s3
+    (
+      umask 077
+      cat >"$dir/node$i/garage.toml" <<TOML
+metadata_dir = "$dir/node$i/meta"
+data_dir = "$dir/node$i/data"
+db_engine = "sqlite"
+metadata_fsync = false
+data_fsync = false
+replication_factor = 3
+rpc_bind_addr = "127.0.0.1:$rpc"
+rpc_public_addr = "127.0.0.1:$rpc"
+rpc_secret = "$secret"
+bootstrap_peers = []
+
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$s3"
+
+[admin]
+api_bind_addr = "127.0.0.1:$(free_port)"
+TOML
+    )
+    RUST_LOG=garage=warn "$GARAGE_BIN" -c "$dir/node$i/garage.toml" server >"$dir/node$i/garage.log" 2>&1 &
+    GARAGE_PIDS+=" $!"
+  done
+  for i in 0 1 2; do
+    for _ in $(seq 1 300); do
+      ids[i]=$(garage_cli "$i" node id -q 2>/dev/null) && break
+      sleep 0.1
+    done
+    [ -n "${ids[i]}" ] || { echo "error: garage node $i did not start; its log: $dir/node$i/garage.log" >&2; return 1; }
+  done
+  garage_cli 0 node connect "${ids[1]}" >/dev/null
+  garage_cli 0 node connect "${ids[2]}" >/dev/null
+  for i in 0 1 2; do
+    garage_cli 0 layout assign -z "zone$i" -c 1G "${ids[i]%@*}" >/dev/null
+  done
+  garage_cli 0 layout apply --version 1 >/dev/null
+  GARAGE_BUCKET=etcd-backups
+  for _ in $(seq 1 300); do
+    garage_cli 0 bucket create "$GARAGE_BUCKET" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  key_out=$(garage_cli 0 key create etcd-backup-agent)
+  garage_cli 0 bucket allow --read --write --owner "$GARAGE_BUCKET" --key etcd-backup-agent >/dev/null
+  GARAGE_KEY_ID_FILE=$dir/access_key_id
+  GARAGE_SECRET_FILE=$dir/secret_access_key
+  GARAGE_RCLONE_CONF=$dir/rclone.conf
+  (
+    umask 077
+    sed -n 's/^ *Key ID: *//p' <<<"$key_out" >"$GARAGE_KEY_ID_FILE"
+    sed -n 's/^ *Secret key: *//p' <<<"$key_out" >"$GARAGE_SECRET_FILE"
+    printf '[garage]\ntype = s3\nprovider = Other\nendpoint = %s\nregion = garage\nforce_path_style = true\naccess_key_id = %s\nsecret_access_key = %s\n' \
+      "$GARAGE_ENDPOINT" "$(cat "$GARAGE_KEY_ID_FILE")" "$(cat "$GARAGE_SECRET_FILE")" >"$GARAGE_RCLONE_CONF"
+  )
+  [ -s "$GARAGE_KEY_ID_FILE" ] && [ -s "$GARAGE_SECRET_FILE" ] || {
+    echo "error: garage key create printed no key id and secret" >&2
+    return 1
+  }
+  for _ in $(seq 1 300); do
+    # An AWS_CA_BUNDLE in the environment makes rclone's S3 client fail,
+    # even for plain http.
+    env -u AWS_CA_BUNDLE rclone --config "$GARAGE_RCLONE_CONF" lsf "garage:$GARAGE_BUCKET" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "error: the Garage cluster in $dir does not serve bucket $GARAGE_BUCKET over S3" >&2
+  return 1
+}
+
+# stop_garage: kills start_garage's nodes.
+stop_garage() {
+  local pid
+  for pid in $GARAGE_PIDS; do
+    kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+  done
+  GARAGE_PIDS=
+}

@@ -20,6 +20,9 @@
 //!   agent as the DaemonSet does.
 //! - [`sftp_setup`]: an agent config backing up to an sshd (trust, login,
 //!   secret files).
+//! - [`garage`]: a throwaway three-node Garage cluster (S3) with a bucket and
+//!   a key, and rclone to look at it.
+//! - [`s3_setup`]: an agent config backing up to a Garage cluster.
 //! - [`sshd`]: a throwaway OpenSSH server with its own host key and client keys.
 //! - [`proftpd`]: ProFTPD's mod_sftp, a second real SFTP server, with
 //!   configurable extensions.
@@ -29,11 +32,13 @@ pub mod agent;
 pub mod etcd;
 pub mod fake_etcd;
 pub mod fixtures;
+pub mod garage;
 pub mod hostile;
 pub mod k8s_objects;
 pub mod pod;
 pub mod proftpd;
 pub mod relay;
+pub mod s3_setup;
 pub mod sftp_setup;
 pub mod sshd;
 pub mod tls;

@@ -118,10 +118,18 @@ fn each_bad_value_exits_2_naming_its_field() {
         (
             base.replace(
                 "  local:\n    path: /nonexistent-dir-for-config-test/backups\n",
+                "  gcs: {}\n",
+            ),
+            "destination.gcs",
+            "unknown field `gcs`",
+        ),
+        (
+            base.replace(
+                "  local:\n    path: /nonexistent-dir-for-config-test/backups\n",
                 "  s3: {}\n",
             ),
-            "destination.s3",
-            "unknown field `s3`",
+            "destination.s3.endpoint",
+            "required",
         ),
         (
             format!("{base}colour: blue\n"),

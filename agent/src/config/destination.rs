@@ -1,4 +1,4 @@
-//! `destination:` validated: a local directory or an SFTP server (host, auth, host-key check).
+//! `destination:` / `destinations:` validated: a local directory, an SFTP server (host, auth, host-key check) or an S3 bucket.
 
 use super::*;
 
@@ -81,7 +81,7 @@ impl Validator {
         let Some(raw) = raw else {
             self.error(
                 "destination",
-                "required: configure exactly one of destination.local or destination.sftp (or a list of named destinations under destinations)",
+                "required: configure exactly one of destination.local, destination.sftp or destination.s3 (or a list of named destinations under destinations)",
             );
             return None;
         };
@@ -95,24 +95,35 @@ impl Validator {
         at: &str,
         raw: RawDestination,
     ) -> Option<DestinationConfig> {
-        let kinds = format!("{at}.local or {at}.sftp");
-        let kinds = kinds.as_str();
-        match (raw.local, raw.sftp) {
-            (None, None) => {
-                self.error(
-                    at,
-                    format!("no destination configured: set exactly one of {kinds}"),
-                );
-                None
-            }
-            (Some(_), Some(_)) => {
-                self.error(
-                    at,
-                    format!("both local and sftp are set: configure exactly one of {kinds}"),
-                );
-                None
-            }
-            (Some(local), None) => match local.unwrap_or_default().path {
+        let kinds = format!("{at}.local, {at}.sftp or {at}.s3");
+        let given: Vec<&str> = [
+            ("local", raw.local.is_some()),
+            ("sftp", raw.sftp.is_some()),
+            ("s3", raw.s3.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(name, _)| name)
+        .collect();
+        if given.is_empty() {
+            self.error(
+                at,
+                format!("no destination configured: set exactly one of {kinds}"),
+            );
+            return None;
+        }
+        if given.len() > 1 {
+            self.error(
+                at,
+                format!(
+                    "{} are set: configure exactly one of {kinds}",
+                    given.join(" and ")
+                ),
+            );
+            return None;
+        }
+        if let Some(local) = raw.local {
+            return match local.unwrap_or_default().path {
                 Some(path) if !path.as_os_str().is_empty() => {
                     Some(DestinationConfig::Local { path })
                 }
@@ -123,11 +134,155 @@ impl Validator {
                     );
                     None
                 }
-            },
-            (None, Some(sftp)) => self
-                .sftp(at, sftp.unwrap_or_default())
-                .map(DestinationConfig::Sftp),
+            };
         }
+        if let Some(sftp) = raw.sftp {
+            return self
+                .sftp(at, sftp.unwrap_or_default())
+                .map(DestinationConfig::Sftp);
+        }
+        raw.s3
+            .and_then(|s3| self.s3(at, s3.unwrap_or_default()))
+            .map(DestinationConfig::S3)
+    }
+
+    pub(super) fn s3(&mut self, at: &str, raw: RawS3) -> Option<S3Config> {
+        let endpoint = self
+            .required_text(
+                &format!("{at}.s3.endpoint"),
+                raw.endpoint,
+                "the object store's URL, e.g. https://s3.openshift-storage.svc:443",
+            )
+            .and_then(|text| match url::Url::parse(text.trim()) {
+                Ok(u)
+                    if matches!(u.scheme(), "http" | "https")
+                        && u.host_str().is_some_and(|h| !h.is_empty())
+                        && (u.path().is_empty() || u.path() == "/")
+                        && u.query().is_none()
+                        && u.fragment().is_none()
+                        && u.username().is_empty()
+                        && u.password().is_none() =>
+                {
+                    Some(u)
+                }
+                Ok(_) => {
+                    self.error(
+                        format!("{at}.s3.endpoint"),
+                        format!("{text:?} is not an endpoint URL: give http:// or https://, a host and an optional port, with no path, query or user (put the bucket in destination.s3.bucket and key prefix in destination.s3.prefix)"),
+                    );
+                    None
+                }
+                Err(e) => {
+                    self.error(
+                        format!("{at}.s3.endpoint"),
+                        format!("{text:?} is not a URL ({e}): give e.g. https://s3.example.com or http://127.0.0.1:3900"),
+                    );
+                    None
+                }
+            });
+        let region = raw
+            .region
+            .unwrap_or_else(|| defaults::S3_REGION.to_string());
+        if region.is_empty()
+            || !region
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            self.error(
+                format!("{at}.s3.region"),
+                format!("{region:?} is not a region name: give lowercase letters, digits and '-', e.g. us-east-1 (the default, which Garage, MinIO and Ceph RGW accept unless configured otherwise)"),
+            );
+        }
+        let bucket = self.required_text(
+            &format!("{at}.s3.bucket"),
+            raw.bucket,
+            "the bucket backup sets are stored in",
+        );
+        if let Some(b) = &bucket {
+            if let Err(why) = check_bucket_name(b) {
+                self.error(
+                    format!("{at}.s3.bucket"),
+                    format!("{b:?} is not an S3 bucket name: {why}"),
+                );
+            }
+        }
+        let prefix = raw.prefix.filter(|p| !p.is_empty());
+        if let Some(p) = &prefix {
+            if p.starts_with('/')
+                || p.ends_with('/')
+                || p.split('/')
+                    .any(|c| c.is_empty() || c == "." || c == ".." || c.contains('\0'))
+            {
+                self.error(
+                    format!("{at}.s3.prefix"),
+                    format!("{p:?} is not a key prefix: give names separated by single '/', with no leading or trailing '/' and no '.' or '..', e.g. etcd-backups/prod"),
+                );
+            }
+        }
+        let access_key_id_file = match raw.access_key_id_file {
+            Some(f) => {
+                self.readable_file(&format!("{at}.s3.access_key_id_file"), &f);
+                Some(f)
+            }
+            None => {
+                self.error(
+                    format!("{at}.s3.access_key_id_file"),
+                    "required: a file holding the access key id (secrets are read from files only, e.g. a mounted Secret)",
+                );
+                None
+            }
+        };
+        let secret_access_key_file = match raw.secret_access_key_file {
+            Some(f) => {
+                self.readable_file(&format!("{at}.s3.secret_access_key_file"), &f);
+                Some(f)
+            }
+            None => {
+                self.error(
+                    format!("{at}.s3.secret_access_key_file"),
+                    "required: a file holding the secret access key (secrets are read from files only, e.g. a mounted Secret)",
+                );
+                None
+            }
+        };
+        let storage_class = raw.storage_class.filter(|c| !c.is_empty());
+        if let Some(c) = &storage_class {
+            if !c
+                .chars()
+                .all(|ch| ch.is_ascii_uppercase() || ch.is_ascii_digit() || ch == '_')
+            {
+                self.error(
+                    format!("{at}.s3.storage_class"),
+                    format!("{c:?} is not a storage class: give the store's name for it, e.g. STANDARD or STANDARD_IA, or leave it out for the bucket's default"),
+                );
+            }
+        }
+        if let Some(ca) = &raw.ca_file {
+            self.readable_file(&format!("{at}.s3.ca_file"), ca);
+            if endpoint.as_ref().is_some_and(|u| u.scheme() != "https") {
+                self.error(
+                    format!("{at}.s3.ca_file"),
+                    "only used with an https:// endpoint: remove it, or give the endpoint as https://",
+                );
+            }
+        }
+        Some(S3Config {
+            endpoint: endpoint?,
+            region,
+            bucket: bucket?,
+            prefix,
+            path_style: raw.path_style.unwrap_or(false),
+            access_key_id_file: access_key_id_file?,
+            secret_access_key_file: secret_access_key_file?,
+            storage_class,
+            ca_file: raw.ca_file,
+            // Set from `retry:` once that section is validated.
+            retry: RetryConfig {
+                attempts: defaults::RETRY_ATTEMPTS,
+                initial_delay: defaults::RETRY_INITIAL_DELAY,
+                max_delay: defaults::RETRY_MAX_DELAY,
+            },
+        })
     }
 
     pub(super) fn sftp(&mut self, at: &str, raw: RawSftp) -> Option<SftpConfig> {
@@ -316,6 +471,31 @@ pub(super) fn is_valid_destination_name(name: &str) -> bool {
         && b.iter().all(|c| inner(c) || *c == b'-')
 }
 
+/// S3's bucket naming rules: 3 to 63 lowercase letters, digits, '.' and
+/// '-', starting and ending with a letter or digit, no "..", not an address.
+fn check_bucket_name(b: &str) -> Result<(), &'static str> {
+    if !(3..=63).contains(&b.len()) {
+        return Err("it must be 3 to 63 characters long");
+    }
+    if !b
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+    {
+        return Err("use lowercase letters, digits, '.' and '-' only");
+    }
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !edge(b.chars().next()) || !edge(b.chars().last()) {
+        return Err("it must start and end with a letter or digit");
+    }
+    if b.contains("..") || b.contains(".-") || b.contains("-.") {
+        return Err("'.' must not be next to another '.' or a '-'");
+    }
+    if b.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Err("it must not look like an IP address");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{Config, DestinationConfig, Environment};
@@ -335,7 +515,7 @@ mod tests {
         };
         Config::parse(&text, &env).map(|c| match c.destination() {
             DestinationConfig::Sftp(s) => s.streams,
-            DestinationConfig::Local { .. } => unreachable!("an sftp destination"),
+            _ => unreachable!("an sftp destination"),
         })
     }
 
@@ -473,5 +653,159 @@ mod tests {
         for bad in ["", "-a", "a-", "A", "a_b", "a.b", "ä", &"a".repeat(33)] {
             assert!(!super::is_valid_destination_name(bad), "{bad}");
         }
+    }
+
+    fn s3(lines: &str) -> Result<super::super::S3Config, Vec<super::super::FieldError>> {
+        let key = tempfile::NamedTempFile::new().unwrap();
+        let text = format!(
+            "etcd:\n  endpoints: [\"http://127.0.0.1:2379\"]\nresources:\n  layout: none\n\
+             retry:\n  attempts: 4\n\
+             destination:\n  s3:\n    access_key_id_file: {k}\n    secret_access_key_file: {k}\n{lines}",
+            k = key.path().display()
+        );
+        let env = Environment {
+            node_name: None,
+            hostname: Some("h".into()),
+        };
+        Config::parse(&text, &env).map(|c| match c.destination() {
+            DestinationConfig::S3(s) => s.clone(),
+            _ => unreachable!("an s3 destination"),
+        })
+    }
+
+    #[test]
+    fn s3_defaults_and_describe() {
+        let c = s3(
+            "    endpoint: http://127.0.0.1:3900\n    bucket: etcd-backups\n    prefix: prod/eu\n",
+        )
+        .unwrap();
+        assert_eq!(c.region, "us-east-1");
+        assert!(!c.path_style);
+        assert_eq!(c.retry.attempts, 4, "the retry: section is passed on");
+        assert_eq!(c.storage_class, None);
+        assert_eq!(
+            c.describe(),
+            "s3://etcd-backups/prod/eu at http://127.0.0.1:3900"
+        );
+    }
+
+    #[test]
+    fn s3_bad_values_name_the_key_and_what_to_do() {
+        for (lines, field, says) in [
+            ("    bucket: b-1\n", "destination.s3.endpoint", "required"),
+            (
+                "    endpoint: ftp://h\n    bucket: b-1\n",
+                "destination.s3.endpoint",
+                "http:// or https://",
+            ),
+            (
+                "    endpoint: https://h/bucket\n    bucket: b-1\n",
+                "destination.s3.endpoint",
+                "no path",
+            ),
+            (
+                "    endpoint: https://h\n",
+                "destination.s3.bucket",
+                "required",
+            ),
+            (
+                "    endpoint: https://h\n    bucket: My_Bucket\n",
+                "destination.s3.bucket",
+                "lowercase",
+            ),
+            (
+                "    endpoint: https://h\n    bucket: ab\n",
+                "destination.s3.bucket",
+                "3 to 63",
+            ),
+            (
+                "    endpoint: https://h\n    bucket: 10.0.0.1\n",
+                "destination.s3.bucket",
+                "IP address",
+            ),
+            (
+                "    endpoint: https://h\n    bucket: b-1\n    prefix: /x\n",
+                "destination.s3.prefix",
+                "no leading or trailing",
+            ),
+            (
+                "    endpoint: https://h\n    bucket: b-1\n    prefix: a/../b\n",
+                "destination.s3.prefix",
+                "'..'",
+            ),
+            (
+                "    endpoint: https://h\n    bucket: b-1\n    region: US East\n",
+                "destination.s3.region",
+                "lowercase",
+            ),
+            (
+                "    endpoint: https://h\n    bucket: b-1\n    storage_class: cold storage\n",
+                "destination.s3.storage_class",
+                "STANDARD",
+            ),
+            (
+                "    endpoint: http://h\n    bucket: b-1\n    ca_file: /etc/hostname\n",
+                "destination.s3.ca_file",
+                "https://",
+            ),
+            (
+                "    endpoint: https://h\n    bucket: b-1\n    ca_file: /nonexistent/ca.pem\n",
+                "destination.s3.ca_file",
+                "cannot read",
+            ),
+        ] {
+            let errs = s3(lines).unwrap_err();
+            assert_eq!(errs.len(), 1, "{lines}: {errs:?}");
+            assert_eq!(errs[0].field, field, "{lines}");
+            assert!(
+                errs[0].message.contains(says),
+                "{lines}: {}",
+                errs[0].message
+            );
+        }
+    }
+
+    #[test]
+    fn s3_credentials_come_from_files_only() {
+        let env = Environment {
+            node_name: None,
+            hostname: Some("h".into()),
+        };
+        let text = "etcd:\n  endpoints: [\"http://127.0.0.1:2379\"]\nresources:\n  layout: none\n\
+                    destination:\n  s3:\n    endpoint: https://h\n    bucket: b-1\n    secret_access_key: x\n";
+        let errs = Config::parse(text, &env).unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.message.contains("secret_access_key")),
+            "{errs:?}"
+        );
+        let text = "etcd:\n  endpoints: [\"http://127.0.0.1:2379\"]\nresources:\n  layout: none\n\
+                    destination:\n  s3:\n    endpoint: https://h\n    bucket: b-1\n";
+        let errs = Config::parse(text, &env).unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "destination.s3.access_key_id_file",
+                "destination.s3.secret_access_key_file"
+            ]
+        );
+    }
+
+    #[test]
+    fn only_one_destination_kind() {
+        let env = Environment {
+            node_name: None,
+            hostname: Some("h".into()),
+        };
+        let text = "etcd:\n  endpoints: [\"http://127.0.0.1:2379\"]\nresources:\n  layout: none\n\
+                    destination:\n  local:\n    path: /b\n  s3:\n    bucket: b-1\n";
+        let errs = Config::parse(text, &env).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "destination");
+        assert!(
+            errs[0].message.contains("local and s3"),
+            "{}",
+            errs[0].message
+        );
     }
 }

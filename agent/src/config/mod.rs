@@ -164,6 +164,22 @@ struct RawDestination {
     local: Option<Option<RawLocal>>,
     #[serde(default, deserialize_with = "present")]
     sftp: Option<Option<RawSftp>>,
+    #[serde(default, deserialize_with = "present")]
+    s3: Option<Option<RawS3>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawS3 {
+    endpoint: Option<String>,
+    region: Option<String>,
+    bucket: Option<String>,
+    prefix: Option<String>,
+    path_style: Option<bool>,
+    access_key_id_file: Option<PathBuf>,
+    secret_access_key_file: Option<PathBuf>,
+    storage_class: Option<String>,
+    ca_file: Option<PathBuf>,
 }
 
 /// One entry of `destinations:`: a name and exactly one kind.
@@ -175,6 +191,8 @@ struct RawNamedDestination {
     local: Option<Option<RawLocal>>,
     #[serde(default, deserialize_with = "present")]
     sftp: Option<Option<RawSftp>>,
+    #[serde(default, deserialize_with = "present")]
+    s3: Option<Option<RawS3>>,
 }
 
 impl RawNamedDestination {
@@ -185,6 +203,7 @@ impl RawNamedDestination {
             RawDestination {
                 local: self.local,
                 sftp: self.sftp,
+                s3: self.s3,
             },
         )
     }
@@ -262,6 +281,9 @@ pub mod defaults {
     pub const SFTP_STREAMS: u32 = 8;
     /// The largest `destination.sftp.streams` accepted.
     pub const SFTP_STREAMS_MAX: u32 = 16;
+    /// `destination.s3.region`: what S3-compatible stores without regions
+    /// (Garage, MinIO, Ceph RGW) accept by default.
+    pub const S3_REGION: &str = "us-east-1";
     /// `retry.attempts`: attempts in all, the first included.
     pub const RETRY_ATTEMPTS: u32 = 3;
     /// `retry.initial_delay`.
@@ -512,6 +534,8 @@ pub enum DestinationConfig {
     },
     /// `destination.sftp`: a directory on an SFTP server.
     Sftp(SftpConfig),
+    /// `destination.s3`: a bucket (and prefix) of an S3-compatible store.
+    S3(S3Config),
 }
 
 impl DestinationConfig {
@@ -522,6 +546,7 @@ impl DestinationConfig {
             DestinationConfig::Sftp(s) => {
                 format!("sftp://{}@{}:{}{}", s.user, s.host, s.port, s.path)
             }
+            DestinationConfig::S3(s) => s.describe(),
         }
     }
 }
@@ -553,6 +578,45 @@ pub struct SftpConfig {
     /// SFTP sessions each file is written and read over at once, each
     /// carrying its own byte ranges; 1 is one session, as before striping.
     pub streams: u32,
+}
+
+/// `destination.s3:`. The credentials are file paths; their contents are
+/// read when the destination is opened and never kept here, printed or logged.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    /// The store's URL (`http://` or `https://`, no path).
+    pub endpoint: url::Url,
+    /// The region requests are signed for.
+    pub region: String,
+    /// The bucket.
+    pub bucket: String,
+    /// Key prefix every set is stored below (no leading or trailing `/`).
+    pub prefix: Option<String>,
+    /// Path-style URLs (`<endpoint>/<bucket>/<key>`) instead of
+    /// virtual-hosted ones (`<bucket>.<host>/<key>`).
+    pub path_style: bool,
+    /// A file holding the access key id.
+    pub access_key_id_file: PathBuf,
+    /// A file holding the secret access key.
+    pub secret_access_key_file: PathBuf,
+    /// Sent as `x-amz-storage-class` when objects are created.
+    pub storage_class: Option<String>,
+    /// PEM certificates trusted for `https` besides the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// `retry:`, applied to each S3 request that fails transiently.
+    pub retry: RetryConfig,
+}
+
+impl S3Config {
+    /// `s3://<bucket>/<prefix> at <endpoint>`, for people (no secrets).
+    pub fn describe(&self) -> String {
+        format!(
+            "s3://{}/{} at {}",
+            self.bucket,
+            self.prefix.as_deref().unwrap_or(""),
+            self.endpoint.as_str().trim_end_matches('/')
+        )
+    }
 }
 
 /// Which host keys are trusted. There is deliberately no "accept any".
@@ -700,8 +764,13 @@ impl Config {
 
         let etcd = v.etcd(raw.etcd.unwrap_or_default());
         let resources = v.resources(raw.resources.unwrap_or_default());
-        let destinations = v.destinations(raw.destination, raw.destinations);
+        let mut destinations = v.destinations(raw.destination, raw.destinations);
         let retry = v.retry(raw.retry.unwrap_or_default());
+        for d in destinations.iter_mut().flatten() {
+            if let DestinationConfig::S3(s3) = &mut d.config {
+                s3.retry = retry;
+            }
+        }
         let log = v.log(raw.log.unwrap_or_default());
         let retention = v.retention(raw.retention.unwrap_or_default());
         let encryption = raw.encryption.and_then(|e| v.encryption(e));
@@ -785,6 +854,7 @@ fn expand_destination(
     at: &str,
     local: &mut Option<Option<RawLocal>>,
     sftp: &mut Option<Option<RawSftp>>,
+    s3: &mut Option<Option<RawS3>>,
     node: &str,
     v: &mut Validator,
 ) {
@@ -817,6 +887,21 @@ fn expand_destination(
             v,
         );
     }
+    if let Some(Some(s)) = s3.as_mut() {
+        expand_one(
+            &format!("{at}.s3.access_key_id_file"),
+            &mut s.access_key_id_file,
+            node,
+            v,
+        );
+        expand_one(
+            &format!("{at}.s3.secret_access_key_file"),
+            &mut s.secret_access_key_file,
+            node,
+            v,
+        );
+        expand_one(&format!("{at}.s3.ca_file"), &mut s.ca_file, node, v);
+    }
 }
 
 /// Replaces `${NODE_NAME}` in every file path of the config with this node's
@@ -832,13 +917,14 @@ fn expand_node_name(raw: &mut RawConfig, node: &str, v: &mut Validator) {
         expand_one("resources.root", &mut r.root, node, v);
     }
     if let Some(d) = raw.destination.as_mut() {
-        expand_destination("destination", &mut d.local, &mut d.sftp, node, v);
+        expand_destination("destination", &mut d.local, &mut d.sftp, &mut d.s3, node, v);
     }
     for (i, d) in raw.destinations.iter_mut().flatten().enumerate() {
         expand_destination(
             &format!("destinations[{i}]"),
             &mut d.local,
             &mut d.sftp,
+            &mut d.s3,
             node,
             v,
         );

@@ -27,3 +27,17 @@ impl Validator {
         }
     }
 }
+
+impl RetryConfig {
+    /// The delay after failed attempt `attempt` (1-based): the initial delay
+    /// doubled per attempt, capped, then scaled into `[d/2, d]` by `unit` in
+    /// `[0, 1)` so agents that failed together do not retry together.
+    pub fn backoff(&self, attempt: u32, unit: f64) -> Duration {
+        let exp = attempt.saturating_sub(1).min(30);
+        let full = self
+            .initial_delay
+            .saturating_mul(1u32 << exp)
+            .min(self.max_delay);
+        full.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+    }
+}

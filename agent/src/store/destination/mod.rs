@@ -8,6 +8,7 @@
 #[cfg(test)]
 pub(crate) mod faulty;
 mod local;
+mod s3;
 mod sftp;
 mod sftp_version;
 
@@ -15,6 +16,7 @@ use async_trait::async_trait;
 use tokio::io::AsyncRead;
 
 pub use local::LocalDir;
+pub use s3::{S3Dir, PARTS_IN_FLIGHT, PART_SIZE};
 pub use sftp::{SftpDir, StripeOver};
 
 use crate::config::DestinationConfig;
@@ -108,6 +110,20 @@ pub enum DestinationError {
         /// The server.
         location: String,
     },
+    /// An S3 request failed: the operation, the object (bucket, key,
+    /// endpoint and access key id; never the secret) and what the store said.
+    #[error("{op} {location}: {detail}")]
+    S3 {
+        /// What was being done, e.g. "cannot upload a part of".
+        op: &'static str,
+        /// `s3://<bucket>/<key> at <endpoint> (access key id K)`.
+        location: String,
+        /// The store's answer and what to do.
+        detail: String,
+        /// Whether it may pass (5xx, throttling, timeouts, connections),
+        /// after the per-request retries ran out.
+        transient: bool,
+    },
     /// A path that is not a plain relative path below the base.
     #[error("refusing path {path:?}: not a relative path below the destination's base")]
     BadPath {
@@ -130,6 +146,7 @@ impl DestinationError {
                     | std::io::ErrorKind::Unsupported
             ),
             DestinationError::Connect { .. } => true,
+            DestinationError::S3 { transient, .. } => *transient,
             _ => false,
         }
     }
@@ -250,6 +267,22 @@ pub trait Destination: Send + Sync {
     async fn durability(&self) -> Result<Durability, DestinationError> {
         Ok(Durability::Synced)
     }
+
+    /// Claims the set directory `dir` for this run, before anything is
+    /// written to it, refusing when another writer has it. Local and SFTP
+    /// destinations need nothing here (their exclusive creates already
+    /// refuse a second writer); on S3, where conditional creates are not
+    /// honoured by every store, it starts the manifest's upload and then
+    /// checks that nothing else is in the set. A run's clean-up releases its
+    /// claim by deleting `<dir>/manifest.json.partial`.
+    ///
+    /// # Errors
+    /// [`DestinationError::AlreadyExists`] when the set is someone else's;
+    /// request failures.
+    async fn claim(&self, dir: &str) -> Result<(), DestinationError> {
+        let _ = dir;
+        Ok(())
+    }
 }
 
 /// How far a destination's "stored" can be trusted after a crash of its host.
@@ -271,6 +304,7 @@ pub async fn open(config: &DestinationConfig) -> Result<Box<dyn Destination>, De
     match config {
         DestinationConfig::Local { path } => Ok(Box::new(LocalDir::open(path).await?)),
         DestinationConfig::Sftp(c) => Ok(Box::new(SftpDir::new(c.clone()))),
+        DestinationConfig::S3(c) => Ok(Box::new(S3Dir::new(c)?)),
     }
 }
 

@@ -1,0 +1,1077 @@
+//! A bucket (and key prefix) of an S3-compatible object store.
+//!
+//! The file-like [`Destination`] trait maps onto S3 without renaming big
+//! objects on the server (docs/s3.md):
+//! - a `X.partial` file is buffered one part at a time; from its first full
+//!   part on it is a multipart upload **for the final key X**, whose parts
+//!   upload while the next fills. `finish` checks the parts' sizes on the
+//!   server but does not complete the upload; a file smaller than one part
+//!   is kept in memory instead. Both wait, pending, for the rename.
+//! - `rename(X.partial, X)` completes that upload (or puts the small
+//!   content), conditionally: an existing `X` is never overwritten. Renaming
+//!   an existing object (prune marking a set as being removed) copies it and
+//!   deletes the original.
+//! - listing shows in-progress uploads for `X` as files `X.partial`, so the
+//!   catalog and prune treat a killed run's uploads as its partial files;
+//!   deleting `X.partial` aborts them.
+//! - [`super::Destination::claim`] starts the manifest's upload before anything
+//!   else and refuses a set where anything else is found: two agents never
+//!   write the same set.
+
+mod client;
+mod sign;
+mod xml;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use etcd_backup_proto::{MANIFEST_FILE_NAME, PARTIAL_SUFFIX};
+use futures_util::TryStreamExt;
+use reqwest::{Method, StatusCode};
+use tokio::io::AsyncRead;
+use tokio::task::JoinHandle;
+
+use self::client::{Client, Req};
+use super::{components, DestinationError, DirEntry, Durability, Upload};
+use crate::config::S3Config;
+
+/// Bytes per part of a multipart upload (S3 wants at least 5 MiB for every
+/// part but the last).
+pub const PART_SIZE: usize = 8 * 1024 * 1024;
+
+/// Parts of one file uploading at once while the next one fills. A file
+/// being written holds at most `PART_SIZE × (PARTS_IN_FLIGHT + 1)` bytes:
+/// 24 MiB.
+pub const PARTS_IN_FLIGHT: usize = 2;
+
+/// S3's limit on the parts of one upload.
+const MAX_PARTS: u32 = 10_000;
+
+/// The first buffer of a file; it grows to [`PART_SIZE`] in one step.
+const SMALL_BUFFER: usize = 64 * 1024;
+
+/// What a finished `.partial` file is, until its rename.
+enum Pending {
+    /// Smaller than one part: the bytes, put at the rename.
+    Small(Bytes),
+    /// A multipart upload for the final key, all parts uploaded.
+    Multipart {
+        upload_id: String,
+        parts: Vec<(u32, String)>,
+        /// The bytes written (and found stored in the parts).
+        size: u64,
+    },
+    /// The set's claim: the manifest's multipart upload, started by
+    /// [`super::Destination::claim`], no part yet.
+    Claimed { upload_id: String },
+}
+
+/// Pending files by their `.partial` path.
+type PendingMap = Arc<Mutex<HashMap<String, Pending>>>;
+
+/// Stores sets as objects `<prefix>/<cluster>/<node>/<ts>/<file>` of a bucket.
+pub struct S3Dir {
+    client: Arc<Client>,
+    prefix: Option<String>,
+    pending: PendingMap,
+}
+
+/// Objects and uploads directly below a prefix.
+#[derive(Default)]
+struct Scan {
+    objects: Vec<xml::Object>,
+    uploads: Vec<xml::Upload>,
+    prefixes: Vec<String>,
+}
+
+fn lock(p: &PendingMap) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
+    // A panic while holding the lock cannot leave the map half-changed.
+    p.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl S3Dir {
+    /// Reads the credentials and sets up the client; nothing is sent yet
+    /// ([`super::Destination::durability`] is the first request of a run).
+    ///
+    /// # Errors
+    /// Unreadable credential or CA files.
+    pub fn new(config: &S3Config) -> Result<Self, DestinationError> {
+        Ok(Self {
+            client: Arc::new(Client::new(config)?),
+            prefix: config.prefix.clone(),
+            pending: PendingMap::default(),
+        })
+    }
+
+    /// The object key of destination path `path`.
+    fn key(&self, path: &str) -> Result<String, DestinationError> {
+        components(path)?;
+        Ok(key_of(self.prefix.as_deref(), path))
+    }
+
+    /// The key prefix a listing of `dir` uses (`""` for the bucket's root
+    /// without a prefix).
+    fn dir_prefix(&self, dir: &str) -> Result<String, DestinationError> {
+        if dir.is_empty() {
+            return Ok(self
+                .prefix
+                .as_ref()
+                .map(|p| format!("{p}/"))
+                .unwrap_or_default());
+        }
+        Ok(format!("{}/", self.key(dir)?))
+    }
+
+    /// Lists objects and in-progress uploads directly below `prefix`.
+    async fn scan(&self, prefix: &str) -> Result<Scan, DestinationError> {
+        let c = &self.client;
+        let mut scan = Scan::default();
+        let mut token: Option<String> = None;
+        loop {
+            let mut req = Req::new("cannot list", Method::GET, None)
+                .query("list-type", "2")
+                .query("prefix", prefix)
+                .query("delimiter", "/");
+            if let Some(t) = &token {
+                req = req.query("continuation-token", t.clone());
+            }
+            let text = c.text(&req).await.map_err(|e| at_prefix(e, c, prefix))?;
+            let page = xml::list_objects(&text).map_err(|e| c.bad_xml(req.op, Some(prefix), e))?;
+            scan.objects.extend(page.objects);
+            scan.prefixes.extend(page.prefixes);
+            match page.next {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        let mut marker: Option<(String, String)> = None;
+        loop {
+            let mut req = Req::new("cannot list uploads below", Method::GET, None)
+                .query("uploads", "")
+                .query("prefix", prefix)
+                .query("delimiter", "/");
+            if let Some((k, u)) = &marker {
+                req = req.query("key-marker", k.clone());
+                if !u.is_empty() {
+                    req = req.query("upload-id-marker", u.clone());
+                }
+            }
+            let text = c.text(&req).await.map_err(|e| at_prefix(e, c, prefix))?;
+            let page = xml::list_uploads(&text).map_err(|e| c.bad_xml(req.op, Some(prefix), e))?;
+            scan.uploads.extend(page.uploads);
+            scan.prefixes.extend(page.prefixes);
+            match page.next {
+                Some(m) if Some(&m) != marker.as_ref() => marker = Some(m),
+                _ => break,
+            }
+        }
+        Ok(scan)
+    }
+
+    /// In-progress uploads whose key is exactly `key`.
+    async fn uploads_of(&self, key: &str) -> Result<Vec<String>, DestinationError> {
+        let c = &self.client;
+        let mut ids = Vec::new();
+        let mut marker: Option<(String, String)> = None;
+        loop {
+            let mut req = Req::new("cannot list uploads of", Method::GET, None)
+                .query("uploads", "")
+                .query("prefix", key);
+            if let Some((k, u)) = &marker {
+                req = req.query("key-marker", k.clone());
+                if !u.is_empty() {
+                    req = req.query("upload-id-marker", u.clone());
+                }
+            }
+            let text = c.text(&req).await.map_err(|e| at_prefix(e, c, key))?;
+            let page = xml::list_uploads(&text).map_err(|e| c.bad_xml(req.op, Some(key), e))?;
+            ids.extend(
+                page.uploads
+                    .into_iter()
+                    .filter(|u| u.key == key)
+                    .map(|u| u.upload_id),
+            );
+            match page.next {
+                Some(m) if Some(&m) != marker.as_ref() => marker = Some(m),
+                _ => break,
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Whether object `key` exists.
+    async fn exists(&self, key: &str) -> Result<bool, DestinationError> {
+        Ok(self.stored_size(key).await?.is_some())
+    }
+
+    /// The size of object `key`, `None` when it does not exist.
+    async fn stored_size(&self, key: &str) -> Result<Option<u64>, DestinationError> {
+        let req = Req::new("cannot check", Method::HEAD, Some(key));
+        match self.client.send(&req).await {
+            Ok(r) => Ok(Some(
+                r.headers()
+                    .get(reqwest::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            )),
+            Err(f) if f.is(StatusCode::NOT_FOUND) => Ok(None),
+            Err(f) => Err(self.client.error(req.op, Some(key), f)),
+        }
+    }
+
+    /// Makes `pending` the object `key`, unless `key` exists.
+    async fn publish(&self, key: &str, pending: Pending) -> Result<(), DestinationError> {
+        let c = &self.client;
+        let exists = || DestinationError::AlreadyExists {
+            location: c.location(Some(key)),
+        };
+        if self.exists(key).await? {
+            if let Pending::Multipart { upload_id, .. } | Pending::Claimed { upload_id } = &pending
+            {
+                abort(c, key, upload_id).await;
+            }
+            return Err(exists());
+        }
+        match pending {
+            Pending::Small(bytes) => put(c, key, bytes).await.map_err(|e| match e {
+                Conditional::Exists => exists(),
+                Conditional::Gone(e) | Conditional::Failed(e) => e,
+            }),
+            Pending::Multipart {
+                upload_id,
+                parts,
+                size,
+            } => {
+                match complete(c, key, &upload_id, &parts).await {
+                    Ok(()) => Ok(()),
+                    Err(Conditional::Gone(e)) => {
+                        // A retried completion whose first attempt went
+                        // through, its answer lost: the object is there.
+                        match self.stored_size(key).await? {
+                            Some(stored) if stored == size => {
+                                tracing::info!(key, "the upload was completed by an earlier attempt of the same request");
+                                Ok(())
+                            }
+                            _ => Err(e),
+                        }
+                    }
+                    Err(Conditional::Exists) => {
+                        abort(c, key, &upload_id).await;
+                        Err(exists())
+                    }
+                    Err(Conditional::Failed(e)) => Err(e),
+                }
+            }
+            Pending::Claimed { upload_id } => {
+                abort(c, key, &upload_id).await;
+                Err(DestinationError::S3 {
+                    op: "cannot complete",
+                    location: c.location(Some(key)),
+                    detail: "nothing was written to it".into(),
+                    transient: false,
+                })
+            }
+        }
+    }
+}
+
+/// `<prefix>/<path>`, or `path` without a prefix.
+fn key_of(prefix: Option<&str>, path: &str) -> String {
+    match prefix {
+        Some(p) => format!("{p}/{path}"),
+        None => path.to_string(),
+    }
+}
+
+/// Names the listed prefix in a listing's error.
+fn at_prefix(e: DestinationError, c: &Client, prefix: &str) -> DestinationError {
+    match e {
+        DestinationError::S3 {
+            op,
+            detail,
+            transient,
+            ..
+        } => DestinationError::S3 {
+            op,
+            location: c.location(Some(prefix)),
+            detail,
+            transient,
+        },
+        e => e,
+    }
+}
+
+/// A conditional create's outcome besides success.
+enum Conditional {
+    /// The key exists (412): nothing was overwritten.
+    Exists,
+    /// The upload is gone (NoSuchUpload): completed or aborted already.
+    Gone(DestinationError),
+    /// Anything else.
+    Failed(DestinationError),
+}
+
+async fn put(c: &Client, key: &str, bytes: Bytes) -> Result<(), Conditional> {
+    let mut req = Req::new("cannot store", Method::PUT, Some(key))
+        .header("if-none-match", "*")
+        .body(bytes);
+    if let Some(class) = c.storage_class() {
+        req = req.header("x-amz-storage-class", class);
+    }
+    match c.send(&req).await {
+        Ok(_) => Ok(()),
+        Err(f) if f.is(StatusCode::PRECONDITION_FAILED) => Err(Conditional::Exists),
+        Err(f) => Err(Conditional::Failed(c.error(req.op, Some(key), f))),
+    }
+}
+
+async fn complete(
+    c: &Client,
+    key: &str,
+    upload_id: &str,
+    parts: &[(u32, String)],
+) -> Result<(), Conditional> {
+    let req = Req::new("cannot complete the upload of", Method::POST, Some(key))
+        .query("uploadId", upload_id)
+        .header("if-none-match", "*")
+        .header("content-type", "application/xml")
+        .body(xml::complete_body(parts));
+    let text = match c.send_text(&req).await {
+        Ok(t) => t,
+        Err(f) if f.is(StatusCode::PRECONDITION_FAILED) => return Err(Conditional::Exists),
+        Err(f) if f.code_is("NoSuchUpload") => {
+            return Err(Conditional::Gone(c.error(req.op, Some(key), f)))
+        }
+        Err(f) => return Err(Conditional::Failed(c.error(req.op, Some(key), f))),
+    };
+    // A 200 answer may still carry an error.
+    match xml::expect_root(&text, "CompleteMultipartUploadResult") {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if e.code == "PreconditionFailed" => Err(Conditional::Exists),
+        Ok(Err(e)) => {
+            let transient = matches!(e.code.as_str(), "InternalError" | "SlowDown");
+            Err(Conditional::Failed(DestinationError::S3 {
+                op: req.op,
+                location: c.location(Some(key)),
+                detail: format!("{}: {}", e.code, e.message),
+                transient,
+            }))
+        }
+        Err(e) => Err(Conditional::Failed(c.bad_xml(req.op, Some(key), e))),
+    }
+}
+
+/// Aborts an upload, logging a failure (prune finds what is left).
+async fn abort(c: &Client, key: &str, upload_id: &str) {
+    if let Err(e) = try_abort(c, key, upload_id).await {
+        tracing::warn!(error = %e, "could not abort a multipart upload; prune aborts it once stale");
+    }
+}
+
+async fn try_abort(c: &Client, key: &str, upload_id: &str) -> Result<(), DestinationError> {
+    let req = Req::new("cannot abort the upload of", Method::DELETE, Some(key))
+        .query("uploadId", upload_id);
+    match c.send(&req).await {
+        Ok(_) => Ok(()),
+        Err(f) if f.is(StatusCode::NOT_FOUND) => Ok(()),
+        Err(f) => Err(c.error(req.op, Some(key), f)),
+    }
+}
+
+async fn create_upload(c: &Client, key: &str) -> Result<String, DestinationError> {
+    let mut req =
+        Req::new("cannot start the upload of", Method::POST, Some(key)).query("uploads", "");
+    if let Some(class) = c.storage_class() {
+        req = req.header("x-amz-storage-class", class);
+    }
+    let text = c.text(&req).await?;
+    xml::upload_id(&text).map_err(|e| c.bad_xml(req.op, Some(key), e))
+}
+
+async fn upload_part(
+    c: Arc<Client>,
+    key: String,
+    upload_id: String,
+    number: u32,
+    bytes: Bytes,
+) -> Result<(u32, String), DestinationError> {
+    let req = Req::new("cannot upload a part of", Method::PUT, Some(&key))
+        .query("partNumber", number.to_string())
+        .query("uploadId", upload_id)
+        .body(bytes);
+    let resp = c
+        .send(&req)
+        .await
+        .map_err(|f| c.error(req.op, Some(&key), f))?;
+    let etag = resp
+        .headers()
+        .get("etag")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .ok_or_else(|| DestinationError::S3 {
+            op: req.op,
+            location: c.location(Some(&key)),
+            detail: "the answer has no ETag".into(),
+            transient: false,
+        })?;
+    Ok((number, etag))
+}
+
+/// The sum of the part sizes the server stores for an upload.
+async fn stored_size(c: &Client, key: &str, upload_id: &str) -> Result<u64, DestinationError> {
+    let mut total = 0;
+    let mut marker: Option<String> = None;
+    loop {
+        let mut req = Req::new("cannot list the parts of", Method::GET, Some(key))
+            .query("uploadId", upload_id);
+        if let Some(m) = &marker {
+            req = req.query("part-number-marker", m.clone());
+        }
+        let text = c.text(&req).await?;
+        let page = xml::list_parts(&text).map_err(|e| c.bad_xml(req.op, Some(key), e))?;
+        total += page.parts.iter().map(|(_, s)| s).sum::<u64>();
+        match page.next {
+            Some(m) if Some(&m) != marker.as_ref() => marker = Some(m),
+            _ => break,
+        }
+    }
+    Ok(total)
+}
+
+#[async_trait]
+impl super::Destination for S3Dir {
+    fn describe(&self) -> String {
+        self.client.describe().to_string()
+    }
+
+    async fn create(&self, path: &str) -> Result<Box<dyn Upload>, DestinationError> {
+        let final_path = path.strip_suffix(PARTIAL_SUFFIX);
+        let key = self.key(final_path.unwrap_or(path))?;
+        let claimed = match lock(&self.pending).remove(path) {
+            Some(Pending::Claimed { upload_id }) => Some(upload_id),
+            Some(other) => {
+                lock(&self.pending).insert(path.to_string(), other);
+                return Err(DestinationError::AlreadyExists {
+                    location: self.client.location(Some(&key)),
+                });
+            }
+            None => None,
+        };
+        Ok(Box::new(S3Upload {
+            dest: S3Dir {
+                client: self.client.clone(),
+                prefix: self.prefix.clone(),
+                pending: self.pending.clone(),
+            },
+            path: path.to_string(),
+            partial: final_path.is_some(),
+            key,
+            buf: Vec::new(),
+            upload_id: claimed.clone(),
+            claimed: claimed.is_some(),
+            next_part: 1,
+            in_flight: std::collections::VecDeque::new(),
+            parts: Vec::new(),
+            written: 0,
+            done: false,
+        }))
+    }
+
+    async fn rename(&self, from: &str, to: &str) -> Result<(), DestinationError> {
+        let to_key = self.key(to)?;
+        let from_key = self.key(from)?;
+        let pending = lock(&self.pending).remove(from);
+        if let Some(pending) = pending {
+            if from.strip_suffix(PARTIAL_SUFFIX) != Some(to) {
+                // The upload was started for `from` without its suffix.
+                lock(&self.pending).insert(from.to_string(), pending);
+                return Err(DestinationError::BadPath {
+                    path: format!("{from} -> {to}"),
+                });
+            }
+            return self.publish(&to_key, pending).await;
+        }
+        // An existing object: copy, then delete the original.
+        let c = &self.client;
+        if !self.exists(&from_key).await? {
+            return Err(DestinationError::Io {
+                op: "cannot rename",
+                location: c.location(Some(&from_key)),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such object"),
+            });
+        }
+        if self.exists(&to_key).await? {
+            return Err(DestinationError::AlreadyExists {
+                location: c.location(Some(&to_key)),
+            });
+        }
+        let source = format!("/{}/{}", c.bucket(), sign::uri_encode(&from_key, true));
+        let mut req = Req::new("cannot copy into", Method::PUT, Some(&to_key))
+            .header("x-amz-copy-source", source)
+            .header("if-none-match", "*");
+        if let Some(class) = c.storage_class() {
+            req = req.header("x-amz-storage-class", class);
+        }
+        let text = match c.send_text(&req).await {
+            Ok(t) => t,
+            Err(f) if f.is(StatusCode::PRECONDITION_FAILED) => {
+                return Err(DestinationError::AlreadyExists {
+                    location: c.location(Some(&to_key)),
+                })
+            }
+            Err(f) => return Err(c.error(req.op, Some(&to_key), f)),
+        };
+        match xml::expect_root(&text, "CopyObjectResult") {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(DestinationError::S3 {
+                    op: req.op,
+                    location: c.location(Some(&to_key)),
+                    detail: format!("{}: {}", e.code, e.message),
+                    transient: matches!(e.code.as_str(), "InternalError" | "SlowDown"),
+                })
+            }
+            Err(e) => return Err(c.bad_xml(req.op, Some(&to_key), e)),
+        }
+        delete_object(c, &from_key).await
+    }
+
+    async fn list(&self, dir: &str) -> Result<Vec<DirEntry>, DestinationError> {
+        let prefix = self.dir_prefix(dir)?;
+        let scan = self.scan(&prefix).await?;
+        Ok(entries(&prefix, scan))
+    }
+
+    async fn open(
+        &self,
+        path: &str,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
+        let key = self.key(path)?;
+        let c = &self.client;
+        let req = Req::new("cannot read", Method::GET, Some(&key));
+        let resp = match c.send(&req).await {
+            Ok(r) => r,
+            Err(f) if f.is(StatusCode::NOT_FOUND) => {
+                return Err(DestinationError::Io {
+                    op: "cannot open",
+                    location: c.location(Some(&key)),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such object"),
+                })
+            }
+            Err(f) => return Err(c.error(req.op, Some(&key), f)),
+        };
+        let stream = resp.bytes_stream().map_err(std::io::Error::other);
+        Ok(Box::new(tokio_util::io::StreamReader::new(stream)))
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), DestinationError> {
+        let key = self.key(path)?;
+        let c = &self.client;
+        delete_object(c, &key).await?;
+        if let Some(final_path) = path.strip_suffix(PARTIAL_SUFFIX) {
+            let final_key = self.key(final_path)?;
+            let dropped = lock(&self.pending).remove(path);
+            if let Some(Pending::Multipart { upload_id, .. } | Pending::Claimed { upload_id }) =
+                dropped
+            {
+                try_abort(c, &final_key, &upload_id).await?;
+            }
+            for id in self.uploads_of(&final_key).await? {
+                try_abort(c, &final_key, &id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove_dir(&self, _path: &str) -> Result<(), DestinationError> {
+        // S3 has no directories: a prefix exists while objects below it do.
+        Ok(())
+    }
+
+    async fn durability(&self) -> Result<Durability, DestinationError> {
+        // A one-key listing below the prefix, not HeadBucket: a bucket policy
+        // that allows listing only below the prefix (docs/s3.md) denies
+        // HeadBucket, and a listing's error body says what is wrong.
+        let c = &self.client;
+        let prefix = self.dir_prefix("")?;
+        let req = Req::new("cannot use", Method::GET, None)
+            .query("list-type", "2")
+            .query("prefix", prefix.clone())
+            .query("max-keys", "1");
+        match c.send_text(&req).await {
+            Ok(_) => Ok(Durability::Synced),
+            Err(f) => {
+                let (k, b, e) = (c.key_id(), c.bucket(), c.endpoint());
+                let detail = if f.code_is("NoSuchBucket") || f.is(StatusCode::NOT_FOUND) {
+                    format!("bucket {b} does not exist at {e} (access key id {k}): create it or fix destination.s3.bucket")
+                } else if f.code_is("InvalidAccessKeyId") || f.detail.contains("No such key") {
+                    format!("access key id {k} is not known at {e} ({}): check destination.s3.access_key_id_file", f.detail)
+                } else if f.code_is("SignatureDoesNotMatch")
+                    || f.detail.to_ascii_lowercase().contains("signature")
+                {
+                    format!("the secret access key of access key id {k} is wrong ({}): check destination.s3.secret_access_key_file", f.detail)
+                } else if f.is(StatusCode::FORBIDDEN) {
+                    format!("access key id {k} is not allowed to use bucket {b} at {e} ({}): check the key and the bucket policy (docs/s3.md)", f.detail)
+                } else {
+                    return Err(c.error(req.op, Some(&prefix), f));
+                };
+                Err(DestinationError::S3 {
+                    op: req.op,
+                    location: format!("s3://{b}/{prefix}"),
+                    detail,
+                    transient: false,
+                })
+            }
+        }
+    }
+
+    async fn claim(&self, dir: &str) -> Result<(), DestinationError> {
+        let c = &self.client;
+        let manifest_path = format!("{dir}/{MANIFEST_FILE_NAME}");
+        let key = self.key(&manifest_path)?;
+        let upload_id = create_upload(c, &key).await?;
+        let partial = format!("{manifest_path}{PARTIAL_SUFFIX}");
+        lock(&self.pending).insert(
+            partial.clone(),
+            Pending::Claimed {
+                upload_id: upload_id.clone(),
+            },
+        );
+        let refuse = |why: String| {
+            tracing::warn!(set = dir, "{why}");
+            DestinationError::AlreadyExists {
+                location: c.location(Some(&self.dir_prefix(dir).unwrap_or_default())),
+            }
+        };
+        let give_up = |e: DestinationError| async {
+            lock(&self.pending).remove(&partial);
+            abort(c, &key, &upload_id).await;
+            e
+        };
+        let prefix = self.dir_prefix(dir)?;
+        let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+        loop {
+            let scan = match self.scan(&prefix).await {
+                Ok(s) => s,
+                Err(e) => return Err(give_up(e).await),
+            };
+            match contest(&scan, &key, &upload_id) {
+                Contest::Alone => return Ok(()),
+                Contest::Taken(others) => {
+                    return Err(give_up(refuse(format!(
+                        "the set already holds {others} other object(s) or upload(s): another agent is writing it, or something is there"
+                    )))
+                    .await)
+                }
+                Contest::Lost => {
+                    return Err(give_up(refuse(
+                        "another agent claimed the same set at the same moment and goes first".into(),
+                    ))
+                    .await)
+                }
+                Contest::Won if tokio::time::Instant::now() < deadline => {
+                    // The other claimants see this claim first in the same
+                    // order and give theirs up; wait for that.
+                    tokio::time::sleep(CLAIM_POLL).await;
+                }
+                Contest::Won => {
+                    return Err(give_up(refuse(
+                        "another agent's claim on the same set stayed: it is writing the set".into(),
+                    ))
+                    .await)
+                }
+            }
+        }
+    }
+}
+
+/// How long a claim that goes first in a tie waits for the others to give
+/// theirs up, and how often it looks.
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const CLAIM_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// What a set's listing says about this run's claim on it.
+#[derive(Debug, PartialEq, Eq)]
+enum Contest {
+    /// Only this claim: the set is this run's.
+    Alone,
+    /// Objects, directories or other uploads than claims are there.
+    Taken(usize),
+    /// Other claims too, and one of them goes first.
+    Lost,
+    /// Other claims too, but this one goes first: wait until they are gone.
+    Won,
+}
+
+/// Claims are the manifest's uploads; among several, the smallest upload id
+/// goes first: every claimant sees the same ids, so they agree. A claim is
+/// only ever kept when it is [`Contest::Alone`], so a claimant that saw no
+/// other claim and one that goes first by id can never both keep theirs.
+fn contest(scan: &Scan, manifest_key: &str, upload_id: &str) -> Contest {
+    let others: Vec<&xml::Upload> = scan
+        .uploads
+        .iter()
+        .filter(|u| u.upload_id != upload_id)
+        .collect();
+    let foreign = scan.objects.len()
+        + scan.prefixes.len()
+        + others.iter().filter(|u| u.key != manifest_key).count();
+    if foreign > 0 {
+        return Contest::Taken(foreign);
+    }
+    if others.is_empty() {
+        Contest::Alone
+    } else if others.iter().any(|u| u.upload_id.as_str() < upload_id) {
+        Contest::Lost
+    } else {
+        Contest::Won
+    }
+}
+
+async fn delete_object(c: &Client, key: &str) -> Result<(), DestinationError> {
+    let req = Req::new("cannot delete", Method::DELETE, Some(key));
+    match c.send(&req).await {
+        Ok(_) => Ok(()),
+        Err(f) if f.is(StatusCode::NOT_FOUND) => Ok(()),
+        Err(f) => Err(c.error(req.op, Some(key), f)),
+    }
+}
+
+/// A listing of `prefix` as directory entries: common prefixes are
+/// directories, objects files, and an in-progress upload for `X` the file
+/// `X.partial` (size 0, modified when it started) unless an object of that
+/// name exists.
+fn entries(prefix: &str, scan: Scan) -> Vec<DirEntry> {
+    let mut by_name: std::collections::BTreeMap<String, DirEntry> = Default::default();
+    for p in scan.prefixes {
+        let Some(name) = p.strip_prefix(prefix).and_then(|n| n.strip_suffix('/')) else {
+            continue;
+        };
+        if name.is_empty() || name.contains('/') {
+            continue;
+        }
+        by_name.insert(
+            name.to_string(),
+            DirEntry {
+                name: name.to_string(),
+                is_dir: true,
+                is_file: false,
+                size: 0,
+                modified: None,
+            },
+        );
+    }
+    for o in scan.objects {
+        let Some(name) = o.key.strip_prefix(prefix) else {
+            continue;
+        };
+        if name.is_empty() || name.contains('/') {
+            continue;
+        }
+        by_name.insert(
+            name.to_string(),
+            DirEntry {
+                name: name.to_string(),
+                is_dir: false,
+                is_file: true,
+                size: o.size,
+                modified: o.last_modified,
+            },
+        );
+    }
+    for u in scan.uploads {
+        let Some(name) = u.key.strip_prefix(prefix) else {
+            continue;
+        };
+        if name.is_empty() || name.contains('/') {
+            continue;
+        }
+        let name = format!("{name}{PARTIAL_SUFFIX}");
+        match by_name.get_mut(&name) {
+            Some(e) if !e.is_file || e.size > 0 => {}
+            // Several uploads for one key: the latest start counts.
+            Some(e) => e.modified = e.modified.max(u.initiated),
+            None => {
+                by_name.insert(
+                    name.clone(),
+                    DirEntry {
+                        name,
+                        is_dir: false,
+                        is_file: true,
+                        size: 0,
+                        modified: u.initiated,
+                    },
+                );
+            }
+        }
+    }
+    by_name.into_values().collect()
+}
+
+/// A file being written: parts upload in the background while the next
+/// fills, at most [`PARTS_IN_FLIGHT`] at once.
+struct S3Upload {
+    dest: S3Dir,
+    /// The path as created (`X.partial`, usually).
+    path: String,
+    /// Whether `path` is a `.partial` name, published by its rename.
+    partial: bool,
+    /// The final key.
+    key: String,
+    buf: Vec<u8>,
+    upload_id: Option<String>,
+    /// Whether the upload is the set's claim (the manifest's).
+    claimed: bool,
+    next_part: u32,
+    in_flight: std::collections::VecDeque<JoinHandle<Result<(u32, String), DestinationError>>>,
+    parts: Vec<(u32, String)>,
+    written: u64,
+    /// Finished, or its upload handed on: nothing to abort on drop.
+    done: bool,
+}
+
+impl S3Upload {
+    /// Sends the buffer as the next part, waiting first while
+    /// [`PARTS_IN_FLIGHT`] are uploading.
+    async fn send_part(&mut self) -> Result<(), DestinationError> {
+        let c = self.dest.client.clone();
+        let upload_id = match &self.upload_id {
+            Some(id) => id.clone(),
+            None => {
+                let id = create_upload(&c, &self.key).await?;
+                self.upload_id = Some(id.clone());
+                id
+            }
+        };
+        if self.next_part > MAX_PARTS {
+            return Err(DestinationError::S3 {
+                op: "cannot upload a part of",
+                location: c.location(Some(&self.key)),
+                detail: format!(
+                    "the file is larger than S3's {MAX_PARTS} parts of {PART_SIZE} bytes"
+                ),
+                transient: false,
+            });
+        }
+        while self.in_flight.len() >= PARTS_IN_FLIGHT {
+            self.wait_oldest().await?;
+        }
+        let bytes = Bytes::from(std::mem::take(&mut self.buf));
+        let n = self.next_part;
+        self.next_part += 1;
+        self.in_flight.push_back(tokio::spawn(upload_part(
+            c,
+            self.key.clone(),
+            upload_id,
+            n,
+            bytes,
+        )));
+        Ok(())
+    }
+
+    async fn wait_oldest(&mut self) -> Result<(), DestinationError> {
+        let Some(h) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        let part = h.await.map_err(|e| DestinationError::S3 {
+            op: "cannot upload a part of",
+            location: self.dest.client.location(Some(&self.key)),
+            detail: format!("the upload task failed: {e}"),
+            transient: false,
+        })??;
+        self.parts.push(part);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Upload for S3Upload {
+    async fn write(&mut self, mut buf: &[u8]) -> Result<(), DestinationError> {
+        while !buf.is_empty() {
+            let room = PART_SIZE - self.buf.len();
+            let take = room.min(buf.len());
+            if self.buf.len() + take > self.buf.capacity() {
+                // Small files (the manifest) get a small buffer; a file that
+                // outgrows it gets one whole part at once, never more.
+                let want = if self.buf.capacity() == 0 {
+                    take.max(SMALL_BUFFER)
+                } else {
+                    PART_SIZE
+                };
+                self.buf.reserve_exact(want.min(PART_SIZE) - self.buf.len());
+            }
+            self.buf.extend_from_slice(&buf[..take]);
+            self.written += take as u64;
+            buf = &buf[take..];
+            if self.buf.len() == PART_SIZE {
+                self.send_part().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<u64, DestinationError> {
+        let pending = if self.upload_id.is_none() {
+            Pending::Small(Bytes::from(std::mem::take(&mut self.buf)))
+        } else {
+            if !self.buf.is_empty() || self.next_part == 1 {
+                self.send_part().await?;
+            }
+            while !self.in_flight.is_empty() {
+                self.wait_oldest().await?;
+            }
+            let upload_id = self.upload_id.clone().unwrap_or_default();
+            let stored = stored_size(&self.dest.client, &self.key, &upload_id).await?;
+            if stored != self.written {
+                return Err(DestinationError::SizeMismatch {
+                    location: self.dest.client.location(Some(&self.key)),
+                    sent: self.written,
+                    stored,
+                });
+            }
+            let mut parts = std::mem::take(&mut self.parts);
+            parts.sort_by_key(|(n, _)| *n);
+            Pending::Multipart {
+                upload_id,
+                parts,
+                size: self.written,
+            }
+        };
+        self.done = true;
+        if self.partial {
+            lock(&self.dest.pending).insert(self.path.clone(), pending);
+        } else {
+            self.dest.publish(&self.key, pending).await?;
+        }
+        Ok(self.written)
+    }
+}
+
+impl Drop for S3Upload {
+    fn drop(&mut self) {
+        for h in &self.in_flight {
+            h.abort();
+        }
+        if self.done {
+            return;
+        }
+        // Abandoned (a failed or cancelled run): abort the upload on the
+        // server without blocking here; the run's clean-up (deleting the
+        // `.partial` name) aborts it too, and prune any that is left.
+        let Some(upload_id) = self.upload_id.take() else {
+            return;
+        };
+        if self.claimed {
+            // The claim stays the run's until its clean-up.
+            lock(&self.dest.pending).insert(self.path.clone(), Pending::Claimed { upload_id });
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let c = self.dest.client.clone();
+            let key = self.key.clone();
+            rt.spawn(async move { abort(&c, &key, &upload_id).await });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn keys_are_the_prefix_and_the_path() {
+        assert_eq!(key_of(Some("etcd/prod"), "c/n/t/f"), "etcd/prod/c/n/t/f");
+        assert_eq!(key_of(None, "c/n/t/f"), "c/n/t/f");
+    }
+
+    #[test]
+    fn a_listing_shows_uploads_as_partial_files_and_prefixes_as_dirs() {
+        let t = |s| Some(UNIX_EPOCH + Duration::from_secs(s));
+        let scan = Scan {
+            objects: vec![
+                xml::Object {
+                    key: "p/c/n/t/snapshot.db".into(),
+                    size: 10,
+                    last_modified: t(5),
+                },
+                xml::Object {
+                    key: "p/c/n/t/".into(),
+                    size: 0,
+                    last_modified: t(1),
+                },
+            ],
+            uploads: vec![
+                xml::Upload {
+                    key: "p/c/n/t/manifest.json".into(),
+                    upload_id: "a".into(),
+                    initiated: t(7),
+                },
+                xml::Upload {
+                    key: "p/c/n/t/manifest.json".into(),
+                    upload_id: "b".into(),
+                    initiated: t(9),
+                },
+                xml::Upload {
+                    key: "p/c/n/t/sub/x".into(),
+                    upload_id: "c".into(),
+                    initiated: t(9),
+                },
+            ],
+            prefixes: vec!["p/c/n/t/sub/".into(), "p/c/n/t/sub/".into()],
+        };
+        let listed = entries("p/c/n/t/", scan);
+        let names: Vec<(&str, bool, u64)> = listed
+            .iter()
+            .map(|e| (e.name.as_str(), e.is_dir, e.size))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("manifest.json.partial", false, 0),
+                ("snapshot.db", false, 10),
+                ("sub", true, 0),
+            ]
+        );
+        assert_eq!(listed[0].modified, t(9));
+    }
+
+    #[test]
+    fn of_two_claims_seen_together_exactly_one_goes_first() {
+        let up = |key: &str, id: &str| xml::Upload {
+            key: key.into(),
+            upload_id: id.into(),
+            initiated: None,
+        };
+        let m = "p/c/n/t/manifest.json";
+        let both = Scan {
+            uploads: vec![up(m, "b2"), up(m, "a1")],
+            ..Scan::default()
+        };
+        assert_eq!(contest(&both, m, "a1"), Contest::Won);
+        assert_eq!(contest(&both, m, "b2"), Contest::Lost);
+        let alone = Scan {
+            uploads: vec![up(m, "b2")],
+            ..Scan::default()
+        };
+        assert_eq!(contest(&alone, m, "b2"), Contest::Alone);
+        let data = Scan {
+            uploads: vec![up(m, "a1"), up("p/c/n/t/snapshot.db", "z")],
+            ..Scan::default()
+        };
+        assert_eq!(contest(&data, m, "a1"), Contest::Taken(1));
+        let object = Scan {
+            uploads: vec![up(m, "a1")],
+            objects: vec![xml::Object {
+                key: "p/c/n/t/x".into(),
+                size: 1,
+                last_modified: None,
+            }],
+            ..Scan::default()
+        };
+        assert_eq!(contest(&object, m, "a1"), Contest::Taken(1));
+    }
+}
