@@ -311,6 +311,30 @@ async fn a_claimed_set_is_refused_to_a_second_writer_and_its_manifest_completes_
         ["c/n/t/manifest.json", "c/n/u/file"]
     );
 
+    // Claims at the same moment: exactly one is kept, however they
+    // interleave, and the other leaves nothing behind.
+    for round in 0..10 {
+        let dir = format!("c/race/{round}");
+        let (a, b) = tokio::join!(first.claim(&dir), second.claim(&dir));
+        let kept = [&a, &b].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(kept, 1, "round {round}: {a:?} {b:?}");
+        for r in [&a, &b] {
+            if let Err(e) = r {
+                assert!(matches!(e, DestinationError::AlreadyExists { .. }), "{e}");
+            }
+        }
+        assert_eq!(
+            rclone.multipart_uploads(&bucket),
+            [format!("{PREFIX}/{dir}/manifest.json")]
+        );
+        let keeper = if a.is_ok() { &first } else { &second };
+        keeper
+            .delete(&format!("{dir}/manifest.json.partial"))
+            .await
+            .unwrap();
+        assert!(rclone.multipart_uploads(&bucket).is_empty());
+    }
+
     // A claim given up (a failed run's clean-up) leaves nothing.
     first.claim("c/n/v").await.unwrap();
     first.delete("c/n/v/manifest.json.partial").await.unwrap();

@@ -646,29 +646,88 @@ impl super::Destination for S3Dir {
                 location: c.location(Some(&self.dir_prefix(dir).unwrap_or_default())),
             }
         };
-        let scan = match self.scan(&self.dir_prefix(dir)?).await {
-            Ok(s) => s,
-            Err(e) => {
-                lock(&self.pending).remove(&partial);
-                abort(c, &key, &upload_id).await;
-                return Err(e);
-            }
-        };
-        let others = scan.objects.len()
-            + scan.prefixes.len()
-            + scan
-                .uploads
-                .iter()
-                .filter(|u| u.upload_id != upload_id)
-                .count();
-        if others > 0 {
+        let give_up = |e: DestinationError| async {
             lock(&self.pending).remove(&partial);
             abort(c, &key, &upload_id).await;
-            return Err(refuse(format!(
-                "the set already holds {others} other object(s) or upload(s): another agent is writing it, or something is there"
-            )));
+            e
+        };
+        let prefix = self.dir_prefix(dir)?;
+        let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+        loop {
+            let scan = match self.scan(&prefix).await {
+                Ok(s) => s,
+                Err(e) => return Err(give_up(e).await),
+            };
+            match contest(&scan, &key, &upload_id) {
+                Contest::Alone => return Ok(()),
+                Contest::Taken(others) => {
+                    return Err(give_up(refuse(format!(
+                        "the set already holds {others} other object(s) or upload(s): another agent is writing it, or something is there"
+                    )))
+                    .await)
+                }
+                Contest::Lost => {
+                    return Err(give_up(refuse(
+                        "another agent claimed the same set at the same moment and goes first".into(),
+                    ))
+                    .await)
+                }
+                Contest::Won if tokio::time::Instant::now() < deadline => {
+                    // The other claimants see this claim first in the same
+                    // order and give theirs up; wait for that.
+                    tokio::time::sleep(CLAIM_POLL).await;
+                }
+                Contest::Won => {
+                    return Err(give_up(refuse(
+                        "another agent's claim on the same set stayed: it is writing the set".into(),
+                    ))
+                    .await)
+                }
+            }
         }
-        Ok(())
+    }
+}
+
+/// How long a claim that goes first in a tie waits for the others to give
+/// theirs up, and how often it looks.
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const CLAIM_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// What a set's listing says about this run's claim on it.
+#[derive(Debug, PartialEq, Eq)]
+enum Contest {
+    /// Only this claim: the set is this run's.
+    Alone,
+    /// Objects, directories or other uploads than claims are there.
+    Taken(usize),
+    /// Other claims too, and one of them goes first.
+    Lost,
+    /// Other claims too, but this one goes first: wait until they are gone.
+    Won,
+}
+
+/// Claims are the manifest's uploads; among several, the smallest upload id
+/// goes first: every claimant sees the same ids, so they agree. A claim is
+/// only ever kept when it is [`Contest::Alone`], so a claimant that saw no
+/// other claim and one that goes first by id can never both keep theirs.
+fn contest(scan: &Scan, manifest_key: &str, upload_id: &str) -> Contest {
+    let others: Vec<&xml::Upload> = scan
+        .uploads
+        .iter()
+        .filter(|u| u.upload_id != upload_id)
+        .collect();
+    let foreign = scan.objects.len()
+        + scan.prefixes.len()
+        + others.iter().filter(|u| u.key != manifest_key).count();
+    if foreign > 0 {
+        return Contest::Taken(foreign);
+    }
+    if others.is_empty() {
+        Contest::Alone
+    } else if others.iter().any(|u| u.upload_id.as_str() < upload_id) {
+        Contest::Lost
+    } else {
+        Contest::Won
     }
 }
 
@@ -978,5 +1037,41 @@ mod tests {
             ]
         );
         assert_eq!(listed[0].modified, t(9));
+    }
+
+    #[test]
+    fn of_two_claims_seen_together_exactly_one_goes_first() {
+        let up = |key: &str, id: &str| xml::Upload {
+            key: key.into(),
+            upload_id: id.into(),
+            initiated: None,
+        };
+        let m = "p/c/n/t/manifest.json";
+        let both = Scan {
+            uploads: vec![up(m, "b2"), up(m, "a1")],
+            ..Scan::default()
+        };
+        assert_eq!(contest(&both, m, "a1"), Contest::Won);
+        assert_eq!(contest(&both, m, "b2"), Contest::Lost);
+        let alone = Scan {
+            uploads: vec![up(m, "b2")],
+            ..Scan::default()
+        };
+        assert_eq!(contest(&alone, m, "b2"), Contest::Alone);
+        let data = Scan {
+            uploads: vec![up(m, "a1"), up("p/c/n/t/snapshot.db", "z")],
+            ..Scan::default()
+        };
+        assert_eq!(contest(&data, m, "a1"), Contest::Taken(1));
+        let object = Scan {
+            uploads: vec![up(m, "a1")],
+            objects: vec![xml::Object {
+                key: "p/c/n/t/x".into(),
+                size: 1,
+                last_modified: None,
+            }],
+            ..Scan::default()
+        };
+        assert_eq!(contest(&object, m, "a1"), Contest::Taken(1));
     }
 }
