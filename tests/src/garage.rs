@@ -167,9 +167,26 @@ impl GarageCluster {
     /// connects them, applies a layout with each node in its own zone,
     /// creates [`BUCKET`] and a key allowed to read, write and own it, and
     /// waits until every node serves the bucket over S3.
+    ///
+    /// A port that [`free_port`] found free can be taken by another test
+    /// before Garage binds it: the node then exits at once, and the whole
+    /// cluster is started again on new ports (three tries).
     pub fn start(nodes: usize) -> Self {
         assert!(nodes >= 3, "replication_factor = 3 needs at least 3 nodes");
         require_tool("rclone", "rclone");
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start(nodes) {
+                Ok(cluster) => return cluster,
+                Err(logs) => last = logs,
+            }
+        }
+        panic!("Garage could not bind its ports in three tries; the last logs:\n{last}");
+    }
+
+    /// [`GarageCluster::start`] once; Err (the node logs) when a node exited
+    /// because a port was taken.
+    fn try_start(nodes: usize) -> Result<Self, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let rpc_secret = random_hex();
         let mut members = Vec::new();
@@ -226,7 +243,28 @@ impl GarageCluster {
             node.spawn();
         }
         for i in 0..nodes {
-            let id = cluster.wait_ok(i, &["node", "id", "-q"], "its node id");
+            let waiting = Instant::now();
+            let id = loop {
+                let out = cluster.garage(i, &["node", "id", "-q"]);
+                if out.status.success() {
+                    break String::from_utf8_lossy(&out.stdout).into_owned();
+                }
+                for j in 0..nodes {
+                    if let Some(status) = cluster.nodes[j].exited() {
+                        if cluster.nodes[j].log().contains("in use") {
+                            return Err(cluster.logs());
+                        }
+                        panic!("garage node {j} exited ({status}):\n{}", cluster.logs());
+                    }
+                }
+                assert!(
+                    waiting.elapsed() < READY_TIMEOUT,
+                    "garage node {i} gave no node id within {READY_TIMEOUT:?}: {}\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    cluster.logs()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            };
             let id = id.trim();
             cluster.nodes[i].id = id.split('@').next().unwrap_or(id).to_string();
         }
@@ -279,7 +317,7 @@ impl GarageCluster {
         for i in 0..nodes {
             cluster.wait_serving(i);
         }
-        cluster
+        Ok(cluster)
     }
 
     /// The S3 endpoint of node 0: `http://127.0.0.1:<port>`.
