@@ -166,6 +166,9 @@ ensure_garage() {
   # It prints "garage cargo:2.5.0 [features: ...]" when built by cargo install.
   if ! "$dir/bin/garage" --version 2>/dev/null | grep -qE "(^|[^0-9.])${GARAGE_VERSION//./\\.}([^0-9.]|$)"; then
     command -v cargo >/dev/null || { echo "error: cargo not found; it builds Garage $GARAGE_VERSION" >&2; return 1; }
+    # Its libsodium-sys builds the bundled libsodium with autotools, whose
+    # configure needs make and file; the other C parts need only gcc.
+    ensure_tools make:make file:file
     mkdir -p "$dir"
     echo "==> building Garage $GARAGE_VERSION into $dir (about 5 minutes, once)" >&2
     cargo install --locked garage --version "$GARAGE_VERSION" --root "$dir" || {
