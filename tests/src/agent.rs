@@ -246,6 +246,20 @@ pub fn spawn_backup(config: &Path, log: &Path) -> Child {
         .expect("start etcd-backup-agent backup")
 }
 
+/// Waits for a [`spawn_backup`] (or any agent child) started at `started`:
+/// its exit code, its standard output if piped, and its `log`.
+pub fn finish_backup(agent: Child, log: &Path, started: Instant) -> AgentRun {
+    let out = agent
+        .wait_with_output()
+        .expect("wait for etcd-backup-agent");
+    AgentRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: std::fs::read_to_string(log).unwrap_or_default(),
+        elapsed: started.elapsed(),
+    }
+}
+
 /// `etcd-backup-agent backup --config <config>`.
 pub fn backup(config: &Path) -> AgentRun {
     run_agent(&["backup", "--config", config.to_str().expect("utf-8 path")])

@@ -7,6 +7,7 @@ use std::time::Duration;
 use etcd_client::{Client, ConnectOptions, GetOptions, TlsOptions};
 use tempfile::TempDir;
 
+use crate::relay::{Relay, RelayOptions, Shape};
 use crate::tls::TlsFiles;
 use crate::{free_port, require_tool, wait_for};
 
@@ -592,4 +593,53 @@ pub async fn real_snapshot_db(keys: usize) -> Vec<u8> {
     assert_eq!(bytes.len() % 512, 32, "etcdctl keeps the trailer");
     bytes.truncate(bytes.len() - 32);
     bytes
+}
+
+/// An etcd holding `mib` MiB of incompressible values, behind a [`Relay`]
+/// capping what it sends to `rate` bytes a second, so a snapshot of it
+/// streams for about `mib` MiB / `rate` and a fault can land mid-run. Point
+/// the agent at [`Relay::http_url`].
+pub async fn slow_etcd(mib: usize, rate: u64) -> (EtcdServer, Relay) {
+    let etcd = EtcdServer::start();
+    fill_incompressible(&mut etcd.client().await, mib, 0x5851_F42D_4C95_7F2D).await;
+    let target: std::net::SocketAddr = etcd
+        .client_url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("etcd's client URL is http://127.0.0.1:<port>");
+    let relay = Relay::start(
+        target,
+        RelayOptions {
+            up: Shape::default(),
+            down: Shape {
+                rate: Some(rate),
+                delay: Duration::ZERO,
+            },
+        },
+    );
+    (etcd, relay)
+}
+
+/// How many Snapshot RPCs `etcd` has started, from its own `/metrics` (the
+/// gRPC server counter etcd registers for every method, at 0 from start):
+/// how often the agent read a snapshot.
+pub async fn snapshot_rpcs(etcd: &EtcdServer) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", etcd.client_url))
+        .await
+        .expect("etcd's /metrics")
+        .text()
+        .await
+        .expect("etcd's /metrics body");
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with("grpc_server_started_total{")
+                && l.contains("grpc_method=\"Snapshot\"")
+                && l.contains("grpc_service=\"etcdserverpb.Maintenance\"")
+        })
+        .unwrap_or_else(|| panic!("no Snapshot counter in etcd's metrics:\n{text}"));
+    line.rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line}"))
 }

@@ -155,3 +155,22 @@ pub fn complete_sets(dir: &Path) -> Vec<String> {
         .filter_map(|f| f.strip_suffix("/manifest.json").map(str::to_string))
         .collect()
 }
+
+/// A `destinations:` section from named single-destination sections: each
+/// `(name, yaml)` pair's `yaml` is a `destination:` section (as
+/// [`sftp_setup::sshd_destination_yaml`] or
+/// [`s3_setup::garage_destination_yaml`] write it), which becomes the entry
+/// `- name: <name>` with the same kind and keys, in the order given.
+pub fn destinations_yaml(entries: &[(&str, String)]) -> String {
+    let mut out = String::from("destinations:\n");
+    for (name, yaml) in entries {
+        let body = yaml
+            .strip_prefix("destination:\n")
+            .unwrap_or_else(|| panic!("not a destination: section:\n{yaml}"));
+        out += &format!("  - name: {name}\n");
+        for line in body.lines() {
+            out += &format!("  {line}\n");
+        }
+    }
+    out
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use etcd_backup_proto::api::{DestinationResultKind, RunRecord, RunState};
 use etcd_backup_proto::{FileKind, Manifest};
 use etcd_backup_tests::agent::{backup, run_agent, AgentConfig, AgentDaemon};
-use etcd_backup_tests::etcd::{write_history, EtcdServer};
+use etcd_backup_tests::etcd::{snapshot_rpcs, write_history, EtcdServer};
 use etcd_backup_tests::sftp_setup::backups;
 use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
 use etcd_backup_tests::{complete_sets, files_below, free_port, metric, wait_for};
@@ -39,26 +39,6 @@ fn destinations_yaml(local: &Path, sshd: &SshServer, key: &ClientKey) -> String 
         sshd.known_hosts_file().display(),
         key.private_key.display()
     )
-}
-
-/// How many Snapshot RPCs etcd has started, from its own metrics (the
-/// gRPC server counters etcd registers for every method, at 0 from start).
-async fn snapshot_rpcs(etcd: &EtcdServer) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", etcd.client_url))
-        .await
-        .expect("etcd's /metrics")
-        .text()
-        .await
-        .unwrap();
-    let line = text
-        .lines()
-        .find(|l| {
-            l.starts_with("grpc_server_started_total{")
-                && l.contains("grpc_method=\"Snapshot\"")
-                && l.contains("grpc_service=\"etcdserverpb.Maintenance\"")
-        })
-        .unwrap_or_else(|| panic!("no Snapshot counter in etcd's metrics:\n{text}"));
-    line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
 fn cli(config: &Path, args: &[&str]) -> etcd_backup_tests::agent::AgentRun {

@@ -6,72 +6,33 @@
 //! racing for one set name. The bucket is always looked at with rclone, never
 //! with the agent's own S3 client.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use etcd_backup_proto::api::SetList;
-use etcd_backup_proto::{FileKind, Manifest};
-use etcd_backup_tests::agent::{agent_bin, backup, run_agent, AgentConfig, AgentRun};
+use etcd_backup_proto::FileKind;
+use etcd_backup_tests::agent::{
+    agent_bin, backup, finish_backup, run_agent, AgentConfig, AgentRun,
+};
+use etcd_backup_tests::assert_cluster_restore_dir;
 use etcd_backup_tests::etcd::{
-    dump, fill_incompressible, snapshot_status, write_history, EtcdCluster, EtcdServer,
+    dump, slow_etcd, snapshot_status, write_history, EtcdCluster, EtcdServer,
 };
 use etcd_backup_tests::fixtures::{openshift_tree, tar_gz_entries};
 use etcd_backup_tests::garage::{GarageCluster, Rclone};
-use etcd_backup_tests::relay::{Relay, RelayOptions, Shape};
-use etcd_backup_tests::s3_setup::{s3_config, s3_destination_yaml};
-use etcd_backup_tests::{assert_cluster_restore_dir, wait_for};
-use sha2::{Digest, Sha256};
+use etcd_backup_tests::relay::Relay;
+use etcd_backup_tests::s3_setup::{
+    assert_stored_as_manifest_says, complete_sets_in, s3_config, s3_destination_yaml,
+    stored_manifest, wait_mid_upload,
+};
 
 /// The key prefix every test stores under.
 const PREFIX: &str = "backups";
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
 /// The objects below `PREFIX` by rclone, relative to it.
 fn objects(rclone: &Rclone, bucket: &str) -> Vec<String> {
     rclone.list(bucket, PREFIX)
-}
-
-/// The set directories (`<cluster>/<node>/<ts>`) that hold a manifest.json.
-fn complete_sets(objects: &[String]) -> Vec<String> {
-    objects
-        .iter()
-        .filter_map(|o| o.strip_suffix("/manifest.json").map(str::to_string))
-        .collect()
-}
-
-/// The stored manifest of set `set` (`<cluster>/<node>/<ts>`), by rclone.
-fn stored_manifest(rclone: &Rclone, bucket: &str, set: &str) -> Manifest {
-    let bytes = rclone.cat(bucket, &format!("{PREFIX}/{set}/manifest.json"));
-    serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-        panic!(
-            "{set}/manifest.json is no manifest ({e}): {}",
-            String::from_utf8_lossy(&bytes)
-        )
-    })
-}
-
-/// Every file the manifest of `set` lists is stored with its size and
-/// sha256, read back by rclone; returns the stored bytes by name.
-fn assert_stored_as_manifest_says(
-    rclone: &Rclone,
-    bucket: &str,
-    set: &str,
-    m: &Manifest,
-) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    for f in &m.files {
-        let bytes = rclone.cat(bucket, &format!("{PREFIX}/{set}/{}", f.name));
-        assert_eq!(bytes.len() as u64, f.size, "{set}/{}", f.name);
-        assert_eq!(sha256_hex(&bytes), f.sha256, "{set}/{}", f.name);
-        out.insert(f.name.clone(), bytes);
-    }
-    out
 }
 
 fn list_json(config: &Path, extra: &[&str]) -> SetList {
@@ -132,10 +93,10 @@ async fn a_set_on_garage_lists_verifies_fetches_restores_drills_and_is_pruned_by
     // In the bucket: <prefix>/<cluster>/<node>/<ts>/<file>, nothing else, no
     // multipart upload left open.
     let stored = objects(&rclone, &bucket);
-    let sets = complete_sets(&stored);
+    let sets = complete_sets_in(&stored);
     assert_eq!(sets.len(), 1, "{stored:?}");
     let set = &sets[0];
-    let m = stored_manifest(&rclone, &bucket, set);
+    let m = stored_manifest(&rclone, &bucket, PREFIX, set);
     let ts = m.timestamp;
     assert_eq!(*set, format!("test/master-0/{ts}"));
     let mut want = vec![
@@ -145,7 +106,7 @@ async fn a_set_on_garage_lists_verifies_fetches_restores_drills_and_is_pruned_by
     ];
     want.sort();
     assert_eq!(stored, want);
-    let files = assert_stored_as_manifest_says(&rclone, &bucket, set, &m);
+    let files = assert_stored_as_manifest_says(&rclone, &bucket, PREFIX, set, &m);
     assert!(
         rclone.multipart_uploads(&bucket).is_empty(),
         "multipart uploads left open: {:?}",
@@ -247,7 +208,7 @@ async fn a_set_on_garage_lists_verifies_fetches_restores_drills_and_is_pruned_by
     let config = cfg.write(work.path());
     backup(&config).assert_code(0);
     let stored = objects(&rclone, &bucket);
-    let sets = complete_sets(&stored);
+    let sets = complete_sets_in(&stored);
     assert_eq!(sets.len(), 1, "{stored:?}");
     assert_ne!(sets[0], *set);
     assert!(
@@ -257,8 +218,8 @@ async fn a_set_on_garage_lists_verifies_fetches_restores_drills_and_is_pruned_by
     let run = agent(&config, &["prune"]);
     run.assert_code(0);
     assert_eq!(objects(&rclone, &bucket), stored, "prune removed more");
-    let second = stored_manifest(&rclone, &bucket, &sets[0]);
-    assert_stored_as_manifest_says(&rclone, &bucket, &sets[0], &second);
+    let second = stored_manifest(&rclone, &bucket, PREFIX, &sets[0]);
+    assert_stored_as_manifest_says(&rclone, &bucket, PREFIX, &sets[0], &second);
 }
 
 /// `rclone copyto file garage:<bucket>/<key>`.
@@ -284,23 +245,7 @@ const SLOW_RATE: u64 = 6 << 20;
 /// An etcd with [`FILL_MIB`] of values behind a relay capped at
 /// [`SLOW_RATE`], and a config backing it up to `garage` through the relay.
 async fn slow_source(garage: &GarageCluster, work: &Path) -> (EtcdServer, Relay, PathBuf) {
-    let etcd = EtcdServer::start();
-    fill_incompressible(&mut etcd.client().await, FILL_MIB, 0x5851_F42D_4C95_7F2D).await;
-    let target: SocketAddr = etcd
-        .client_url
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap();
-    let relay = Relay::start(
-        target,
-        RelayOptions {
-            up: Shape::default(),
-            down: Shape {
-                rate: Some(SLOW_RATE),
-                delay: Duration::ZERO,
-            },
-        },
-    );
+    let (etcd, relay) = slow_etcd(FILL_MIB, SLOW_RATE).await;
     let mut cfg = AgentConfig::for_endpoint(&relay.http_url(), None, &work.join("unused"));
     cfg.destination_yaml = Some(etcd_backup_tests::s3_setup::garage_destination_yaml(
         garage, PREFIX,
@@ -324,38 +269,6 @@ fn spawn_backup(config: &Path, log: &Path) -> Child {
         .unwrap()
 }
 
-/// Waits until the agent has a multipart upload of the snapshot open in the
-/// bucket (seen by rclone): the upload is under way.
-fn wait_mid_upload(rclone: &Rclone, bucket: &str, agent: &mut Child, log: &Path) {
-    wait_for(
-        "a multipart upload of the snapshot",
-        Duration::from_secs(60),
-        || {
-            if let Some(status) = agent.try_wait().unwrap() {
-                panic!(
-                    "the agent exited ({status}) before its upload was seen:\n{}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-            rclone
-                .multipart_uploads(bucket)
-                .into_iter()
-                .find(|k| k.contains("/snapshot_"))
-        },
-    );
-}
-
-/// Waits for a [`spawn_backup`] started at `started`.
-fn finish(agent: Child, log: &Path, started: Instant) -> AgentRun {
-    let out = agent.wait_with_output().unwrap();
-    AgentRun {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: std::fs::read_to_string(log).unwrap_or_default(),
-        elapsed: started.elapsed(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn one_garage_node_killed_mid_upload_the_backup_completes_on_quorum_and_verifies() {
     let mut garage = GarageCluster::start(3);
@@ -370,17 +283,17 @@ async fn one_garage_node_killed_mid_upload_the_backup_completes_on_quorum_and_ve
     wait_mid_upload(&rclone, &bucket, &mut child, &log);
     // Node 0 serves the agent's endpoint; a replica goes away.
     garage.kill(2);
-    let run = finish(child, &log, started);
+    let run = finish_backup(child, &log, started);
     run.assert_code(0);
 
     // With node 2 still down: the set is complete, as its manifest says,
     // and verifies.
     let stored = objects(&rclone, &bucket);
-    let sets = complete_sets(&stored);
+    let sets = complete_sets_in(&stored);
     assert_eq!(sets.len(), 1, "{stored:?}");
-    let m = stored_manifest(&rclone, &bucket, &sets[0]);
+    let m = stored_manifest(&rclone, &bucket, PREFIX, &sets[0]);
     assert!(m.file(FileKind::Snapshot).unwrap().size > (FILL_MIB as u64) << 20);
-    assert_stored_as_manifest_says(&rclone, &bucket, &sets[0], &m);
+    assert_stored_as_manifest_says(&rclone, &bucket, PREFIX, &sets[0], &m);
     agent(&config, &["verify", "latest"]).assert_code(0);
     assert!(rclone.multipart_uploads(&bucket).is_empty());
 
@@ -404,7 +317,7 @@ async fn two_garage_nodes_killed_mid_upload_fail_the_run_at_upload_and_prune_lea
     garage.kill(1);
     garage.kill(2);
     let killed = Instant::now();
-    let run = finish(child, &log, started);
+    let run = finish_backup(child, &log, started);
     run.assert_code(1);
     assert!(run.stderr.contains("stage upload"), "{}", run.stderr);
     assert_secret_not_shown(&run, garage.secret());
@@ -413,7 +326,7 @@ async fn two_garage_nodes_killed_mid_upload_fail_the_run_at_upload_and_prune_lea
     garage.restart(2);
     let left = objects(&rclone, &bucket);
     assert!(
-        complete_sets(&left).is_empty(),
+        complete_sets_in(&left).is_empty(),
         "a failed run left a manifest: {left:?}"
     );
     let uploads = rclone.multipart_uploads(&bucket);
@@ -548,10 +461,10 @@ fn two_agents_racing_for_one_set_name_one_wins_and_nothing_is_overwritten() {
             .collect();
         let runs: Vec<AgentRun> = children
             .into_iter()
-            .map(|(child, log, started)| finish(child, &log, started))
+            .map(|(child, log, started)| finish_backup(child, &log, started))
             .collect();
         let stored = objects(&rclone, &bucket);
-        let sets = complete_sets(&stored);
+        let sets = complete_sets_in(&stored);
         let codes: Vec<i32> = runs.iter().map(|r| r.code).collect();
         if codes == [0, 0] {
             assert_eq!(sets.len(), 2, "two successes, but {stored:?}");
@@ -569,14 +482,14 @@ fn two_agents_racing_for_one_set_name_one_wins_and_nothing_is_overwritten() {
         eprintln!("the losing run's logs:\n{}", loser.stderr);
         assert_eq!(sets.len(), 1, "{stored:?}");
         let set = &sets[0];
-        let m = stored_manifest(&rclone, &bucket, set);
+        let m = stored_manifest(&rclone, &bucket, PREFIX, set);
         let winner_etcd = [&a, &b][winner];
         assert_eq!(
             m.etcd.endpoint, winner_etcd.client_url,
             "the stored manifest is not the winner's"
         );
         // Every stored object of the set is the winner's, byte for byte.
-        assert_stored_as_manifest_says(&rclone, &bucket, set, &m);
+        assert_stored_as_manifest_says(&rclone, &bucket, PREFIX, set, &m);
         let mut want: Vec<String> = m
             .files
             .iter()
