@@ -39,11 +39,11 @@ use crate::config::S3Config;
 
 /// Bytes per part of a multipart upload (S3 wants at least 5 MiB for every
 /// part but the last).
-pub const PART_SIZE: usize = 6 * 1024 * 1024;
+pub const PART_SIZE: usize = 5 * 1024 * 1024;
 
 /// Parts of one file uploading at once while the next one fills. A file
 /// being written holds at most `PART_SIZE × (PARTS_IN_FLIGHT + 1)` bytes of
-/// parts, 12 MiB: part buffers allocated once per file and reused, part
+/// parts, 10 MiB: part buffers allocated once per file and reused, part
 /// after part. A small file (the manifest) holds one buffer of the size of
 /// its first write (at least 64 KiB) instead.
 pub const PARTS_IN_FLIGHT: usize = 1;
