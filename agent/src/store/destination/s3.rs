@@ -39,18 +39,79 @@ use crate::config::S3Config;
 
 /// Bytes per part of a multipart upload (S3 wants at least 5 MiB for every
 /// part but the last).
-pub const PART_SIZE: usize = 8 * 1024 * 1024;
+pub const PART_SIZE: usize = 5 * 1024 * 1024;
 
 /// Parts of one file uploading at once while the next one fills. A file
-/// being written holds at most `PART_SIZE × (PARTS_IN_FLIGHT + 1)` bytes:
-/// 24 MiB.
-pub const PARTS_IN_FLIGHT: usize = 2;
+/// being written holds at most `PART_SIZE × (PARTS_IN_FLIGHT + 1)` bytes of
+/// parts, 10 MiB: part buffers allocated once per file and reused, part
+/// after part. A small file (the manifest) holds one buffer of the size of
+/// its first write (at least 64 KiB) instead.
+pub const PARTS_IN_FLIGHT: usize = 1;
 
 /// S3's limit on the parts of one upload.
 const MAX_PARTS: u32 = 10_000;
 
-/// The first buffer of a file; it grows to [`PART_SIZE`] in one step.
+/// The first buffer of a file; a file that outgrows it moves to a part
+/// buffer of [`PART_SIZE`] from its [`PartPool`].
 const SMALL_BUFFER: usize = 64 * 1024;
+
+/// One file's part buffers, each of exactly [`PART_SIZE`] bytes, allocated
+/// once and reused part after part: a part's buffer comes back when its
+/// request is done (the last [`Bytes`] of it dropped). At most
+/// `PARTS_IN_FLIGHT + 1` exist (one filling, the rest uploading), so a long
+/// file does not allocate and free a part-sized block per part, which glibc
+/// serves from the heap once its mmap threshold has risen and which then
+/// stays resident, fragmented.
+#[derive(Clone, Default)]
+struct PartPool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl PartPool {
+    /// A free part buffer (empty, capacity [`PART_SIZE`]).
+    fn take(&self) -> Vec<u8> {
+        let reused = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        reused.unwrap_or_else(|| Vec::with_capacity(PART_SIZE))
+    }
+
+    /// `buf`'s bytes as the body of a part; the buffer returns to the pool
+    /// when the last copy of the [`Bytes`] is dropped.
+    fn part(&self, buf: Vec<u8>) -> Bytes {
+        Bytes::from_owner(PoolBuf {
+            buf,
+            pool: self.clone(),
+        })
+    }
+}
+
+/// A part buffer on loan from a [`PartPool`].
+struct PoolBuf {
+    buf: Vec<u8>,
+    pool: PartPool,
+}
+
+impl AsRef<[u8]> for PoolBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for PoolBuf {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let mut free = self
+            .pool
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if buf.capacity() == PART_SIZE && free.len() <= PARTS_IN_FLIGHT {
+            free.push(buf);
+        }
+    }
+}
 
 /// What a finished `.partial` file is, until its rename.
 enum Pending {
@@ -470,6 +531,7 @@ impl super::Destination for S3Dir {
             partial: final_path.is_some(),
             key,
             buf: Vec::new(),
+            pool: PartPool::default(),
             upload_id: claimed.clone(),
             claimed: claimed.is_some(),
             next_part: 1,
@@ -821,7 +883,9 @@ struct S3Upload {
     partial: bool,
     /// The final key.
     key: String,
+    /// The part filling: a small buffer first, then one from `pool`.
     buf: Vec<u8>,
+    pool: PartPool,
     upload_id: Option<String>,
     /// Whether the upload is the set's claim (the manifest's).
     claimed: bool,
@@ -859,7 +923,12 @@ impl S3Upload {
         while self.in_flight.len() >= PARTS_IN_FLIGHT {
             self.wait_oldest().await?;
         }
-        let bytes = Bytes::from(std::mem::take(&mut self.buf));
+        let buf = std::mem::take(&mut self.buf);
+        let bytes = if buf.capacity() == PART_SIZE {
+            self.pool.part(buf)
+        } else {
+            Bytes::from(buf)
+        };
         let n = self.next_part;
         self.next_part += 1;
         self.in_flight.push_back(tokio::spawn(upload_part(
@@ -894,14 +963,16 @@ impl Upload for S3Upload {
             let room = PART_SIZE - self.buf.len();
             let take = room.min(buf.len());
             if self.buf.len() + take > self.buf.capacity() {
-                // Small files (the manifest) get a small buffer; a file that
-                // outgrows it gets one whole part at once, never more.
-                let want = if self.buf.capacity() == 0 {
-                    take.max(SMALL_BUFFER)
+                // A file's first write gets a buffer of its own size (at
+                // least SMALL_BUFFER): all a small file (the manifest) needs.
+                // A file that outgrows it moves to a part buffer.
+                if self.buf.capacity() == 0 && take < PART_SIZE {
+                    self.buf.reserve_exact(take.max(SMALL_BUFFER));
                 } else {
-                    PART_SIZE
-                };
-                self.buf.reserve_exact(want.min(PART_SIZE) - self.buf.len());
+                    let mut part = self.pool.take();
+                    part.extend_from_slice(&self.buf);
+                    self.buf = part;
+                }
             }
             self.buf.extend_from_slice(&buf[..take]);
             self.written += take as u64;
@@ -1073,5 +1144,41 @@ mod tests {
             ..Scan::default()
         };
         assert_eq!(contest(&object, m, "a1"), Contest::Taken(1));
+    }
+
+    #[test]
+    fn a_part_buffer_comes_back_to_the_pool_when_its_bytes_are_dropped() {
+        let pool = PartPool::default();
+        let mut buf = pool.take();
+        assert_eq!(buf.capacity(), PART_SIZE);
+        buf.extend_from_slice(b"part one");
+        let first = buf.as_ptr();
+        let bytes = pool.part(buf);
+        let copy = bytes.clone();
+        drop(bytes);
+        // Still in use by the copy: a new buffer.
+        let other = pool.take();
+        assert_ne!(other.as_ptr(), first);
+        assert_eq!(&copy[..], b"part one");
+        drop(copy);
+        // Back, emptied, and handed out again.
+        let again = pool.take();
+        assert_eq!(again.as_ptr(), first);
+        assert!(again.is_empty());
+        assert_eq!(again.capacity(), PART_SIZE);
+    }
+
+    #[test]
+    fn the_pool_keeps_no_more_than_the_buffers_one_file_uses() {
+        let pool = PartPool::default();
+        let parts: Vec<Bytes> = (0..PARTS_IN_FLIGHT + 3)
+            .map(|_| pool.part(pool.take()))
+            .collect();
+        drop(parts);
+        assert_eq!(lock_free(&pool).len(), PARTS_IN_FLIGHT + 1);
+    }
+
+    fn lock_free(pool: &PartPool) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        pool.0.lock().unwrap()
     }
 }

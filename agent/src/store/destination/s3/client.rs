@@ -18,7 +18,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// this long fails the attempt, so a stalled connection is noticed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A request with a body may take this long plus [`MIN_RATE`] for its body:
-/// an 8 MiB part gets 60 s + 256 s, enough for a 256 kbit/s link.
+/// a 5 MiB part gets 60 s + 160 s, enough for a 256 kbit/s link.
 pub const BASE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The slowest upload rate (bytes per second) a request is given time for.
 pub const MIN_RATE: u64 = 32 * 1024;
