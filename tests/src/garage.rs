@@ -471,16 +471,74 @@ impl GarageCluster {
         self.nodes[node].kill();
     }
 
-    /// Starts node `node` again on the same ports and directories, and waits
-    /// until the cluster is healthy and the node serves the bucket again.
+    /// Starts node `node` again on its directories and RPC address (which
+    /// the other nodes know it by), and waits until the cluster is healthy
+    /// and the node serves the bucket again. A port another process took
+    /// while the node was down (free ports come from the ephemeral range,
+    /// where outgoing connections get theirs too): the S3 and admin APIs of
+    /// a node other than 0 (whose endpoint the agent and rclone use) move to
+    /// new free ports; the RPC port is waited for.
     pub fn restart(&mut self, node: usize) {
         assert!(
             self.nodes[node].child.is_none(),
             "garage node {node} is running"
         );
-        self.nodes[node].spawn();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        for attempt in 1.. {
+            self.free_ports_of(node, deadline);
+            self.nodes[node].spawn();
+            std::thread::sleep(Duration::from_millis(300));
+            let exited = self.nodes[node]
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+                .is_some();
+            if !exited {
+                break;
+            }
+            self.nodes[node].child = None;
+            assert!(
+                attempt < 5 && self.nodes[node].log().contains("Address already in use"),
+                "garage node {node} exited on restart:\n{}",
+                self.logs()
+            );
+        }
         self.wait_all_healthy();
         self.wait_serving(node);
+    }
+
+    /// Makes node `node`'s ports bindable before it starts again (see
+    /// [`GarageCluster::restart`]).
+    fn free_ports_of(&mut self, node: usize, deadline: Instant) {
+        let bindable = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if node != 0 {
+            let n = &mut self.nodes[node];
+            let mut toml = std::fs::read_to_string(n.config()).expect("read garage.toml");
+            for port in [&mut n.s3_port, &mut n.admin_port] {
+                if !bindable(*port) {
+                    let new = free_port();
+                    toml = toml.replace(
+                        &format!("127.0.0.1:{port}\""),
+                        &format!("127.0.0.1:{new}\""),
+                    );
+                    *port = new;
+                }
+            }
+            write_private(&n.config(), &toml);
+        }
+        let rpc: u16 = self.nodes[node]
+            .rpc_addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("an RPC port");
+        while !bindable(rpc) {
+            assert!(
+                Instant::now() < deadline,
+                "garage node {node}'s RPC port {rpc} is still taken by another process"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// [`Rclone`] for node 0's endpoint with the cluster's key.
