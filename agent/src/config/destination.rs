@@ -622,7 +622,7 @@ mod tests {
             (
                 "destinations:\n  - name: a\n",
                 "destinations[0]",
-                "exactly one of destinations[0].local or destinations[0].sftp",
+                "exactly one of destinations[0].local, destinations[0].sftp or destinations[0].s3",
             ),
             (
                 "destinations:\n  - name: a\n    local:\n",
