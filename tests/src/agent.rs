@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::etcd::EtcdServer;
-use crate::{free_port, wait_for};
+use crate::{free_port, metric, wait_for};
 
 /// The agent binary, built once per test process with the workspace's cargo.
 ///
@@ -362,5 +362,61 @@ impl AgentDaemon {
 impl Drop for AgentDaemon {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// After one run triggered over HTTP that was partial (destination `failed`
+/// failed at stage `upload`, destination `held` stored the set): waits for
+/// the daemon's catalog rescan to count `held`'s set, then checks every
+/// per-destination series of that outcome.
+pub fn assert_partial_run_metrics(daemon: &AgentDaemon, held: &str, failed: &str) {
+    let text = wait_for("the catalog rescan", Duration::from_secs(30), || {
+        let out = Command::new("curl")
+            .args(["-sS", &daemon.url("/metrics")])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        (metric(
+            &text,
+            &format!("etcd_backup_sets{{destination=\"{held}\"}}"),
+        ) == 1.0)
+            .then_some(text)
+    });
+    let last_success = |d: &str| {
+        metric(
+            &text,
+            &format!("etcd_backup_last_success_timestamp_seconds{{destination=\"{d}\"}}"),
+        )
+    };
+    assert!(last_success(held) > 0.0, "{held}'s last success\n{text}");
+    assert_eq!(last_success(failed), 0.0, "{failed}'s last success");
+    for (series, want) in [
+        (
+            format!("etcd_backup_failures_total{{stage=\"upload\",destination=\"{failed}\"}}"),
+            1.0,
+        ),
+        (
+            format!("etcd_backup_failures_total{{stage=\"upload\",destination=\"{held}\"}}"),
+            0.0,
+        ),
+        (
+            "etcd_backup_runs_total{trigger=\"http\",result=\"partial\"}".to_string(),
+            1.0,
+        ),
+        (
+            format!(
+                "etcd_backup_destination_runs_total{{destination=\"{failed}\",result=\"failure\"}}"
+            ),
+            1.0,
+        ),
+        (
+            format!(
+                "etcd_backup_destination_runs_total{{destination=\"{held}\",result=\"success\"}}"
+            ),
+            1.0,
+        ),
+        (format!("etcd_backup_sets{{destination=\"{failed}\"}}"), 0.0),
+    ] {
+        assert_eq!(metric(&text, &series), want, "{series}");
     }
 }

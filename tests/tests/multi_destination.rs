@@ -10,11 +10,13 @@ use std::time::Duration;
 
 use etcd_backup_proto::api::{DestinationResultKind, RunRecord, RunState};
 use etcd_backup_proto::{FileKind, Manifest};
-use etcd_backup_tests::agent::{backup, run_agent, AgentConfig, AgentDaemon};
+use etcd_backup_tests::agent::{
+    assert_partial_run_metrics, backup, run_agent, AgentConfig, AgentDaemon,
+};
 use etcd_backup_tests::etcd::{snapshot_rpcs, write_history, EtcdServer};
 use etcd_backup_tests::sftp_setup::backups;
 use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
-use etcd_backup_tests::{complete_sets, files_below, free_port, metric, wait_for};
+use etcd_backup_tests::{complete_sets, files_below, free_port, wait_for};
 
 fn key_server(key: &ClientKey) -> SshServer {
     SshServer::start(SshOptions {
@@ -278,61 +280,6 @@ async fn sshd_killed_mid_run_leaves_the_local_copy_complete_and_the_run_partial_
     assert!(left.iter().all(|f| f.ends_with(".partial")), "{left:?}");
 
     // Metrics per destination.
-    let text = wait_for("the catalog rescan", Duration::from_secs(30), || {
-        let text = std::process::Command::new("curl")
-            .args(["-sS", &daemon.url("/metrics")])
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&text.stdout).to_string();
-        (metric(&text, "etcd_backup_sets{destination=\"local\"}") == 1.0).then_some(text)
-    });
-    assert!(
-        metric(
-            &text,
-            "etcd_backup_last_success_timestamp_seconds{destination=\"local\"}"
-        ) > 0.0
-    );
-    assert_eq!(
-        metric(
-            &text,
-            "etcd_backup_last_success_timestamp_seconds{destination=\"offsite\"}"
-        ),
-        0.0
-    );
-    assert_eq!(
-        metric(
-            &text,
-            "etcd_backup_failures_total{stage=\"upload\",destination=\"offsite\"}"
-        ),
-        1.0
-    );
-    assert_eq!(
-        metric(
-            &text,
-            "etcd_backup_failures_total{stage=\"upload\",destination=\"local\"}"
-        ),
-        0.0
-    );
-    assert_eq!(
-        metric(
-            &text,
-            "etcd_backup_runs_total{trigger=\"http\",result=\"partial\"}"
-        ),
-        1.0
-    );
-    assert_eq!(
-        metric(
-            &text,
-            "etcd_backup_destination_runs_total{destination=\"offsite\",result=\"failure\"}"
-        ),
-        1.0
-    );
-    assert_eq!(
-        metric(
-            &text,
-            "etcd_backup_destination_runs_total{destination=\"local\",result=\"success\"}"
-        ),
-        1.0
-    );
+    assert_partial_run_metrics(&daemon, "local", "offsite");
     daemon.stop(Duration::from_secs(15));
 }

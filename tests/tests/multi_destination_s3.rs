@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use etcd_backup_proto::api::{DestinationResultKind, RunRecord, RunState};
 use etcd_backup_proto::{FileKind, Manifest};
 use etcd_backup_tests::agent::{
-    backup, finish_backup, run_agent, spawn_backup, AgentConfig, AgentDaemon, AgentRun,
+    assert_partial_run_metrics, backup, finish_backup, run_agent, spawn_backup, AgentConfig,
+    AgentDaemon, AgentRun,
 };
 use etcd_backup_tests::etcd::{
     slow_etcd, snapshot_rpcs, snapshot_status, write_history, EtcdServer,
@@ -26,9 +27,7 @@ use etcd_backup_tests::s3_setup::{
 };
 use etcd_backup_tests::sftp_setup::{backups, sshd_destination_yaml};
 use etcd_backup_tests::sshd::{ClientKey, KeyKind, SshOptions, SshServer};
-use etcd_backup_tests::{
-    complete_sets, destinations_yaml, files_below, free_port, metric, wait_for,
-};
+use etcd_backup_tests::{complete_sets, destinations_yaml, files_below, free_port, wait_for};
 
 /// The key prefix in the bucket.
 const PREFIX: &str = "backups";
@@ -257,52 +256,7 @@ async fn sshd_killed_mid_run_leaves_the_s3_copy_complete_and_the_run_partial_in_
     assert!(left.iter().all(|f| f.ends_with(".partial")), "{left:?}");
 
     // Metrics per destination.
-    let text = wait_for("the catalog rescan", Duration::from_secs(30), || {
-        let text = std::process::Command::new("curl")
-            .args(["-sS", &daemon.url("/metrics")])
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&text.stdout).to_string();
-        (metric(&text, "etcd_backup_sets{destination=\"odf\"}") == 1.0).then_some(text)
-    });
-    assert!(
-        metric(
-            &text,
-            "etcd_backup_last_success_timestamp_seconds{destination=\"odf\"}"
-        ) > 0.0
-    );
-    assert_eq!(
-        metric(
-            &text,
-            "etcd_backup_last_success_timestamp_seconds{destination=\"offsite\"}"
-        ),
-        0.0
-    );
-    for (series, want) in [
-        (
-            "etcd_backup_failures_total{stage=\"upload\",destination=\"offsite\"}",
-            1.0,
-        ),
-        (
-            "etcd_backup_failures_total{stage=\"upload\",destination=\"odf\"}",
-            0.0,
-        ),
-        (
-            "etcd_backup_runs_total{trigger=\"http\",result=\"partial\"}",
-            1.0,
-        ),
-        (
-            "etcd_backup_destination_runs_total{destination=\"offsite\",result=\"failure\"}",
-            1.0,
-        ),
-        (
-            "etcd_backup_destination_runs_total{destination=\"odf\",result=\"success\"}",
-            1.0,
-        ),
-        ("etcd_backup_sets{destination=\"offsite\"}", 0.0),
-    ] {
-        assert_eq!(metric(&text, series), want, "{series}");
-    }
+    assert_partial_run_metrics(&daemon, "odf", "offsite");
     daemon.stop(Duration::from_secs(15));
 }
 
