@@ -807,18 +807,21 @@ async fn delete_object(c: &Client, key: &str) -> Result<(), DestinationError> {
 /// `X.partial` (size 0, modified when it started) unless an object of that
 /// name exists.
 fn entries(prefix: &str, scan: Scan) -> Vec<DirEntry> {
+    // The one-component name of `key` directly below `prefix`, if it is one.
+    let child = |key: &str| -> Option<String> {
+        key.strip_prefix(prefix)
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+            .map(str::to_string)
+    };
     let mut by_name: std::collections::BTreeMap<String, DirEntry> = Default::default();
     for p in scan.prefixes {
-        let Some(name) = p.strip_prefix(prefix).and_then(|n| n.strip_suffix('/')) else {
+        let Some(name) = p.strip_suffix('/').and_then(child) else {
             continue;
         };
-        if name.is_empty() || name.contains('/') {
-            continue;
-        }
         by_name.insert(
-            name.to_string(),
+            name.clone(),
             DirEntry {
-                name: name.to_string(),
+                name,
                 is_dir: true,
                 is_file: false,
                 size: 0,
@@ -827,16 +830,13 @@ fn entries(prefix: &str, scan: Scan) -> Vec<DirEntry> {
         );
     }
     for o in scan.objects {
-        let Some(name) = o.key.strip_prefix(prefix) else {
+        let Some(name) = child(&o.key) else {
             continue;
         };
-        if name.is_empty() || name.contains('/') {
-            continue;
-        }
         by_name.insert(
-            name.to_string(),
+            name.clone(),
             DirEntry {
-                name: name.to_string(),
+                name,
                 is_dir: false,
                 is_file: true,
                 size: o.size,
@@ -845,12 +845,9 @@ fn entries(prefix: &str, scan: Scan) -> Vec<DirEntry> {
         );
     }
     for u in scan.uploads {
-        let Some(name) = u.key.strip_prefix(prefix) else {
+        let Some(name) = child(&u.key) else {
             continue;
         };
-        if name.is_empty() || name.contains('/') {
-            continue;
-        }
         let name = format!("{name}{PARTIAL_SUFFIX}");
         match by_name.get_mut(&name) {
             Some(e) if !e.is_file || e.size > 0 => {}
