@@ -37,8 +37,12 @@ use crate::store::destination::{Destination, DestinationError, Durability, Uploa
 use crate::store::fanout::{Lost, Tee};
 use crate::store::sealing::SealingUpload;
 
-/// Snapshot bytes gathered before each destination write.
-const WRITE_BATCH: usize = 1 << 20;
+/// Snapshot bytes gathered before each destination write: one SFTP write
+/// request's worth (255 KiB) and then some. Larger batches saved nothing
+/// measurable and cost memory in every stage that holds one (compression,
+/// encryption, each destination's queue): 1 MiB batches took a backup with
+/// zstd, age and 8 SFTP streams from 28 to 31.5 MiB of peak RSS.
+const WRITE_BATCH: usize = 256 << 10;
 
 /// The agent's version, recorded in every manifest.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -1230,7 +1234,7 @@ impl Sink {
             Some(c) => {
                 let compressed = c.write(buf).await?;
                 if !compressed.is_empty() {
-                    self.out.write(&compressed).await?;
+                    self.out.write(compressed).await?;
                 }
             }
         }

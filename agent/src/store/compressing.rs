@@ -9,7 +9,8 @@
 //! job buffers, over the agent's memory budget, and level 1 on one core is
 //! already well ahead of etcd's stream. Memory: the compression context
 //! (1.3 MiB at level 1, 3.5 MiB at 3, 7.8 MiB at 7, the highest allowed),
-//! zstd's 128 KiB output buffer, and the 1 MiB batch in flight with its output.
+//! zstd's 128 KiB output buffer, the 256 KiB batch in flight and two output
+//! buffers (one filling, one being sent), the same buffers for every batch.
 
 use std::io::Write;
 
@@ -50,13 +51,17 @@ impl Compressor {
         })
     }
 
-    /// Compresses `plain`; returns what zstd produced so far.
-    fn compress(mut self, plain: &[u8]) -> std::io::Result<(Self, Vec<u8>)> {
-        self.encoder.write_all(plain)?;
-        let out = std::mem::take(self.encoder.get_mut());
-        self.sha.update(&out);
-        self.size += out.len() as u64;
-        Ok((self, out))
+    /// Compresses `plain` into `out` (emptied first, its capacity reused);
+    /// returns `out` with what zstd produced so far, and `plain` back.
+    fn compress(mut self, plain: Vec<u8>, mut out: Vec<u8>) -> std::io::Result<Batch> {
+        out.clear();
+        // zstd writes into `out`; the encoder's own (empty) vector waits.
+        std::mem::swap(self.encoder.get_mut(), &mut out);
+        self.encoder.write_all(&plain)?;
+        let produced = std::mem::replace(self.encoder.get_mut(), out);
+        self.sha.update(&produced);
+        self.size += produced.len() as u64;
+        Ok((self, produced, plain))
     }
 
     /// Ends the frame: the rest of the output, and the hash and size of it all.
@@ -80,7 +85,11 @@ impl Compressor {
     }
 }
 
-type Job = tokio::task::JoinHandle<std::io::Result<(Compressor, Vec<u8>)>>;
+/// A compressed batch: the compressor, its output, and the plaintext
+/// buffer back for the next batch.
+type Batch = (Compressor, Vec<u8>, Vec<u8>);
+
+type Job = tokio::task::JoinHandle<std::io::Result<Batch>>;
 
 /// A stream being compressed, one batch behind: [`write`](Self::write)
 /// starts compressing a batch and hands back the output of the previous one.
@@ -91,6 +100,13 @@ pub struct Compressing {
     pending: Option<Job>,
     /// Plaintext bytes taken.
     plaintext_size: u64,
+    /// Buffers kept from batch to batch, so the batches reuse the same
+    /// memory instead of allocating (and fragmenting) afresh: the next
+    /// batch's copy of the plaintext, the next batch's output, and the
+    /// output handed back by the last [`Self::write`].
+    spare_in: Vec<u8>,
+    spare_out: Vec<u8>,
+    last_out: Vec<u8>,
 }
 
 /// What a finished compressed stream is.
@@ -118,33 +134,44 @@ impl Compressing {
             idle: Some(Compressor::new(config)?),
             pending: None,
             plaintext_size: 0,
+            spare_in: Vec::new(),
+            spare_out: Vec::new(),
+            last_out: Vec::new(),
         })
     }
 
-    /// Waits for the batch in flight; returns its output.
-    async fn settle(&mut self) -> Result<Vec<u8>, CompressError> {
+    /// Waits for the batch in flight; its output becomes `last_out` (the
+    /// previous one, sent by now, is kept for reuse).
+    async fn settle(&mut self) -> Result<(), CompressError> {
         let Some(job) = self.pending.take() else {
-            return Ok(Vec::new());
+            self.last_out.clear();
+            return Ok(());
         };
-        let (compressor, out) = job.await.map_err(std::io::Error::other)??;
+        let (compressor, out, plain) = job.await.map_err(std::io::Error::other)??;
         self.idle = Some(compressor);
-        Ok(out)
+        self.spare_in = plain;
+        self.spare_out = std::mem::replace(&mut self.last_out, out);
+        Ok(())
     }
 
     /// Starts compressing `plain` on a blocking thread and returns the
-    /// output of the previous batch (possibly empty), to be sent on.
+    /// output of the previous batch (possibly empty), to be sent on before
+    /// the next call.
     ///
     /// # Errors
     /// zstd failures.
-    pub async fn write(&mut self, plain: &[u8]) -> Result<Vec<u8>, CompressError> {
-        let out = self.settle().await?;
+    pub async fn write(&mut self, plain: &[u8]) -> Result<&[u8], CompressError> {
+        self.settle().await?;
         let compressor = self.idle.take().ok_or_else(failed_earlier)?;
         self.plaintext_size += plain.len() as u64;
-        let plain = plain.to_vec();
+        let mut input = std::mem::take(&mut self.spare_in);
+        input.clear();
+        input.extend_from_slice(plain);
+        let out = std::mem::take(&mut self.spare_out);
         self.pending = Some(tokio::task::spawn_blocking(move || {
-            compressor.compress(&plain)
+            compressor.compress(input, out)
         }));
-        Ok(out)
+        Ok(&self.last_out)
     }
 
     /// Ends the frame: returns the last output (the previous batch's and the
@@ -153,7 +180,8 @@ impl Compressing {
     /// # Errors
     /// zstd failures.
     pub async fn finish(mut self) -> Result<(Vec<u8>, Compressed), CompressError> {
-        let mut out = self.settle().await?;
+        self.settle().await?;
+        let mut out = std::mem::take(&mut self.last_out);
         let compressor = self.idle.take().ok_or_else(failed_earlier)?;
         let (last, mut done) = tokio::task::spawn_blocking(move || compressor.end())
             .await

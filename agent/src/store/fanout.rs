@@ -22,12 +22,12 @@ use tokio::sync::mpsc;
 use crate::store::destination::{DestinationError, Upload};
 
 /// Chunks queued for each destination beyond the one it is writing. A chunk
-/// is one write of the run (at most the run's 1 MiB write batch, a little
+/// is one write of the run (at most the run's 256 KiB write batch, a little
 /// more once encrypted), so a destination that falls behind holds at most
 /// about 8 MiB before the stream waits for it. The chunks are shared, not
 /// copied, between destinations: the bound on the run's memory is the same
 /// 8 MiB however many destinations there are.
-pub const FANOUT_BUFFER_CHUNKS: usize = 8;
+pub const FANOUT_BUFFER_CHUNKS: usize = 32;
 
 /// Destinations (by index) that failed during a write, with why; drained by
 /// the caller after each write or finish.

@@ -16,6 +16,15 @@ use crate::store::destination::{DestinationError, Upload};
 struct SharedBuf(Arc<Mutex<Vec<u8>>>);
 
 impl SharedBuf {
+    /// Makes `v`, emptied, the buffer written to (its capacity reused).
+    fn put(&self, mut v: Vec<u8>) {
+        v.clear();
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = v;
+    }
+
     fn take(&self) -> Vec<u8> {
         std::mem::take(
             &mut *self
@@ -51,14 +60,17 @@ struct Sealer {
 }
 
 impl Sealer {
-    /// Encrypts `plain`; returns the ciphertext produced (whole 64 KiB chunks).
-    fn seal(mut self, plain: &[u8]) -> std::io::Result<(Self, Vec<u8>)> {
+    /// Encrypts `plain` into `out` (emptied first, its capacity reused);
+    /// returns `out` with the ciphertext produced (whole 64 KiB chunks), and
+    /// `plain` back for the next batch.
+    fn seal(mut self, plain: Vec<u8>, out: Vec<u8>) -> std::io::Result<Batch> {
         use std::io::Write;
-        self.writer.write_all(plain)?;
+        self.buf.put(out);
+        self.writer.write_all(&plain)?;
         let out = self.buf.take();
         self.sha.update(&out);
         self.size += out.len() as u64;
-        Ok((self, out))
+        Ok((self, out, plain))
     }
 
     /// Ends the stream: the last chunk, and the hash and size of all ciphertext.
@@ -77,7 +89,11 @@ impl Sealer {
     }
 }
 
-type Sealing = tokio::task::JoinHandle<std::io::Result<(Sealer, Vec<u8>)>>;
+/// A sealed batch: the sealer, its ciphertext, and the plaintext buffer
+/// back for the next batch.
+type Batch = (Sealer, Vec<u8>, Vec<u8>);
+
+type Sealing = tokio::task::JoinHandle<std::io::Result<Batch>>;
 
 /// A file being written encrypted: plaintext in, age ciphertext out to the
 /// destination, hashed on the way. One batch is encrypted on a blocking
@@ -91,6 +107,10 @@ pub struct SealingUpload {
     /// Plaintext bytes written.
     plaintext_size: u64,
     location: String,
+    /// Buffers kept from batch to batch (the next batch's plaintext copy
+    /// and ciphertext), so every batch reuses the same memory.
+    spare_in: Vec<u8>,
+    spare_out: Vec<u8>,
 }
 
 /// What a finished encrypted file is.
@@ -134,6 +154,8 @@ impl SealingUpload {
             pending: None,
             plaintext_size: 0,
             location: location.to_string(),
+            spare_in: Vec::new(),
+            spare_out: Vec::new(),
         };
         // The header, written by wrap_output.
         let header = buf.take();
@@ -152,14 +174,16 @@ impl SealingUpload {
     /// Waits for the batch in flight and sends its ciphertext.
     async fn settle(&mut self) -> Result<(), DestinationError> {
         if let Some(job) = self.pending.take() {
-            let (sealer, out) = job
+            let (sealer, out, plain) = job
                 .await
                 .map_err(|e| encrypt_error(&self.location, e))?
                 .map_err(|e| encrypt_error(&self.location, e))?;
             self.idle = Some(sealer);
+            self.spare_in = plain;
             if !out.is_empty() {
                 self.inner.write(&out).await?;
             }
+            self.spare_out = out;
         }
         Ok(())
     }
@@ -176,8 +200,11 @@ impl SealingUpload {
             .take()
             .ok_or_else(|| encrypt_error(&self.location, "the encryptor failed earlier"))?;
         self.plaintext_size += plain.len() as u64;
-        let plain = plain.to_vec();
-        self.pending = Some(tokio::task::spawn_blocking(move || sealer.seal(&plain)));
+        let mut input = std::mem::take(&mut self.spare_in);
+        input.clear();
+        input.extend_from_slice(plain);
+        let out = std::mem::take(&mut self.spare_out);
+        self.pending = Some(tokio::task::spawn_blocking(move || sealer.seal(input, out)));
         Ok(())
     }
 
