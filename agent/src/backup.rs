@@ -271,6 +271,8 @@ impl BackupReport {
 /// problems fail at once.
 ///
 /// Cancelling `cancel` stops the run at once; what it wrote is removed.
+/// After a run that stored its set, retention is applied at each destination
+/// holding it, over the same connection.
 pub async fn run_with_retries(config: &Config, cancel: &CancellationToken) -> Outcome {
     let retry = config.retry;
     let mut attempt = 1;
@@ -318,16 +320,36 @@ pub async fn run_with_retries(config: &Config, cancel: &CancellationToken) -> Ou
                         return Outcome {
                             result: Err(BackupError::new(e.stage, Cause::Cancelled)),
                             attempts: attempt,
+                            retention_errors: Vec::new(),
                         };
                     }
                 }
                 attempt += 1;
             }
             result => {
+                // Retention at each destination that holds the new set, over
+                // the connection the run used.
+                let mut retention_errors = Vec::new();
+                if let Ok(report) = &result {
+                    for d in report.destinations.iter().filter(|d| d.succeeded()) {
+                        let Some(dest) = config
+                            .destinations
+                            .iter()
+                            .position(|c| c.name == d.name)
+                            .and_then(|i| opened[i].as_deref())
+                        else {
+                            continue;
+                        };
+                        if let Err(e) = crate::store::prune::after_backup(config, dest).await {
+                            retention_errors.push((d.name.clone(), e));
+                        }
+                    }
+                }
                 return Outcome {
                     result,
                     attempts: attempt,
-                }
+                    retention_errors,
+                };
             }
         }
     }
@@ -340,6 +362,9 @@ pub struct Outcome {
     pub result: Result<BackupReport, BackupError>,
     /// Attempts made, the last included.
     pub attempts: u32,
+    /// Destinations where applying retention after the run failed, and why
+    /// (the run's set is complete there all the same).
+    pub retention_errors: Vec<(String, String)>,
 }
 
 /// The delay after failed attempt `attempt` (1-based): the initial delay
@@ -718,41 +743,48 @@ impl<'a> Run<'a> {
         // the configuration requires it, fails the run here, with nothing
         // to clean up.
         // Each destination on its own: one that fails here is left out.
-        for (i, dest) in self.live() {
-            match dest.durability().await {
-                Ok(d) => self.targets[i].durability = d,
-                Err(e) => {
-                    self.fail(i, Stage::Upload, e);
-                    continue;
+        // Meanwhile the destinations get ready for the snapshot (SFTP logs
+        // its striped sessions in), so that overlaps these steps.
+        let live = self.live();
+        let warm_up = futures_util::future::join_all(live.iter().map(|(_, d)| d.warm_up()));
+        let checks = async {
+            for (i, dest) in live.iter().copied() {
+                match dest.durability().await {
+                    Ok(d) => self.targets[i].durability = d,
+                    Err(e) => {
+                        self.fail(i, Stage::Upload, e);
+                        continue;
+                    }
+                }
+                let set_exists = Cause::SetExists {
+                    location: format!("{}/{}", dest.describe(), self.set.dir()),
+                };
+                match dest.list(&self.set.dir()).await {
+                    Ok(existing) if existing.is_empty() => {}
+                    Ok(_) => {
+                        self.fail(i, Stage::Upload, set_exists);
+                        continue;
+                    }
+                    Err(e) => {
+                        self.fail(i, Stage::Upload, e);
+                        continue;
+                    }
+                }
+                // Where a second writer is not refused by exclusive creates
+                // (S3), the destination claims the set; the claim is released
+                // by clean-up through the manifest's partial name.
+                let dir = self.set.dir();
+                let claim = partial(&self.set.file(MANIFEST_FILE_NAME));
+                match self.recorded(i, claim, dest.claim(&dir)).await {
+                    Ok(()) => {}
+                    Err(DestinationError::AlreadyExists { .. }) => {
+                        self.fail(i, Stage::Upload, set_exists);
+                    }
+                    Err(e) => self.fail(i, Stage::Upload, e),
                 }
             }
-            let set_exists = Cause::SetExists {
-                location: format!("{}/{}", dest.describe(), self.set.dir()),
-            };
-            match dest.list(&self.set.dir()).await {
-                Ok(existing) if existing.is_empty() => {}
-                Ok(_) => {
-                    self.fail(i, Stage::Upload, set_exists);
-                    continue;
-                }
-                Err(e) => {
-                    self.fail(i, Stage::Upload, e);
-                    continue;
-                }
-            }
-            // Where a second writer is not refused by exclusive creates
-            // (S3), the destination claims the set; the claim is released
-            // by clean-up through the manifest's partial name.
-            let dir = self.set.dir();
-            let claim = partial(&self.set.file(MANIFEST_FILE_NAME));
-            match self.recorded(i, claim, dest.claim(&dir)).await {
-                Ok(()) => {}
-                Err(DestinationError::AlreadyExists { .. }) => {
-                    self.fail(i, Stage::Upload, set_exists);
-                }
-                Err(e) => self.fail(i, Stage::Upload, e),
-            }
-        }
+        };
+        tokio::join!(warm_up, checks);
         self.any_left()?;
 
         let t = Instant::now();
@@ -787,22 +819,36 @@ impl<'a> Run<'a> {
 
         self.stage = Stage::Upload;
         let t = Instant::now();
-        for f in &files {
-            let final_path = self.set.file(&f.name);
-            for (i, dest) in self.live() {
-                if let Err(e) = self
-                    .recorded(
-                        i,
-                        final_path.clone(),
-                        dest.rename(&partial(&final_path), &final_path),
-                    )
-                    .await
-                {
-                    self.fail(i, Stage::Upload, e);
+        // Each destination renames the set's files at once (on SFTP, their
+        // requests share round trips). A path is recorded before its rename
+        // (so a cancelled run still removes it), and dropped again when the
+        // destination refused the rename.
+        let renames: Vec<(String, String)> = files
+            .iter()
+            .map(|f| {
+                let final_path = self.set.file(&f.name);
+                (partial(&final_path), final_path)
+            })
+            .collect();
+        for (i, dest) in self.live() {
+            let created = &mut self.targets[i].created;
+            created.extend(renames.iter().map(|(_, to)| to.clone()));
+            let results = futures_util::future::join_all(
+                renames.iter().map(|(from, to)| dest.rename(from, to)),
+            )
+            .await;
+            let mut refused = None;
+            for ((_, to), result) in renames.iter().zip(results) {
+                if let Err(e) = result {
+                    self.targets[i].created.retain(|p| p != to);
+                    refused.get_or_insert(e);
                 }
             }
-            self.any_left()?;
+            if let Some(e) = refused {
+                self.fail(i, Stage::Upload, e);
+            }
         }
+        self.any_left()?;
         self.add_time(Stage::Upload, t.elapsed());
 
         let mut manifest = self.manifest(&member, files);
@@ -1091,7 +1137,10 @@ impl<'a> Run<'a> {
             own.durable = self.targets[i].durability == Durability::Synced;
             let mut json = serde_json::to_vec_pretty(&own).expect("a manifest always serializes");
             json.push(b'\n');
-            let mut up = match self.recorded(i, path.clone(), dest.create(&path)).await {
+            let mut up = match self
+                .recorded(i, path.clone(), dest.create_small(&path))
+                .await
+            {
                 Ok(up) => up,
                 Err(e) => {
                     self.fail(i, Stage::Manifest, e);

@@ -144,11 +144,11 @@ async fn a_striped_backup_over_a_delayed_link_is_byte_identical_and_fetched_stri
 
     let run = backup(&cfg);
     let set = assert_one_good_set(&run, &dest);
-    // The backup's control connection came with one connection per stream;
-    // retention's pass after it reads only manifests (under the striping
-    // threshold), over one connection of its own.
+    // The backup's control connection came with one connection per stream
+    // (logged in together); retention's pass after it reads only manifests
+    // (under the striping threshold), over the same control connection.
     let n = logins(&sshd);
-    assert_eq!(n, STREAMS + 2, "{n} logins:\n{}", sshd.log());
+    assert_eq!(n, STREAMS + 1, "{n} logins:\n{}", sshd.log());
     let m = manifest(&dest, &set);
     let snap = m.files.iter().find(|f| f.name.ends_with(".db")).unwrap();
     assert!(snap.size > 24 << 20, "{}", snap.size);
@@ -250,7 +250,51 @@ async fn a_server_with_max_sessions_1_still_gets_every_stream_over_its_own_conne
     assert_one_good_set(&run, &dest);
     // One session per connection is all the streams need: no warning.
     let n = logins(&sshd);
-    assert_eq!(n, STREAMS + 2, "{n} logins:\n{}", sshd.log());
+    assert_eq!(n, STREAMS + 1, "{n} logins:\n{}", sshd.log());
+    assert!(!run.stderr.contains("MaxSessions"), "{}", run.stderr);
+    run_agent(&["verify", "--config", cfg.to_str().unwrap(), "latest"]).assert_code(0);
+}
+
+/// More streams than the agent logs in at once (8): the rest ride as
+/// further channels on those connections, so the logins stay at 8.
+#[tokio::test(flavor = "multi_thread")]
+async fn more_streams_than_logins_at_once_ride_as_channels_of_the_same_connections() {
+    let work = tempfile::tempdir().unwrap();
+    let etcd = filled_etcd(8).await;
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = server(&key, None, None);
+    let link = relay(&sshd, Duration::from_millis(10), None);
+    let dest = sshd.sftp_root.join("backups");
+    let cfg = config(work.path(), &etcd, &sshd, &link, &key, &dest, 12);
+
+    let run = backup(&cfg);
+    assert_one_good_set(&run, &dest);
+    assert_eq!(logins(&sshd), 8 + 1, "{}", sshd.log());
+    // Twelve stream sessions and the control session.
+    assert_eq!(
+        sshd.log().matches("subsystem 'sftp'").count(),
+        12 + 1,
+        "{}",
+        sshd.log()
+    );
+    assert!(!run.stderr.contains("MaxSessions"), "{}", run.stderr);
+}
+
+/// The same with `MaxSessions 1`: the channels beyond the first on each
+/// connection are refused, and those streams get connections of their own.
+#[tokio::test(flavor = "multi_thread")]
+async fn more_streams_than_logins_at_once_with_max_sessions_1_get_connections_of_their_own() {
+    let work = tempfile::tempdir().unwrap();
+    let etcd = filled_etcd(8).await;
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = server(&key, Some(1), None);
+    let link = relay(&sshd, Duration::from_millis(10), None);
+    let dest = sshd.sftp_root.join("backups");
+    let cfg = config(work.path(), &etcd, &sshd, &link, &key, &dest, 12);
+
+    let run = backup(&cfg);
+    assert_one_good_set(&run, &dest);
+    assert_eq!(logins(&sshd), 12 + 1, "{}", sshd.log());
     assert!(!run.stderr.contains("MaxSessions"), "{}", run.stderr);
     run_agent(&["verify", "--config", cfg.to_str().unwrap(), "latest"]).assert_code(0);
 }

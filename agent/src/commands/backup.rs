@@ -19,20 +19,11 @@ pub async fn backup(config: &Config) -> ExitCode {
     };
     let outcome = crate::backup::run_with_retries(config, &cancel).await;
     watcher.abort();
-    if let Ok(report) = &outcome.result {
-        // Retention at each destination that holds the new set, on its own.
-        for d in report.destinations.iter().filter(|d| d.succeeded()) {
-            let Ok(named) = config.named_destination(Some(&d.name)) else {
-                continue;
-            };
-            if let Err(e) = crate::store::prune::after_backup(config, &named.config).await {
-                // The backup itself is complete; say so, but do not hide this.
-                eprintln!(
-                    "warning: the backup succeeded, but applying retention at destination {} failed: {e}",
-                    d.name
-                );
-            }
-        }
+    for (name, e) in &outcome.retention_errors {
+        // The backup itself is complete; say so, but do not hide this.
+        eprintln!(
+            "warning: the backup succeeded, but applying retention at destination {name} failed: {e}"
+        );
     }
     match outcome.result {
         Ok(report) => {

@@ -520,16 +520,16 @@ mod tests {
     }
 
     #[test]
-    fn streams_defaults_to_the_documented_value_and_must_be_1_to_16() {
+    fn streams_defaults_to_the_documented_value_and_must_be_1_to_32() {
         assert_eq!(sftp("").unwrap(), super::defaults::SFTP_STREAMS);
         assert_eq!(sftp("    streams: 1\n").unwrap(), 1);
-        assert_eq!(sftp("    streams: 16\n").unwrap(), 16);
-        for bad in ["0", "17"] {
+        assert_eq!(sftp("    streams: 32\n").unwrap(), 32);
+        for bad in ["0", "33"] {
             let errs = sftp(&format!("    streams: {bad}\n")).unwrap_err();
             assert_eq!(errs.len(), 1, "{errs:?}");
             assert_eq!(errs[0].field, "destination.sftp.streams");
             assert!(
-                errs[0].message.contains("give 1 to 16"),
+                errs[0].message.contains("give 1 to 32"),
                 "{}",
                 errs[0].message
             );

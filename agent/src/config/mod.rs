@@ -278,9 +278,9 @@ pub mod defaults {
     pub const SFTP_IO_TIMEOUT: Duration = Duration::from_secs(60);
     /// `destination.sftp.streams`: SFTP sessions each file is striped over
     /// (docs/sftp.md says how this was chosen).
-    pub const SFTP_STREAMS: u32 = 8;
+    pub const SFTP_STREAMS: u32 = 16;
     /// The largest `destination.sftp.streams` accepted.
-    pub const SFTP_STREAMS_MAX: u32 = 16;
+    pub const SFTP_STREAMS_MAX: u32 = 32;
     /// `destination.s3.region`: what S3-compatible stores without regions
     /// (Garage, MinIO, Ceph RGW) accept by default.
     pub const S3_REGION: &str = "us-east-1";

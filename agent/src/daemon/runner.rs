@@ -169,9 +169,7 @@ impl Runner {
                 let t = Instant::now();
                 let outcome =
                     backup::run_with_retries(&runner.config, &runner.abort.child_token()).await;
-                if let Ok(report) = &outcome.result {
-                    runner.apply_retention(report).await;
-                }
+                runner.retention_failed(&outcome.retention_errors);
                 let finished = runner.finish(record, outcome, t.elapsed());
                 let _ = tx.send(Some(finished));
             }
@@ -180,18 +178,13 @@ impl Runner {
         Ok(handle)
     }
 
-    /// Retention at each destination that holds the run's set; a failure
-    /// is logged and counted, the run itself stays a success (its set is
-    /// complete).
-    async fn apply_retention(&self, report: &backup::BackupReport) {
-        for d in report.destinations.iter().filter(|d| d.succeeded()) {
-            let Ok(named) = self.config.named_destination(Some(&d.name)) else {
-                continue;
-            };
-            if let Err(e) = crate::store::prune::after_backup(&self.config, &named.config).await {
-                self.metrics.retention_failed(&d.name);
-                tracing::error!(destination = %d.name, error = %e, "applying retention failed");
-            }
+    /// Retention ran at each destination that holds the run's set (see
+    /// [`backup::run_with_retries`]); a failure is logged and counted, the
+    /// run itself stays a success (its set is complete).
+    fn retention_failed(&self, errors: &[(String, String)]) {
+        for (name, e) in errors {
+            self.metrics.retention_failed(name);
+            tracing::error!(destination = %name, error = %e, "applying retention failed");
         }
     }
 

@@ -10,6 +10,7 @@
 //! removed: restic's rule, "never delete what cannot be proven ours".
 
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
 
 pub use etcd_backup_proto::api::LeftoverKind;
@@ -461,82 +462,33 @@ pub async fn scan_cached(
             .collect(),
     };
     let mut catalog = Catalog::default();
+    let cached = std::mem::take(&mut cache.by_dir);
     for node in nodes {
         let node_dir = format!("{cluster}/{node}");
-        for entry in dest.list(&node_dir).await? {
-            let dir = format!("{node_dir}/{}", entry.name);
-            let timestamp: Option<SetTimestamp> = entry.name.parse().ok();
-            let mut found = Leftover {
-                dir: dir.clone(),
-                node: node.clone(),
-                kind: LeftoverKind::Unrecognised,
-                timestamp,
-                files: Vec::new(),
-                modified: entry.modified.map(DateTime::<Utc>::from),
-                why: String::new(),
-                finished_at: None,
-            };
-            if !entry.is_dir {
-                found.why = if entry.is_file {
-                    "a file, not a set directory: this agent writes no files here".into()
-                } else {
-                    "neither a directory nor a regular file (a symbolic link?): never followed or removed".into()
-                };
-                catalog.leftovers.push(found);
-                continue;
-            }
-            let Some(ts) = timestamp else {
-                found.why = "the directory name is not a set timestamp (YYYY-MM-DD_HHMMSS), so this agent did not make it".into();
-                catalog.leftovers.push(found);
-                continue;
-            };
-            let listing = dest.list(&dir).await?;
-            found.files = listing.iter().map(|e| e.name.clone()).collect();
-            found.modified = listing
-                .iter()
-                .filter_map(|e| e.modified)
-                .max()
-                .map(DateTime::<Utc>::from)
-                .or(found.modified);
-            let id = SetId {
-                cluster: cluster.to_string(),
-                node: node.clone(),
-                timestamp: ts,
-            };
-            let odd = names(listing.iter().filter(|e| !e.is_file));
-            if !odd.is_empty() {
-                found.why = format!(
-                    "holds {}, which is not a regular file; this agent writes only regular files in a set",
-                    odd.join(", ")
-                );
-                catalog.leftovers.push(found);
-                continue;
-            }
-            if !listing.iter().any(|f| f.name == MANIFEST_FILE_NAME) {
-                let foreign = names(listing.iter().filter(|f| !ts.is_own_partial(&f.name)));
-                if foreign.is_empty() {
-                    found.kind = LeftoverKind::OwnPartial;
-                    found.why =
-                        "no manifest.json: a run of this agent that did not finish (only its .partial files)".into();
-                } else if being_removed(dest, &id, &listing, &foreign).await {
-                    found.kind = LeftoverKind::OwnPartial;
-                    found.why = "no manifest.json: a set this agent was removing (its manifest, renamed to manifest.json.partial, lists the files left)".into();
-                } else {
-                    found.why = format!(
-                        "no manifest.json, and it holds {}, which this agent names so only after it is complete (a run cut off between its renames, or a copy made by hand or by cluster-backup.sh)",
-                        foreign.join(", ")
-                    );
+        let entries = dest.list(&node_dir).await?;
+        // Each entry needs its own round trips (a listing, maybe a
+        // manifest): several at once, so a destination far away with many
+        // sets is not read one round trip at a time. In order all the same.
+        let looked: Vec<Result<Looked, CatalogError>> = futures_util::stream::iter(entries)
+            .map(|entry| look_at(dest, cluster, &node, &node_dir, entry, &cached))
+            .buffered(SCAN_AT_ONCE)
+            .collect()
+            .await;
+        for l in looked {
+            match l? {
+                Looked::Leftover(found) => catalog.leftovers.push(found),
+                Looked::Set {
+                    found,
+                    id,
+                    ts,
+                    listing,
+                    bytes,
+                } => {
+                    let read = read_manifest(&bytes, &id, &listing);
+                    seen.insert(found.dir.clone(), bytes);
+                    record(&mut catalog, found, id, ts, &listing, read);
                 }
-                catalog.leftovers.push(found);
-                continue;
             }
-            let bytes = match cache.by_dir.remove(&dir) {
-                Some(b) => b,
-                None => read_small(dest, &id.file(MANIFEST_FILE_NAME), MAX_MANIFEST).await?,
-            };
-            let read = read_manifest(&bytes, &id, &listing);
-            seen.insert(dir.clone(), bytes);
-            record(&mut catalog, found, id, ts, &listing, read);
         }
     }
     cache.by_dir = seen;
@@ -547,6 +499,107 @@ pub async fn scan_cached(
         .leftovers
         .sort_by(|a, b| (a.timestamp, &a.dir).cmp(&(b.timestamp, &b.dir)));
     Ok(catalog)
+}
+
+/// Set directories of one node looked at concurrently by [`scan_cached`].
+const SCAN_AT_ONCE: usize = 8;
+
+/// What one entry of a node's directory turned out to be.
+enum Looked {
+    Leftover(Leftover),
+    Set {
+        found: Leftover,
+        id: SetId,
+        ts: SetTimestamp,
+        listing: Vec<DirEntry>,
+        bytes: Vec<u8>,
+    },
+}
+
+/// Looks at one entry of `node_dir`: lists it and reads its manifest
+/// (unless `cached` holds it).
+async fn look_at(
+    dest: &dyn Destination,
+    cluster: &str,
+    node: &str,
+    node_dir: &str,
+    entry: DirEntry,
+    cached: &std::collections::HashMap<String, Vec<u8>>,
+) -> Result<Looked, CatalogError> {
+    let dir = format!("{node_dir}/{}", entry.name);
+    let timestamp: Option<SetTimestamp> = entry.name.parse().ok();
+    let mut found = Leftover {
+        dir: dir.clone(),
+        node: node.to_string(),
+        kind: LeftoverKind::Unrecognised,
+        timestamp,
+        files: Vec::new(),
+        modified: entry.modified.map(DateTime::<Utc>::from),
+        why: String::new(),
+        finished_at: None,
+    };
+    if !entry.is_dir {
+        found.why = if entry.is_file {
+            "a file, not a set directory: this agent writes no files here".into()
+        } else {
+            "neither a directory nor a regular file (a symbolic link?): never followed or removed"
+                .into()
+        };
+        return Ok(Looked::Leftover(found));
+    }
+    let Some(ts) = timestamp else {
+        found.why = "the directory name is not a set timestamp (YYYY-MM-DD_HHMMSS), so this agent did not make it".into();
+        return Ok(Looked::Leftover(found));
+    };
+    let listing = dest.list(&dir).await?;
+    found.files = listing.iter().map(|e| e.name.clone()).collect();
+    found.modified = listing
+        .iter()
+        .filter_map(|e| e.modified)
+        .max()
+        .map(DateTime::<Utc>::from)
+        .or(found.modified);
+    let id = SetId {
+        cluster: cluster.to_string(),
+        node: node.to_string(),
+        timestamp: ts,
+    };
+    let odd = names(listing.iter().filter(|e| !e.is_file));
+    if !odd.is_empty() {
+        found.why = format!(
+            "holds {}, which is not a regular file; this agent writes only regular files in a set",
+            odd.join(", ")
+        );
+        return Ok(Looked::Leftover(found));
+    }
+    if !listing.iter().any(|f| f.name == MANIFEST_FILE_NAME) {
+        let foreign = names(listing.iter().filter(|f| !ts.is_own_partial(&f.name)));
+        if foreign.is_empty() {
+            found.kind = LeftoverKind::OwnPartial;
+            found.why =
+                "no manifest.json: a run of this agent that did not finish (only its .partial files)".into();
+        } else if being_removed(dest, &id, &listing, &foreign).await {
+            found.kind = LeftoverKind::OwnPartial;
+            found.why = "no manifest.json: a set this agent was removing (its manifest, renamed to manifest.json.partial, lists the files left)".into();
+        } else {
+            found.why = format!(
+                "no manifest.json, and it holds {}, which this agent names so only after it is complete (a run cut off between its renames, or a copy made by hand or by cluster-backup.sh)",
+                foreign.join(", ")
+            );
+        }
+        return Ok(Looked::Leftover(found));
+    }
+    let bytes = match cached.get(&dir) {
+        Some(b) => b.clone(),
+        None => read_small(dest, &id.file(MANIFEST_FILE_NAME), MAX_MANIFEST).await?,
+    };
+    Ok(Looked::Set {
+        found,
+        id,
+        ts,
+        listing,
+        bytes,
+    })
 }
 
 /// Finds one complete set of `node`: `latest`, a timestamp, or a full

@@ -186,28 +186,19 @@ async fn remove_files(
 
 /// Applies retention at one destination after a run that stored a complete
 /// set there (the daemon or `backup`; each destination that succeeded is
-/// pruned on its own), logging what went; the caller counts a failure.
+/// pruned on its own, over the run's own connection), logging what went;
+/// the caller counts a failure.
 ///
 /// # Errors
 /// The destination or its catalog could not be read, or some removals failed
 /// (summarised).
 pub async fn after_backup(
     config: &Config,
-    destination: &crate::config::DestinationConfig,
+    dest: &dyn crate::store::destination::Destination,
 ) -> Result<PruneReport, String> {
-    let dest = crate::store::destination::open(destination)
+    let report = prune(dest, config, &config.node_name, Utc::now(), None, false)
         .await
         .map_err(|e| e.to_string())?;
-    let report = prune(
-        dest.as_ref(),
-        config,
-        &config.node_name,
-        Utc::now(),
-        None,
-        false,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
     let (kept, _) = retention::counts(&report.decisions);
     if !report.left_alone.is_empty() {
         tracing::warn!(

@@ -99,6 +99,10 @@ impl Destination for Faulty {
     async fn remove_dir(&self, path: &str) -> Result<(), DestinationError> {
         self.inner.remove_dir(path).await
     }
+    async fn warm_up(&self) {
+        self.inner.warm_up().await;
+    }
+
     async fn durability(&self) -> Result<Durability, DestinationError> {
         match self.faults.unsynced_required {
             None => self.inner.durability().await,

@@ -226,6 +226,16 @@ pub trait Destination: Send + Sync {
     /// I/O failures.
     async fn create(&self, path: &str) -> Result<Box<dyn Upload>, DestinationError>;
 
+    /// [`Self::create`] for a file known to be small (a manifest): a
+    /// destination that spreads large files over several sessions or parts
+    /// writes this one the simplest way, in the fewest round trips.
+    ///
+    /// # Errors
+    /// As [`Self::create`].
+    async fn create_small(&self, path: &str) -> Result<Box<dyn Upload>, DestinationError> {
+        self.create(path).await
+    }
+
     /// Renames `from` to `to`, refusing to replace an existing `to`.
     ///
     /// # Errors
@@ -283,6 +293,13 @@ pub trait Destination: Send + Sync {
         let _ = dir;
         Ok(())
     }
+
+    /// Gets ready for the large file a run is about to write, alongside the
+    /// run's first steps (which the caller runs concurrently with this):
+    /// SFTP logs its striped sessions in while the control connection logs
+    /// in, instead of after it. Nothing here fails a run: what could not be
+    /// made ready is tried again, and reported, when the file is created.
+    async fn warm_up(&self) {}
 }
 
 /// How far a destination's "stored" can be trusted after a crash of its host.

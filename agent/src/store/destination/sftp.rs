@@ -178,6 +178,19 @@ pub struct SftpDir {
     /// Further sessions to open at most: what the server allowed when it
     /// refused one (not asked again for more in this run).
     lane_cap: std::sync::atomic::AtomicUsize,
+    /// Whether a TCP connection to the server has been made (or refused):
+    /// the striped sessions start logging in only once the first one, the
+    /// control connection, is in, so a server that takes one connection
+    /// at a time takes that one.
+    dialed: tokio::sync::watch::Sender<Dial>,
+}
+
+/// How the first TCP connection to the server went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dial {
+    Pending,
+    Up,
+    Failed,
 }
 
 /// The connection an [`SftpDir`] uses next.
@@ -347,6 +360,7 @@ impl SftpDir {
             warned_lanes: AtomicBool::new(false),
             warned_reopen: AtomicBool::new(false),
             lane_cap: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            dialed: tokio::sync::watch::channel(Dial::Pending).0,
         }
     }
 
@@ -476,16 +490,35 @@ impl SftpDir {
                 observed: observed.clone(),
             };
             let ssh_config = ssh_config(algorithms);
-            let err = match russh::client::connect(
-                Arc::new(ssh_config),
-                (c.host.as_str(), c.port),
-                handler,
-            )
-            .await
-            {
-                Ok(h) => return Ok(h),
-                Err(e) => e,
+            let socket = match tokio::net::TcpStream::connect((c.host.as_str(), c.port)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    self.dialed.send_if_modified(|d| {
+                        let first = *d == Dial::Pending;
+                        if first {
+                            *d = Dial::Failed;
+                        }
+                        first
+                    });
+                    return Err(DestinationError::Connect {
+                        location: self.location(""),
+                        detail: e.to_string(),
+                    });
+                }
             };
+            self.dialed.send_if_modified(|d| {
+                let first = *d != Dial::Up;
+                *d = Dial::Up;
+                first
+            });
+            if let Err(e) = socket.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+            let err =
+                match russh::client::connect_stream(Arc::new(ssh_config), socket, handler).await {
+                    Ok(h) => return Ok(h),
+                    Err(e) => e,
+                };
             let observed = std::mem::take(&mut *observed.lock().unwrap_or_else(|p| p.into_inner()));
             match (observed.rejection, observed.presented, &c.host_key) {
                 // Not the pinned key: ask for the server's other key types
@@ -778,9 +811,135 @@ impl SftpDir {
         Ok(attrs.size.unwrap_or(u64::MAX) >= stripe::STRIPE_READ_MIN)
     }
 
+    /// Creates `path` (its directories first), exclusively, mode 0600:
+    /// over the striped sessions when `striped` and the server let any open,
+    /// else over the control session alone.
+    async fn create_file(
+        &self,
+        path: &str,
+        striped: bool,
+    ) -> Result<Box<dyn Upload>, DestinationError> {
+        let parts = components(path)?;
+        self.ensure_dir(&parts[..parts.len() - 1].join("/")).await?;
+        let conn = self.conn().await?;
+        if striped {
+            let lanes = self.lanes(&conn).await;
+            if !lanes.is_empty() {
+                return self.create_striped(path, conn, lanes).await;
+            }
+        }
+        let attrs = FileAttributes {
+            permissions: Some(0o600),
+            ..FileAttributes::empty()
+        };
+        let file = self
+            .timed(
+                &conn,
+                "cannot create",
+                path,
+                conn.sftp.open_with_flags_and_attributes(
+                    self.remote(path),
+                    OpenFlags::CREATE | OpenFlags::EXCLUDE | OpenFlags::WRITE,
+                    attrs,
+                ),
+            )
+            .await?;
+        Ok(Box::new(SftpUpload {
+            file,
+            conn,
+            remote: self.remote(path),
+            location: self.location(path),
+            io_timeout: self.config.io_timeout,
+            written: 0,
+        }))
+    }
+
     /// Creates every missing directory of `dir` (a relative path, `""` for
-    /// the base itself), mode 0700.
+    /// the base itself), mode 0700, in two round trips however deep: every
+    /// level's mkdir sent at once, top down (servers answer one session's
+    /// requests in order), then the new ones' mode set and the others
+    /// checked to be directories, at once too. Anything unexpected (a
+    /// server that answered out of order, a race with another agent) is
+    /// settled one level at a time by [`Self::ensure_dir_in_turn`].
     async fn ensure_dir(&self, dir: &str) -> Result<(), DestinationError> {
+        let conn = self.conn().await?;
+        let todo: Vec<String> = self
+            .dir_levels(dir)?
+            .into_iter()
+            .filter(|rel| !self.dirs.lock().map(|d| d.contains(rel)).unwrap_or(false))
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let made = futures_util::future::join_all(todo.iter().map(|rel| {
+            self.timed(
+                &conn,
+                "cannot create directory",
+                rel,
+                conn.sftp.create_dir(self.remote(rel)),
+            )
+        }))
+        .await;
+        if conn.is_broken() {
+            return self.ensure_dir_in_turn(dir).await;
+        }
+        let checked =
+            futures_util::future::join_all(todo.iter().zip(&made).map(|(rel, made)| async {
+                if made.is_ok() {
+                    // The high-level mkdir sends no mode, so the server's umask
+                    // decided it; the directory is still empty, tighten it now.
+                    let attrs = FileAttributes {
+                        permissions: Some(0o700),
+                        ..FileAttributes::empty()
+                    };
+                    self.timed(
+                        &conn,
+                        "cannot set the mode of",
+                        rel,
+                        conn.sftp.set_metadata(self.remote(rel), attrs),
+                    )
+                    .await
+                    .map(|()| true)
+                } else {
+                    self.timed(
+                        &conn,
+                        "cannot stat",
+                        rel,
+                        conn.sftp.metadata(self.remote(rel)),
+                    )
+                    .await
+                    .map(|attrs| attrs.is_dir())
+                }
+            }))
+            .await;
+        if checked.iter().all(|c| matches!(c, Ok(true))) {
+            if let Ok(mut d) = self.dirs.lock() {
+                d.extend(todo);
+            }
+            return Ok(());
+        }
+        self.ensure_dir_in_turn(dir).await
+    }
+
+    /// `""` (the base) and every prefix of `dir`, top down.
+    fn dir_levels(&self, dir: &str) -> Result<Vec<String>, DestinationError> {
+        let mut levels = vec![String::new()];
+        if !dir.is_empty() {
+            let mut prefix = String::new();
+            for part in components(dir)? {
+                if !prefix.is_empty() {
+                    prefix.push('/');
+                }
+                prefix.push_str(part);
+                levels.push(prefix.clone());
+            }
+        }
+        Ok(levels)
+    }
+
+    /// [`Self::ensure_dir`] one level at a time: stat, and create what is
+    /// missing, with the errors that say which level and why.
+    async fn ensure_dir_in_turn(&self, dir: &str) -> Result<(), DestinationError> {
         let conn = self.conn().await?;
         let mut prefix = String::new();
         // The base itself may need creating too, on a fresh server.
@@ -953,39 +1112,11 @@ impl super::Destination for SftpDir {
     }
 
     async fn create(&self, path: &str) -> Result<Box<dyn Upload>, DestinationError> {
-        let parts = components(path)?;
-        self.ensure_dir(&parts[..parts.len() - 1].join("/")).await?;
-        let conn = self.conn().await?;
-        if self.config.streams > 1 {
-            let lanes = self.lanes(&conn).await;
-            if !lanes.is_empty() {
-                return self.create_striped(path, conn, lanes).await;
-            }
-        }
-        let attrs = FileAttributes {
-            permissions: Some(0o600),
-            ..FileAttributes::empty()
-        };
-        let file = self
-            .timed(
-                &conn,
-                "cannot create",
-                path,
-                conn.sftp.open_with_flags_and_attributes(
-                    self.remote(path),
-                    OpenFlags::CREATE | OpenFlags::EXCLUDE | OpenFlags::WRITE,
-                    attrs,
-                ),
-            )
-            .await?;
-        Ok(Box::new(SftpUpload {
-            file,
-            conn,
-            remote: self.remote(path),
-            location: self.location(path),
-            io_timeout: self.config.io_timeout,
-            written: 0,
-        }))
+        self.create_file(path, self.config.streams > 1).await
+    }
+
+    async fn create_small(&self, path: &str) -> Result<Box<dyn Upload>, DestinationError> {
+        self.create_file(path, false).await
     }
 
     async fn rename(&self, from: &str, to: &str) -> Result<(), DestinationError> {
@@ -1125,6 +1256,10 @@ impl super::Destination for SftpDir {
             d.remove(path);
         }
         result
+    }
+
+    async fn warm_up(&self) {
+        self.warm_lanes().await;
     }
 
     async fn durability(&self) -> Result<Durability, DestinationError> {

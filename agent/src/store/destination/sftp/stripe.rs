@@ -19,8 +19,14 @@
 //! [`WRITE_LEN`] requests and [`BLOCK`]-sized blocks, block `i` going to
 //! lane `i % lanes` at its offset (known as the bytes arrive). Every lane
 //! holds its own handle on the same `.partial` file (the first creates it
-//! exclusively). Requests are pipelined, at most [`IN_FLIGHT`] bytes over all
-//! lanes together, so memory stays bounded whatever the file size.
+//! exclusively). Each lane keeps at most [`LANE_DEPTH`] requests in flight,
+//! what the server's channel window takes at once, so memory stays bounded
+//! by `streams` × window whatever the file size.
+//!
+//! Logging in: at most [`LOGINS_AT_ONCE`] connections log in at once; more
+//! lanes than that ride as further channels on those connections. A backup
+//! starts the lanes' logins while the control connection logs in
+//! ([`SftpDir::warm_lanes`]), so on a long round trip the two overlap.
 //!
 //! Reading: the file's ranges are requested over the lanes the same way,
 //! and handed back in order through a reorder queue of at most
@@ -43,14 +49,21 @@ use super::*;
 /// whole write requests.
 pub(super) const BLOCK: u64 = 4 * WRITE_LEN as u64;
 
-/// Bytes of SFTP write requests in flight over all lanes of one striped
-/// upload (sent but not yet acknowledged): 64 requests of 255 KiB, 16 MiB.
-/// Throughput is at most this per round trip (200 MB/s at 80 ms), and at
-/// most 2 MiB (OpenSSH's channel window) per lane per round trip, so 8 lanes
-/// fill it. What is sent leaves the process (it is in the kernel's socket
-/// buffers or on the wire), so only the part a lane's window holds back
-/// stays in memory.
-pub(super) const IN_FLIGHT: usize = 64 * WRITE_LEN as usize;
+/// SFTP write requests in flight per lane (sent but not yet acknowledged):
+/// 8 of 255 KiB, 2040 KiB, what OpenSSH's 2 MiB session window lets through
+/// at once. A lane moves at most its window per round trip, so `streams`
+/// lanes move `streams` × 2 MiB: about 210 MB/s for 8 at 80 ms, 420 MB/s for
+/// 16. What is sent leaves the process (it is in the kernel's socket buffers
+/// or on the wire); more requests than the window takes would wait here for
+/// it, in memory, so a lane keeps no more than that.
+pub(super) const LANE_DEPTH: usize = 8;
+
+/// SSH connections logging in at once for one destination, at most, the
+/// control connection's own login aside: OpenSSH's `MaxStartups` (default
+/// `10:30:100`) starts refusing connections at random beyond 10 that have
+/// not logged in yet. Lanes beyond this many are further channels on these
+/// connections (OpenSSH's `MaxSessions` allows 10 per connection).
+pub(super) const LOGINS_AT_ONCE: usize = 8;
 
 /// Bytes of SFTP read requests in flight over all lanes of one striped read
 /// (asked for but not yet handed back): 48 requests of 255 KiB, 12 MiB.
@@ -80,8 +93,9 @@ pub(super) struct Lane {
     broken: AtomicBool,
     /// The control connection this lane is a channel of, if it is one.
     shared: Option<Arc<Connection>>,
-    /// Its own connection, if it has one (dropping it closes it).
-    _own: Option<russh::client::Handle<HostKeyChecker>>,
+    /// The connection of its own it rides on, if any, shared with the other
+    /// lanes on it (dropping the last closes it).
+    _own: Option<Arc<russh::client::Handle<HostKeyChecker>>>,
 }
 
 impl Lane {
@@ -189,22 +203,15 @@ impl SftpDir {
         // limits concurrent logins, MaxStartups, takes them one by one), then
         // the other kind.
         let missing = want - pool.len();
-        let mut refusals = Vec::new();
-        let opened = join_all((0..missing).map(|_| self.open_lane(first, control))).await;
-        for r in opened {
-            match r {
-                Ok(l) => pool.push(Arc::new(l)),
-                Err(e) => refusals.push(e),
-            }
-        }
+        let (opened, mut refusals) = self.open_lanes(first, Some(control), missing).await;
+        pool.extend(opened.into_iter().map(Arc::new));
         'more: while pool.len() < want {
             for over in [first, second] {
-                match self.open_lane(over, control).await {
-                    Ok(l) => {
-                        pool.push(Arc::new(l));
-                        continue 'more;
-                    }
-                    Err(e) => refusals.push(e),
+                let (opened, refused) = self.open_lanes(over, Some(control), 1).await;
+                refusals.extend(refused);
+                if let Some(l) = opened.into_iter().next() {
+                    pool.push(Arc::new(l));
+                    continue 'more;
                 }
             }
             break;
@@ -227,24 +234,115 @@ impl SftpDir {
         pool.clone()
     }
 
-    /// Opens one lane, within `connect_timeout`.
-    async fn open_lane(
+    /// Logs the lanes in before the first striped file needs them, while
+    /// the caller does its first steps over the control connection (which
+    /// logs in at the same time): a backup's striped sessions are then ready
+    /// when its snapshot starts, instead of logging in after the control
+    /// connection has. Refusals are not final here: [`Self::lanes`] tries
+    /// again for what is missing, and warns.
+    pub(super) async fn warm_lanes(&self) {
+        if self.config.streams <= 1 || self.stripe_over != StripeOver::Connections {
+            return;
+        }
+        let want = (self.config.streams as usize).min(self.lane_cap.load(Ordering::Relaxed));
+        let mut pool = self.lanes.lock().await;
+        if !pool.is_empty() {
+            return;
+        }
+        // After the control connection's TCP connection is in (one round
+        // trip into its login), so a server or firewall that admits one
+        // connection at a time, or counts them (MaxStartups), admits the
+        // control connection first; nothing if that connection failed.
+        let mut dialed = self.dialed.subscribe();
+        let up = tokio::time::timeout(self.config.connect_timeout, async {
+            dialed
+                .wait_for(|d| *d != Dial::Pending)
+                .await
+                .map(|d| *d == Dial::Up)
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        if !up {
+            return;
+        }
+        let (opened, _) = self.open_lanes(StripeOver::Connections, None, want).await;
+        pool.extend(opened.into_iter().map(Arc::new));
+    }
+
+    /// Opens `n` lanes, concurrently: over connections, at most
+    /// [`LOGINS_AT_ONCE`] logins with the lanes spread over them as
+    /// channels; over channels, all on `control`. Returns those that opened
+    /// and why the others did not.
+    async fn open_lanes(
         &self,
         over: StripeOver,
-        control: &Arc<Connection>,
-    ) -> Result<Lane, DestinationError> {
+        control: Option<&Arc<Connection>>,
+        n: usize,
+    ) -> (Vec<Lane>, Vec<DestinationError>) {
+        let groups = match (over, control) {
+            (StripeOver::Connections, _) => {
+                let logins = n.min(LOGINS_AT_ONCE);
+                join_all(
+                    (0..logins)
+                        .map(|j| self.open_group(None, n / logins + usize::from(j < n % logins))),
+                )
+                .await
+            }
+            (StripeOver::Channels, Some(control)) => vec![self.open_group(Some(control), n).await],
+            (StripeOver::Channels, None) => Vec::new(),
+        };
+        let mut lanes = Vec::new();
+        let mut errors = Vec::new();
+        for (opened, refused) in groups {
+            lanes.extend(opened);
+            errors.extend(refused);
+        }
+        (lanes, errors)
+    }
+
+    /// Opens `k` lanes as channels of one connection: `control`, or a new
+    /// login of their own. Within `connect_timeout`.
+    async fn open_group(
+        &self,
+        control: Option<&Arc<Connection>>,
+        k: usize,
+    ) -> (Vec<Lane>, Vec<DestinationError>) {
+        let timed_out = || DestinationError::Connect {
+            location: self.location(""),
+            detail: format!(
+                "no further SSH session within {:?} (destination.sftp.connect_timeout)",
+                self.config.connect_timeout
+            ),
+        };
         let work = async {
-            let (stream, shared, own) = match over {
-                StripeOver::Connections => {
-                    let ssh = self.login().await?;
-                    (self.sftp_channel(&ssh).await?, None, Some(ssh))
-                }
-                StripeOver::Channels => (
-                    self.sftp_channel(&control.ssh).await?,
-                    Some(control.clone()),
-                    None,
-                ),
-            };
+            match control {
+                Some(c) => self.open_channels(&c.ssh, k, Some(c), None).await,
+                None => match self.login().await {
+                    Ok(ssh) => {
+                        let ssh = Arc::new(ssh);
+                        self.open_channels(&ssh, k, None, Some(ssh.clone())).await
+                    }
+                    Err(e) => (Vec::new(), vec![e]),
+                },
+            }
+        };
+        tokio::time::timeout(self.config.connect_timeout, work)
+            .await
+            .unwrap_or_else(|_| (Vec::new(), vec![timed_out()]))
+    }
+
+    /// Opens `k` SFTP sessions on `ssh` at once, as lanes riding on
+    /// `shared` (the control connection) or `own`.
+    async fn open_channels(
+        &self,
+        ssh: &russh::client::Handle<HostKeyChecker>,
+        k: usize,
+        shared: Option<&Arc<Connection>>,
+        own: Option<Arc<russh::client::Handle<HostKeyChecker>>>,
+    ) -> (Vec<Lane>, Vec<DestinationError>) {
+        let results = join_all((0..k).map(|_| async {
+            let stream = self.sftp_channel(ssh).await?;
             let raw = RawSftpSession::new_with_config(stream, self.sftp_config());
             raw.init().await.map_err(|e| DestinationError::Connect {
                 location: self.location(""),
@@ -253,21 +351,20 @@ impl SftpDir {
             Ok(Lane {
                 raw: Arc::new(raw),
                 broken: AtomicBool::new(false),
-                shared,
-                _own: own,
+                shared: shared.cloned(),
+                _own: own.clone(),
             })
-        };
-        tokio::time::timeout(self.config.connect_timeout, work)
-            .await
-            .unwrap_or_else(|_| {
-                Err(DestinationError::Connect {
-                    location: self.location(""),
-                    detail: format!(
-                        "no further SSH session within {:?} (destination.sftp.connect_timeout)",
-                        self.config.connect_timeout
-                    ),
-                })
-            })
+        }))
+        .await;
+        let mut lanes = Vec::new();
+        let mut errors = Vec::new();
+        for r in results {
+            match r {
+                Ok(l) => lanes.push(l),
+                Err(e) => errors.push(e),
+            }
+        }
+        (lanes, errors)
     }
 
     /// Opens `path` on every lane: the first creates it (exclusively, mode
@@ -347,7 +444,6 @@ impl SftpDir {
             }
         }
         let lanes = handles.lanes.clone();
-        let depth = (IN_FLIGHT / WRITE_LEN as usize / lanes.len()).max(2);
         Ok(Box::new(StripedUpload {
             pending: lanes.iter().map(|_| VecDeque::new()).collect(),
             handles,
@@ -358,7 +454,6 @@ impl SftpDir {
             fsync: control.fsync,
             packet: Vec::with_capacity(WRITE_LEN as usize),
             sent: 0,
-            depth,
         }))
     }
 
@@ -492,8 +587,6 @@ struct StripedUpload {
     packet: Vec<u8>,
     /// Bytes sent so far: the offset of `packet`.
     sent: u64,
-    /// Writes in flight per lane at most.
-    depth: usize,
 }
 
 impl StripedUpload {
@@ -501,7 +594,7 @@ impl StripedUpload {
     async fn send(&mut self) -> Result<(), DestinationError> {
         let data = std::mem::replace(&mut self.packet, Vec::with_capacity(WRITE_LEN as usize));
         let lane = ((self.sent / BLOCK) % self.handles.lanes.len() as u64) as usize;
-        while self.pending[lane].len() >= self.depth {
+        while self.pending[lane].len() >= LANE_DEPTH {
             self.wait_oldest(lane).await?;
         }
         let raw = self.handles.lanes[lane].raw.clone();
