@@ -236,110 +236,102 @@ async fn one_striped_session_killed_mid_upload_fails_the_run_cleanly_and_the_nex
     assert_one_good_set(&run, &dest);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_server_with_max_sessions_1_still_gets_every_stream_over_its_own_connection() {
+/// A backup through a server that limits sessions: what it left to look at.
+struct Limited {
+    sshd: SshServer,
+    run: AgentRun,
+    cfg: PathBuf,
+    _link: Relay,
+    _key: ClientKey,
+    _etcd: EtcdServer,
+    _work: tempfile::TempDir,
+}
+
+/// Backs 8 MiB of values up over `streams` streams, through a 10 ms relay
+/// letting `connections` through at once (any number when `None`), to sshd
+/// with `MaxSessions` `max_sessions`; the run must store one good set.
+async fn limited_backup(
+    max_sessions: Option<u32>,
+    connections: Option<usize>,
+    streams: usize,
+) -> Limited {
     let work = tempfile::tempdir().unwrap();
     let etcd = filled_etcd(8).await;
     let key = ClientKey::generate(KeyKind::Ed25519, None);
-    let sshd = server(&key, Some(1), None);
+    let sshd = server(&key, max_sessions, None);
     let link = relay(&sshd, Duration::from_millis(10), None);
+    if let Some(n) = connections {
+        link.limit_connections(n);
+    }
     let dest = sshd.sftp_root.join("backups");
-    let cfg = config(work.path(), &etcd, &sshd, &link, &key, &dest, STREAMS);
-
+    let cfg = config(work.path(), &etcd, &sshd, &link, &key, &dest, streams);
     let run = backup(&cfg);
     assert_one_good_set(&run, &dest);
+    Limited {
+        sshd,
+        run,
+        cfg,
+        _link: link,
+        _key: key,
+        _etcd: etcd,
+        _work: work,
+    }
+}
+
+/// SFTP sessions sshd started: the streams' and the control connection's.
+fn sftp_sessions(sshd: &SshServer) -> usize {
+    sshd.log().matches("subsystem 'sftp'").count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_with_max_sessions_1_still_gets_every_stream_over_its_own_connection() {
+    let b = limited_backup(Some(1), None, STREAMS).await;
     // One session per connection is all the streams need: no warning.
-    let n = logins(&sshd);
-    assert_eq!(n, STREAMS + 1, "{n} logins:\n{}", sshd.log());
-    assert!(!run.stderr.contains("MaxSessions"), "{}", run.stderr);
-    run_agent(&["verify", "--config", cfg.to_str().unwrap(), "latest"]).assert_code(0);
+    let n = logins(&b.sshd);
+    assert_eq!(n, STREAMS + 1, "{n} logins:\n{}", b.sshd.log());
+    assert!(!b.run.stderr.contains("MaxSessions"), "{}", b.run.stderr);
+    run_agent(&["verify", "--config", b.cfg.to_str().unwrap(), "latest"]).assert_code(0);
 }
 
 /// More streams than the agent logs in at once (8): the rest ride as
 /// further channels on those connections, so the logins stay at 8.
 #[tokio::test(flavor = "multi_thread")]
 async fn more_streams_than_logins_at_once_ride_as_channels_of_the_same_connections() {
-    let work = tempfile::tempdir().unwrap();
-    let etcd = filled_etcd(8).await;
-    let key = ClientKey::generate(KeyKind::Ed25519, None);
-    let sshd = server(&key, None, None);
-    let link = relay(&sshd, Duration::from_millis(10), None);
-    let dest = sshd.sftp_root.join("backups");
-    let cfg = config(work.path(), &etcd, &sshd, &link, &key, &dest, 12);
-
-    let run = backup(&cfg);
-    assert_one_good_set(&run, &dest);
-    assert_eq!(logins(&sshd), 8 + 1, "{}", sshd.log());
+    let b = limited_backup(None, None, 12).await;
+    assert_eq!(logins(&b.sshd), 8 + 1, "{}", b.sshd.log());
     // Twelve stream sessions and the control session.
-    assert_eq!(
-        sshd.log().matches("subsystem 'sftp'").count(),
-        12 + 1,
-        "{}",
-        sshd.log()
-    );
-    assert!(!run.stderr.contains("MaxSessions"), "{}", run.stderr);
+    assert_eq!(sftp_sessions(&b.sshd), 12 + 1, "{}", b.sshd.log());
+    assert!(!b.run.stderr.contains("MaxSessions"), "{}", b.run.stderr);
 }
 
 /// The same with `MaxSessions 1`: the channels beyond the first on each
 /// connection are refused, and those streams get connections of their own.
 #[tokio::test(flavor = "multi_thread")]
 async fn more_streams_than_logins_at_once_with_max_sessions_1_get_connections_of_their_own() {
-    let work = tempfile::tempdir().unwrap();
-    let etcd = filled_etcd(8).await;
-    let key = ClientKey::generate(KeyKind::Ed25519, None);
-    let sshd = server(&key, Some(1), None);
-    let link = relay(&sshd, Duration::from_millis(10), None);
-    let dest = sshd.sftp_root.join("backups");
-    let cfg = config(work.path(), &etcd, &sshd, &link, &key, &dest, 12);
-
-    let run = backup(&cfg);
-    assert_one_good_set(&run, &dest);
-    assert_eq!(logins(&sshd), 12 + 1, "{}", sshd.log());
-    assert!(!run.stderr.contains("MaxSessions"), "{}", run.stderr);
-    run_agent(&["verify", "--config", cfg.to_str().unwrap(), "latest"]).assert_code(0);
+    let b = limited_backup(Some(1), None, 12).await;
+    assert_eq!(logins(&b.sshd), 12 + 1, "{}", b.sshd.log());
+    assert!(!b.run.stderr.contains("MaxSessions"), "{}", b.run.stderr);
+    run_agent(&["verify", "--config", b.cfg.to_str().unwrap(), "latest"]).assert_code(0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_allowing_one_connection_gets_the_streams_as_channels_of_it() {
-    let work = tempfile::tempdir().unwrap();
-    let etcd = filled_etcd(8).await;
-    let key = ClientKey::generate(KeyKind::Ed25519, None);
-    let sshd = server(&key, None, None);
-    let link = relay(&sshd, Duration::from_millis(10), None);
-    link.limit_connections(1);
-    let dest = sshd.sftp_root.join("backups");
-    let cfg = config(work.path(), &etcd, &sshd, &link, &key, &dest, STREAMS);
-
-    let run = backup(&cfg);
-    assert_one_good_set(&run, &dest);
-    assert!(!run.stderr.contains("MaxSessions"), "{}", run.stderr);
+    let b = limited_backup(None, Some(1), STREAMS).await;
+    assert!(!b.run.stderr.contains("MaxSessions"), "{}", b.run.stderr);
     // Every stream and the control session: channels of that connection.
-    assert!(
-        sshd.log().matches("subsystem 'sftp'").count() > STREAMS,
-        "{}",
-        sshd.log()
-    );
+    assert!(sftp_sessions(&b.sshd) > STREAMS, "{}", b.sshd.log());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_allowing_one_connection_with_max_sessions_1_gets_one_session_and_one_warning() {
-    let work = tempfile::tempdir().unwrap();
-    let etcd = filled_etcd(8).await;
-    let key = ClientKey::generate(KeyKind::Ed25519, None);
-    let sshd = server(&key, Some(1), None);
-    let link = relay(&sshd, Duration::from_millis(10), None);
-    link.limit_connections(1);
-    let dest = sshd.sftp_root.join("backups");
-    let cfg = config(work.path(), &etcd, &sshd, &link, &key, &dest, STREAMS);
-
-    let run = backup(&cfg);
-    assert_one_good_set(&run, &dest);
-    let warnings: Vec<&str> = run
+    let b = limited_backup(Some(1), Some(1), STREAMS).await;
+    let warnings: Vec<&str> = b
+        .run
         .stderr
         .lines()
         .filter(|l| l.contains("destination.sftp.streams"))
         .collect();
-    assert_eq!(warnings.len(), 1, "{}", run.stderr);
+    assert_eq!(warnings.len(), 1, "{}", b.run.stderr);
     assert!(
         warnings[0].contains("WARN")
             && warnings[0].contains("MaxSessions")
@@ -347,7 +339,7 @@ async fn a_server_allowing_one_connection_with_max_sessions_1_gets_one_session_a
         "{}",
         warnings[0]
     );
-    run_agent(&["verify", "--config", cfg.to_str().unwrap(), "latest"]).assert_code(0);
+    run_agent(&["verify", "--config", b.cfg.to_str().unwrap(), "latest"]).assert_code(0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -823,7 +823,7 @@ impl SftpDir {
         self.ensure_dir(&parts[..parts.len() - 1].join("/")).await?;
         let conn = self.conn().await?;
         if striped {
-            let lanes = self.lanes(&conn).await;
+            let lanes = self.lanes(&conn, usize::MAX).await;
             if !lanes.is_empty() {
                 return self.create_striped(path, conn, lanes).await;
             }
@@ -886,20 +886,7 @@ impl SftpDir {
         let checked =
             futures_util::future::join_all(todo.iter().zip(&made).map(|(rel, made)| async {
                 if made.is_ok() {
-                    // The high-level mkdir sends no mode, so the server's umask
-                    // decided it; the directory is still empty, tighten it now.
-                    let attrs = FileAttributes {
-                        permissions: Some(0o700),
-                        ..FileAttributes::empty()
-                    };
-                    self.timed(
-                        &conn,
-                        "cannot set the mode of",
-                        rel,
-                        conn.sftp.set_metadata(self.remote(rel), attrs),
-                    )
-                    .await
-                    .map(|()| true)
+                    self.tighten_new_dir(&conn, rel).await.map(|()| true)
                 } else {
                     self.timed(
                         &conn,
@@ -919,6 +906,23 @@ impl SftpDir {
             return Ok(());
         }
         self.ensure_dir_in_turn(dir).await
+    }
+
+    /// Sets mode 0700 on `rel`, a directory this agent just made: the
+    /// high-level mkdir sends no mode, so the server's umask decided it, and
+    /// the directory is still empty.
+    async fn tighten_new_dir(&self, conn: &Connection, rel: &str) -> Result<(), DestinationError> {
+        let attrs = FileAttributes {
+            permissions: Some(0o700),
+            ..FileAttributes::empty()
+        };
+        self.timed(
+            conn,
+            "cannot set the mode of",
+            rel,
+            conn.sftp.set_metadata(self.remote(rel), attrs),
+        )
+        .await
     }
 
     /// `""` (the base) and every prefix of `dir`, top down.
@@ -1006,19 +1010,7 @@ impl SftpDir {
                             return Err(e);
                         }
                     }
-                    // The high-level mkdir sends no mode, so the server's umask
-                    // decided it; the directory is still empty, tighten it now.
-                    let attrs = FileAttributes {
-                        permissions: Some(0o700),
-                        ..FileAttributes::empty()
-                    };
-                    self.timed(
-                        &conn,
-                        "cannot set the mode of",
-                        &rel,
-                        conn.sftp.set_metadata(remote, attrs),
-                    )
-                    .await?;
+                    self.tighten_new_dir(&conn, &rel).await?;
                 }
                 Err(e) => return Err(e),
             }
@@ -1192,7 +1184,7 @@ impl super::Destination for SftpDir {
         components(path)?;
         let conn = self.conn().await?;
         if self.config.streams > 1 && self.worth_striping(&conn, path).await? {
-            let lanes = self.lanes(&conn).await;
+            let lanes = self.lanes(&conn, stripe::READ_LANES).await;
             if !lanes.is_empty() {
                 return self.open_striped(path, conn, lanes).await;
             }
