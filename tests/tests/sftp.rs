@@ -224,6 +224,44 @@ fn hashed_known_hosts_and_a_pinned_fingerprint_are_trusted() {
     assert_eq!(complete_sets(&backups(&sshd)).len(), 2);
 }
 
+/// A level of the set's path that is a file on the server: the pipelined
+/// mkdirs cannot make it, the level-by-level walk names it, the run fails,
+/// and the file is left as it was.
+#[test]
+fn a_file_where_a_set_directory_belongs_fails_the_run_and_is_left_alone() {
+    let etcd = EtcdServer::start();
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = key_server(&[&key]);
+    let s = SftpSetup::new();
+    let cfg = s.config(
+        &etcd,
+        &sshd,
+        Trust::KnownHosts(sshd.known_hosts_line()),
+        Login::Key(&key, None),
+        QUICK_TIMEOUTS,
+    );
+    let cluster_dir = backups(&sshd).join(&cfg.cluster_name);
+    std::fs::create_dir_all(&cluster_dir).unwrap();
+    let blocker = cluster_dir.join(&cfg.node_name);
+    std::fs::write(&blocker, "not a directory\n").unwrap();
+
+    let run = backup(&s.write(&cfg));
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("exists and is not a directory")
+            && run
+                .stderr
+                .contains(&format!("{}/{}", cfg.cluster_name, cfg.node_name)),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(&blocker).unwrap(),
+        "not a directory\n"
+    );
+    assert!(complete_sets(&backups(&sshd)).is_empty());
+}
+
 #[test]
 fn unknown_host_key_is_refused_before_logging_in() {
     let etcd = EtcdServer::start();
