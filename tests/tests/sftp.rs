@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use etcd_backup_proto::{FileKind, Manifest};
-use etcd_backup_tests::agent::{agent_bin, backup};
+use etcd_backup_tests::agent::{agent_bin, backup, AgentConfig};
 use etcd_backup_tests::etcd::{dump, restore_and_start, write_history, EtcdServer};
 use etcd_backup_tests::sftp_setup::{backups, Login, SftpSetup, Trust, QUICK_TIMEOUTS};
 use etcd_backup_tests::sshd::{
@@ -27,6 +27,30 @@ fn key_server(keys: &[&ClientKey]) -> SshServer {
     })
 }
 
+/// One key, an sshd trusting only it, and an agent config backing `etcd` up
+/// there: logging in with the key, trusting sshd's known_hosts line, quick
+/// timeouts. The key must outlive the runs (the config names its file).
+struct KeySetup {
+    key: ClientKey,
+    sshd: SshServer,
+    s: SftpSetup,
+    cfg: AgentConfig,
+}
+
+fn key_setup(etcd: &EtcdServer) -> KeySetup {
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = key_server(&[&key]);
+    let s = SftpSetup::new();
+    let cfg = s.config(
+        etcd,
+        &sshd,
+        Trust::KnownHosts(sshd.known_hosts_line()),
+        Login::Key(&key, None),
+        QUICK_TIMEOUTS,
+    );
+    KeySetup { key, sshd, s, cfg }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn set_uploaded_over_sftp_restores_to_the_same_keyspace() {
     let etcd = EtcdServer::start();
@@ -34,16 +58,12 @@ async fn set_uploaded_over_sftp_restores_to_the_same_keyspace() {
     write_history(&mut client, "/registry/secrets/kube-system", 400).await;
     let before = dump(&mut client).await;
 
-    let key = ClientKey::generate(KeyKind::Ed25519, None);
-    let sshd = key_server(&[&key]);
-    let s = SftpSetup::new();
-    let cfg = s.config(
-        &etcd,
-        &sshd,
-        Trust::KnownHosts(sshd.known_hosts_line()),
-        Login::Key(&key, None),
-        QUICK_TIMEOUTS,
-    );
+    let KeySetup {
+        key: _key,
+        sshd,
+        s,
+        cfg,
+    } = key_setup(&etcd);
     let run = backup(&s.write(&cfg));
     run.assert_code(0);
     assert!(
@@ -230,16 +250,12 @@ fn hashed_known_hosts_and_a_pinned_fingerprint_are_trusted() {
 #[test]
 fn a_file_where_a_set_directory_belongs_fails_the_run_and_is_left_alone() {
     let etcd = EtcdServer::start();
-    let key = ClientKey::generate(KeyKind::Ed25519, None);
-    let sshd = key_server(&[&key]);
-    let s = SftpSetup::new();
-    let cfg = s.config(
-        &etcd,
-        &sshd,
-        Trust::KnownHosts(sshd.known_hosts_line()),
-        Login::Key(&key, None),
-        QUICK_TIMEOUTS,
-    );
+    let KeySetup {
+        key: _key,
+        sshd,
+        s,
+        cfg,
+    } = key_setup(&etcd);
     let cluster_dir = backups(&sshd).join(&cfg.cluster_name);
     std::fs::create_dir_all(&cluster_dir).unwrap();
     let blocker = cluster_dir.join(&cfg.node_name);
@@ -328,16 +344,12 @@ async fn sshd_killed_mid_upload_leaves_no_complete_set_and_the_next_run_succeeds
             .await
             .unwrap();
     }
-    let key = ClientKey::generate(KeyKind::Ed25519, None);
-    let mut sshd = key_server(&[&key]);
-    let s = SftpSetup::new();
-    let cfg = s.config(
-        &etcd,
-        &sshd,
-        Trust::KnownHosts(sshd.known_hosts_line()),
-        Login::Key(&key, None),
-        QUICK_TIMEOUTS,
-    );
+    let KeySetup {
+        key: _key,
+        mut sshd,
+        s,
+        cfg,
+    } = key_setup(&etcd);
     let config = s.write(&cfg);
 
     let started = Instant::now();
@@ -380,16 +392,12 @@ async fn sshd_killed_mid_upload_leaves_no_complete_set_and_the_next_run_succeeds
 #[test]
 fn a_server_that_comes_back_is_reached_by_a_retry_with_a_fresh_snapshot() {
     let etcd = EtcdServer::start();
-    let key = ClientKey::generate(KeyKind::Ed25519, None);
-    let mut sshd = key_server(&[&key]);
-    let s = SftpSetup::new();
-    let mut cfg = s.config(
-        &etcd,
-        &sshd,
-        Trust::KnownHosts(sshd.known_hosts_line()),
-        Login::Key(&key, None),
-        QUICK_TIMEOUTS,
-    );
+    let KeySetup {
+        key: _key,
+        mut sshd,
+        s,
+        mut cfg,
+    } = key_setup(&etcd);
     cfg.retry_attempts = 4;
     cfg.retry_initial_delay = "2s".into();
     let config = s.write(&cfg);
