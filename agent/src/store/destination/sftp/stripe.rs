@@ -198,10 +198,7 @@ impl SftpDir {
     /// if fewer). Fewer (or none) when the server refuses more sessions;
     /// that is warned about once per destination.
     pub(super) async fn lanes(&self, control: &Arc<Connection>, most: usize) -> Vec<Arc<Lane>> {
-        // After the server refused some, no more than it allowed then.
-        let want = (self.config.streams as usize)
-            .min(most)
-            .min(self.lane_cap.load(Ordering::Relaxed));
+        let want = self.lanes_wanted(most);
         let mut pool = self.lanes.lock().await;
         pool.retain(|l| l.usable(control));
         if pool.len() >= want {
@@ -246,6 +243,14 @@ impl SftpDir {
         pool.clone()
     }
 
+    /// Lanes to have: `destination.sftp.streams`, at most `most`, and after
+    /// the server refused some, no more than it allowed then.
+    fn lanes_wanted(&self, most: usize) -> usize {
+        (self.config.streams as usize)
+            .min(most)
+            .min(self.lane_cap.load(Ordering::Relaxed))
+    }
+
     /// Logs the lanes in before the first striped file needs them, while
     /// the caller does its first steps over the control connection (which
     /// logs in at the same time): a backup's striped sessions are then ready
@@ -256,7 +261,7 @@ impl SftpDir {
         if self.config.streams <= 1 || self.stripe_over != StripeOver::Connections {
             return;
         }
-        let want = (self.config.streams as usize).min(self.lane_cap.load(Ordering::Relaxed));
+        let want = self.lanes_wanted(usize::MAX);
         let mut pool = self.lanes.lock().await;
         if !pool.is_empty() {
             return;
@@ -306,9 +311,11 @@ impl SftpDir {
         };
         let mut lanes = Vec::new();
         let mut errors = Vec::new();
-        for (opened, refused) in groups {
-            lanes.extend(opened);
-            errors.extend(refused);
+        for r in groups.into_iter().flatten() {
+            match r {
+                Ok(l) => lanes.push(l),
+                Err(e) => errors.push(e),
+            }
         }
         (lanes, errors)
     }
@@ -319,7 +326,7 @@ impl SftpDir {
         &self,
         control: Option<&Arc<Connection>>,
         k: usize,
-    ) -> (Vec<Lane>, Vec<DestinationError>) {
+    ) -> Vec<Result<Lane, DestinationError>> {
         let timed_out = || DestinationError::Connect {
             location: self.location(""),
             detail: format!(
@@ -335,13 +342,13 @@ impl SftpDir {
                         let ssh = Arc::new(ssh);
                         self.open_channels(&ssh, k, None, Some(ssh.clone())).await
                     }
-                    Err(e) => (Vec::new(), vec![e]),
+                    Err(e) => vec![Err(e)],
                 },
             }
         };
         tokio::time::timeout(self.config.connect_timeout, work)
             .await
-            .unwrap_or_else(|_| (Vec::new(), vec![timed_out()]))
+            .unwrap_or_else(|_| vec![Err(timed_out())])
     }
 
     /// Opens `k` SFTP sessions on `ssh` at once, as lanes riding on
@@ -352,8 +359,8 @@ impl SftpDir {
         k: usize,
         shared: Option<&Arc<Connection>>,
         own: Option<Arc<russh::client::Handle<HostKeyChecker>>>,
-    ) -> (Vec<Lane>, Vec<DestinationError>) {
-        let results = join_all((0..k).map(|_| async {
+    ) -> Vec<Result<Lane, DestinationError>> {
+        join_all((0..k).map(|_| async {
             let stream = self.sftp_channel(ssh).await?;
             let raw = RawSftpSession::new_with_config(stream, self.sftp_config());
             raw.init().await.map_err(|e| DestinationError::Connect {
@@ -367,16 +374,7 @@ impl SftpDir {
                 _own: own.clone(),
             })
         }))
-        .await;
-        let mut lanes = Vec::new();
-        let mut errors = Vec::new();
-        for r in results {
-            match r {
-                Ok(l) => lanes.push(l),
-                Err(e) => errors.push(e),
-            }
-        }
-        (lanes, errors)
+        .await
     }
 
     /// Opens `path` on every lane: the first creates it (exclusively, mode
