@@ -5,10 +5,11 @@
 #   docker build -t REGISTRY/etcd-backup-agent:0.1.0 .
 #
 # Runtime base: distroless cc (Debian 12). The agent is a glibc binary that
-# needs libc, libm and libgcc_s and nothing else (TLS is rustls, SSH is pure
-# Rust): distroless cc is exactly that, with no shell, no package manager and
-# no curl, so a compromised agent has no tools to work with. To ask a running
-# agent for a backup use `etcd-backup-agent trigger` (INSTALL.md).
+# needs libc, libm and libgcc_s and nothing else (TLS is rustls, SSH is russh,
+# both on ring, linked in): distroless cc is exactly that, with no shell, no
+# package manager and no curl, so a compromised agent has no tools to work
+# with. To ask a running agent for a backup use `etcd-backup-agent trigger`
+# (INSTALL.md).
 #
 # etcd, etcdctl and etcdutl (Apache-2.0, like this project) are copied from
 # the official etcd image of the same release line as the clusters' etcd:

@@ -74,7 +74,7 @@ pub fn run_ok(cmd: &mut Command, what: &str) -> String {
 
 /// Every YAML document in `text`, as JSON values (empty documents dropped).
 pub fn yaml_documents(text: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
+    serde_norway::Deserializer::from_str(text)
         .map(|doc| Value::deserialize(doc).expect("valid YAML"))
         .filter(|v| !v.is_null())
         .collect()
@@ -213,8 +213,8 @@ pub fn agent_config_text(objects: &[Value]) -> String {
         .expect("the ConfigMap has config.yaml")
 }
 
-pub fn yaml(text: &str) -> serde_yaml::Value {
-    serde_yaml::from_str(text).expect("valid YAML")
+pub fn yaml(text: &str) -> serde_norway::Value {
+    serde_norway::from_str(text).expect("valid YAML")
 }
 
 /// The etcd certificate files a platform's masters have, by host path:
@@ -463,11 +463,11 @@ pub fn real_master(
 /// etcd and the SFTP server listen, who logs in, and the base directory (on
 /// `sshd`, `backups/`, returned).
 pub fn point_at_test_servers(
-    config: &mut serde_yaml::Value,
+    config: &mut serde_norway::Value,
     etcd_url: &str,
     sshd: &crate::sshd::SshServer,
 ) -> PathBuf {
-    config["etcd"]["endpoints"] = serde_yaml::to_value([etcd_url]).unwrap();
+    config["etcd"]["endpoints"] = serde_norway::to_value([etcd_url]).unwrap();
     let sftp = &mut config["destination"]["sftp"];
     sftp["host"] = "127.0.0.1".into();
     sftp["port"] = sshd.port.into();

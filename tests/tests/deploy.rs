@@ -412,11 +412,11 @@ fn pod_labels(ds: &DaemonSet) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-fn get<'a>(v: &'a serde_yaml::Value, path: &str) -> &'a serde_yaml::Value {
+fn get<'a>(v: &'a serde_norway::Value, path: &str) -> &'a serde_norway::Value {
     path.split('.').fold(v, |v, k| &v[k])
 }
 
-fn get_str<'a>(v: &'a serde_yaml::Value, path: &str) -> &'a str {
+fn get_str<'a>(v: &'a serde_norway::Value, path: &str) -> &'a str {
     get(v, path)
         .as_str()
         .unwrap_or_else(|| panic!("config has no string at {path}"))
@@ -984,9 +984,9 @@ const PATH_FIELDS: [&str; 10] = [
 ];
 
 /// Every string in `v` that looks like an absolute path, with its key path.
-fn absolute_paths(v: &serde_yaml::Value, at: &str, out: &mut Vec<String>) {
+fn absolute_paths(v: &serde_norway::Value, at: &str, out: &mut Vec<String>) {
     match v {
-        serde_yaml::Value::Mapping(m) => {
+        serde_norway::Value::Mapping(m) => {
             for (k, v) in m {
                 let k = k.as_str().unwrap_or_default();
                 let p = if at.is_empty() {
@@ -997,13 +997,13 @@ fn absolute_paths(v: &serde_yaml::Value, at: &str, out: &mut Vec<String>) {
                 absolute_paths(v, &p, out);
             }
         }
-        serde_yaml::Value::String(s) if s.starts_with('/') => out.push(at.to_string()),
+        serde_norway::Value::String(s) if s.starts_with('/') => out.push(at.to_string()),
         _ => {}
     }
 }
 
 /// The config with every file path moved under `root`, the pod's file system.
-fn reroot_config(config: &str, root: &Path) -> serde_yaml::Value {
+fn reroot_config(config: &str, root: &Path) -> serde_norway::Value {
     let mut v = yaml(config);
     let mut found = Vec::new();
     absolute_paths(&v, "", &mut found);
@@ -1022,7 +1022,7 @@ fn reroot_config(config: &str, root: &Path) -> serde_yaml::Value {
             .filter(|s| s.is_string());
         if let Some(slot) = slot {
             let p = slot.as_str().unwrap().trim_start_matches('/');
-            *slot = serde_yaml::Value::from(root.join(p).to_str().unwrap());
+            *slot = serde_norway::Value::from(root.join(p).to_str().unwrap());
         }
     }
     v
@@ -1064,7 +1064,7 @@ fn check_config_in_pod(
     mount_pod(&root, &host, &objects, &ds, &secret);
     let config = reroot_config(&agent_config_text(&objects), &root);
     let file = work.path().join("config.yaml");
-    std::fs::write(&file, serde_yaml::to_string(&config).unwrap()).unwrap();
+    std::fs::write(&file, serde_norway::to_string(&config).unwrap()).unwrap();
     agent_in_pod(&["check-config", "--config", file.to_str().unwrap()])
 }
 
@@ -1150,7 +1150,7 @@ fn each_overlay_config_backs_up_a_real_etcd_over_sftp_with_the_daemonsets_mounts
         let mut config = reroot_config(&agent_config_text(&objects), &root);
         let base = point_at_test_servers(&mut config, &etcd.client_url, &sshd);
         let file = work.path().join("config.yaml");
-        std::fs::write(&file, serde_yaml::to_string(&config).unwrap()).unwrap();
+        std::fs::write(&file, serde_norway::to_string(&config).unwrap()).unwrap();
 
         let (code, stdout, stderr) = agent_in_pod(&["backup", "--config", file.to_str().unwrap()]);
         assert_eq!(code, 0, "{dir}: backup exited {code}\n{stdout}\n{stderr}");
@@ -1369,14 +1369,14 @@ fn prometheusrule_is_generated_from_rules_yaml() {
          run: UPDATE_PROMETHEUSRULE=1 cargo test -p etcd-backup-tests --test deploy"
     );
     // And, parsed, the groups are the same.
-    let file: RuleFile = serde_yaml::from_str(&rules).unwrap();
+    let file: RuleFile = serde_norway::from_str(&rules).unwrap();
     let objects = render("monitoring");
     let rule: PrometheusRule = one(&objects, "PrometheusRule");
     assert_eq!(rule.spec, file);
 }
 
 fn rule_file() -> RuleFile {
-    serde_yaml::from_str(&read(&manifests().join("monitoring/rules.yaml"))).unwrap()
+    serde_norway::from_str(&read(&manifests().join("monitoring/rules.yaml"))).unwrap()
 }
 
 fn alerts() -> Vec<Rule> {
@@ -1543,7 +1543,7 @@ fn promtool_checks_the_rules_and_their_unit_tests_pass() {
     let rule: PrometheusRule = one(&objects, "PrometheusRule");
     let tmp = tempfile::tempdir().unwrap();
     let spec_file = tmp.path().join("prometheusrule-spec.yaml");
-    std::fs::write(&spec_file, serde_yaml::to_string(&rule.spec).unwrap()).unwrap();
+    std::fs::write(&spec_file, serde_norway::to_string(&rule.spec).unwrap()).unwrap();
     run_ok(
         Command::new(&promtool)
             .args(["check", "rules"])

@@ -169,7 +169,7 @@ impl Pod {
         config["jitter"] = "0s".into();
         config["run_on_start"] = "never".into();
         config["log"]["format"] = "text".into();
-        let config_text = serde_yaml::to_string(&config).unwrap();
+        let config_text = serde_norway::to_string(&config).unwrap();
 
         // A copy of the image's file system per pod, as a runtime gives each
         // container its own: mount points made below do not leak between
@@ -565,20 +565,20 @@ fn in_the_image_a_write_outside_the_manifests_volumes_fails() {
     // has no volume: passed through the writable scratch volume.
     let mut config =
         yaml(&std::fs::read_to_string(pod.work.path().join("volumes/config/config.yaml")).unwrap());
-    let mut local = serde_yaml::Mapping::new();
+    let mut local = serde_norway::Mapping::new();
     local.insert(
         "local".into(),
-        serde_yaml::to_value(serde_yaml::Mapping::from_iter([(
+        serde_norway::to_value(serde_norway::Mapping::from_iter([(
             "path".into(),
             "/var/backups".into(),
         )]))
         .unwrap(),
     );
-    config["destination"] = serde_yaml::Value::Mapping(local);
+    config["destination"] = serde_norway::Value::Mapping(local);
     config.as_mapping_mut().unwrap().remove("retention");
     std::fs::write(
         pod.scratch("/tmp").join("outside.yaml"),
-        serde_yaml::to_string(&config).unwrap(),
+        serde_norway::to_string(&config).unwrap(),
     )
     .unwrap();
     let out = pod

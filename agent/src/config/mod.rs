@@ -717,11 +717,11 @@ impl Config {
         let raw: RawConfig = if text.trim().is_empty() {
             RawConfig::default()
         } else {
-            let de = serde_yaml::Deserializer::from_str(text);
+            let de = serde_norway::Deserializer::from_str(text);
             serde_path_to_error::deserialize(de).map_err(|e| {
                 let field = e.path().to_string();
                 let field = if field.is_empty() { ".".into() } else { field };
-                // serde_yaml prefixes its own idea of the path; ours is better.
+                // the YAML parser prefixes its own idea of the path; ours is better.
                 let message = e.into_inner().to_string();
                 let message = match message.split_once(": ") {
                     Some((prefix, rest)) if field.starts_with(prefix) => rest.to_string(),

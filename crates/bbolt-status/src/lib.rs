@@ -840,10 +840,10 @@ impl<S: PageSource> Walk<S> {
                     return Err(Corruption::NotABucket { at, index }.into());
                 }
                 for entry in buckets.entries.iter() {
-                    self.hash = crc32c_combine(
+                    self.hash = crc32c::crc32c_combine(
                         self.hash,
                         crc32c::crc32c(&entry.name),
-                        entry.name.len() as u64,
+                        entry.name.len(),
                     );
                     let is_key = &*entry.name == KEY_BUCKET;
                     match entry.root.clone()? {
@@ -894,7 +894,7 @@ impl<S: PageSource> Walk<S> {
             }
             self.revision = stats.last_main;
         }
-        self.hash = crc32c_combine(self.hash, stats.crc, u64::from(stats.len));
+        self.hash = crc32c::crc32c_combine(self.hash, stats.crc, stats.len as usize);
         self.total_key += u64::from(stats.count);
         Ok(())
     }
@@ -934,45 +934,6 @@ fn compute<S: PageSource>(
         total_key: walk.total_key,
         total_size: meta.high_water_mark * page_size,
     })
-}
-
-/// The reflected CRC-32C polynomial.
-const CASTAGNOLI: u32 = 0x82F6_3B78;
-
-/// `a · b` modulo the Castagnoli polynomial, in the reflected representation where the
-/// top bit is the x⁰ coefficient.
-fn gf2_mul(a: u32, b: u32) -> u32 {
-    let mut product = 0;
-    let mut b_times_x_i = b;
-    for i in 0..32 {
-        if a & (0x8000_0000 >> i) != 0 {
-            product ^= b_times_x_i;
-        }
-        b_times_x_i = if b_times_x_i & 1 != 0 {
-            (b_times_x_i >> 1) ^ CASTAGNOLI
-        } else {
-            b_times_x_i >> 1
-        };
-    }
-    product
-}
-
-/// CRC-32C of `A ‖ B` from `crc(A)`, `crc(B)` and `len(B)`: `crc(A)` shifted past `len(B)`
-/// bytes of zeros (multiplying by x^(8·len) mod P, built from squarings), then xored with
-/// `crc(B)`; the pre- and post-inversion of the CRC cancel out.
-fn crc32c_combine(crc_a: u32, crc_b: u32, len_b: u64) -> u32 {
-    let mut bits = len_b.wrapping_mul(8);
-    // x^(2^k), starting at x¹.
-    let mut power = 0x4000_0000u32;
-    let mut shift = 0x8000_0000u32; // x⁰
-    while bits != 0 {
-        if bits & 1 != 0 {
-            shift = gf2_mul(shift, power);
-        }
-        power = gf2_mul(power, power);
-        bits >>= 1;
-    }
-    gf2_mul(shift, crc_a) ^ crc_b
 }
 
 /// Computes `etcdctl snapshot status` for a snapshot read through `reader`.
@@ -1803,7 +1764,7 @@ mod tests {
                 .map(|_| rng.random())
                 .collect();
             let whole = crc32c::crc32c(&[a.as_slice(), b.as_slice()].concat());
-            let joined = crc32c_combine(crc32c::crc32c(&a), crc32c::crc32c(&b), b.len() as u64);
+            let joined = crc32c::crc32c_combine(crc32c::crc32c(&a), crc32c::crc32c(&b), b.len());
             assert_eq!(joined, whole, "{} + {} bytes", a.len(), b.len());
         }
     }
