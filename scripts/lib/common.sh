@@ -112,7 +112,8 @@ CFG
 }
 
 # start_etcd DIR [extra etcd flags...]: starts a throwaway single-member etcd
-# on free 127.0.0.1 ports with its data in DIR. Sets ETCD_URL and ETCD_PID.
+# on free 127.0.0.1 ports with its data in DIR. Sets ETCD_URL, ETCD_PID,
+# ETCD_DIR and ETCD_CMD (the command line; both for restart_etcd).
 start_etcd() {
   local dir=$1
   shift
@@ -120,14 +121,24 @@ start_etcd() {
   client_port=$(free_port)
   peer_port=$(free_port)
   ETCD_URL=http://127.0.0.1:$client_port
+  ETCD_DIR=$dir
   mkdir -p "$dir"
-  etcd --name throwaway --data-dir "$dir/data" \
-    --listen-client-urls "$ETCD_URL" --advertise-client-urls "$ETCD_URL" \
-    --listen-peer-urls "http://127.0.0.1:$peer_port" \
-    --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
-    --initial-cluster "throwaway=http://127.0.0.1:$peer_port" \
-    --listen-metrics-urls "http://127.0.0.1:$(free_port)" \
-    "$@" >"$dir/etcd.log" 2>&1 &
+  ETCD_CMD=(etcd --name throwaway --data-dir "$dir/data"
+    --listen-client-urls "$ETCD_URL" --advertise-client-urls "$ETCD_URL"
+    --listen-peer-urls "http://127.0.0.1:$peer_port"
+    --initial-advertise-peer-urls "http://127.0.0.1:$peer_port"
+    --initial-cluster "throwaway=http://127.0.0.1:$peer_port"
+    --listen-metrics-urls "http://127.0.0.1:$(free_port)"
+    "$@")
+  "${ETCD_CMD[@]}" >"$dir/etcd.log" 2>&1 &
+  ETCD_PID=$!
+  wait_for_etcd "$ETCD_URL"
+}
+
+# restart_etcd: starts start_etcd's member again after it was stopped: the
+# same data, the same ports (ETCD_URL stays true). Sets ETCD_PID.
+restart_etcd() {
+  "${ETCD_CMD[@]}" >>"$ETCD_DIR/etcd.log" 2>&1 &
   ETCD_PID=$!
   wait_for_etcd "$ETCD_URL"
 }
@@ -283,4 +294,26 @@ stop_garage() {
     kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
   done
   GARAGE_PIDS=
+}
+
+# The cargo-deny version scripts/test checks the dependency policy (deny.toml) with.
+CARGO_DENY_VERSION=0.20.2
+
+# ensure_cargo_deny: installs cargo-deny $CARGO_DENY_VERSION once, with cargo,
+# into ${ETCD_BACKUP_TOOL_CACHE:-/var/cache/etcd-backup-agent}/cargo-deny-$CARGO_DENY_VERSION
+# (a build of a few minutes; skipped when the cached binary already reports
+# that version) and exports CARGO_DENY_BIN. Debian has no cargo-deny package.
+ensure_cargo_deny() {
+  local dir=${ETCD_BACKUP_TOOL_CACHE:-/var/cache/etcd-backup-agent}/cargo-deny-$CARGO_DENY_VERSION
+  if ! "$dir/bin/cargo-deny" --version 2>/dev/null | grep -qF "cargo-deny $CARGO_DENY_VERSION"; then
+    command -v cargo >/dev/null || { echo "error: cargo not found; it builds cargo-deny $CARGO_DENY_VERSION" >&2; return 1; }
+    mkdir -p "$dir"
+    echo "==> building cargo-deny $CARGO_DENY_VERSION into $dir (a few minutes, once)" >&2
+    cargo install --locked cargo-deny --version "$CARGO_DENY_VERSION" --root "$dir" || {
+      echo "error: cargo install of cargo-deny $CARGO_DENY_VERSION into $dir failed" >&2
+      return 1
+    }
+  fi
+  CARGO_DENY_BIN=$dir/bin/cargo-deny
+  export CARGO_DENY_BIN
 }
