@@ -14,7 +14,9 @@ use etcd_backup_tests::require_tool;
 fn after<'a>(out: &'a str, prefix: &str) -> &'a str {
     out.lines()
         .find_map(|l| l.strip_prefix(prefix))
-        .unwrap_or_else(|| panic!("the demo printed no line starting {prefix:?}; it printed:\n{out}"))
+        .unwrap_or_else(|| {
+            panic!("the demo printed no line starting {prefix:?}; it printed:\n{out}")
+        })
         .trim()
 }
 
@@ -66,7 +68,10 @@ fn demo_daemon_part_shows_a_scheduled_set_an_http_set_the_alert_metrics_and_a_cl
     );
 
     // The commands, printed before they run, as an admin would type them.
-    assert!(out.contains("==> the daily job: etcd-backup-agent run --config "), "{out}");
+    assert!(
+        out.contains("==> the daily job: etcd-backup-agent run --config "),
+        "{out}"
+    );
     assert!(out.contains("schedule: \"@every 15s\""), "{out}");
     assert!(out.contains("curl -fsS -XPOST 'http://127.0.0.1:"), "{out}");
     assert!(out.contains("/v1/backups?wait=true'"), "{out}");
@@ -75,7 +80,10 @@ fn demo_daemon_part_shows_a_scheduled_set_an_http_set_the_alert_metrics_and_a_cl
     let http = after(&out, "==> an HTTP-triggered set: ");
     assert_complete_set(scheduled, backups.path(), "scheduled");
     assert_complete_set(http, backups.path(), "HTTP-triggered");
-    assert_ne!(scheduled, http, "the HTTP trigger must make a set of its own");
+    assert_ne!(
+        scheduled, http,
+        "the HTTP trigger must make a set of its own"
+    );
     // The POST's answer is the run record of that set.
     let answer = out
         .lines()
@@ -84,21 +92,33 @@ fn demo_daemon_part_shows_a_scheduled_set_an_http_set_the_alert_metrics_and_a_cl
     assert!(answer.contains("\"state\":\"succeeded\""), "{answer}");
 
     // The metric lines: shown after the HTTP run and again after the recovery.
-    let last_success =
-        samples(&out, "etcd_backup_last_success_timestamp_seconds{destination=\"default\"}");
+    let last_success = samples(
+        &out,
+        "etcd_backup_last_success_timestamp_seconds{destination=\"default\"}",
+    );
     assert_eq!(last_success.len(), 2, "{out}");
     assert!(last_success.iter().all(|t| *t > 1.7e9), "{last_success:?}");
     assert!(last_success[1] > last_success[0], "{last_success:?}");
-    let http_ok = samples(&out, "etcd_backup_runs_total{trigger=\"http\",result=\"success\"}");
+    let http_ok = samples(
+        &out,
+        "etcd_backup_runs_total{trigger=\"http\",result=\"success\"}",
+    );
     assert_eq!(http_ok, [1.0, 1.0], "{out}");
-    let scheduled_failed =
-        samples(&out, "etcd_backup_runs_total{trigger=\"schedule\",result=\"failure\"}");
+    let scheduled_failed = samples(
+        &out,
+        "etcd_backup_runs_total{trigger=\"schedule\",result=\"failure\"}",
+    );
     // Once before etcd stops, once in the failure's own lines, once after.
     assert_eq!(scheduled_failed, [0.0, 1.0, 1.0], "{out}");
-    let scheduled_ok =
-        samples(&out, "etcd_backup_runs_total{trigger=\"schedule\",result=\"success\"}");
+    let scheduled_ok = samples(
+        &out,
+        "etcd_backup_runs_total{trigger=\"schedule\",result=\"success\"}",
+    );
     assert_eq!(scheduled_ok.len(), 3, "{out}");
-    assert!(scheduled_ok[0] >= 1.0 && scheduled_ok[2] > scheduled_ok[1], "{scheduled_ok:?}");
+    assert!(
+        scheduled_ok[0] >= 1.0 && scheduled_ok[2] > scheduled_ok[1],
+        "{scheduled_ok:?}"
+    );
     let ages: Vec<&str> = out
         .lines()
         .filter_map(|l| {
