@@ -61,6 +61,7 @@ async fn a_whole_control_plane_restored_from_one_set_is_one_healthy_cluster_with
     let targets = EtcdCluster::plan(3, &work.path().join("restored"));
     let initial = EtcdCluster::initial_cluster(&targets);
     for t in &targets {
+        let peer = t.peer_url();
         let mut args = vec![
             "restore",
             "--config",
@@ -73,7 +74,7 @@ async fn a_whole_control_plane_restored_from_one_set_is_one_healthy_cluster_with
             "--initial-cluster",
             &initial,
             "--initial-advertise-peer-urls",
-            &t.peer_url(),
+            &peer,
             "--initial-cluster-token",
             "restored-cluster",
         ];

@@ -169,6 +169,7 @@ async fn a_set_on_garage_lists_verifies_fetches_restores_drills_and_is_pruned_by
     let initial = EtcdCluster::initial_cluster(&targets);
     let t = &targets[0];
     let version = EtcdVersion::from_env();
+    let peer = t.peer_url();
     let mut args = vec![
         "restore",
         "latest",
@@ -179,7 +180,7 @@ async fn a_set_on_garage_lists_verifies_fetches_restores_drills_and_is_pruned_by
         "--initial-cluster",
         &initial,
         "--initial-advertise-peer-urls",
-        &t.peer_url(),
+        &peer,
     ];
     args.extend_from_slice(version.restore_args());
     agent(&config, &args).assert_code(0);
