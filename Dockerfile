@@ -15,6 +15,8 @@
 # the official etcd image of the same release line as the clusters' etcd:
 # `restore` runs etcdutl (etcdctl on 3.4), and `drill` starts a throwaway etcd
 # on the restored data. They are static Go binaries of roughly 15-30 MB each.
+# `restore` bumps the revision by default, which needs etcdutl 3.5.10 or
+# later (etcdctl 3.4.27 or later on the 3.4 line): keep ETCD_VERSION there.
 # Pin both bases by digest (@sha256:...) when you build for production.
 #
 # tests/tests/deploy.rs lints this file with hadolint and checks its shape

@@ -1122,6 +1122,9 @@ impl<'a> Run<'a> {
             files,
             snapshot_status: None,
             durable: true,
+            // Looked at once the resources are stored: a rollout that began
+            // during the run marks the set too.
+            rollout_in_progress: resources::rollout_in_progress(&self.config.resources),
         }
     }
 

@@ -111,6 +111,10 @@ pub enum Command {
         /// cluster-restore.sh directory; restore with `restore --snapshot`).
         #[arg(long)]
         snapshot_only: bool,
+        /// With `latest`: the newest set not taken mid-rollout (a set whose
+        /// manifest lists no `rollout_in_progress` pods).
+        #[arg(long)]
+        clean: bool,
         /// Decrypting an encrypted set.
         #[command(flatten)]
         identity: IdentityOpts,
@@ -162,6 +166,16 @@ pub enum Command {
         /// A new cluster token (recommended when restoring a cluster).
         #[arg(long)]
         initial_cluster_token: Option<String>,
+        /// Start the restored member N revisions above the snapshot's, all
+        /// below marked compacted, so Kubernetes never sees a revision repeat
+        /// (default 1000000000; give every member of a cluster the same N).
+        #[arg(long, value_name = "N", conflicts_with = "no_bump_revision",
+              value_parser = clap::value_parser!(u64).range(1..=(1u64 << 62)))]
+        bump_revision: Option<u64>,
+        /// Restore at the snapshot's own revision, for a plain etcd that no
+        /// Kubernetes uses (its clients may see revisions go back in time).
+        #[arg(long)]
+        no_bump_revision: bool,
         /// The node whose set it is (default: this node).
         #[arg(long)]
         node: Option<String>,
@@ -275,6 +289,7 @@ fn run(command: Command) -> ExitCode {
             node,
             force,
             snapshot_only,
+            clean,
             identity,
         } => with_config(&config, |c| async move {
             let c = match on_destination(c, destination.as_deref()) {
@@ -286,6 +301,7 @@ fn run(command: Command) -> ExitCode {
                 to,
                 force,
                 snapshot_only,
+                clean,
             };
             crate::commands::fetch::fetch(&c, &node, &set, &args, &identity.args()).await
         }),
@@ -312,6 +328,8 @@ fn run(command: Command) -> ExitCode {
             initial_cluster,
             initial_advertise_peer_urls,
             initial_cluster_token,
+            bump_revision,
+            no_bump_revision,
             node,
             identity,
         } => with_config(&config, |c| async move {
@@ -333,7 +351,15 @@ fn run(command: Command) -> ExitCode {
                     set.unwrap_or_else(|| "latest".into()),
                 ),
             };
-            crate::commands::restore::restore(&c, &node, source, &target, &identity.args()).await
+            let bump = if no_bump_revision {
+                crate::restore::Bump::Off
+            } else {
+                crate::restore::Bump::By(
+                    bump_revision.unwrap_or(crate::restore::DEFAULT_BUMP_REVISION),
+                )
+            };
+            crate::commands::restore::restore(&c, &node, source, &target, bump, &identity.args())
+                .await
         }),
         Command::Drill {
             config,

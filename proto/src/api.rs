@@ -170,6 +170,11 @@ pub struct SetSummary {
     /// not say.
     #[serde(default = "crate::manifest::durable_default")]
     pub durable: bool,
+    /// The static pods that were mid-rollout when the set was taken (the
+    /// manifest's `rollout_in_progress`); empty for a clean set, also when
+    /// an older agent's answer does not say.
+    #[serde(default)]
+    pub rollout_in_progress: Vec<String>,
 }
 
 fn compression_none() -> String {

@@ -80,6 +80,14 @@ pub struct Manifest {
     /// manifest without it (every older one) reads as true.
     #[serde(default = "durable_default", skip_serializing_if = "is_true")]
     pub durable: bool,
+    /// The static pods (`kube-apiserver`, `etcd`, …) that were mid-rollout on
+    /// the node when the set was taken: a revision directory newer than the
+    /// one the live manifest names. The bundled resources may then not match
+    /// etcd (what `cluster-backup.sh --force` calls `__POSSIBLY_DIRTY__`).
+    /// Written only when not empty; older agents ignore it, and a manifest
+    /// without it reads as a clean set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollout_in_progress: Vec<String>,
 }
 
 pub(crate) fn durable_default() -> bool {
@@ -304,7 +312,23 @@ mod tests {
             encryption: None,
             compression: None,
             durable: true,
+            rollout_in_progress: Vec::new(),
         }
+    }
+
+    #[test]
+    fn rollout_in_progress_is_written_only_when_some_pod_was_mid_rollout() {
+        let json = serde_json::to_string(&sample()).unwrap();
+        assert!(!json.contains("rollout_in_progress"), "{json}");
+        let mut m = sample();
+        m.rollout_in_progress = vec!["kube-apiserver".into(), "etcd".into()];
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(
+            json.contains(r#""rollout_in_progress":["kube-apiserver","etcd"]"#),
+            "{json}"
+        );
+        let back: Manifest = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m);
     }
 
     #[test]

@@ -317,3 +317,139 @@ ensure_cargo_deny() {
   CARGO_DENY_BIN=$dir/bin/cargo-deny
   export CARGO_DENY_BIN
 }
+
+# The second etcd the tests run (tests/src/etcd.rs, ETCD_VERSION=3.5): Debian
+# 13's etcd-server and etcd-client, unpacked beside Debian 12's 3.4.23, which
+# stays installed as the default.
+ETCD35_VERSION=3.5.16
+
+# debian_main_uri SUITE: prints the archive URI this machine's own apt sources
+# use for SUITE's main component (/etc/apt/sources.list and sources.list.d's
+# one-line *.list and deb822 *.sources files), so the project never names a
+# mirror itself. Fails when no enabled `deb` entry carries SUITE and main.
+debian_main_uri() {
+  local suite=$1 f files=()
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [ -s "$f" ] && files+=("$f")
+  done
+  local uri=
+  if [ ${#files[@]} -gt 0 ]; then
+    # deb [opt=val ...] URI SUITE COMPONENT...
+    uri=$(sed -e 's/#.*//' -e 's/\[[^]]*\]//' "${files[@]}" |
+      awk -v s="$suite" '$1 == "deb" && $3 == s { for (i = 4; i <= NF; i++) if ($i == "main") { print $2; exit } }')
+  fi
+  if [ -z "$uri" ]; then
+    files=()
+    for f in /etc/apt/sources.list.d/*.sources; do
+      [ -s "$f" ] && files+=("$f")
+    done
+    if [ ${#files[@]} -gt 0 ]; then
+      # Stanzas separated by blank lines; a field's values on one line.
+      uri=$(awk -v s="$suite" '
+        function has(list, word,   n, a, i) { n = split(list, a, /[ \t]+/); for (i = 1; i <= n; i++) if (a[i] == word) return 1; return 0 }
+        function flush() {
+          if (has(f["types"], "deb") && has(f["suites"], s) && has(f["components"], "main") && tolower(f["enabled"]) != "no") {
+            split(f["uris"], u, /[ \t]+/); print u[1]; found = 1; exit
+          }
+          delete f
+        }
+        /^#/ { next }
+        /^[ \t]*$/ { flush(); next }
+        /^[A-Za-z-]+:/ { key = tolower(substr($0, 1, index($0, ":") - 1)); val = substr($0, index($0, ":") + 1); gsub(/^[ \t]+|[ \t]+$/, "", val); f[key] = val; next }
+        END { if (!found) flush() }
+      ' "${files[@]}")
+    fi
+  fi
+  [ -n "$uri" ] || {
+    echo "error: no enabled 'deb' entry for $suite main in /etc/apt/sources.list or /etc/apt/sources.list.d; the archive to fetch Debian packages from is taken from there" >&2
+    return 1
+  }
+  echo "$uri"
+}
+
+# ensure_etcd35: makes etcd, etcdctl and etcdutl $ETCD35_VERSION available in
+# ${ETCD_BACKUP_TOOL_CACHE:-/var/cache/etcd-backup-agent}/etcd-$ETCD35_VERSION/bin
+# (skipped when they are there and report that version), exports ETCD35_BIN
+# (that directory; tests/src/etcd.rs reads it) and prints where it is.
+#
+# Debian 13 (trixie) packages them; Debian 12 has 3.4.23, which stays
+# installed. apt fetches the two .debs with a configuration of its own: a
+# sources list naming trixie at the URI this machine uses for bookworm's main
+# (debian_main_uri), its own state, lists and cache directories, no
+# sources.list.d and an empty dpkg status. The machine's apt.conf.d (proxies,
+# validity checks) still applies; nothing is added to it, and nothing is
+# installed: `dpkg-deb -x` unpacks the packages' files into the cache
+# directory (the binaries are static Go programs). trixie's Release file must
+# verify with Debian 12's own debian-archive-keyring.gpg, which carries the
+# bookworm and trixie archive keys since 2023.3+deb12u1; apt refuses the
+# index otherwise, and so does this function.
+ensure_etcd35() {
+  local dir=${ETCD_BACKUP_TOOL_CACHE:-/var/cache/etcd-backup-agent}/etcd-$ETCD35_VERSION
+  local ok=1 want="version: ${ETCD35_VERSION//./\\.}$"
+  # "etcd Version: 3.5.16"; "etcdctl version: 3.5.16"; "etcdutl version: 3.5.16".
+  "$dir/bin/etcd" --version 2>/dev/null | grep -qiE "^etcd $want" || ok=0
+  "$dir/bin/etcdctl" version 2>/dev/null | grep -qiE "^etcdctl $want" || ok=0
+  "$dir/bin/etcdutl" version 2>/dev/null | grep -qiE "^etcdutl $want" || ok=0
+  if [ "$ok" -eq 0 ]; then
+    local keyring=/usr/share/keyrings/debian-archive-keyring.gpg uri work ver pkg deb
+    [ -s "$keyring" ] || { echo "error: $keyring is missing (package debian-archive-keyring); it verifies Debian's archive" >&2; return 1; }
+    uri=$(debian_main_uri bookworm) || return 1
+    echo "==> fetching etcd $ETCD35_VERSION (Debian trixie's etcd-server and etcd-client from $uri) into $dir" >&2
+    work=$(mktemp -d -t etcd-backup-etcd35.XXXXXX)
+    # apt's download sandbox user (_apt) must reach the work directory.
+    chmod 755 "$work"
+    mkdir -p "$work/state/lists/partial" "$work/cache/archives/partial" "$work/debs" "$work/root"
+    : >"$work/status"
+    # apt-get download writes as apt's sandbox user when run as root.
+    if [ "$(id -u)" -eq 0 ] && id _apt >/dev/null 2>&1; then chown _apt "$work/debs"; fi
+    echo "deb [signed-by=$keyring] $uri trixie main" >"$work/sources.list"
+    local apt=(
+      -o "Dir::Etc::sourcelist=$work/sources.list" -o "Dir::Etc::sourceparts=-"
+      -o "Dir::State=$work/state" -o "Dir::State::status=$work/status"
+      -o "Dir::Cache=$work/cache" -o "Dir::Cache::pkgcache=" -o "Dir::Cache::srcpkgcache="
+      -o "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false"
+      -o "Acquire::IndexTargets::deb::DEP-11-icons-small::DefaultEnabled=false"
+      -o "Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled=false"
+      -o "APT::Update::Error-Mode=any"
+    )
+    if ! apt-get "${apt[@]}" -qq update; then
+      echo "error: apt could not read trixie's index from $uri with $keyring (see above); etcd $ETCD35_VERSION is fetched from there" >&2
+      rm -rf "$work"
+      return 1
+    fi
+    for pkg in etcd-server etcd-client; do
+      ver=$(apt-cache "${apt[@]}" show --no-all-versions "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n1)
+      case $ver in
+        "$ETCD35_VERSION"-*) ;;
+        *)
+          echo "error: trixie at $uri has $pkg ${ver:-(none)}, not $ETCD35_VERSION" >&2
+          rm -rf "$work"
+          return 1
+          ;;
+      esac
+      (cd "$work/debs" && apt-get "${apt[@]}" -qq download "$pkg=$ver") || {
+        echo "error: apt-get download $pkg=$ver from $uri failed" >&2
+        rm -rf "$work"
+        return 1
+      }
+    done
+    for deb in "$work"/debs/*.deb; do
+      dpkg-deb -x "$deb" "$work/root"
+    done
+    rm -rf "$dir"
+    mkdir -p "$dir/bin"
+    for tool in etcd etcdctl etcdutl; do
+      # etcd-server puts etcd in /usr/bin; etcd-client etcdctl and etcdutl.
+      if [ ! -x "$work/root/usr/bin/$tool" ]; then
+        echo "error: the trixie packages carry no /usr/bin/$tool" >&2
+        rm -rf "$work"
+        return 1
+      fi
+      cp "$work/root/usr/bin/$tool" "$dir/bin/$tool"
+    done
+    rm -rf "$work"
+  fi
+  ETCD35_BIN=$dir/bin
+  export ETCD35_BIN
+  echo "==> etcd $ETCD35_VERSION: $ETCD35_BIN (etcd, etcdctl, etcdutl)" >&2
+}

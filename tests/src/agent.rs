@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::etcd::EtcdServer;
+use crate::etcd::{EtcdServer, EtcdVersion};
 use crate::{free_port, metric, wait_for};
 
 /// The agent binary, built once per test process with the workspace's cargo.
@@ -193,9 +193,17 @@ impl AgentRun {
     }
 }
 
-/// The agent binary with `args`, no stdin, `RUST_LOG` and `NODE_NAME` unset.
+/// The agent binary with `args`, no stdin, `RUST_LOG` and `NODE_NAME` unset,
+/// and the etcd tools (`etcdutl`/`etcdctl`, `etcd` for a drill) of the
+/// version `ETCD_VERSION` selects first on its `PATH`.
 fn agent_command(args: &[&str]) -> Command {
+    agent_command_with(EtcdVersion::from_env(), args)
+}
+
+/// [`agent_command`] finding etcd `version`'s tools.
+fn agent_command_with(version: EtcdVersion, args: &[&str]) -> Command {
     let mut cmd = Command::new(agent_bin());
+    cmd.env("PATH", version.path_env());
     cmd.args(args)
         .env_remove("RUST_LOG")
         .env_remove("NODE_NAME")
@@ -206,6 +214,12 @@ fn agent_command(args: &[&str]) -> Command {
 /// Runs the agent binary with `args`, no stdin, `RUST_LOG` unset.
 pub fn run_agent(args: &[&str]) -> AgentRun {
     run_agent_in(None, args)
+}
+
+/// [`run_agent`] with etcd `version`'s tools on the agent's `PATH`, whatever
+/// `ETCD_VERSION` says.
+pub fn run_agent_with_etcd(version: EtcdVersion, args: &[&str]) -> AgentRun {
+    run(agent_command_with(version, args))
 }
 
 /// [`run_agent`] in working directory `cwd` (this process's when `None`).

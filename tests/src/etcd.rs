@@ -1,5 +1,11 @@
-//! A throwaway etcd member on loopback, and `etcdctl`.
+//! A throwaway etcd member on loopback, and `etcdctl`, of either etcd the
+//! tests run: Debian 12's 3.4.23 (`/usr/bin`) or Debian 13's 3.5.16, which
+//! `scripts/test` unpacks into a cache directory (`ensure_etcd35` in
+//! `scripts/lib/common.sh`). `ETCD_VERSION` (`3.4`, the default, or `3.5`)
+//! picks the one a test run uses; a test that needs a particular one, or one
+//! member of each, names it with [`EtcdVersion`].
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -10,6 +16,119 @@ use tempfile::TempDir;
 use crate::relay::{Relay, RelayOptions, Shape};
 use crate::tls::TlsFiles;
 use crate::{free_port, require_tool, wait_for};
+
+/// `restore`'s default `--bump-revision` (the agent's `DEFAULT_BUMP_REVISION`).
+pub const DEFAULT_BUMP_REVISION: i64 = 1_000_000_000;
+
+/// Which etcd (server, `etcdctl`, `etcdutl`) a member or a tool is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EtcdVersion {
+    /// Debian 12's etcd 3.4.23 on `PATH` (`/usr/bin`): no `etcdutl`, and an
+    /// `etcdctl` too old for `--bump-revision`.
+    V3_4,
+    /// Debian 13's etcd 3.5.16 (`etcd`, `etcdctl`, `etcdutl`) in
+    /// `$ETCD35_BIN`, by default
+    /// `${ETCD_BACKUP_TOOL_CACHE:-/var/cache/etcd-backup-agent}/etcd-3.5.16/bin`.
+    V3_5,
+}
+
+impl EtcdVersion {
+    /// The version `ETCD_VERSION` selects for this test run: `3.4` (also when
+    /// unset) or `3.5`. Any other value is a mistake, and panics.
+    pub fn from_env() -> Self {
+        match std::env::var("ETCD_VERSION").as_deref() {
+            Err(_) | Ok("" | "3.4") => Self::V3_4,
+            Ok("3.5") => Self::V3_5,
+            Ok(other) => panic!("ETCD_VERSION={other}: the tests run etcd 3.4 or 3.5"),
+        }
+    }
+
+    /// `3.4.23` or `3.5.16`: what `etcd --version` reports.
+    pub fn full(self) -> &'static str {
+        match self {
+            Self::V3_4 => "3.4.23",
+            Self::V3_5 => "3.5.16",
+        }
+    }
+
+    /// The directory holding this version's binaries; `None` for 3.4, which
+    /// is found on `PATH`.
+    fn bin_dir(self) -> Option<PathBuf> {
+        match self {
+            Self::V3_4 => None,
+            Self::V3_5 => Some(match std::env::var_os("ETCD35_BIN") {
+                Some(dir) => PathBuf::from(dir),
+                None => PathBuf::from(
+                    std::env::var_os("ETCD_BACKUP_TOOL_CACHE")
+                        .unwrap_or_else(|| "/var/cache/etcd-backup-agent".into()),
+                )
+                .join("etcd-3.5.16/bin"),
+            }),
+        }
+    }
+
+    /// The program to run for `tool` (`etcd`, `etcdctl`, `etcdutl`) of this
+    /// version; panics, saying how to get it, when it is not there.
+    pub fn tool(self, tool: &str) -> PathBuf {
+        match self.bin_dir() {
+            None => {
+                let package = if tool == "etcd" {
+                    "etcd-server"
+                } else {
+                    "etcd-client"
+                };
+                require_tool(tool, package);
+                PathBuf::from(tool)
+            }
+            Some(dir) => {
+                let path = dir.join(tool);
+                assert!(
+                    path.is_file(),
+                    "{} is not there: etcd {} is unpacked by scripts/test (ensure_etcd35 in scripts/lib/common.sh); run it, or set ETCD35_BIN to a directory with etcd, etcdctl and etcdutl {}",
+                    path.display(),
+                    self.full(),
+                    self.full()
+                );
+                path
+            }
+        }
+    }
+
+    /// What the agent's `restore` is given besides the set and the member
+    /// with this version's tools: `--no-bump-revision` with 3.4.23, whose
+    /// etcdctl is too old to bump (restore refuses it otherwise); nothing
+    /// with 3.5.16, which restores Kubernetes-safe by default.
+    pub fn restore_args(self) -> &'static [&'static str] {
+        match self {
+            Self::V3_4 => &["--no-bump-revision"],
+            Self::V3_5 => &[],
+        }
+    }
+
+    /// The revision a member restored by the agent's `restore` with
+    /// [`restore_args`](Self::restore_args) starts at, from a snapshot at
+    /// `snapshot_revision`.
+    pub fn restored_revision(self, snapshot_revision: i64) -> i64 {
+        match self {
+            Self::V3_4 => snapshot_revision,
+            Self::V3_5 => snapshot_revision + DEFAULT_BUMP_REVISION,
+        }
+    }
+
+    /// `PATH` for a process (the agent) that should find this version's
+    /// `etcd`, `etcdctl` and `etcdutl` first.
+    pub fn path_env(self) -> OsString {
+        let current = std::env::var_os("PATH").unwrap_or_default();
+        match self.bin_dir() {
+            None => current,
+            Some(dir) => {
+                let mut dirs = vec![dir];
+                dirs.extend(std::env::split_paths(&current));
+                std::env::join_paths(dirs).expect("PATH entries without ':'")
+            }
+        }
+    }
+}
 
 /// A running etcd member; killed and its data removed on drop.
 pub struct EtcdServer {
@@ -26,33 +145,55 @@ pub struct EtcdServer {
     pub data_dir: PathBuf,
     /// TLS material, when the member serves https.
     pub tls: Option<TlsFiles>,
+    /// Which etcd it is.
+    pub version: EtcdVersion,
 }
 
 impl EtcdServer {
-    /// Starts a fresh single-member cluster over plain http.
+    /// Starts a fresh single-member cluster over plain http, of the etcd
+    /// `ETCD_VERSION` selects.
     pub fn start() -> Self {
-        Self::launch(None, None)
+        Self::start_version(EtcdVersion::from_env())
+    }
+
+    /// [`start`](Self::start) with etcd `version`, whatever `ETCD_VERSION` says.
+    pub fn start_version(version: EtcdVersion) -> Self {
+        Self::launch(version, None, None)
     }
 
     /// Starts a fresh single-member cluster that serves https and requires
     /// client certificates signed by `tls`'s CA.
     pub fn start_tls(tls: TlsFiles) -> Self {
-        Self::launch(Some(tls), None)
+        Self::launch(EtcdVersion::from_env(), Some(tls), None)
     }
 
     /// Starts a member on an existing data dir (one made by `etcdctl snapshot
     /// restore` with `name` and `peer_port`).
     pub fn start_on(data_dir: PathBuf, name: &str, peer_port: u16) -> Self {
-        Self::launch(None, Some((data_dir, name.to_string(), peer_port)))
+        Self::start_version_on(EtcdVersion::from_env(), data_dir, name, peer_port)
+    }
+
+    /// [`start_on`](Self::start_on) with etcd `version`.
+    pub fn start_version_on(
+        version: EtcdVersion,
+        data_dir: PathBuf,
+        name: &str,
+        peer_port: u16,
+    ) -> Self {
+        Self::launch(version, None, Some((data_dir, name.to_string(), peer_port)))
     }
 
     /// Starts a member and waits for it. A port that [`free_port`] found free
     /// can be taken by another test before etcd binds it: etcd then exits at
     /// once, and the member is started again on new ports (three tries).
-    fn launch(tls: Option<TlsFiles>, existing: Option<(PathBuf, String, u16)>) -> Self {
+    fn launch(
+        version: EtcdVersion,
+        tls: Option<TlsFiles>,
+        existing: Option<(PathBuf, String, u16)>,
+    ) -> Self {
         let mut last = String::new();
         for _ in 0..3 {
-            match Self::try_launch(tls.clone(), existing.clone()) {
+            match Self::try_launch(version, tls.clone(), existing.clone()) {
                 Ok(server) => return server,
                 Err(log) => last = log,
             }
@@ -61,10 +202,10 @@ impl EtcdServer {
     }
 
     fn try_launch(
+        version: EtcdVersion,
         tls: Option<TlsFiles>,
         existing: Option<(PathBuf, String, u16)>,
     ) -> Result<Self, String> {
-        require_tool("etcd", "etcd-server");
         let dir = tempfile::tempdir().expect("tempdir");
         let scheme = if tls.is_some() { "https" } else { "http" };
         let client_url = format!("{scheme}://127.0.0.1:{}", free_port());
@@ -78,6 +219,7 @@ impl EtcdServer {
         };
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let child = spawn_etcd(
+            version,
             dir.path(),
             &data_dir,
             &name,
@@ -93,6 +235,7 @@ impl EtcdServer {
             peer_url,
             data_dir,
             tls,
+            version,
         };
         server.wait_ready()?;
         Ok(server)
@@ -139,9 +282,9 @@ impl EtcdServer {
         std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
     }
 
-    /// Runs `etcdctl` (API v3) against this member.
+    /// Runs `etcdctl` (API v3, of the member's version) against this member.
     pub fn etcdctl(&self, args: &[&str]) -> Output {
-        let mut cmd = etcdctl_command();
+        let mut cmd = etcdctl_command_of(self.version);
         cmd.arg("--endpoints").arg(&self.client_url);
         if let Some(t) = &self.tls {
             cmd.arg("--cacert")
@@ -189,6 +332,7 @@ impl EtcdServer {
     pub fn restart(&mut self) {
         self.kill();
         self.child = Some(spawn_etcd(
+            self.version,
             self.dir.path(),
             &self.data_dir,
             &self.name,
@@ -210,6 +354,7 @@ impl Drop for EtcdServer {
 
 /// Starts `etcd` for a member; its output is appended to `dir/etcd.log`.
 fn spawn_etcd(
+    version: EtcdVersion,
     dir: &Path,
     data_dir: &Path,
     name: &str,
@@ -222,7 +367,7 @@ fn spawn_etcd(
         .append(true)
         .open(dir.join("etcd.log"))
         .expect("log file");
-    let mut cmd = Command::new("etcd");
+    let mut cmd = Command::new(version.tool("etcd"));
     cmd.arg("--name")
         .arg(name)
         .arg("--data-dir")
@@ -257,10 +402,15 @@ fn spawn_etcd(
     cmd.spawn().expect("start etcd")
 }
 
-/// `etcdctl` with API v3 selected and no environment leaking in.
+/// `etcdctl` of the etcd `ETCD_VERSION` selects, with API v3 selected and
+/// no environment leaking in.
 pub fn etcdctl_command() -> Command {
-    require_tool("etcdctl", "etcd-client");
-    let mut cmd = Command::new("etcdctl");
+    etcdctl_command_of(EtcdVersion::from_env())
+}
+
+/// [`etcdctl_command`] of etcd `version`.
+pub fn etcdctl_command_of(version: EtcdVersion) -> Command {
+    let mut cmd = Command::new(version.tool("etcdctl"));
     cmd.env("ETCDCTL_API", "3")
         .env_remove("ETCDCTL_ENDPOINTS")
         .env_remove("ETCDCTL_CACERT")
@@ -331,9 +481,19 @@ pub async fn write_history(client: &mut Client, prefix: &str, n: usize) {
     }
 }
 
-/// `etcdctl snapshot status -w json` of a snapshot file.
+/// `etcdctl snapshot status -w json` of a snapshot file (`etcdutl`'s on
+/// 3.5, where etcdctl's is deprecated), of the etcd `ETCD_VERSION` selects.
 pub fn snapshot_status(file: &Path) -> serde_json::Value {
-    let out = etcdctl_command()
+    let version = EtcdVersion::from_env();
+    let mut cmd = match version {
+        EtcdVersion::V3_4 => etcdctl_command_of(version),
+        EtcdVersion::V3_5 => {
+            let mut cmd = Command::new(version.tool("etcdutl"));
+            cmd.stdin(Stdio::null());
+            cmd
+        }
+    };
+    let out = cmd
         .args(["snapshot", "status", "-w", "json"])
         .arg(file)
         .output()
@@ -347,13 +507,23 @@ pub fn snapshot_status(file: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("snapshot status json")
 }
 
-/// Restores `snapshot` with the real `etcdctl snapshot restore` into a new
-/// data dir and starts a member on it.
+/// Restores `snapshot` with the real `etcdctl snapshot restore` (`etcdutl`
+/// on 3.5, where etcdctl's is deprecated) of the etcd `ETCD_VERSION`
+/// selects, into a new data dir, and starts a member of that version on it.
 pub fn restore_and_start(snapshot: &Path, work: &Path) -> EtcdServer {
+    let version = EtcdVersion::from_env();
     let name = "restored";
     let peer_port = free_port();
     let data_dir = work.join("restored-data");
-    let out = etcdctl_command()
+    let mut cmd = match version {
+        EtcdVersion::V3_4 => etcdctl_command_of(version),
+        EtcdVersion::V3_5 => {
+            let mut cmd = Command::new(version.tool("etcdutl"));
+            cmd.stdin(Stdio::null());
+            cmd
+        }
+    };
+    let out = cmd
         .args(["snapshot", "restore"])
         .arg(snapshot)
         .arg("--data-dir")
@@ -365,14 +535,15 @@ pub fn restore_and_start(snapshot: &Path, work: &Path) -> EtcdServer {
         .arg("--initial-advertise-peer-urls")
         .arg(format!("http://127.0.0.1:{peer_port}"))
         .output()
-        .expect("run etcdctl snapshot restore");
+        .expect("run snapshot restore");
     assert!(
         out.status.success(),
-        "etcdctl snapshot restore {}: {}",
+        "snapshot restore {} (etcd {}): {}",
         snapshot.display(),
+        version.full(),
         String::from_utf8_lossy(&out.stderr)
     );
-    EtcdServer::start_on(data_dir, name, peer_port)
+    EtcdServer::start_version_on(version, data_dir, name, peer_port)
 }
 
 /// One member of a multi-member cluster on loopback.
@@ -417,6 +588,8 @@ pub struct EtcdCluster {
     pub dir: TempDir,
     /// The members.
     pub members: Vec<MemberSpec>,
+    /// Which etcd they are.
+    pub version: EtcdVersion,
 }
 
 impl EtcdCluster {
@@ -441,17 +614,22 @@ impl EtcdCluster {
             .join(",")
     }
 
-    /// Starts every member (on fresh or restored data dirs) and waits until the
-    /// cluster reports healthy.
+    /// Starts every member (on fresh or restored data dirs), of the etcd
+    /// `ETCD_VERSION` selects, and waits until the cluster reports healthy.
     pub fn start(members: Vec<MemberSpec>) -> Self {
-        require_tool("etcd", "etcd-server");
+        Self::start_version(EtcdVersion::from_env(), members)
+    }
+
+    /// [`start`](Self::start) with etcd `version`.
+    pub fn start_version(version: EtcdVersion, members: Vec<MemberSpec>) -> Self {
+        let etcd = version.tool("etcd");
         let dir = tempfile::tempdir().expect("tempdir");
         let initial = Self::initial_cluster(&members);
         let mut children = Vec::new();
         for m in &members {
             let log =
                 std::fs::File::create(dir.path().join(format!("{}.log", m.name))).expect("log");
-            let child = Command::new("etcd")
+            let child = Command::new(&etcd)
                 .arg("--name")
                 .arg(&m.name)
                 .arg("--data-dir")
@@ -483,13 +661,14 @@ impl EtcdCluster {
             children,
             dir,
             members,
+            version,
         };
         let endpoints = cluster.endpoints();
         wait_for(
             "the etcd cluster to be healthy",
             Duration::from_secs(60),
             || {
-                let out = etcdctl_command()
+                let out = etcdctl_command_of(version)
                     .arg("--endpoints")
                     .arg(&endpoints)
                     .args(["endpoint", "health"])
@@ -512,7 +691,7 @@ impl EtcdCluster {
 
     /// `etcdctl` against every member.
     pub fn etcdctl(&self, args: &[&str]) -> Output {
-        etcdctl_command()
+        etcdctl_command_of(self.version)
             .arg("--endpoints")
             .arg(self.endpoints())
             .args(args)
@@ -523,7 +702,7 @@ impl EtcdCluster {
     /// What member `i` says of itself and its leader (`etcdctl endpoint
     /// status` against it alone); `None` when it does not answer.
     pub fn status(&self, i: usize) -> Option<MemberStatus> {
-        let out = etcdctl_command()
+        let out = etcdctl_command_of(self.version)
             .arg("--endpoints")
             .arg(self.members[i].client_url())
             .args(["--command-timeout=2s", "endpoint", "status", "-w", "json"])

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use etcd_backup_proto::{Compression, FileKind, Manifest};
 use etcd_backup_tests::agent::{backup, run_agent, AgentConfig, AgentRun};
 use etcd_backup_tests::etcd::{
-    dump, restore_and_start, snapshot_status, write_history, EtcdServer,
+    dump, restore_and_start, snapshot_status, write_history, EtcdServer, EtcdVersion,
 };
 use etcd_backup_tests::fixtures::openshift_tree;
 use etcd_backup_tests::sftp_setup::sshd_destination_yaml;
@@ -126,6 +126,7 @@ impl Fixture {
             "--initial-advertise-peer-urls",
             &peer,
         ];
+        args.extend_from_slice(EtcdVersion::from_env().restore_args());
         args.extend_from_slice(extra);
         (self.run(&args), port)
     }
@@ -243,22 +244,23 @@ async fn a_compressed_set_round_trips_through_every_command_and_the_zstd_tool() 
     let (run, _) = {
         let port = etcd_backup_tests::free_port();
         let peer = format!("http://127.0.0.1:{port}");
-        (
-            f.run(&[
-                "restore",
-                "--snapshot",
-                stored_snap.to_str().unwrap(),
-                "--data-dir",
-                f.work.path().join("from-zst").to_str().unwrap(),
-                "--name",
-                "m0",
-                "--initial-cluster",
-                &format!("m0={peer}"),
-                "--initial-advertise-peer-urls",
-                &peer,
-            ]),
-            port,
-        )
+        let data_dir = f.work.path().join("from-zst");
+        let cluster = format!("m0={peer}");
+        let mut args = vec![
+            "restore",
+            "--snapshot",
+            stored_snap.to_str().unwrap(),
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--name",
+            "m0",
+            "--initial-cluster",
+            &cluster,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ];
+        args.extend_from_slice(EtcdVersion::from_env().restore_args());
+        (f.run(&args), port)
     };
     run.assert_code(1);
     assert!(run.stderr.contains("zstd-compressed"), "{}", run.stderr);

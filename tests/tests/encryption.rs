@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use etcd_backup_proto::{FileKind, Manifest};
 use etcd_backup_tests::agent::{backup, run_agent, AgentConfig, AgentRun};
 use etcd_backup_tests::etcd::{
-    dump, restore_and_start, snapshot_status, write_history, EtcdServer,
+    dump, restore_and_start, snapshot_status, write_history, EtcdServer, EtcdVersion,
 };
 use etcd_backup_tests::fixtures::{openshift_tree, tar_gz_entries};
 use etcd_backup_tests::sshd::{ClientKey, KeyKind};
@@ -128,6 +128,7 @@ impl Fixture {
             "--initial-advertise-peer-urls",
             &peer,
         ]);
+        args.extend_from_slice(EtcdVersion::from_env().restore_args());
         args.extend_from_slice(extra);
         self.run(&args)
     }

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use etcd_backup_tests::etcd::EtcdServer;
+use etcd_backup_tests::etcd::{EtcdServer, EtcdVersion, DEFAULT_BUMP_REVISION};
 use etcd_backup_tests::pod::{
     agent_config_text, agent_container, daemonset, expand, pod_mounts, point_at_test_servers,
     real_master, render, repo, run_ok, tool, write_file, yaml, EmptyDirMedium, Platform, NODE,
@@ -483,23 +483,31 @@ fn in_the_image_drill_and_restore_work_with_the_etcd_tools_it_carries() {
         let out = pod.exec(&["backup", "--config", config]).output().unwrap();
         assert!(out.status.success(), "{dir}: backup\n{}", output_text(&out));
 
-        // The etcd tools the image carries, as `kubectl exec` sees them.
-        for (tool, version) in [("etcd", "--version"), ("etcdctl", "version")] {
+        // The etcd tools the image carries, as `kubectl exec` sees them: the
+        // local etcd base is etcd 3.5.16 with etcdutl, as the real etcd
+        // image (3.5) carries it (scripts/image --local-bases).
+        for (tool, version) in [
+            ("etcd", "--version"),
+            ("etcdctl", "version"),
+            ("etcdutl", "version"),
+        ] {
             let out = pod
                 .exec_program(&format!("/usr/local/bin/{tool}"), &[version])
                 .output()
                 .unwrap();
             assert!(
                 out.status.success(),
-                "{dir}: {tool} --version\n{}",
+                "{dir}: {tool} {version}\n{}",
                 output_text(&out)
             );
-            eprintln!(
-                "{dir}: the image's {tool}: {}",
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
+            let first = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string();
+            assert!(
+                first.to_lowercase() == format!("{tool} version: 3.5.16"),
+                "{dir}: the image's {tool} says {first:?}"
             );
         }
 
@@ -540,8 +548,29 @@ fn in_the_image_drill_and_restore_work_with_the_etcd_tools_it_carries() {
             "{dir}: restore\n{}",
             output_text(&out)
         );
-        let restored =
-            EtcdServer::start_on(pod.scratch(tmp).join("restored"), "restored", peer_port);
+        // Restored Kubernetes-safe by the image's etcdutl: the revision
+        // bumped by the default billion.
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains("with etcdutl 3.5.16; the member starts at revision")
+                && said.contains(&format!(
+                    "+ {DEFAULT_BUMP_REVISION}, everything below marked compacted"
+                )),
+            "{dir}: {said}"
+        );
+        let restored = EtcdServer::start_version_on(
+            EtcdVersion::V3_5,
+            pod.scratch(tmp).join("restored"),
+            "restored",
+            peer_port,
+        );
+        let out = restored.etcdctl(&["get", "/registry/secrets/ns/s7", "-w", "json"]);
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{dir}: {}", output_text(&out)));
+        assert!(
+            got["header"]["revision"].as_i64() > Some(DEFAULT_BUMP_REVISION),
+            "{dir}: {got}"
+        );
         let out = restored.etcdctl(&["get", "/registry/secrets/ns/s7", "--print-value-only"]);
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),

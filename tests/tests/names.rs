@@ -9,7 +9,7 @@ use std::path::Path;
 use etcd_backup_proto::Manifest;
 use etcd_backup_tests::agent::{backup, run_agent, AgentConfig};
 use etcd_backup_tests::complete_sets;
-use etcd_backup_tests::etcd::EtcdServer;
+use etcd_backup_tests::etcd::{EtcdServer, EtcdVersion};
 
 /// Every file below `dir` with its content.
 fn contents(dir: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -80,7 +80,10 @@ fn a_tampered_manifest_naming_a_path_outside_the_set_is_refused_and_nothing_is_t
             "m0=http://127.0.0.1:2380",
             "--initial-advertise-peer-urls",
             "http://127.0.0.1:2380",
-        ],
+        ]
+        .into_iter()
+        .chain(EtcdVersion::from_env().restore_args().iter().copied())
+        .collect(),
         vec!["drill", "--config", config, ts.as_str()],
     ] {
         let run = run_agent(&args);

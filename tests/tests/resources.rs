@@ -4,7 +4,7 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use etcd_backup_proto::{FileKind, Manifest};
-use etcd_backup_tests::agent::{backup, AgentConfig};
+use etcd_backup_tests::agent::{backup, run_agent, AgentConfig};
 use etcd_backup_tests::etcd::EtcdServer;
 use etcd_backup_tests::fixtures::{
     gnu_tar_comparison_tree, gunzip, kubeadm_tree, openshift_tree, tar_gz_entries, tar_gz_headers,
@@ -287,4 +287,151 @@ fn tarball_headers_are_the_ones_gnu_tar_writes_entry_by_entry() {
             String::from_utf8_lossy(&theirs[block..block + 512])
         );
     }
+}
+
+/// A set taken while the installer has laid out a static-pod revision newer
+/// than the live manifest's is still taken, and marked: in the manifest,
+/// `list` (table and JSON); `fetch latest --clean` passes it over for the
+/// newest clean set; once the newer revision is gone, sets are clean again.
+#[test]
+fn a_set_taken_mid_rollout_is_marked_listed_and_passed_over_by_fetch_clean() {
+    let etcd = EtcdServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("etc-kubernetes");
+    std::fs::create_dir(&root).unwrap();
+    openshift_tree(&root);
+    let dest = work.path().join("backups");
+    let mut cfg = AgentConfig::new(&etcd, &dest);
+    cfg.layout = "openshift".into();
+    cfg.root = Some(root.clone());
+    let config = cfg.write(work.path());
+    let newest_manifest = || -> Manifest {
+        let set = complete_sets(&dest).pop().unwrap();
+        serde_json::from_slice(&std::fs::read(dest.join(set).join("manifest.json")).unwrap())
+            .unwrap()
+    };
+    let back_up = || {
+        // Set names have a resolution of one second.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        backup(&config).assert_code(0);
+        newest_manifest()
+    };
+
+    // The fixture lays out one revision beyond the live one for every pod.
+    let marked = back_up();
+    assert_eq!(
+        marked.rollout_in_progress,
+        [
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "etcd"
+        ]
+    );
+    let newer = [
+        "kube-apiserver-pod-8",
+        "kube-controller-manager-pod-6",
+        "kube-scheduler-pod-4",
+        "etcd-pod-3",
+    ];
+    for dir in newer {
+        std::fs::remove_dir_all(root.join("static-pod-resources").join(dir)).unwrap();
+    }
+    let clean = back_up();
+    assert!(clean.rollout_in_progress.is_empty(), "{clean:?}");
+    let json = std::fs::read_to_string(
+        dest.join(complete_sets(&dest).pop().unwrap())
+            .join("manifest.json"),
+    )
+    .unwrap();
+    assert!(!json.contains("rollout_in_progress"), "{json}");
+
+    // kube-apiserver's installer lays out revision 8 again.
+    std::fs::create_dir_all(root.join("static-pod-resources/kube-apiserver-pod-8/configmaps"))
+        .unwrap();
+    let again = back_up();
+    assert_eq!(again.rollout_in_progress, ["kube-apiserver"]);
+
+    let list = run_agent(&["list", "--config", config.to_str().unwrap(), "-o", "json"]);
+    list.assert_code(0);
+    let list: etcd_backup_proto::api::SetList = serde_json::from_str(&list.stdout).unwrap();
+    let marks: Vec<Vec<String>> = list
+        .sets
+        .iter()
+        .map(|s| s.rollout_in_progress.clone())
+        .collect();
+    assert_eq!(marks.len(), 3);
+    assert_eq!(marks[0], ["kube-apiserver"]);
+    assert!(marks[1].is_empty());
+    assert_eq!(marks[2].len(), 4);
+    let table = run_agent(&["list", "--config", config.to_str().unwrap()]);
+    table.assert_code(0);
+    let mut lines = table.stdout.lines();
+    let column = lines.next().unwrap().find("ROLLOUT").unwrap();
+    let values: Vec<&str> = lines
+        .map(|l| l[column..].split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(
+        values,
+        [
+            "kube-apiserver",
+            "-",
+            "kube-apiserver,kube-controller-manager,kube-scheduler,etcd"
+        ],
+        "{}",
+        table.stdout
+    );
+
+    // fetch latest --clean: the clean set in the middle, not the newest.
+    let out = work.path().join("fetched");
+    let run = run_agent(&[
+        "fetch",
+        "--config",
+        config.to_str().unwrap(),
+        "latest",
+        "--clean",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    run.assert_code(0);
+    assert!(
+        out.join(format!("snapshot_{}.db", clean.timestamp))
+            .is_file(),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(!run.stderr.contains("mid-rollout"), "{}", run.stderr);
+    // Plain latest is the marked set, with a warning.
+    let out = work.path().join("fetched-latest");
+    let run = run_agent(&[
+        "fetch",
+        "--config",
+        config.to_str().unwrap(),
+        "latest",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    run.assert_code(0);
+    assert!(out
+        .join(format!("snapshot_{}.db", again.timestamp))
+        .is_file());
+    assert!(
+        run.stderr
+            .contains("was taken while kube-apiserver was mid-rollout"),
+        "{}",
+        run.stderr
+    );
+    // --clean names no set of its own.
+    let run = run_agent(&[
+        "fetch",
+        "--config",
+        config.to_str().unwrap(),
+        &again.timestamp.to_string(),
+        "--clean",
+        "--to",
+        work.path().join("never").to_str().unwrap(),
+    ]);
+    run.assert_code(2);
+    assert!(run.stderr.contains("--clean"), "{}", run.stderr);
 }

@@ -17,7 +17,7 @@ use etcd_backup_tests::agent::{
 };
 use etcd_backup_tests::assert_cluster_restore_dir;
 use etcd_backup_tests::etcd::{
-    dump, slow_etcd, snapshot_status, write_history, EtcdCluster, EtcdServer,
+    dump, slow_etcd, snapshot_status, write_history, EtcdCluster, EtcdServer, EtcdVersion,
 };
 use etcd_backup_tests::fixtures::{openshift_tree, tar_gz_entries};
 use etcd_backup_tests::garage::{GarageCluster, Rclone};
@@ -168,27 +168,27 @@ async fn a_set_on_garage_lists_verifies_fetches_restores_drills_and_is_pruned_by
     let targets = EtcdCluster::plan(1, &work.path().join("restored"));
     let initial = EtcdCluster::initial_cluster(&targets);
     let t = &targets[0];
-    agent(
-        &config,
-        &[
-            "restore",
-            "latest",
-            "--data-dir",
-            t.data_dir.to_str().unwrap(),
-            "--name",
-            &t.name,
-            "--initial-cluster",
-            &initial,
-            "--initial-advertise-peer-urls",
-            &t.peer_url(),
-        ],
-    )
-    .assert_code(0);
+    let version = EtcdVersion::from_env();
+    let peer = t.peer_url();
+    let mut args = vec![
+        "restore",
+        "latest",
+        "--data-dir",
+        t.data_dir.to_str().unwrap(),
+        "--name",
+        &t.name,
+        "--initial-cluster",
+        &initial,
+        "--initial-advertise-peer-urls",
+        &peer,
+    ];
+    args.extend_from_slice(version.restore_args());
+    agent(&config, &args).assert_code(0);
     let restored = EtcdCluster::start(targets);
     let mut c = restored.client(0).await;
     assert!(dump(&mut c).await == before, "restored keyspace differs");
     let rev = c.get("x", None).await.unwrap().header().unwrap().revision();
-    assert_eq!(rev, revision);
+    assert_eq!(rev, version.restored_revision(revision));
     drop(restored);
 
     // drill

@@ -8,8 +8,8 @@ use crate::store::catalog::CatalogSet;
 use crate::store::verify;
 
 use super::{
-    fail, find, identities, note_compression, note_encryption, open, print_reports, IdentityArgs,
-    Progress,
+    fail, find, identities, note_compression, note_encryption, note_rollout, open, print_reports,
+    IdentityArgs, Progress,
 };
 use crate::commands::{EXIT_FAILURE, EXIT_USAGE};
 
@@ -22,6 +22,8 @@ pub struct FetchArgs {
     pub force: bool,
     /// `--snapshot-only`: the snapshot alone, whatever the set holds.
     pub snapshot_only: bool,
+    /// `--clean`: with `latest`, the newest set not taken mid-rollout.
+    pub clean: bool,
 }
 
 /// `fetch`. Everything is downloaded and checked in a temporary directory
@@ -35,6 +37,10 @@ pub async fn fetch(
     id: &IdentityArgs,
 ) -> ExitCode {
     let to = args.to.as_path();
+    if args.clean && wanted != "latest" {
+        eprintln!("error: --clean picks the newest set not taken mid-rollout; give `latest` with it, not {wanted:?}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let ids = match identities(config, id) {
         Ok(i) => i,
         Err(code) => return code,
@@ -47,10 +53,18 @@ pub async fn fetch(
         Ok(d) => d,
         Err(code) => return code,
     };
-    let set = match find(config, dest.as_ref(), node, wanted).await {
+    let found = if args.clean {
+        crate::store::catalog::find_latest_clean(dest.as_ref(), &config.cluster_name, node)
+            .await
+            .map_err(fail)
+    } else {
+        find(config, dest.as_ref(), node, wanted).await
+    };
+    let set = match found {
         Ok(s) => s,
         Err(code) => return code,
     };
+    note_rollout(&set);
     if !args.snapshot_only {
         if let Err(why) = verify::restore_script_ready(&set) {
             return fail(why);

@@ -46,7 +46,7 @@ pub async fn list(
         }
         Output::Table => {
             println!(
-                "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<11}  {:<9}  {:<7}  SET",
+                "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<11}  {:<9}  {:<7}  {:<7}  SET",
                 "TIME (UTC)",
                 "NODE",
                 "SNAPSHOT",
@@ -56,11 +56,12 @@ pub async fn list(
                 "ENCRYPTED",
                 "COMPRESSION",
                 "LAYOUT",
-                "DURABLE"
+                "DURABLE",
+                "ROLLOUT"
             );
             for s in &list.sets {
                 println!(
-                    "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<11}  {:<9}  {:<7}  {}",
+                    "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<11}  {:<9}  {:<7}  {:<7}  {}",
                     s.timestamp.as_datetime().format("%Y-%m-%d %H:%M:%S"),
                     s.node,
                     human_bytes(s.snapshot_bytes),
@@ -71,6 +72,11 @@ pub async fn list(
                     s.compression,
                     if s.layout.is_empty() { "-" } else { &s.layout },
                     if s.durable { "yes" } else { "no" },
+                    if s.rollout_in_progress.is_empty() {
+                        "-".to_string()
+                    } else {
+                        s.rollout_in_progress.join(",")
+                    },
                     s.set
                 );
             }

@@ -191,6 +191,20 @@ fn print_reports(reports: &[FileReport]) -> bool {
     all_ok
 }
 
+/// Warns when `set` was taken mid-rollout: its static-pod resources may not
+/// match its snapshot.
+fn note_rollout(set: &CatalogSet) {
+    let pods = &set.manifest.rollout_in_progress;
+    if !pods.is_empty() {
+        eprintln!(
+            "warning: set {} was taken while {} {} mid-rollout on the node: its static-pod resources may not match its snapshot (`fetch latest --clean` picks the newest set taken outside a rollout)",
+            set.id.dir(),
+            pods.join(", "),
+            if pods.len() == 1 { "was" } else { "were" }
+        );
+    }
+}
+
 async fn find(
     config: &Config,
     dest: &dyn Destination,

@@ -5,12 +5,13 @@ use std::process::ExitCode;
 
 use crate::config::Config;
 use crate::encryption::Identities;
+use crate::restore::{Bump, RestoreError, RestoreTool};
 use crate::store::catalog::CatalogSet;
 use crate::store::verify;
 
 use super::{
-    fail, find, identities, note_compression, note_encryption, open, print_reports, IdentityArgs,
-    Progress,
+    fail, find, identities, note_compression, note_encryption, note_rollout, open, print_reports,
+    IdentityArgs, Progress,
 };
 use crate::commands::EXIT_USAGE;
 
@@ -34,6 +35,7 @@ async fn fetch_snapshot(
 ) -> Result<(tempfile::TempDir, std::path::PathBuf, CatalogSet), ExitCode> {
     let dest = open(config).await?;
     let set = find(config, dest.as_ref(), node, wanted).await?;
+    note_rollout(&set);
     if let Some(why) = verify::missing_identity(&set, ids) {
         eprintln!("error: {why}");
         return Err(ExitCode::from(EXIT_USAGE));
@@ -86,42 +88,77 @@ pub async fn restore(
     node: &str,
     source: SnapshotSourceArg,
     target: &crate::restore::RestoreTarget,
+    bump: Bump,
     id: &IdentityArgs,
 ) -> ExitCode {
     if let Err(e) = crate::restore::check_data_dir(&target.data_dir) {
         eprintln!("error: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
+    // Before anything is fetched or created: a tool that cannot bump is a
+    // usage error (install a newer one, or say --no-bump-revision).
+    let tool = match RestoreTool::for_bump(bump).await {
+        Ok(t) => t,
+        Err(e @ (RestoreError::ToolTooOld { .. } | RestoreError::UnknownToolVersion { .. })) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Err(e) => return fail(e),
+    };
     let ids = match identities(config, id) {
         Ok(i) => i,
         Err(code) => return code,
     };
-    let (_tmp, snapshot) = match source {
+    let (_tmp, snapshot, status) = match source {
         SnapshotSourceArg::File(f) => {
             if let Err(e) = crate::restore::check_snapshot_file(&f) {
                 return fail(e);
             }
-            (None, f)
+            (None, f, None)
         }
         SnapshotSourceArg::Set(wanted) => {
             match fetch_snapshot(config, node, &wanted, &target.data_dir, ids.as_ref()).await {
-                Ok((tmp, snap, _)) => (Some(tmp), snap),
+                Ok((tmp, snap, set)) => (Some(tmp), snap, set.manifest.snapshot_status),
                 Err(code) => return code,
             }
         }
     };
-    match crate::restore::run_restore(&snapshot, target, false).await {
-        Ok(()) => {
-            println!(
-                "restored into {}; start etcd with --name {} --data-dir {} and the same --initial-cluster",
-                target.data_dir.display(),
-                target.name,
-                target.data_dir.display()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(e),
+    // The snapshot's revision: the manifest's, or read from the file.
+    let snapshot_revision = match status {
+        Some(st) => st.revision,
+        None => match etcd_backup_bbolt_status::status_of_file(&snapshot) {
+            Ok(st) => st.revision,
+            Err(e) => return fail(format!("cannot read {}: {e}", snapshot.display())),
+        },
+    };
+    if let Err(e) = crate::restore::run_restore(&snapshot, target, tool, bump, false).await {
+        return fail(e);
     }
+    let start = bump.start_revision(snapshot_revision);
+    let how = match bump {
+        Bump::By(n) => {
+            format!("the snapshot's {snapshot_revision} + {n}, everything below marked compacted")
+        }
+        Bump::Off => "the snapshot's own, not bumped (--no-bump-revision)".to_string(),
+    };
+    tracing::info!(
+        data_dir = %target.data_dir.display(),
+        tool = %tool.describe(),
+        snapshot_revision,
+        start_revision = start,
+        "restored"
+    );
+    println!(
+        "restored into {} with {}; the member starts at revision {start} ({how})",
+        target.data_dir.display(),
+        tool.describe()
+    );
+    println!(
+        "start etcd with --name {} --data-dir {} and the same --initial-cluster",
+        target.name,
+        target.data_dir.display()
+    );
+    ExitCode::SUCCESS
 }
 
 /// `drill`.
@@ -132,9 +169,17 @@ pub async fn drill(config: &Config, node: &str, wanted: &str, id: &IdentityArgs)
     };
     match crate::restore::run_drill(config, node, wanted, ids.as_ref()).await {
         Ok(d) => {
+            let bumped = match d.bump {
+                Bump::By(n) => format!("bumped by {n}, below it compacted"),
+                Bump::Off => format!(
+                    "not bumped: {} cannot ({} can), as restore would refuse without --no-bump-revision",
+                    d.tool,
+                    crate::restore::BUMP_NEEDS
+                ),
+            };
             println!(
-                "restored {} into a throwaway member: revision {}, {} keys",
-                d.set, d.revision, d.keys
+                "restored {} with {} into a throwaway member: revision {} ({bumped}), {} keys",
+                d.set, d.tool, d.revision, d.keys
             );
             if d.problems.is_empty() {
                 println!("drill passed: the set restores and serves its data");

@@ -149,6 +149,7 @@ pub struct Metrics {
     cluster_node: Mutex<Option<String>>,
     http_rate_limited: Counter,
     not_durable_sets: Family<DestinationLabels, Counter>,
+    rollout_in_progress_sets: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -210,6 +211,7 @@ impl Metrics {
             cluster_node: Mutex::new(None),
             http_rate_limited: Counter::default(),
             not_durable_sets: Family::default(),
+            rollout_in_progress_sets: Counter::default(),
             registry: Registry::default(),
         };
         m.register_run_metrics(&mut registry);
@@ -320,6 +322,11 @@ impl Metrics {
             self.not_durable_sets.clone(),
         );
         registry.register(
+            "etcd_backup_rollout_in_progress_sets",
+            "Sets taken while a static pod was mid-rollout on the node (a revision directory newer than the live manifest's; rollout_in_progress in the manifest): their resources may not match etcd",
+            self.rollout_in_progress_sets.clone(),
+        );
+        registry.register(
             "etcd_backup_agent_build",
             "The agent's build",
             Info::new(vec![("version", version.to_string())]),
@@ -423,6 +430,9 @@ impl Metrics {
             })
             .set(i64::try_from(outcome.resources_bytes.unwrap_or(0)).unwrap_or(i64::MAX));
         self.last_revision.set(outcome.revision);
+        if outcome.rollout_in_progress {
+            self.rollout_in_progress_sets.inc();
+        }
         self.destinations_finished(Some(finished), destinations);
     }
 
@@ -595,6 +605,9 @@ pub struct SuccessFigures {
     pub resources_bytes: Option<u64>,
     /// etcd revision in the manifest.
     pub revision: i64,
+    /// Whether the set was taken mid-rollout (the manifest's
+    /// `rollout_in_progress` is not empty).
+    pub rollout_in_progress: bool,
 }
 
 #[cfg(test)]
@@ -645,6 +658,7 @@ mod tests {
                 snapshot_bytes: 1,
                 resources_bytes: None,
                 revision: 7,
+                rollout_in_progress: false,
             },
             &[failed("sftp", Stage::Upload), ok("s3", true)],
         );
@@ -779,6 +793,10 @@ mod tests {
         );
         assert_eq!(value(&text, "etcd_backup_http_rate_limited_total"), 0.0);
         assert_eq!(
+            value(&text, "etcd_backup_rollout_in_progress_sets_total"),
+            0.0
+        );
+        assert_eq!(
             value(
                 &text,
                 "etcd_backup_not_durable_sets_total{destination=\"default\"}"
@@ -812,6 +830,7 @@ mod tests {
                 snapshot_bytes: 20512,
                 resources_bytes: Some(471),
                 revision: 42,
+                rollout_in_progress: true,
             },
             &[ok("default", true)],
         );
@@ -895,6 +914,11 @@ mod tests {
         );
         assert_eq!(value(&text, "etcd_backup_in_progress"), 0.0);
         assert_eq!(value(&text, "etcd_backup_http_rate_limited_total"), 2.0);
+        // That success was taken mid-rollout; the next one is clean.
+        assert_eq!(
+            value(&text, "etcd_backup_rollout_in_progress_sets_total"),
+            1.0
+        );
         // That success was durable.
         assert_eq!(
             value(
@@ -911,6 +935,7 @@ mod tests {
                 snapshot_bytes: 20512,
                 resources_bytes: None,
                 revision: 43,
+                rollout_in_progress: false,
             },
             &[ok("default", false)],
         );
@@ -919,6 +944,10 @@ mod tests {
                 &m.encode(),
                 "etcd_backup_not_durable_sets_total{destination=\"default\"}"
             ),
+            1.0
+        );
+        assert_eq!(
+            value(&m.encode(), "etcd_backup_rollout_in_progress_sets_total"),
             1.0
         );
     }

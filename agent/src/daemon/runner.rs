@@ -235,6 +235,7 @@ impl Runner {
                         snapshot_bytes: size(FileKind::Snapshot).unwrap_or(0),
                         resources_bytes: size(FileKind::Resources),
                         revision: report.manifest.revision(),
+                        rollout_in_progress: !report.manifest.rollout_in_progress.is_empty(),
                     },
                     &report.destinations,
                 );

@@ -200,6 +200,67 @@ fn openshift_paths(root: &Path) -> Result<Vec<String>, ResourcesError> {
     Ok(paths)
 }
 
+/// The static pods of the layout that are mid-rollout on this node: a
+/// `static-pod-resources/<name>-pod-<N>` directory newer than the revision
+/// the live manifest names means the installer has laid out a revision the
+/// kubelet is not running yet (OpenShift's `cluster-backup.sh` refuses to
+/// back up then, or with `--force` marks the set `__POSSIBLY_DIRTY__`): the
+/// bundled resources may not match etcd. Only the `openshift` layout has
+/// revisions; the others are never mid-rollout here. Where the revisions
+/// cannot be read, the pod is counted as mid-rollout (a warning is logged):
+/// a set is marked when in doubt, never called clean.
+pub fn rollout_in_progress(config: &ResourcesConfig) -> Vec<String> {
+    if config.layout != Layout::Openshift {
+        return Vec::new();
+    }
+    let dir = config.root.join("static-pod-resources");
+    let listing: Option<Vec<String>> = match std::fs::read_dir(&dir) {
+        Ok(rd) => Some(
+            rd.filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+        ),
+        Err(e) => {
+            tracing::warn!(path = %dir.display(), error = %e, "cannot list the static-pod revisions; the set is marked as taken mid-rollout");
+            None
+        }
+    };
+    let mut pods = Vec::new();
+    for name in OPENSHIFT_STATIC_PODS {
+        let manifest = config
+            .root
+            .join("manifests")
+            .join(format!("{name}-pod.yaml"));
+        let live = std::fs::read_to_string(&manifest)
+            .ok()
+            .and_then(|text| revision_dir(&text, name))
+            .and_then(|rel| revision_number(&rel, name));
+        let (Some(entries), Some(live)) = (&listing, live) else {
+            tracing::warn!(pod = name, manifest = %manifest.display(), "cannot tell the live static-pod revision; the set is marked as taken mid-rollout");
+            pods.push(name.to_string());
+            continue;
+        };
+        let newest = entries
+            .iter()
+            .filter_map(|n| revision_number(&format!("static-pod-resources/{n}"), name))
+            .max();
+        if newest.is_some_and(|n| n > live) {
+            pods.push(name.to_string());
+        }
+    }
+    pods
+}
+
+/// N of `static-pod-resources/<name>-pod-<N>`.
+fn revision_number(rel: &str, name: &str) -> Option<u64> {
+    let digits = rel.strip_prefix(&format!("static-pod-resources/{name}-pod-"))?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 /// The value of `--encryption-provider-config` in a kube-apiserver manifest,
 /// written either as `--flag=value` or as `--flag` followed by `value`.
 fn encryption_provider_config(manifest: &str) -> Option<String> {
@@ -814,6 +875,52 @@ mod tests {
         let mut buf = Vec::new();
         r.read_to_end(&mut buf).unwrap();
         assert_eq!(buf, b"abcd", "a file that grew is cut at its header's size");
+    }
+
+    #[test]
+    fn a_revision_directory_newer_than_the_live_one_marks_its_pod_mid_rollout() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        for (name, live, dirs) in [
+            ("kube-apiserver", 9, &[8, 9][..]),
+            ("kube-controller-manager", 5, &[5, 10][..]),
+            ("kube-scheduler", 3, &[2, 3][..]),
+            ("etcd", 2, &[2][..]),
+        ] {
+            std::fs::create_dir_all(r.join("manifests")).unwrap();
+            std::fs::write(
+                r.join(format!("manifests/{name}-pod.yaml")),
+                format!("path: /etc/kubernetes/static-pod-resources/{name}-pod-{live}\n"),
+            )
+            .unwrap();
+            for d in dirs {
+                std::fs::create_dir_all(r.join(format!("static-pod-resources/{name}-pod-{d}")))
+                    .unwrap();
+            }
+        }
+        // Not revisions: other names, and a file.
+        std::fs::create_dir_all(r.join("static-pod-resources/etcd-pod-3x")).unwrap();
+        std::fs::create_dir_all(r.join("static-pod-resources/kube-apiserver-certs")).unwrap();
+        std::fs::write(r.join("static-pod-resources/etcd-pod-7"), "").unwrap();
+        let config = ResourcesConfig {
+            root: r.to_path_buf(),
+            layout: Layout::Openshift,
+        };
+        // 10 > 5 numerically, though "10" < "5" as text.
+        assert_eq!(rollout_in_progress(&config), ["kube-controller-manager"]);
+        std::fs::remove_dir(r.join("static-pod-resources/kube-controller-manager-pod-10")).unwrap();
+        assert!(rollout_in_progress(&config).is_empty());
+        std::fs::remove_file(r.join("manifests/etcd-pod.yaml")).unwrap();
+        assert_eq!(
+            rollout_in_progress(&config),
+            ["etcd"],
+            "unknown counts as mid-rollout"
+        );
+        let kubeadm = ResourcesConfig {
+            root: r.to_path_buf(),
+            layout: Layout::Kubeadm,
+        };
+        assert!(rollout_in_progress(&kubeadm).is_empty());
     }
 
     #[test]

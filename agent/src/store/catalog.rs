@@ -120,6 +120,7 @@ impl CatalogSet {
                 .to_string(),
             layout: m.resources_layout.clone(),
             durable: m.durable,
+            rollout_in_progress: m.rollout_in_progress.clone(),
         }
     }
 }
@@ -141,6 +142,15 @@ impl Catalog {
     /// The newest complete set.
     pub fn latest(&self) -> Option<&CatalogSet> {
         self.sets.last()
+    }
+
+    /// The newest complete set not taken mid-rollout (its manifest's
+    /// `rollout_in_progress` empty).
+    pub fn latest_clean(&self) -> Option<&CatalogSet> {
+        self.sets
+            .iter()
+            .rev()
+            .find(|s| s.manifest.rollout_in_progress.is_empty())
     }
 
     /// Sets with a newer `format_version`: never removed, and counted as
@@ -600,6 +610,36 @@ async fn look_at(
         listing,
         bytes,
     })
+}
+
+/// The newest complete set of `node` not taken mid-rollout (`fetch latest
+/// --clean`).
+///
+/// # Errors
+/// [`CatalogError::NotFound`] (saying how many newer sets were marked), or
+/// the destination cannot be read.
+pub async fn find_latest_clean(
+    dest: &dyn Destination,
+    cluster: &str,
+    node: &str,
+) -> Result<CatalogSet, CatalogError> {
+    let catalog = scan(dest, cluster, Some(node)).await?;
+    catalog
+        .latest_clean()
+        .cloned()
+        .ok_or_else(|| CatalogError::NotFound {
+            wanted: "latest --clean".to_string(),
+            node: node.to_string(),
+            location: dest.describe(),
+            hint: match catalog.latest() {
+                Some(latest) => format!(
+                    "; all {} complete sets were taken mid-rollout, the newest {}",
+                    catalog.sets.len(),
+                    latest.id.timestamp
+                ),
+                None => "; it has no complete sets (see `list --all-nodes`)".to_string(),
+            },
+        })
 }
 
 /// Finds one complete set of `node`: `latest`, a timestamp, or a full
