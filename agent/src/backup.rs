@@ -113,6 +113,17 @@ pub enum Cause {
         /// The set's location.
         location: String,
     },
+    /// An operation got no definite answer (a timeout, a dropped
+    /// connection, a server error): it may have been carried out. The run
+    /// looked at the destination; `found` says what it saw, and what was
+    /// done about it.
+    #[error("{error}; the operation may have been carried out all the same: {found}")]
+    Unanswered {
+        /// The ambiguous error.
+        error: DestinationError,
+        /// What a look at the destination showed, and what the run did.
+        found: String,
+    },
 }
 
 /// A failed run: the stage, and why.
@@ -226,6 +237,7 @@ impl BackupError {
             Cause::Compress(_) => false,
             Cause::SetExists { .. } => true,
             Cause::Cancelled => false,
+            Cause::Unanswered { error, .. } => error.is_transient(),
         }
     }
 }
@@ -486,6 +498,10 @@ struct Target<'a> {
     describe: String,
     /// Every path this run created there, so a failure can remove them all.
     created: Vec<String>,
+    /// Set when whether this destination's manifest exists cannot be found
+    /// out: clean-up then deletes nothing there, since a manifest may name
+    /// the data files.
+    keep: bool,
     /// Whether the destination syncs what it stores, asked before writing.
     durability: Durability,
     /// Where and why it failed, once it has.
@@ -501,6 +517,7 @@ impl<'a> Target<'a> {
             dest: Some(dest),
             describe: dest.describe(),
             created: Vec::new(),
+            keep: false,
             durability: Durability::Synced,
             failed: None,
             error: None,
@@ -513,6 +530,7 @@ impl<'a> Target<'a> {
             dest: None,
             describe,
             created: Vec::new(),
+            keep: false,
             durability: Durability::Synced,
             failed: None,
             error: None,
@@ -821,8 +839,10 @@ impl<'a> Run<'a> {
         let t = Instant::now();
         // Each destination renames the set's files at once (on SFTP, their
         // requests share round trips). A path is recorded before its rename
-        // (so a cancelled run still removes it), and dropped again when the
-        // destination refused the rename.
+        // (so a cancelled run still removes it), and dropped again only when
+        // the destination refused the rename. A rename without a definite
+        // answer may have been carried out: the run looks, and goes on when
+        // the file is in place with its size.
         let renames: Vec<(String, String)> = files
             .iter()
             .map(|f| {
@@ -837,11 +857,22 @@ impl<'a> Run<'a> {
                 renames.iter().map(|(from, to)| dest.rename(from, to)),
             )
             .await;
-            let mut refused = None;
-            for ((_, to), result) in renames.iter().zip(results) {
-                if let Err(e) = result {
-                    self.targets[i].created.retain(|p| p != to);
-                    refused.get_or_insert(e);
+            let mut refused: Option<Cause> = None;
+            for (((from, to), result), file) in renames.iter().zip(results).zip(&files) {
+                match result {
+                    Ok(()) => {}
+                    Err(e) if e.is_refusal() => {
+                        self.targets[i].created.retain(|p| p != to);
+                        refused.get_or_insert(e.into());
+                    }
+                    Err(e) => match rename_outcome(dest, from, to, file.size).await {
+                        Ok(found) => {
+                            tracing::warn!(set = %self.set, destination = %self.targets[i].name, error = %e, "a rename got no answer; {found}");
+                        }
+                        Err(found) => {
+                            refused.get_or_insert(Cause::Unanswered { error: e, found });
+                        }
+                    },
                 }
             }
             if let Some(e) = refused {
@@ -875,17 +906,23 @@ impl<'a> Run<'a> {
     /// out (the file exists, the answer never came) still removes it. A
     /// refusal the destination answers created nothing of ours: the record
     /// is dropped again, so an existing file of the same name is never
-    /// removed.
+    /// removed. Any other error (a timeout, a dropped connection) may come
+    /// after the file was created: the record stays.
     async fn recorded<T>(
         &mut self,
         i: usize,
         path: String,
         op: impl std::future::Future<Output = Result<T, DestinationError>>,
     ) -> Result<T, DestinationError> {
-        self.targets[i].created.push(path);
+        self.targets[i].created.push(path.clone());
         let result = op.await;
-        if result.is_err() {
-            self.targets[i].created.pop();
+        if let Err(e) = &result {
+            if e.is_refusal() {
+                let created = &mut self.targets[i].created;
+                if let Some(at) = created.iter().rposition(|p| *p == path) {
+                    created.remove(at);
+                }
+            }
         }
         result
     }
@@ -1160,7 +1197,31 @@ impl<'a> Run<'a> {
                     self.recorded(i, final_path.clone(), dest.rename(&path, &final_path))
                         .await
                 }
-                Err(e) => Err(e),
+                Err(e) => {
+                    self.fail(i, Stage::Manifest, e);
+                    continue;
+                }
+            };
+            let renamed = match renamed {
+                Err(e) if !e.is_refusal() => {
+                    // The manifest may be in place: look before deciding.
+                    match manifest_outcome(dest, &self.set.dir(), &json).await {
+                        ManifestFound::InPlace(found) => {
+                            tracing::warn!(set = %self.set, destination = %self.targets[i].name, error = %e, "the manifest's rename got no answer; {found}");
+                            Ok(())
+                        }
+                        ManifestFound::Absent(found) => Err(Cause::Unanswered { error: e, found }),
+                        ManifestFound::Unknown(found) => {
+                            let kept = self.targets[i].created.join(", ");
+                            self.targets[i].keep = true;
+                            Err(Cause::Unanswered {
+                                error: e,
+                                found: format!("{found}, so the set may be complete: nothing of it is deleted, since the manifest may name its files (kept: {kept}); run `etcd-backup-agent verify` on the set: if it verifies it is a good backup, if it is not listed, remove its directory by hand"),
+                            })
+                        }
+                    }
+                }
+                other => other.map_err(Cause::from),
             };
             match renamed {
                 Ok(()) => {
@@ -1183,25 +1244,157 @@ impl<'a> Run<'a> {
     }
 
     /// Removes everything this run wrote, manifest first, so that even an
-    /// interrupted clean-up never leaves a set that looks complete.
-    /// Returns the paths it could not remove.
+    /// interrupted clean-up never leaves a set that looks complete. The data
+    /// files go only once the set directory shows neither the manifest nor
+    /// its partial name (whose removal stops a rename still on its way):
+    /// a manifest never names files that are gone. Returns the paths it
+    /// could not remove.
     async fn clean_up(&mut self, i: usize) -> Vec<String> {
-        let mut paths = std::mem::take(&mut self.targets[i].created);
+        let paths = std::mem::take(&mut self.targets[i].created);
         let Some(dest) = self.targets[i].dest else {
             return Vec::new();
         };
-        paths.sort_by_key(|p| !p.ends_with(MANIFEST_FILE_NAME));
-        let mut not_removed = Vec::new();
-        for p in paths {
-            if let Err(e) = dest.delete(&p).await {
-                tracing::warn!(path = %p, error = %e, "could not remove a file of the failed run; retention removes it later");
-                not_removed.push(p);
+        if self.targets[i].keep {
+            // The manifest's fate is unknown: the run's error says so.
+            return Vec::new();
+        }
+        let dir = self.set.dir();
+        let manifest = self.set.file(MANIFEST_FILE_NAME);
+        let manifest_partial = partial(&manifest);
+        let (mut first, data): (Vec<String>, Vec<String>) = paths
+            .into_iter()
+            .partition(|p| *p == manifest || *p == manifest_partial);
+        first.sort_by_key(|p| *p != manifest);
+        first.dedup();
+        let mut failed = Vec::new();
+        for p in &first {
+            if let Err(e) = dest.delete(p).await {
+                tracing::warn!(path = %p, error = %e, "could not remove a file of the failed run");
+                failed.push(p.clone());
             }
         }
-        if let Err(e) = dest.remove_dir(&self.set.dir()).await {
+        if first.contains(&manifest) || !failed.is_empty() {
+            let name = MANIFEST_FILE_NAME;
+            let partial_name = partial(MANIFEST_FILE_NAME);
+            let still = match dest.list(&dir).await {
+                Ok(entries) => entries
+                    .iter()
+                    .find(|e| e.name == name || e.name == partial_name)
+                    .map(|e| format!("{} is still there", e.name)),
+                Err(e) => Some(format!("the set directory cannot be read ({e})")),
+            };
+            if let Some(why) = still {
+                tracing::warn!(set = %self.set, "{why}: the data files of the failed run are kept, so that no manifest names files that are gone");
+                failed.extend(data);
+                return failed;
+            }
+            failed.clear();
+        }
+        for p in data {
+            if let Err(e) = dest.delete(&p).await {
+                tracing::warn!(path = %p, error = %e, "could not remove a file of the failed run");
+                failed.push(p);
+            }
+        }
+        if !failed.is_empty() {
+            // A delete whose answer was lost may have been carried out.
+            if let Ok(entries) = dest.list(&dir).await {
+                failed.retain(|p| {
+                    let name = p.rsplit('/').next().unwrap_or(p);
+                    entries.iter().any(|e| e.name == name)
+                });
+            }
+        }
+        if let Err(e) = dest.remove_dir(&dir).await {
             tracing::debug!(set = %self.set, error = %e, "set directory not removed");
         }
-        not_removed
+        failed
+    }
+}
+
+/// What a look at the set directory says about a manifest whose rename
+/// got no definite answer.
+enum ManifestFound {
+    /// `manifest.json` holds exactly the bytes written: the set is complete.
+    InPlace(String),
+    /// `manifest.json` is not there: the rename did not happen.
+    Absent(String),
+    /// It could not be found out, or something else is there.
+    Unknown(String),
+}
+
+/// Looks for the manifest after its rename got no definite answer, and
+/// reads it back: only the exact bytes this run wrote make the set complete.
+async fn manifest_outcome(dest: &dyn Destination, dir: &str, json: &[u8]) -> ManifestFound {
+    let path = format!("{dir}/{MANIFEST_FILE_NAME}");
+    let entries = match dest.list(dir).await {
+        Ok(e) => e,
+        Err(e) => {
+            return ManifestFound::Unknown(format!(
+                "the set directory could not be read to find out ({e})"
+            ))
+        }
+    };
+    if !entries.iter().any(|e| e.name == MANIFEST_FILE_NAME) {
+        return ManifestFound::Absent(format!(
+            "looked: {path} is not there, so the set is not complete; what the run wrote is removed"
+        ));
+    }
+    let read = async {
+        let mut r = dest.open(&path).await?;
+        let mut stored = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut r, &mut stored)
+            .await
+            .map_err(|source| DestinationError::Io {
+                op: "cannot read",
+                location: path.clone(),
+                source,
+            })?;
+        Ok::<_, DestinationError>(stored)
+    };
+    match read.await {
+        Ok(stored) if stored == json => ManifestFound::InPlace(format!(
+            "looked: {path} is in place with the {} bytes this run wrote, so the set is complete",
+            json.len()
+        )),
+        Ok(stored) => ManifestFound::Unknown(format!(
+            "looked: {path} is there but holds {} bytes other than the {} this run wrote",
+            stored.len(),
+            json.len()
+        )),
+        Err(e) => ManifestFound::Unknown(format!(
+            "{path} is listed but could not be read back to find out ({e})"
+        )),
+    }
+}
+
+/// Looks for a data file after its rename got no definite answer: `Ok`
+/// (saying what was found) when `to` is in place with `size` bytes and
+/// `from` is gone, `Err` with what was found otherwise.
+async fn rename_outcome(
+    dest: &dyn Destination,
+    from: &str,
+    to: &str,
+    size: u64,
+) -> Result<String, String> {
+    let (dir, to_name) = to.rsplit_once('/').unwrap_or(("", to));
+    let from_name = from.rsplit('/').next().unwrap_or(from);
+    let entries = dest.list(dir).await.map_err(|e| {
+        format!("the set directory could not be read to find out ({e}); no manifest was written, so what the run wrote is removed")
+    })?;
+    let stored = entries.iter().find(|e| e.name == to_name).map(|e| e.size);
+    let left = entries.iter().any(|e| e.name == from_name);
+    match (stored, left) {
+        (Some(s), false) if s == size => Ok(format!(
+            "looked: {to} is in place with its {size} bytes, so the rename was carried out"
+        )),
+        (Some(s), _) => Err(format!(
+            "looked: {to} holds {s} bytes, {size} expected{}; no manifest was written, so what the run wrote is removed",
+            if left { format!(", and {from} is still there") } else { String::new() }
+        )),
+        (None, _) => Err(format!(
+            "looked: {to} is not there, so the rename was not carried out; what the run wrote is removed"
+        )),
     }
 }
 
@@ -1364,7 +1557,7 @@ mod tests {
     use super::*;
     use crate::config::Environment;
     use crate::source::etcd::SnapshotStream;
-    use crate::store::destination::faulty::{Faults, Faulty};
+    use crate::store::destination::faulty::{Faults, Faulty, Op};
     use crate::store::destination::LocalDir;
     use async_trait::async_trait;
 
@@ -1867,6 +2060,118 @@ mod tests {
                 "rename {fail_at}: left {:?}",
                 all_files(&base)
             );
+        }
+    }
+
+    /// The invariant of the set protocol at a destination: either a set
+    /// whose manifest names exactly the files there, each with its size and
+    /// SHA-256 (it verifies), or nothing of the run at all. `Ok` says which.
+    fn complete_or_nothing(base: &std::path::Path) -> Result<&'static str, String> {
+        let files = all_files(base);
+        if files.is_empty() {
+            return Ok("nothing");
+        }
+        let Some(manifest_path) = files.iter().find(|f| f.ends_with("/manifest.json")) else {
+            return Err(format!("data files without a manifest: {files:?}"));
+        };
+        let dir = manifest_path.trim_end_matches("manifest.json");
+        let manifest: Manifest =
+            serde_json::from_slice(&std::fs::read(base.join(manifest_path)).unwrap())
+                .map_err(|e| format!("{manifest_path}: {e}"))?;
+        let mut want: Vec<String> = manifest
+            .files
+            .iter()
+            .map(|f| format!("{dir}{}", f.name))
+            .collect();
+        want.push(manifest_path.clone());
+        want.sort();
+        if want != files {
+            return Err(format!("manifest names {want:?}, found {files:?}"));
+        }
+        for f in &manifest.files {
+            let bytes = std::fs::read(base.join(format!("{dir}{}", f.name))).unwrap();
+            if bytes.len() as u64 != f.size || hex::encode(Sha256::digest(&bytes)) != f.sha256 {
+                return Err(format!("{} does not match its manifest entry", f.name));
+            }
+        }
+        Ok("complete")
+    }
+
+    /// One run against a destination that loses the reply to the n-th
+    /// `op` after carrying it out (and, for deletes, refuses the manifest's
+    /// rename with a reset so that clean-up runs). `None` when the run
+    /// never made that many calls.
+    async fn with_lost_reply(
+        op: Op,
+        n: usize,
+        blind: bool,
+    ) -> Option<(
+        Result<BackupReport, BackupError>,
+        Result<&'static str, String>,
+    )> {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = kubeadm_root(tmp.path());
+        let base = tmp.path().join("dest");
+        let cfg = config(&base, Some(&root));
+        let dest = Faulty::new(
+            LocalDir::open(&base).await.unwrap(),
+            Faults {
+                reply_lost: Some((op, n)),
+                blind_after_lost: blind,
+                rename_fails_at: if op == Op::Delete { 3 } else { 0 },
+                ..Faults::default()
+            },
+        );
+        let result = run_with_source(&cfg, &mut MemorySource::new(4), &dest).await;
+        if !dest.reply_was_lost() {
+            return None;
+        }
+        Some((result, complete_or_nothing(&base)))
+    }
+
+    #[tokio::test]
+    async fn a_reply_lost_after_any_operation_leaves_a_complete_set_or_nothing() {
+        for op in Op::ALL {
+            let mut fired = 0;
+            for n in 1..=64 {
+                let Some((result, left)) = with_lost_reply(op, n, false).await else {
+                    break;
+                };
+                fired += 1;
+                let case = format!("{op:?} #{n}");
+                let left = left.unwrap_or_else(|e| panic!("{case}: {e}"));
+                match (&result, op) {
+                    // A rename carried out is found in place: the run goes on.
+                    (Ok(report), Op::Rename) => {
+                        assert_eq!(left, "complete", "{case}: {}", report.location);
+                    }
+                    (Ok(_), _) => panic!("{case}: a lost reply must fail the run"),
+                    (Err(e), _) => {
+                        assert_eq!(left, "nothing", "{case}: {e}");
+                        assert!(e.not_removed.is_empty(), "{case}: {e}");
+                    }
+                }
+            }
+            assert!(fired > 0, "{op:?}: the fault never fired");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_reply_to_the_manifest_rename_keeps_the_set_when_it_cannot_be_checked() {
+        // The three renames: two data files, then the manifest.
+        let (result, left) = with_lost_reply(Op::Rename, 3, true).await.unwrap();
+        let err = result.unwrap_err();
+        assert_eq!(err.stage, Stage::Manifest, "{err}");
+        assert_eq!(left, Ok("complete"), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("may be complete"), "{text}");
+        assert!(text.contains("verify"), "{text}");
+        // A data file's rename: no manifest exists, so all of it goes.
+        for n in 1..=2 {
+            let (result, left) = with_lost_reply(Op::Rename, n, true).await.unwrap();
+            let err = result.unwrap_err();
+            assert_eq!(left, Ok("nothing"), "rename {n}: {err}");
+            assert!(err.to_string().contains("could not be read"), "{err}");
         }
     }
 }

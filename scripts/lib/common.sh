@@ -453,3 +453,18 @@ ensure_etcd35() {
   export ETCD35_BIN
   echo "==> etcd $ETCD35_VERSION: $ETCD35_BIN (etcd, etcdctl, etcdutl)" >&2
 }
+
+# A second S3 implementation for the lost-reply tests (tests/tests/fault_lost_reply.rs,
+# tests/src/moto.rs): moto's server from PyPI, pinned, in its own venv. Unlike
+# Garage it honours `If-None-Match: *` on PutObject and CompleteMultipartUpload.
+MOTO_VERSION=5.2.6
+ensure_moto() {
+  if ! /opt/moto/bin/python -c "import moto, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')" 2>/dev/null; then
+    if ! python3 -m venv /opt/moto >/dev/null 2>&1; then
+      rm -rf /opt/moto
+      ensure_tools_force python3-venv
+      python3 -m venv /opt/moto
+    fi
+    /opt/moto/bin/pip install --quiet "moto[server]==$MOTO_VERSION"
+  fi
+}

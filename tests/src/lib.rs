@@ -15,6 +15,8 @@
 //! - [`k8s_objects`]: Kubernetes-like objects in the API server's protobuf
 //!   storage form, for the compression benchmark.
 //! - [`relay`]: a TCP relay with a rate cap and a one-way delay per direction.
+//! - [`http_relay`]: an HTTP relay that forwards a chosen request and loses
+//!   the server's answer to it.
 //! - [`hostile`]: a lying SFTP server (paramiko): hostile names in listings.
 //! - [`pod`]: the rendered manifests and a master's file system, to run the
 //!   agent as the DaemonSet does.
@@ -23,7 +25,11 @@
 //! - [`garage`]: a throwaway three-node Garage cluster (S3) with a bucket and
 //!   a key, and rclone to look at it.
 //! - [`s3_setup`]: an agent config backing up to a Garage cluster.
-//! - [`sshd`]: a throwaway OpenSSH server with its own host key and client keys.
+//! - [`moto`]: a throwaway moto S3 server, a second S3 store (one that
+//!   honours `If-None-Match` on creates).
+//! - [`sshd`]: a throwaway OpenSSH server with its own host key and client keys
+//!   (optionally with a shim as its `Subsystem sftp`, e.g. `sftp-reply-shim`,
+//!   which loses the reply to one rename).
 //! - [`proftpd`]: ProFTPD's mod_sftp, a second real SFTP server, with
 //!   configurable extensions.
 //! - [`tmpfs`]: a size-limited tmpfs, to fill a destination's disk.
@@ -34,7 +40,9 @@ pub mod fake_etcd;
 pub mod fixtures;
 pub mod garage;
 pub mod hostile;
+pub mod http_relay;
 pub mod k8s_objects;
+pub mod moto;
 pub mod pod;
 pub mod proftpd;
 pub mod relay;

@@ -155,6 +155,9 @@ pub struct SshOptions {
     /// `MaxStartups` (connections not yet logged in at once, beyond which
     /// sshd drops new ones); `None`: 100.
     pub max_startups: Option<u32>,
+    /// The command sshd runs as its `Subsystem sftp` (a shim in front of
+    /// the real sftp-server, e.g.); `None`: `internal-sftp`.
+    pub sftp_subsystem: Option<String>,
 }
 
 /// A running `sshd` on 127.0.0.1; killed (with every session) on drop, and
@@ -175,6 +178,8 @@ pub struct SshServer {
     child: Option<Child>,
     /// `MaxSessions` and `MaxStartups` as written to the config.
     limits: (u32, u32),
+    /// `Subsystem sftp`'s command.
+    sftp_subsystem: String,
 }
 
 /// Why sshd did not come up.
@@ -242,6 +247,10 @@ impl SshServer {
                 opts.max_sessions.unwrap_or(100),
                 opts.max_startups.unwrap_or(100),
             ),
+            sftp_subsystem: opts
+                .sftp_subsystem
+                .clone()
+                .unwrap_or_else(|| "internal-sftp".into()),
         };
         let mut attempts = 0;
         loop {
@@ -525,13 +534,14 @@ impl SshServer {
              KbdInteractiveAuthentication no\n\
              PermitRootLogin yes\n\
              UsePAM no\n\
-             Subsystem sftp internal-sftp\n\
+             Subsystem sftp {sftp_subsystem}\n\
              LogLevel VERBOSE\n\
              MaxStartups {max_startups}\n\
              MaxSessions {max_sessions}\n",
             port = self.port,
             max_sessions = self.limits.0,
             max_startups = self.limits.1,
+            sftp_subsystem = self.sftp_subsystem,
             host_keys = self
                 .host_keys
                 .iter()

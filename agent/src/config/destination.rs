@@ -245,6 +245,9 @@ impl Validator {
                 None
             }
         };
+        if let Some(f) = &raw.session_token_file {
+            self.readable_file(&format!("{at}.s3.session_token_file"), f);
+        }
         let storage_class = raw.storage_class.filter(|c| !c.is_empty());
         if let Some(c) = &storage_class {
             if !c
@@ -274,6 +277,7 @@ impl Validator {
             path_style: raw.path_style.unwrap_or(false),
             access_key_id_file: access_key_id_file?,
             secret_access_key_file: secret_access_key_file?,
+            session_token_file: raw.session_token_file,
             storage_class,
             ca_file: raw.ca_file,
             // Set from `retry:` once that section is validated.
@@ -763,6 +767,25 @@ mod tests {
                 errs[0].message
             );
         }
+    }
+
+    #[test]
+    fn s3_session_token_file_is_optional_and_must_be_readable() {
+        let base = "    endpoint: http://127.0.0.1:3900\n    bucket: etcd-backups\n";
+        assert_eq!(s3(base).unwrap().session_token_file, None);
+        let token = tempfile::NamedTempFile::new().unwrap();
+        let given = format!("{base}    session_token_file: {}\n", token.path().display());
+        assert_eq!(
+            s3(&given).unwrap().session_token_file.as_deref(),
+            Some(token.path())
+        );
+        let missing = format!("{base}    session_token_file: /nonexistent/token\n");
+        let errs = s3(&missing).unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.field == "destination.s3.session_token_file"),
+            "{errs:?}"
+        );
     }
 
     #[test]

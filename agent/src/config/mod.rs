@@ -178,6 +178,7 @@ struct RawS3 {
     path_style: Option<bool>,
     access_key_id_file: Option<PathBuf>,
     secret_access_key_file: Option<PathBuf>,
+    session_token_file: Option<PathBuf>,
     storage_class: Option<String>,
     ca_file: Option<PathBuf>,
 }
@@ -599,6 +600,10 @@ pub struct S3Config {
     pub access_key_id_file: PathBuf,
     /// A file holding the secret access key.
     pub secret_access_key_file: PathBuf,
+    /// A file holding a session token, for temporary (STS-issued) keys;
+    /// sent, signed, as `x-amz-security-token`. Read again for each run,
+    /// so a token refreshed in the file is picked up.
+    pub session_token_file: Option<PathBuf>,
     /// Sent as `x-amz-storage-class` when objects are created.
     pub storage_class: Option<String>,
     /// PEM certificates trusted for `https` besides the system's roots.
@@ -901,6 +906,12 @@ fn expand_destination(
             v,
         );
         expand_one(&format!("{at}.s3.ca_file"), &mut s.ca_file, node, v);
+        expand_one(
+            &format!("{at}.s3.session_token_file"),
+            &mut s.session_token_file,
+            node,
+            v,
+        );
     }
 }
 

@@ -1,9 +1,11 @@
 //! A local directory that fails, or goes silent, on chosen operations: the
 //! one fault-injecting destination the unit tests share (a dropped
 //! connection while publishing or pruning, a reply that never comes, a
-//! server that cannot sync).
+//! reply lost after the operation was carried out, a server that cannot
+//! sync).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::io::AsyncRead;
@@ -24,6 +26,104 @@ pub(crate) struct Faults {
     /// `durability` answers as an SFTP server without fsync@openssh.com:
     /// `Some(true)` refused by `require_fsync`, `Some(false)` allowed.
     pub unsynced_required: Option<bool>,
+    /// The n-th call of this operation is carried out, then answered with
+    /// a timeout: the reply was lost on the way back.
+    pub reply_lost: Option<(Op, usize)>,
+    /// After that lost reply, every listing and read fails (the store
+    /// cannot be read back): the caller cannot find out what happened.
+    pub blind_after_lost: bool,
+}
+
+/// The operations of the set protocol, for [`Faults::reply_lost`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    Create,
+    CreateSmall,
+    Write,
+    Finish,
+    Rename,
+    Claim,
+    Delete,
+}
+
+impl Op {
+    pub(crate) const ALL: [Op; 7] = [
+        Op::Create,
+        Op::CreateSmall,
+        Op::Write,
+        Op::Finish,
+        Op::Rename,
+        Op::Claim,
+        Op::Delete,
+    ];
+}
+
+/// Calls per operation, and whether a reply was lost; shared with uploads.
+#[derive(Default)]
+struct Lossy {
+    calls: [AtomicUsize; 7],
+    lost: AtomicBool,
+}
+
+impl Lossy {
+    /// Counts a call of `op`; whether its reply is the one to lose.
+    fn loses(&self, faults: &Faults, op: Op) -> bool {
+        let n = self.calls[op as usize].fetch_add(1, Ordering::SeqCst) + 1;
+        let hit = faults.reply_lost == Some((op, n));
+        if hit {
+            self.lost.store(true, Ordering::SeqCst);
+        }
+        hit
+    }
+
+    fn blind(&self, faults: &Faults) -> bool {
+        faults.blind_after_lost && self.lost.load(Ordering::SeqCst)
+    }
+}
+
+/// The error of a reply that never came back, after the work was done.
+fn lost(op: &'static str, location: &str) -> DestinationError {
+    DestinationError::Io {
+        op,
+        location: location.to_string(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no answer within the timeout (the reply was lost)",
+        ),
+    }
+}
+
+/// An upload whose writes or finish may lose their reply.
+struct LossyUpload {
+    inner: Box<dyn Upload>,
+    faults: Faults,
+    lossy: Arc<Lossy>,
+    path: String,
+}
+
+#[async_trait]
+impl Upload for LossyUpload {
+    async fn write(&mut self, buf: &[u8]) -> Result<(), DestinationError> {
+        self.inner.write(buf).await?;
+        if self.lossy.loses(&self.faults, Op::Write) {
+            return Err(lost("cannot write", &self.path));
+        }
+        Ok(())
+    }
+
+    async fn finish(self: Box<Self>) -> Result<u64, DestinationError> {
+        let LossyUpload {
+            inner,
+            faults,
+            lossy,
+            path,
+        } = *self;
+        let size = inner.finish().await?;
+        if lossy.loses(&faults, Op::Finish) {
+            return Err(lost("cannot finish", &path));
+        }
+        Ok(size)
+    }
 }
 
 /// A [`LocalDir`] with [`Faults`]; `inner` is the same directory without them.
@@ -33,6 +133,7 @@ pub(crate) struct Faulty {
     creates: AtomicUsize,
     renames: AtomicUsize,
     deletes: AtomicUsize,
+    lossy: Arc<Lossy>,
 }
 
 impl Faulty {
@@ -43,7 +144,29 @@ impl Faulty {
             creates: AtomicUsize::new(0),
             renames: AtomicUsize::new(0),
             deletes: AtomicUsize::new(0),
+            lossy: Arc::default(),
         }
+    }
+
+    /// Whether the [`Faults::reply_lost`] fault fired.
+    pub(crate) fn reply_was_lost(&self) -> bool {
+        self.lossy.lost.load(Ordering::SeqCst)
+    }
+
+    fn lossy(&self, up: Box<dyn Upload>, path: &str) -> Box<dyn Upload> {
+        Box::new(LossyUpload {
+            inner: up,
+            faults: self.faults,
+            lossy: self.lossy.clone(),
+            path: path.to_string(),
+        })
+    }
+
+    fn blind(&self, op: &'static str, path: &str) -> Result<(), DestinationError> {
+        if self.lossy.blind(&self.faults) {
+            return Err(reset(op, path));
+        }
+        Ok(())
     }
 }
 
@@ -67,7 +190,22 @@ impl Destination for Faulty {
             drop(up);
             return std::future::pending().await;
         }
-        Ok(up)
+        if self.lossy.loses(&self.faults, Op::Create) {
+            return Err(lost("cannot create", path));
+        }
+        Ok(self.lossy(up, path))
+    }
+    async fn create_small(&self, path: &str) -> Result<Box<dyn Upload>, DestinationError> {
+        let up = self.inner.create_small(path).await?;
+        // The silent fault counts small creates among the creates.
+        if self.creates.fetch_add(1, Ordering::SeqCst) + 1 == self.faults.create_silent_at {
+            drop(up);
+            return std::future::pending().await;
+        }
+        if self.lossy.loses(&self.faults, Op::CreateSmall) {
+            return Err(lost("cannot create", path));
+        }
+        Ok(self.lossy(up, path))
     }
     async fn rename(&self, from: &str, to: &str) -> Result<(), DestinationError> {
         let n = self.renames.fetch_add(1, Ordering::SeqCst) + 1;
@@ -78,23 +216,39 @@ impl Destination for Faulty {
         if n == self.faults.rename_silent_at {
             return std::future::pending().await;
         }
+        if self.lossy.loses(&self.faults, Op::Rename) {
+            return Err(lost("cannot rename into", to));
+        }
         Ok(())
     }
     async fn list(&self, dir: &str) -> Result<Vec<DirEntry>, DestinationError> {
+        self.blind("cannot list", dir)?;
         self.inner.list(dir).await
     }
     async fn open(
         &self,
         path: &str,
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
+        self.blind("cannot open", path)?;
         self.inner.open(path).await
+    }
+    async fn claim(&self, dir: &str) -> Result<(), DestinationError> {
+        self.inner.claim(dir).await?;
+        if self.lossy.loses(&self.faults, Op::Claim) {
+            return Err(lost("cannot claim", dir));
+        }
+        Ok(())
     }
     async fn delete(&self, path: &str) -> Result<(), DestinationError> {
         let from = self.faults.deletes_fail_from;
         if from != 0 && self.deletes.fetch_add(1, Ordering::SeqCst) + 1 >= from {
             return Err(reset("cannot delete", path));
         }
-        self.inner.delete(path).await
+        self.inner.delete(path).await?;
+        if self.lossy.loses(&self.faults, Op::Delete) {
+            return Err(lost("cannot delete", path));
+        }
+        Ok(())
     }
     async fn remove_dir(&self, path: &str) -> Result<(), DestinationError> {
         self.inner.remove_dir(path).await

@@ -199,7 +199,16 @@ impl super::Destination for LocalDir {
             }
             std::fs::rename(&from, &t).map_err(io("cannot rename into", &t))?;
             if let Some(parent) = t.parent() {
-                sync_dir(parent)?;
+                // The rename took effect: a failed sync is not a refusal
+                // (whatever the OS calls it), so the caller looks before it
+                // decides that the file is not there.
+                std::fs::File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| DestinationError::Io {
+                        op: "renamed, but cannot sync the directory of",
+                        location: t.display().to_string(),
+                        source: std::io::Error::other(e),
+                    })?;
             }
             Ok(())
         })

@@ -150,6 +150,49 @@ impl DestinationError {
             _ => false,
         }
     }
+
+    /// Whether the destination definitely did not carry the operation out:
+    /// it answered, and said no and why (the file exists, permission denied,
+    /// no such file, a bad path, a refused login). Everything else is
+    /// ambiguous: a timeout, a dropped connection, a server error, a reply
+    /// cut off, or a failure after the operation took effect (a local
+    /// rename whose directory could not be synced) may come after the
+    /// destination did what was asked. A caller that must know looks (lists,
+    /// stats, HEADs) before it decides; it never takes such an error as a
+    /// "no".
+    pub fn is_refusal(&self) -> bool {
+        use std::io::ErrorKind as K;
+        match self {
+            DestinationError::Io { source, .. } => matches!(
+                source.kind(),
+                K::PermissionDenied
+                    | K::NotFound
+                    | K::AlreadyExists
+                    | K::InvalidInput
+                    | K::Unsupported
+                    | K::ReadOnlyFilesystem
+                    | K::NotADirectory
+                    | K::IsADirectory
+                    | K::DirectoryNotEmpty
+                    | K::StorageFull
+                    | K::QuotaExceeded
+            ),
+            DestinationError::AlreadyExists { .. }
+            | DestinationError::Full { .. }
+            | DestinationError::HostKey { .. }
+            | DestinationError::Auth { .. }
+            | DestinationError::Secret { .. }
+            | DestinationError::NotDurable { .. }
+            | DestinationError::BadPath { .. } => true,
+            // No session was set up, so nothing was sent.
+            DestinationError::Connect { .. } => true,
+            // The file was stored, with another size than sent.
+            DestinationError::SizeMismatch { .. } => false,
+            // A 4xx answer with its reason is a refusal; 5xx, throttling,
+            // timeouts and connections are not, whatever the retries did.
+            DestinationError::S3 { transient, .. } => !*transient,
+        }
+    }
 }
 
 /// Whether the OS says a write failed for lack of space or quota.
@@ -374,6 +417,41 @@ mod tests {
             source: std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"),
         };
         assert!(reset.is_transient());
+    }
+
+    #[test]
+    fn only_an_answered_no_is_a_refusal_timeouts_and_resets_are_ambiguous() {
+        let io = |kind| DestinationError::Io {
+            op: "cannot rename into",
+            location: "x".into(),
+            source: std::io::Error::new(kind, "what the server said"),
+        };
+        use std::io::ErrorKind as K;
+        for kind in [K::NotFound, K::PermissionDenied, K::AlreadyExists] {
+            assert!(io(kind).is_refusal(), "{kind:?}");
+        }
+        for kind in [
+            K::TimedOut,
+            K::ConnectionReset,
+            K::ConnectionAborted,
+            K::BrokenPipe,
+            K::UnexpectedEof,
+            K::Other,
+        ] {
+            assert!(!io(kind).is_refusal(), "{kind:?}");
+        }
+        let s3 = |transient| DestinationError::S3 {
+            op: "cannot complete the upload of",
+            location: "s3://b/k".into(),
+            detail: "d".into(),
+            transient,
+        };
+        assert!(s3(false).is_refusal(), "a 4xx answer");
+        assert!(!s3(true).is_refusal(), "a 5xx, a timeout or a reset");
+        assert!(DestinationError::AlreadyExists {
+            location: "x".into()
+        }
+        .is_refusal());
     }
 
     #[test]

@@ -19,6 +19,8 @@
 //!   write the same set.
 
 mod client;
+#[cfg(test)]
+mod fake_http;
 mod sign;
 mod xml;
 
@@ -283,6 +285,96 @@ impl S3Dir {
         }
     }
 
+    /// The ETag (unquoted) and size of object `key`, `None` when it does
+    /// not exist.
+    async fn head(&self, key: &str) -> Result<Option<(String, u64)>, DestinationError> {
+        let req = Req::new("cannot check", Method::HEAD, Some(key));
+        match self.client.send(&req).await {
+            Ok(r) => {
+                let h = r.headers();
+                let etag = h
+                    .get(reqwest::header::ETAG)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .trim_matches('"')
+                    .to_string();
+                let size = h
+                    .get(reqwest::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                Ok(Some((etag, size)))
+            }
+            Err(f) if f.is(StatusCode::NOT_FOUND) => Ok(None),
+            Err(f) => Err(self.client.error(req.op, Some(key), f)),
+        }
+    }
+
+    /// A conditional create of `key` (a PUT with `If-None-Match: *`, or a
+    /// multipart completion), never sent again blind: after an attempt
+    /// without a definite answer (a timeout, a dropped connection, a 5xx,
+    /// a 412 or NoSuchUpload that a lost first attempt may have caused) a
+    /// HEAD of the key says what happened. The object with this create's
+    /// ETag is this create's: done. Another object is someone else's:
+    /// [`DestinationError::AlreadyExists`]. No object: sent again, at most
+    /// `retry.attempts` times in all. When even the HEAD fails, the error
+    /// stays ambiguous (transient) for the caller to look again.
+    async fn create_checked<F, Fut>(
+        &self,
+        key: &str,
+        ours: &Ours,
+        send: F,
+    ) -> Result<(), DestinationError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(), Conditional>>,
+    {
+        let c = &self.client;
+        let attempts = c.attempts().max(1);
+        let mut attempt = 1;
+        loop {
+            let error = match send().await {
+                Ok(()) => return Ok(()),
+                Err(Conditional::Failed(e)) if e.is_refusal() => return Err(e),
+                Err(Conditional::Exists) => DestinationError::AlreadyExists {
+                    location: c.location(Some(key)),
+                },
+                Err(Conditional::Gone(e) | Conditional::Failed(e)) => e,
+            };
+            let found = match self.head(key).await {
+                Ok(found) => found,
+                Err(head) => {
+                    tracing::warn!(key, error = %error, head = %head, "a conditional create got no definite answer, and the object cannot be looked at");
+                    return Err(ambiguous(error));
+                }
+            };
+            match found {
+                Some((etag, size)) if ours.matches(&etag, size) => {
+                    tracing::warn!(key, error = %error, etag, "a conditional create got no definite answer; looked: the object is in place with this upload's ETag, so it was carried out");
+                    return Ok(());
+                }
+                Some((etag, _)) => {
+                    tracing::warn!(key, etag, expected = ?ours.etag, "the key holds another object than this upload's");
+                    return Err(DestinationError::AlreadyExists {
+                        location: c.location(Some(key)),
+                    });
+                }
+                None if matches!(error, DestinationError::AlreadyExists { .. }) => {
+                    // 412, yet nothing there: deleted meanwhile; try again.
+                }
+                None if error.is_refusal() => return Err(error),
+                None => {}
+            }
+            if attempt >= attempts {
+                return Err(ambiguous(error));
+            }
+            let delay = c.backoff(attempt);
+            tracing::warn!(key, attempt, of = attempts, error = %error, "looked: the object is not there; sending the create again");
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+
     /// Makes `pending` the object `key`, unless `key` exists.
     async fn publish(&self, key: &str, pending: Pending) -> Result<(), DestinationError> {
         let c = &self.client;
@@ -297,34 +389,30 @@ impl S3Dir {
             return Err(exists());
         }
         match pending {
-            Pending::Small(bytes) => put(c, key, bytes).await.map_err(|e| match e {
-                Conditional::Exists => exists(),
-                Conditional::Gone(e) | Conditional::Failed(e) => e,
-            }),
+            Pending::Small(bytes) => {
+                let ours = Ours {
+                    etag: Some(format!("{:x}", md5::compute(&bytes))),
+                    size: bytes.len() as u64,
+                };
+                self.create_checked(key, &ours, || put(c, key, bytes.clone()))
+                    .await
+            }
             Pending::Multipart {
                 upload_id,
                 parts,
                 size,
             } => {
-                match complete(c, key, &upload_id, &parts).await {
-                    Ok(()) => Ok(()),
-                    Err(Conditional::Gone(e)) => {
-                        // A retried completion whose first attempt went
-                        // through, its answer lost: the object is there.
-                        match self.stored_size(key).await? {
-                            Some(stored) if stored == size => {
-                                tracing::info!(key, "the upload was completed by an earlier attempt of the same request");
-                                Ok(())
-                            }
-                            _ => Err(e),
-                        }
-                    }
-                    Err(Conditional::Exists) => {
-                        abort(c, key, &upload_id).await;
-                        Err(exists())
-                    }
-                    Err(Conditional::Failed(e)) => Err(e),
+                let ours = Ours {
+                    etag: multipart_etag(&parts),
+                    size,
+                };
+                let done = self
+                    .create_checked(key, &ours, || complete(c, key, &upload_id, &parts))
+                    .await;
+                if matches!(done, Err(DestinationError::AlreadyExists { .. })) {
+                    abort(c, key, &upload_id).await;
                 }
+                done
             }
             Pending::Claimed { upload_id } => {
                 abort(c, key, &upload_id).await;
@@ -365,6 +453,64 @@ fn at_prefix(e: DestinationError, c: &Client, prefix: &str) -> DestinationError 
     }
 }
 
+/// What a conditional create of this run stores, to recognise it by.
+struct Ours {
+    /// The ETag S3 gives it, when it can be known (MD5-based ETags).
+    etag: Option<String>,
+    /// Its size.
+    size: u64,
+}
+
+impl Ours {
+    /// Whether an object with `etag` and `size` is this create's.
+    fn matches(&self, etag: &str, size: u64) -> bool {
+        match &self.etag {
+            Some(e) => e.eq_ignore_ascii_case(etag) && size == self.size,
+            // Without a known ETag, a size alone proves nothing.
+            None => false,
+        }
+    }
+}
+
+/// The ETag S3 gives the object a multipart upload completes into: the MD5
+/// of the parts' binary MD5s (their ETags as the uploads answered), then
+/// `-N`. `None` when a part's ETag is not an MD5 (SSE-KMS).
+fn multipart_etag(parts: &[(u32, String)]) -> Option<String> {
+    let mut md5 = md5::Context::new();
+    for (_, etag) in parts {
+        let digest = hex::decode(etag.trim_matches('"')).ok()?;
+        if digest.len() != 16 {
+            return None;
+        }
+        md5.consume(&digest);
+    }
+    Some(format!("{:x}-{}", md5.finalize(), parts.len()))
+}
+
+/// `e` marked as not a refusal: a create whose outcome is unknown.
+fn ambiguous(e: DestinationError) -> DestinationError {
+    match e {
+        DestinationError::S3 {
+            op,
+            location,
+            detail,
+            ..
+        } => DestinationError::S3 {
+            op,
+            location,
+            detail: format!("{detail}; it may have been carried out all the same"),
+            transient: true,
+        },
+        DestinationError::AlreadyExists { location } => DestinationError::S3 {
+            op: "cannot create",
+            location,
+            detail: "the store answered 412 (it exists), yet nothing could be found there".into(),
+            transient: true,
+        },
+        e => e,
+    }
+}
+
 /// A conditional create's outcome besides success.
 enum Conditional {
     /// The key exists (412): nothing was overwritten.
@@ -382,7 +528,7 @@ async fn put(c: &Client, key: &str, bytes: Bytes) -> Result<(), Conditional> {
     if let Some(class) = c.storage_class() {
         req = req.header("x-amz-storage-class", class);
     }
-    match c.send(&req).await {
+    match c.send_once_only(&req).await {
         Ok(_) => Ok(()),
         Err(f) if f.is(StatusCode::PRECONDITION_FAILED) => Err(Conditional::Exists),
         Err(f) => Err(Conditional::Failed(c.error(req.op, Some(key), f))),
@@ -399,8 +545,9 @@ async fn complete(
         .query("uploadId", upload_id)
         .header("if-none-match", "*")
         .header("content-type", "application/xml")
-        .body(xml::complete_body(parts));
-    let text = match c.send_text(&req).await {
+        .body(xml::complete_body(parts))
+        .idle_only();
+    let text = match c.send_text_once_only(&req).await {
         Ok(t) => t,
         Err(f) if f.is(StatusCode::PRECONDITION_FAILED) => return Err(Conditional::Exists),
         Err(f) if f.code_is("NoSuchUpload") => {

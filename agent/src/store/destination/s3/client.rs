@@ -15,7 +15,9 @@ use crate::store::destination::DestinationError;
 /// Connecting (TCP and TLS) to the store for this long fails the attempt.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A response (headers, or the next bytes of a body) that does not come for
-/// this long fails the attempt, so a stalled connection is noticed.
+/// this long fails the attempt, so a stalled connection is noticed. A
+/// multipart completion has only this: AWS answers a long one with `200`
+/// and then whitespace, for minutes, before the result.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A request with a body may take this long plus [`MIN_RATE`] for its body:
 /// a 5 MiB part gets 60 s + 160 s, enough for a 256 kbit/s link.
@@ -36,6 +38,8 @@ pub struct Client {
     storage_class: Option<String>,
     retry: RetryConfig,
     describe: String,
+    /// [`BASE_TIMEOUT`], shorter in tests.
+    base_timeout: Duration,
 }
 
 /// What one request is.
@@ -52,6 +56,8 @@ pub struct Req<'a> {
     pub headers: Vec<(String, String)>,
     /// The body (in memory: at most one part).
     pub body: Bytes,
+    /// Only the idle timeout applies, not the total one (a completion).
+    pub idle_only: bool,
 }
 
 impl<'a> Req<'a> {
@@ -64,7 +70,15 @@ impl<'a> Req<'a> {
             query: Vec::new(),
             headers: Vec::new(),
             body: Bytes::new(),
+            idle_only: false,
         }
+    }
+
+    /// Bounds the request by [`IDLE_TIMEOUT`] between bytes only, never
+    /// by a total time.
+    pub fn idle_only(mut self) -> Self {
+        self.idle_only = true;
+        self
     }
 
     /// Adds a query parameter.
@@ -84,6 +98,12 @@ impl<'a> Req<'a> {
         self.body = b.into();
         self
     }
+}
+
+/// A successful attempt: the response, or its whole body.
+enum Answer {
+    Response(reqwest::Response),
+    Text(String),
 }
 
 /// How a request failed, before it becomes a [`DestinationError`].
@@ -122,7 +142,10 @@ impl Failure {
     fn from_answer(status: StatusCode, body: &str) -> Self {
         let parsed = xml::error(body);
         let code = parsed.as_ref().map(|e| e.code.clone());
-        let transient = status.is_server_error()
+        // A skewed clock stays skewed: every retry is refused the same way.
+        // A conditional request that raced another one on the same key
+        // (409 ConditionalRequestConflict) is to be tried again, says AWS.
+        let transient = (status.is_server_error()
             || status == StatusCode::TOO_MANY_REQUESTS
             || matches!(
                 code.as_deref(),
@@ -131,9 +154,10 @@ impl Failure {
                         | "RequestTimeout"
                         | "InternalError"
                         | "ServiceUnavailable"
-                        | "RequestTimeTooSkewed"
+                        | "ConditionalRequestConflict"
                 )
-            );
+            ))
+            && code.as_deref() != Some("RequestTimeTooSkewed");
         let detail = match &parsed {
             Some(e) if e.message.is_empty() => format!("HTTP {status}, {}", e.code),
             Some(e) => format!("HTTP {status}, {}: {}", e.code, e.message),
@@ -145,6 +169,31 @@ impl Failure {
             detail,
             transient,
         }
+    }
+
+    /// Adds how far this machine's clock is from the store's, measured from
+    /// the answer's `Date` header, to a `RequestTimeTooSkewed` refusal.
+    fn with_skew(mut self, server_date: Option<&str>, sent_at: chrono::DateTime<Utc>) -> Self {
+        if !self.code_is("RequestTimeTooSkewed") {
+            return self;
+        }
+        let server = server_date.and_then(|d| chrono::DateTime::parse_from_rfc2822(d).ok());
+        match server {
+            Some(server) => {
+                let skew = sent_at.signed_duration_since(server.with_timezone(&Utc));
+                let secs = skew.num_seconds();
+                let way = if secs >= 0 { "ahead of" } else { "behind" };
+                self.detail.push_str(&format!(
+                    "; this machine's clock is {} s {way} the store's (its Date header says {})",
+                    secs.unsigned_abs(),
+                    server_date.unwrap_or_default()
+                ));
+            }
+            None => self
+                .detail
+                .push_str("; the store's answer has no Date header to measure the skew by"),
+        }
+        self
     }
 
     /// Whether this is the HTTP status `s`.
@@ -174,6 +223,9 @@ fn hint(f: &Failure, bucket: &str) -> String {
         Some("TlsCertificate") => {
             "the store's TLS certificate is not trusted: give the CA that signed it (PEM) in destination.s3.ca_file".into()
         }
+        Some("RequestTimeTooSkewed") => {
+            "the store refuses requests signed by a clock more than 15 minutes off its own: fix this machine's clock (NTP), then back up again; not retried".into()
+        }
         Some("AccessDenied") => {
             "not allowed: check the key and the bucket policy (docs/s3.md)".into()
         }
@@ -192,6 +244,16 @@ impl Client {
     /// [`DestinationError::Secret`] for an unreadable credential or CA file;
     /// [`DestinationError::Connect`] when the HTTP client cannot be built.
     pub fn new(config: &S3Config) -> Result<Self, DestinationError> {
+        Self::with_timeouts(config, BASE_TIMEOUT, IDLE_TIMEOUT)
+    }
+
+    /// [`Client::new`] with other timeouts than [`BASE_TIMEOUT`] and
+    /// [`IDLE_TIMEOUT`] (tests).
+    fn with_timeouts(
+        config: &S3Config,
+        base_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Result<Self, DestinationError> {
         let read = |field: &'static str, path: &std::path::Path| {
             std::fs::read_to_string(path)
                 .map(|s| s.trim().to_string())
@@ -209,6 +271,10 @@ impl Client {
             "destination.s3.secret_access_key_file",
             &config.secret_access_key_file,
         )?;
+        let session_token = match &config.session_token_file {
+            Some(f) => Some(read("destination.s3.session_token_file", f)?),
+            None => None,
+        };
         let empty = |field: &'static str, path: &std::path::Path| DestinationError::Secret {
             field,
             path: path.to_path_buf(),
@@ -226,9 +292,12 @@ impl Client {
                 &config.secret_access_key_file,
             ));
         }
+        if let (Some(""), Some(f)) = (session_token.as_deref(), &config.session_token_file) {
+            return Err(empty("destination.s3.session_token_file", f));
+        }
         let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(IDLE_TIMEOUT)
+            .read_timeout(idle_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("etcd-backup-agent/", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = &config.ca_file {
@@ -271,10 +340,12 @@ impl Client {
             creds: Credentials {
                 access_key_id,
                 secret_access_key,
+                session_token,
             },
             storage_class: config.storage_class.clone(),
             retry: config.retry,
             describe: config.describe(),
+            base_timeout,
         })
     }
 
@@ -291,6 +362,16 @@ impl Client {
     /// `s3://<bucket>/<prefix> at <endpoint>`.
     pub fn describe(&self) -> &str {
         &self.describe
+    }
+
+    /// How many times a request may be sent in all (`retry.attempts`).
+    pub fn attempts(&self) -> u32 {
+        self.retry.attempts
+    }
+
+    /// The `retry:` back-off before attempt `attempt + 1`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        self.retry.backoff(attempt, rand::random::<f64>())
     }
 
     /// The configured storage class.
@@ -360,6 +441,9 @@ impl Client {
             "x-amz-date".into(),
             now.format("%Y%m%dT%H%M%SZ").to_string(),
         ));
+        if let Some(token) = &self.creds.session_token {
+            headers.push(("x-amz-security-token".into(), token.clone()));
+        }
         let auth = sign::authorization(
             &sign::Request {
                 method: req.method.as_str(),
@@ -385,38 +469,57 @@ impl Client {
         }
         rb = rb.header("authorization", auth);
         if req.method != Method::GET && req.method != Method::HEAD {
-            let secs = req.body.len() as u64 / MIN_RATE;
-            rb = rb
-                .timeout(BASE_TIMEOUT + Duration::from_secs(secs))
-                .body(req.body.clone());
+            if !req.idle_only {
+                let secs = req.body.len() as u64 / MIN_RATE;
+                rb = rb.timeout(self.base_timeout + Duration::from_secs(secs));
+            }
+            rb = rb.body(req.body.clone());
         }
         let resp = rb.send().await.map_err(|e| Failure::from_reqwest(&e))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
         }
+        let date = resp
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let body = read_limited(resp).await;
-        Err(Failure::from_answer(status, &body))
+        Err(Failure::from_answer(status, &body).with_skew(date.as_deref(), now))
     }
 
-    /// Sends `req`, retrying transient failures with the `retry:` back-off.
-    ///
-    /// # Errors
-    /// The last [`Failure`].
-    pub async fn send(&self, req: &Req<'_>) -> Result<reqwest::Response, Failure> {
+    /// Sends `req` up to `attempts` times in all, retrying transient
+    /// failures with the `retry:` back-off; with `text`, reading the whole
+    /// (small) body is part of each attempt, and a body cut off fails it.
+    async fn send_attempts(
+        &self,
+        req: &Req<'_>,
+        attempts: u32,
+        text: bool,
+    ) -> Result<Answer, Failure> {
         let payload = sign::sha256_hex(&req.body);
         let mut attempt = 1;
         loop {
-            match self.send_once(req, &payload).await {
-                Ok(r) => return Ok(r),
-                Err(f) if f.transient && attempt < self.retry.attempts => {
+            let answer = match self.send_once(req, &payload).await {
+                Ok(r) if text => r
+                    .text()
+                    .await
+                    .map(Answer::Text)
+                    .map_err(|e| Failure::from_reqwest(&e)),
+                Ok(r) => Ok(Answer::Response(r)),
+                Err(f) => Err(f),
+            };
+            match answer {
+                Ok(a) => return Ok(a),
+                Err(f) if f.transient && attempt < attempts => {
                     let delay = self.retry.backoff(attempt, rand::random::<f64>());
                     tracing::warn!(
                         op = req.op,
                         bucket = %self.bucket,
                         key = req.key.unwrap_or(""),
                         attempt,
-                        of = self.retry.attempts,
+                        of = attempts,
                         retry_in_ms = delay.as_millis() as u64,
                         error = %f.detail,
                         "S3 request failed; retrying"
@@ -429,29 +532,56 @@ impl Client {
         }
     }
 
-    /// Sends `req` and reads its whole (small) body as text.
+    /// Sends `req`, retrying transient failures with the `retry:` back-off:
+    /// at most `retry.attempts` requests in all.
+    ///
+    /// # Errors
+    /// The last [`Failure`].
+    pub async fn send(&self, req: &Req<'_>) -> Result<reqwest::Response, Failure> {
+        match self.send_attempts(req, self.retry.attempts, false).await? {
+            Answer::Response(r) => Ok(r),
+            Answer::Text(_) => unreachable!("asked for the response"),
+        }
+    }
+
+    /// Sends `req` once, not retried: for a request whose repetition could
+    /// do harm or mislead (a conditional create), whose caller finds out
+    /// what a failed attempt did before it sends another.
+    ///
+    /// # Errors
+    /// The [`Failure`].
+    pub async fn send_once_only(&self, req: &Req<'_>) -> Result<reqwest::Response, Failure> {
+        match self.send_attempts(req, 1, false).await? {
+            Answer::Response(r) => Ok(r),
+            Answer::Text(_) => unreachable!("asked for the response"),
+        }
+    }
+
+    /// [`Client::send_once_only`], reading the whole (small) body as text.
+    ///
+    /// # Errors
+    /// The [`Failure`]; a body cut off is one.
+    pub async fn send_text_once_only(&self, req: &Req<'_>) -> Result<String, Failure> {
+        self.text_answer(req, 1).await
+    }
+
+    /// Sends `req` and reads its whole (small) body as text; a body cut off
+    /// fails the attempt, which counts among the `retry.attempts`.
     ///
     /// # Errors
     /// As [`Client::send`]; a body cut off is transient.
     pub async fn send_text(&self, req: &Req<'_>) -> Result<String, Failure> {
-        // A body lost on the way is retried like the request.
-        let mut attempt = 1;
-        loop {
-            let resp = self.send(req).await?;
-            match resp.text().await {
-                Ok(t) => {
-                    // Listings and upload ids only: nothing secret.
-                    tracing::trace!(op = req.op, body = %t, "S3 answer");
-                    return Ok(t);
-                }
-                Err(e) if attempt < self.retry.attempts => {
-                    let delay = self.retry.backoff(attempt, rand::random::<f64>());
-                    tracing::warn!(op = req.op, error = %e, "S3 answer cut off; retrying");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(Failure::from_reqwest(&e)),
+        self.text_answer(req, self.retry.attempts).await
+    }
+
+    async fn text_answer(&self, req: &Req<'_>, attempts: u32) -> Result<String, Failure> {
+        match self.send_attempts(req, attempts, true).await? {
+            Answer::Text(t) => {
+                // Listings and upload ids only: nothing secret.
+                tracing::trace!(op = req.op, body = %t, "S3 answer");
+                Ok(t)
             }
+            Answer::Response(_) => unreachable!("asked for the text"),
         }
     }
 
@@ -501,6 +631,7 @@ mod tests {
             path_style: true,
             access_key_id_file: secret_file.with_extension("id"),
             secret_access_key_file: secret_file.to_path_buf(),
+            session_token_file: None,
             storage_class: None,
             ca_file: None,
             retry: RetryConfig {
@@ -645,5 +776,154 @@ mod tests {
             .unwrap_err();
         assert!(f.transient, "{f:?}");
         assert!(c.error("cannot list", None, f).is_transient());
+    }
+
+    use super::super::fake_http::{answer, config as fake_config, count, s3_error, serve, Script};
+
+    fn fake_client(dir: &std::path::Path, url: &str, attempts: u32) -> Client {
+        Client::new(&fake_config(dir, url, attempts)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_conditional_request_conflict_409_is_retried() {
+        let (url, seen) = serve(|n, _| {
+            if n == 0 {
+                s3_error("409 Conflict", "ConditionalRequestConflict", &[])
+            } else {
+                answer("200 OK", &[], "")
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let c = fake_client(dir.path(), &url, 3);
+        let req = Req::new("cannot store", Method::PUT, Some("k")).header("if-none-match", "*");
+        c.send(&req).await.unwrap();
+        assert_eq!(count(&seen, "PUT"), 2);
+    }
+
+    #[tokio::test]
+    async fn a_skewed_clock_is_refused_once_and_the_error_says_by_how_much_and_to_fix_it() {
+        // The store's clock is 20 minutes ahead of this machine's.
+        let date = (Utc::now() + chrono::Duration::seconds(1200))
+            .format("%a, %d %b %Y %H:%M:%S GMT")
+            .to_string();
+        let (url, seen) = serve(move |_, _| {
+            s3_error(
+                "403 Forbidden",
+                "RequestTimeTooSkewed",
+                &[&format!("date: {date}")],
+            )
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let c = fake_client(dir.path(), &url, 5);
+        let f = c
+            .send(&Req::new("cannot list", Method::GET, None))
+            .await
+            .unwrap_err();
+        assert_eq!(count(&seen, "GET"), 1, "a skewed clock is not retried");
+        assert!(!f.transient);
+        let text = c.error("cannot list", None, f).to_string();
+        assert!(text.contains("fix this machine's clock"), "{text}");
+        let behind = text
+            .split(" s behind")
+            .next()
+            .and_then(|t| t.rsplit(' ').next())
+            .and_then(|n| n.parse::<i64>().ok())
+            .unwrap_or_else(|| panic!("no skew in {text}"));
+        assert!((1190..=1210).contains(&behind), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_request_is_sent_at_most_retry_attempts_times_in_all() {
+        // A 500, then a 200 whose body is cut off, over and over: each is
+        // one failed attempt.
+        let (url, seen) = serve(|n, _| {
+            if n % 2 == 0 {
+                s3_error("500 Internal Server Error", "InternalError", &[])
+            } else {
+                Script::Raw(
+                    "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 100\r\n\r\n<List"
+                        .into(),
+                )
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let c = fake_client(dir.path(), &url, 3);
+        let f = c
+            .send_text(&Req::new("cannot list", Method::GET, None))
+            .await
+            .unwrap_err();
+        assert!(f.transient, "{f:?}");
+        assert_eq!(count(&seen, "GET"), 3);
+    }
+
+    #[tokio::test]
+    async fn a_session_token_is_sent_as_x_amz_security_token_and_signed_never_shown() {
+        let (url, seen) = serve(|_, _| answer("200 OK", &[], "")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = fake_config(dir.path(), &url, 1);
+        let token = dir.path().join("token");
+        std::fs::write(&token, "FQoGZXIvYXdzEXAMPLETOKEN\n").unwrap();
+        cfg.session_token_file = Some(token.clone());
+        let c = Client::new(&cfg).unwrap();
+        c.send(&Req::new("cannot list", Method::GET, None))
+            .await
+            .unwrap();
+        let head = seen.lock().unwrap()[0].to_ascii_lowercase();
+        assert!(
+            head.contains("x-amz-security-token: fqogzxivyxdzexampletoken\r\n"),
+            "{head}"
+        );
+        let signed = head
+            .split("signedheaders=")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .unwrap_or_default();
+        assert!(
+            signed.split(';').any(|h| h == "x-amz-security-token"),
+            "{signed}"
+        );
+        assert!(!format!("{:?}", c.creds).contains("EXAMPLETOKEN"));
+        // An empty token file is refused by name.
+        std::fs::write(&token, "\n").unwrap();
+        let err = Client::new(&cfg).err().unwrap().to_string();
+        assert!(err.contains("destination.s3.session_token_file"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_completion_answering_with_whitespace_for_long_has_an_idle_timeout_not_a_total_one() {
+        // 200 at once, then a space every 200 ms for 2 s, then the result:
+        // as AWS answers a completion that takes long.
+        let trickle = || Script::Trickle {
+            head: "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-type: application/xml\r\n\r\n"
+                .into(),
+            chunks: std::iter::repeat_n(" ".to_string(), 10)
+                .chain(std::iter::once(
+                    "<CompleteMultipartUploadResult></CompleteMultipartUploadResult>".into(),
+                ))
+                .collect(),
+            every: Duration::from_millis(200),
+        };
+        let (url, seen) = serve(move |_, _| trickle()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = fake_config(dir.path(), &url, 1);
+        // A total timeout of 500 ms, an idle one of 1 s.
+        let c = Client::with_timeouts(&cfg, Duration::from_millis(500), Duration::from_secs(1))
+            .unwrap();
+        let complete = || {
+            Req::new("cannot complete the upload of", Method::POST, Some("k"))
+                .query("uploadId", "u")
+                .body("<CompleteMultipartUpload/>")
+        };
+        let text = c
+            .send_text_once_only(&complete().idle_only())
+            .await
+            .unwrap();
+        assert!(text.contains("CompleteMultipartUploadResult"), "{text}");
+        // The same answer to a request with a total timeout fails.
+        assert!(c.send_text_once_only(&complete()).await.is_err());
+        assert_eq!(count(&seen, "POST"), 2);
     }
 }

@@ -9,13 +9,17 @@ use chrono::{DateTime, Utc};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
-/// An access key. The secret is never printed: `Debug` leaves it out.
+/// An access key. The secret and the session token are never printed:
+/// `Debug` leaves them out.
 #[derive(Clone)]
 pub struct Credentials {
     /// The access key id (not secret; named in error messages).
     pub access_key_id: String,
     /// The secret access key.
     pub secret_access_key: String,
+    /// The session token of temporary (STS-issued) credentials, sent as
+    /// `x-amz-security-token` and signed with the other headers.
+    pub session_token: Option<String>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -140,6 +144,7 @@ mod tests {
         Credentials {
             access_key_id: "AKIAIOSFODNN7EXAMPLE".into(),
             secret_access_key: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY".into(),
+            session_token: None,
         }
     }
 
