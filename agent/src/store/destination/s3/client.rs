@@ -503,6 +503,7 @@ mod tests {
             secret_access_key_file: secret_file.to_path_buf(),
             storage_class: None,
             ca_file: None,
+            allow_plaintext_http: true,
             retry: RetryConfig {
                 attempts: 2,
                 initial_delay: Duration::from_millis(1),
