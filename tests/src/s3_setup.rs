@@ -16,7 +16,9 @@ use crate::garage::{GarageCluster, Rclone};
 use crate::wait_for;
 
 /// The `destination:` YAML for `bucket` on `endpoint` under `prefix`, with
-/// the key id and secret read from these files.
+/// the key id and secret read from these files. An `http://` endpoint (the
+/// test's Garage on loopback) gets `allow_plaintext_http: true`, which the
+/// agent requires for plain HTTP without `encryption:`.
 pub fn s3_destination_yaml(
     endpoint: &str,
     bucket: &str,
@@ -24,8 +26,13 @@ pub fn s3_destination_yaml(
     access_key_id_file: &Path,
     secret_access_key_file: &Path,
 ) -> String {
+    let plaintext = if endpoint.starts_with("http://") {
+        "    allow_plaintext_http: true\n"
+    } else {
+        ""
+    };
     format!(
-        "destination:\n  s3:\n    endpoint: \"{endpoint}\"\n    region: {region}\n    bucket: {bucket}\n    prefix: {prefix}\n    path_style: true\n    access_key_id_file: {}\n    secret_access_key_file: {}\n",
+        "destination:\n  s3:\n    endpoint: \"{endpoint}\"\n    region: {region}\n    bucket: {bucket}\n    prefix: {prefix}\n    path_style: true\n    access_key_id_file: {}\n    secret_access_key_file: {}\n{plaintext}",
         access_key_id_file.display(),
         secret_access_key_file.display(),
         region = crate::garage::REGION,

@@ -364,3 +364,58 @@ fn an_api_on_a_non_loopback_address_without_a_token_is_refused_unless_allowed() 
         assert_eq!(run.code, 0, "{ok}\n{}", run.stderr);
     }
 }
+
+#[test]
+fn a_plain_http_s3_endpoint_is_refused_unless_encrypted_or_explicitly_allowed() {
+    let work = tempfile::tempdir().unwrap();
+    let key = work.path().join("key");
+    std::fs::write(&key, "k\n").unwrap();
+    let s3 = |indent: &str| {
+        format!(
+            "{indent}s3:\n{indent}  endpoint: http://store.example:3900\n{indent}  bucket: etcd-backups\n{indent}  access_key_id_file: {k}\n{indent}  secret_access_key_file: {k}\n",
+            k = key.display()
+        )
+    };
+    let head = "node_name: master-0\netcd:\n  endpoints: [\"http://127.0.0.1:1\"]\nresources:\n  layout: none\n";
+    let single = format!("{head}destination:\n{}", s3("  "));
+    let listed = format!(
+        "{head}destinations:\n  - name: local\n    local:\n      path: {}\n  - name: store\n{}",
+        work.path().join("backups").display(),
+        s3("    ")
+    );
+    for (yaml, field) in [(&single, "destination.s3"), (&listed, "destinations[1].s3")] {
+        for command in ["check-config", "backup", "run"] {
+            let p = work.path().join("config.yaml");
+            std::fs::write(&p, format!("{yaml}schedule: \"@daily\"\n")).unwrap();
+            let run = run_agent(&[command, "--config", p.to_str().unwrap()]);
+            assert_eq!(run.code, 2, "{command}: {}", run.stderr);
+            for says in [
+                format!("  {field}.endpoint: http://store.example:3900 is plain HTTP"),
+                "every Secret of the cluster".to_string(),
+                "private keys".to_string(),
+                "encryption:".to_string(),
+                format!("{field}.allow_plaintext_http: true"),
+            ] {
+                assert!(
+                    run.stderr.contains(&says),
+                    "{command}: {says}: {}",
+                    run.stderr
+                );
+            }
+        }
+    }
+    // Either way out is accepted.
+    let recipients = "encryption:\n  recipients: [age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p]\n";
+    for ok in [
+        format!("{single}    allow_plaintext_http: true\n"),
+        format!("{listed}      allow_plaintext_http: true\n"),
+        format!("{single}{recipients}"),
+        format!("{listed}{recipients}"),
+        single.replace("http://store", "https://store"),
+    ] {
+        let p = work.path().join("ok.yaml");
+        std::fs::write(&p, &ok).unwrap();
+        let run = run_agent(&["check-config", "--config", p.to_str().unwrap()]);
+        assert_eq!(run.code, 0, "{ok}\n{}", run.stderr);
+    }
+}

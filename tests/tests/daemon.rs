@@ -9,7 +9,7 @@ use etcd_backup_agent::config::{Config, Environment};
 use etcd_backup_agent::daemon;
 use etcd_backup_proto::api::{ErrorResponse, Readiness, RunList, RunRecord, RunState, Trigger};
 use etcd_backup_proto::{FileKind, Manifest};
-use etcd_backup_tests::agent::{agent_bin, AgentConfig};
+use etcd_backup_tests::agent::{agent_bin, AgentConfig, AgentDaemon};
 use etcd_backup_tests::etcd::{real_snapshot_db, EtcdServer};
 use etcd_backup_tests::fake_etcd::{FakeEtcd, Tamper};
 use etcd_backup_tests::{complete_sets, files_below, free_port, metric, wait_for, wait_for_async};
@@ -791,5 +791,286 @@ async fn a_scheduled_drill_restores_the_newest_set_and_sets_its_metric() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    d.stop().await;
+}
+
+/// A whole `GET path` to `127.0.0.1:port` from the loopback address `from`
+/// (127.0.0.2 and the like stand for other hosts): the status, and how long
+/// the answer took; `None` when there was none within 1 s.
+async fn get_from(from: [u8; 4], port: u16, path: &str) -> (Option<u16>, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = Instant::now();
+    let exchange = async {
+        let socket = tokio::net::TcpSocket::new_v4().ok()?;
+        socket.bind(std::net::SocketAddr::from((from, 0))).ok()?;
+        let mut s = socket
+            .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+            .await
+            .ok()?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut text = Vec::new();
+        s.read_to_end(&mut text).await.ok()?;
+        String::from_utf8_lossy(&text)
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let status = tokio::time::timeout(Duration::from_secs(1), exchange)
+        .await
+        .ok()
+        .flatten();
+    (status, started.elapsed())
+}
+
+/// One slow-header client connection, kept up until `stop`: it sends half a
+/// request, then a header line a second; when the agent closes it, it
+/// counts that and connects again a second later. `held` counts the
+/// connections that stayed open for more than a second.
+async fn slow_header_client(
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    while !stop.load(SeqCst) {
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await;
+        let mut counted = false;
+        let mut buf = [0u8; 256];
+        while !stop.load(SeqCst) {
+            match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+                // Closed (or answered, which a slow header never is).
+                Ok(_) => break,
+                Err(_) => {
+                    if !counted {
+                        counted = true;
+                        held.fetch_add(1, SeqCst);
+                    }
+                    if s.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        if counted {
+            held.fetch_sub(1, SeqCst);
+        }
+        closed.fetch_add(1, SeqCst);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_address_holding_300_slow_connections_starves_neither_probes_nor_scrapes_nor_the_schedule(
+) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+    let etcd = EtcdServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("backups");
+    let (api, metrics_port) = (free_port(), free_port());
+    let mut cfg = AgentConfig::new(&etcd, &dest);
+    cfg.extra = format!(
+        "schedule: \"@every 10s\"\njitter: 0s\nrun_on_start: never\nhttp:\n  listen: 127.0.0.1:{api}\n  metrics_listen: 127.0.0.1:{metrics_port}\n"
+    );
+    let daemon = AgentDaemon::start(&cfg.write(work.path()), api);
+    wait_for_async("the metrics listener", Duration::from_secs(20), || async {
+        (get_from([127, 0, 0, 2], metrics_port, "/healthz").await.0 == Some(200)).then_some(())
+    })
+    .await;
+
+    // One address (127.0.0.1) opens 300 connections to the metrics listener,
+    // the one on the node's address, and keeps them coming.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (held, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let clients: Vec<_> = (0..300)
+        .map(|_| {
+            tokio::spawn(slow_header_client(
+                metrics_port,
+                stop.clone(),
+                held.clone(),
+                closed.clone(),
+            ))
+        })
+        .collect();
+
+    // Meanwhile, for 25 s (two scheduled runs and more): the kubelet's probes
+    // on the loopback listener, Prometheus from another address on the
+    // metrics listener, every answer within 1 s.
+    let start = Instant::now();
+    let (mut slowest, mut checks, mut most_held) = (Duration::ZERO, 0, 0);
+    while start.elapsed() < Duration::from_secs(25) {
+        for (from, port, path, want) in [
+            ([127, 0, 0, 1], api, "/healthz", Some(200)),
+            ([127, 0, 0, 1], api, "/readyz", None),
+            ([127, 0, 0, 2], metrics_port, "/metrics", Some(200)),
+            ([127, 0, 0, 2], metrics_port, "/healthz", Some(200)),
+        ] {
+            let (status, took) = get_from(from, port, path).await;
+            assert!(
+                status.is_some(),
+                "{path} on port {port} from {from:?} gave no answer within 1 s under load ({} attacker connections held, {} closed)\n{}",
+                held.load(SeqCst),
+                closed.load(SeqCst),
+                daemon.logs()
+            );
+            if let Some(want) = want {
+                assert_eq!(status, Some(want), "{path} on port {port}");
+            }
+            slowest = slowest.max(took);
+            checks += 1;
+        }
+        most_held = most_held.max(held.load(SeqCst));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let refused = closed.load(SeqCst);
+    stop.store(true, SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    eprintln!(
+        "{checks} probe and scrape answers under load, slowest {slowest:?}; the attacking address held at most {most_held} connections, {refused} were closed by the agent"
+    );
+    // The load was real and the agent held that address to its share.
+    assert!(
+        (1..=8).contains(&most_held),
+        "the one address held {most_held} connections at once"
+    );
+    assert!(refused >= 292, "only {refused} connections were refused");
+
+    // The schedule went on: scheduled runs completed sets meanwhile.
+    let r = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    let scheduled = metric(
+        &text,
+        "etcd_backup_runs_total{trigger=\"schedule\",result=\"success\"}",
+    );
+    assert!(scheduled >= 1.0, "{text}");
+    assert!(!complete_sets(&dest).is_empty());
+    assert_eq!(daemon.stop(Duration::from_secs(15)), Some(0));
+}
+
+/// Sends `request` to `addr` and reads the answer's status line: the status
+/// and how long it took, or `None` after `limit`.
+async fn raw_exchange(
+    addr: &str,
+    request: &[u8],
+    limit: Duration,
+) -> (Option<u16>, Duration, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let status = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            if got.windows(2).any(|w| w == b"\r\n") {
+                break;
+            }
+        }
+    })
+    .await
+    .ok()
+    .and_then(|()| {
+        String::from_utf8_lossy(&got)
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    });
+    (status, started.elapsed(), s)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_is_checked_before_the_body_and_the_body_is_bounded_in_size_and_time() {
+    let etcd = EtcdServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let dest = work.path().join("backups");
+    let mut cfg = daemon_config(&etcd.client_url, &dest);
+    cfg.extra += &format!("http:\n  token_file: {}\n", token_file.display());
+    let d = Daemon::start(&cfg).await;
+    let addr = d.base.trim_start_matches("http://").to_string();
+    let head = |auth: &str, length: &str| {
+        format!("POST /v1/backups HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {length}\r\n\r\n")
+    };
+    let good = "Authorization: Bearer s3cret-token\r\n";
+
+    // No token: 401 at once, though the announced body never comes.
+    for auth in ["", "Authorization: Bearer wrong\r\n"] {
+        let mut request = head(auth, "4000").into_bytes();
+        request.extend_from_slice(b"{\"partial\":");
+        let (status, took, _conn) = raw_exchange(&addr, &request, Duration::from_secs(3)).await;
+        assert_eq!(status, Some(401), "{auth:?}: answered in {took:?}");
+    }
+    // A body larger than 4 KiB, announced: 413 before any of it is sent.
+    let (status, _, _conn) = raw_exchange(
+        &addr,
+        head(good, "10000000").as_bytes(),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(status, Some(413));
+    // Sent without a length (chunked, never ending): 413 once 4 KiB are in.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let request = format!(
+            "POST /v1/backups HTTP/1.1\r\nHost: x\r\n{good}Transfer-Encoding: chunked\r\n\r\n"
+        );
+        let (mut status, _, mut conn) =
+            raw_exchange(&addr, request.as_bytes(), Duration::from_millis(100)).await;
+        let mut sent = 0;
+        while status.is_none() && sent < 64 * 1024 {
+            let chunk = format!("400\r\n{}\r\n", " ".repeat(1024));
+            if conn.write_all(chunk.as_bytes()).await.is_err() {
+                break;
+            }
+            sent += 1024;
+            let mut buf = [0u8; 64];
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(100), conn.read(&mut buf)).await
+            {
+                status = String::from_utf8_lossy(&buf[..n])
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok());
+            }
+        }
+        assert_eq!(
+            status,
+            Some(413),
+            "an endless body is cut off (after {sent} bytes sent)"
+        );
+        assert!(sent <= 8 * 1024, "{sent} bytes were read");
+    }
+    // The token, then a body that stalls: 408 after 5 s, not never.
+    let mut request = head(good, "100").into_bytes();
+    request.extend_from_slice(b"{");
+    let (status, took, _conn) = raw_exchange(&addr, &request, Duration::from_secs(15)).await;
+    assert_eq!(status, Some(408), "after {took:?}");
+    assert!(took >= Duration::from_secs(4), "{took:?}");
+
+    // None of these started a run; a right one still does.
+    assert!(files_below(&dest).is_empty());
+    let mut request = head(good, "2").into_bytes();
+    request.extend_from_slice(b"{}");
+    let (status, _, _conn) = raw_exchange(&addr, &request, Duration::from_secs(5)).await;
+    assert_eq!(status, Some(202));
     d.stop().await;
 }

@@ -830,7 +830,7 @@ fn daemonset_probes_ports_and_grace_agree_with_the_agent_config() {
         assert_eq!(config_mount.name, "config");
         assert_eq!(config_mount.sub_path.as_deref(), Some("config.yaml"));
 
-        // The metrics listener is what the probes and the port name point at.
+        // The metrics listener is what the port name points at.
         let metrics_listen = get_str(&config, "http.metrics_listen");
         let metrics_port: i32 = metrics_listen
             .rsplit_once(':')
@@ -848,6 +848,17 @@ fn daemonset_probes_ports_and_grace_agree_with_the_agent_config() {
             Some(metrics_port),
             "{dir}: hostNetwork: hostPort = containerPort"
         );
+        // The trigger stays on loopback (the default port, outside the
+        // control-plane ranges).
+        assert_eq!(get_str(&config, "http.listen"), "127.0.0.1:10290", "{dir}");
+        // The probes go to that loopback listener, never to the metrics port
+        // on the node's address, where any client on the network could
+        // crowd them out.
+        assert_eq!(
+            spec.host_network,
+            Some(true),
+            "{dir}: the kubelet shares the pod's loopback only with hostNetwork"
+        );
         for (probe, path) in [
             (&c.liveness_probe, "/healthz"),
             (&c.readiness_probe, "/readyz"),
@@ -857,13 +868,10 @@ fn daemonset_probes_ports_and_grace_agree_with_the_agent_config() {
                 .and_then(|p| p.http_get.as_ref())
                 .unwrap_or_else(|| panic!("{dir}: an httpGet probe on {path}"));
             assert_eq!(get.path.as_deref(), Some(path));
-            assert_eq!(get.port, IntOrString::String("metrics".into()));
-            assert!(get.host.is_none(), "{dir}: probes go to the node's address");
+            assert_eq!(get.host.as_deref(), Some("127.0.0.1"), "{dir}: {path}");
+            assert_eq!(get.port, IntOrString::Int(10290), "{dir}: {path}");
+            assert_ne!(get.port, IntOrString::Int(metrics_port), "{dir}: {path}");
         }
-
-        // The trigger stays on loopback (the default port, outside the
-        // control-plane ranges).
-        assert_eq!(get_str(&config, "http.listen"), "127.0.0.1:10290", "{dir}");
 
         // The pod outlives the agent's shutdown grace.
         let grace = seconds(get_str(&config, "shutdown_grace"));

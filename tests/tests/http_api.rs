@@ -231,6 +231,20 @@ async fn every_answer_of_the_real_agent_matches_its_openapi_document() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     spec.check("/v1/backups", Method::POST, r).await;
+    // A body that stalls after its first byte: 408 once 5 s have passed.
+    let stalled = tokio_stream::StreamExt::chain(
+        tokio_stream::iter([Ok::<_, std::io::Error>(b"{".to_vec())]),
+        tokio_stream::pending(),
+    );
+    let r = reqwest::Client::new()
+        .post(url("/v1/backups"))
+        .header("authorization", bearer)
+        .body(reqwest::Body::wrap_stream(stalled))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::REQUEST_TIMEOUT);
+    spec.check("/v1/backups", Method::POST, r).await;
     for (query, body) in [("?wait=maybe", ""), ("?force=1", ""), ("", "{\"a\": 1}")] {
         let r = post(query).body(body).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{query} {body}");

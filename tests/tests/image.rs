@@ -385,16 +385,19 @@ fn in_the_image_each_overlay_becomes_ready_backs_up_on_schedule_and_on_trigger()
                 .etcdctl(&["put", "/kubernetes.io/configmaps/default/in-image", "v1"]);
         assert!(out.status.success(), "{}", output_text(&out));
         let site = servers.site("@every 15s");
-        let metrics_port = site.metrics_port;
+        let (api_port, metrics_port) = (site.api_port, site.metrics_port);
         let pod = Pod::new(&image, dir, platform, &site);
         let daemon = Running(pod.start());
 
+        // Where the kubelet's probes go: the loopback API listener.
         wait_for(
-            &format!("{dir}: /readyz on the metrics listener"),
+            &format!("{dir}: /readyz on the loopback listener"),
             Duration::from_secs(60),
-            || (http_status(metrics_port, "/readyz") == Some(200)).then_some(()),
+            || (http_status(api_port, "/readyz") == Some(200)).then_some(()),
         );
-        assert_eq!(http_status(metrics_port, "/healthz"), Some(200), "{dir}");
+        assert_eq!(http_status(api_port, "/healthz"), Some(200), "{dir}");
+        // Prometheus's: the metrics listener.
+        assert_eq!(http_status(metrics_port, "/metrics"), Some(200), "{dir}");
 
         // The schedule's first tick (at most 15 s away) makes a set.
         let first = wait_for(

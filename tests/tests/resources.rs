@@ -435,3 +435,78 @@ fn a_set_taken_mid_rollout_is_marked_listed_and_passed_over_by_fetch_clean() {
     run.assert_code(2);
     assert!(run.stderr.contains("--clean"), "{}", run.stderr);
 }
+
+/// `tar -tzvf file` as GNU tar prints it (names with bytes that are not
+/// UTF-8 shown octal-escaped, `caf\351.yaml`).
+fn gnu_tar_listing(file: &std::path::Path) -> String {
+    let out = std::process::Command::new("tar")
+        .arg("-tzvf")
+        .arg(file)
+        .env("LC_ALL", "C")
+        .env("TZ", "UTC")
+        .output()
+        .expect("run GNU tar");
+    assert!(out.status.success(), "tar -tzvf failed: {out:?}");
+    String::from_utf8(out.stdout).expect("tar escapes what it lists")
+}
+
+#[test]
+fn names_that_are_not_utf8_are_archived_byte_for_byte_as_gnu_tar_does() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let etcd = EtcdServer::start();
+    let (b, top_level, root) = back_up_tree(&etcd, "openshift", |root| {
+        openshift_tree(root);
+        let rev = root.join("static-pod-resources/kube-apiserver-pod-7");
+        let name = |bytes: &[u8]| OsStr::from_bytes(bytes).to_owned();
+        // Latin-1 names, as a file copied from an old system might have.
+        let file = rev.join("configmaps").join(name(b"caf\xe9.yaml"));
+        std::fs::write(&file, "latin-1: true\n").unwrap();
+        let dir = rev.join(name(b"secrets/\xff\xfe-dir"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tls.key"), "KEY").unwrap();
+        std::fs::write(dir.join(name(b"\xe9t\xe9.key")), "KEY2").unwrap();
+        // A link whose name and target are not UTF-8, a hard link to the
+        // Latin-1 file, and a name longer than tar's 100-byte field.
+        std::os::unix::fs::symlink(
+            name(b"caf\xe9.yaml"),
+            rev.join("configmaps").join(name(b"link-\xe9")),
+        )
+        .unwrap();
+        std::fs::hard_link(&file, rev.join("configmaps").join(name(b"hard-\xe9"))).unwrap();
+        let long: Vec<u8> = b"n\xe9".repeat(60).into_iter().chain(*b".yaml").collect();
+        std::fs::write(rev.join("configmaps").join(name(&long)), "long\n").unwrap();
+        [
+            "kube-apiserver-pod-7",
+            "kube-controller-manager-pod-5",
+            "kube-scheduler-pod-3",
+            "etcd-pod-2",
+        ]
+        .iter()
+        .map(|d| format!("static-pod-resources/{d}"))
+        .collect()
+    });
+    let gnu = b._work.path().join("gnu.tar.gz");
+    gnu_tar_czf(&root, &top_level, &gnu);
+
+    // Every name is there, as GNU tar lists its own archive.
+    let (ours, theirs) = (gnu_tar_listing(&b.tarball), gnu_tar_listing(&gnu));
+    for shown in [
+        "configmaps/caf\\351.yaml",
+        "secrets/\\377\\376-dir/",
+        "secrets/\\377\\376-dir/tls.key",
+        "secrets/\\377\\376-dir/\\351t\\351.key",
+        "configmaps/link-\\351 -> caf\\351.yaml",
+        "configmaps/hard-\\351 link to static-pod-resources/kube-apiserver-pod-7/configmaps/caf\\351.yaml",
+        &format!("configmaps/{}.yaml", "n\\351".repeat(60)),
+    ] {
+        assert!(theirs.contains(shown), "GNU tar lists no {shown}:\n{theirs}");
+        assert!(ours.contains(shown), "the agent's tarball lacks {shown}:\n{ours}");
+    }
+    assert_eq!(ours, theirs, "tar -tzvf listings differ");
+    // And byte for byte.
+    assert!(
+        gunzip(&b.tarball) == gunzip(&gnu),
+        "the uncompressed archives differ"
+    );
+}

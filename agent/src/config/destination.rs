@@ -269,6 +269,15 @@ impl Validator {
                 );
             }
         }
+        let allow_plaintext_http = raw.allow_plaintext_http.unwrap_or(false);
+        if let Some(u) = endpoint.as_ref().filter(|u| u.scheme() == "http") {
+            if !allow_plaintext_http && !self.encryption_given {
+                self.error(
+                    format!("{at}.s3.endpoint"),
+                    format!("{} is plain HTTP: the snapshot (every Secret of the cluster) and the resources tarball (the control plane's private keys) would cross the network in clear; give an https:// endpoint, or turn on encryption: (age recipients) so only ciphertext is sent, or, if the path to the store is trusted, set {at}.s3.allow_plaintext_http: true", u.as_str().trim_end_matches('/')),
+                );
+            }
+        }
         Some(S3Config {
             endpoint: endpoint?,
             region,
@@ -280,6 +289,7 @@ impl Validator {
             session_token_file: raw.session_token_file,
             storage_class,
             ca_file: raw.ca_file,
+            allow_plaintext_http,
             // Set from `retry:` once that section is validated.
             retry: RetryConfig {
                 attempts: defaults::RETRY_ATTEMPTS,
@@ -680,9 +690,10 @@ mod tests {
     #[test]
     fn s3_defaults_and_describe() {
         let c = s3(
-            "    endpoint: http://127.0.0.1:3900\n    bucket: etcd-backups\n    prefix: prod/eu\n",
+            "    endpoint: http://127.0.0.1:3900\n    bucket: etcd-backups\n    prefix: prod/eu\n    allow_plaintext_http: true\n",
         )
         .unwrap();
+        assert!(c.allow_plaintext_http);
         assert_eq!(c.region, "us-east-1");
         assert!(!c.path_style);
         assert_eq!(c.retry.attempts, 4, "the retry: section is passed on");
@@ -748,7 +759,7 @@ mod tests {
                 "STANDARD",
             ),
             (
-                "    endpoint: http://h\n    bucket: b-1\n    ca_file: /etc/hostname\n",
+                "    endpoint: http://h\n    bucket: b-1\n    ca_file: /etc/hostname\n    allow_plaintext_http: true\n",
                 "destination.s3.ca_file",
                 "https://",
             ),
@@ -785,6 +796,59 @@ mod tests {
             errs.iter()
                 .any(|e| e.field == "destination.s3.session_token_file"),
             "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn a_plain_http_endpoint_needs_encryption_or_the_explicit_opt_out() {
+        let errs = s3("    endpoint: http://store:3900\n    bucket: b-1\n").unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "destination.s3.endpoint");
+        for says in [
+            "http://store:3900 is plain HTTP",
+            "in clear",
+            "https://",
+            "encryption:",
+            "destination.s3.allow_plaintext_http: true",
+        ] {
+            assert!(
+                errs[0].message.contains(says),
+                "{says}: {}",
+                errs[0].message
+            );
+        }
+        let c = s3(
+            "    endpoint: http://store:3900\n    bucket: b-1\n    allow_plaintext_http: true\n",
+        )
+        .unwrap();
+        assert!(c.allow_plaintext_http);
+        assert!(s3("    endpoint: https://store\n    bucket: b-1\n").is_ok());
+        // Encrypted, the data files are ciphertext: no opt-out needed.
+        let env = Environment {
+            node_name: None,
+            hostname: Some("h".into()),
+        };
+        let key = tempfile::NamedTempFile::new().unwrap();
+        let text = format!(
+            "etcd:\n  endpoints: [\"http://127.0.0.1:2379\"]\nresources:\n  layout: none\n\
+             encryption:\n  recipients: [age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p]\n\
+             destinations:\n  - name: a\n    s3:\n      endpoint: http://store:3900\n      bucket: b-1\n\
+             \x20     access_key_id_file: {k}\n      secret_access_key_file: {k}\n\
+             \x20 - name: b\n    local:\n      path: /b\n",
+            k = key.path().display()
+        );
+        Config::parse(&text, &env).unwrap();
+        // In a list, the error names the entry.
+        let text = text.replace("encryption:\n  recipients: [age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p]\n", "");
+        let errs = Config::parse(&text, &env).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "destinations[0].s3.endpoint");
+        assert!(
+            errs[0]
+                .message
+                .contains("destinations[0].s3.allow_plaintext_http: true"),
+            "{}",
+            errs[0].message
         );
     }
 

@@ -181,6 +181,7 @@ struct RawS3 {
     session_token_file: Option<PathBuf>,
     storage_class: Option<String>,
     ca_file: Option<PathBuf>,
+    allow_plaintext_http: Option<bool>,
 }
 
 /// One entry of `destinations:`: a name and exactly one kind.
@@ -608,6 +609,9 @@ pub struct S3Config {
     pub storage_class: Option<String>,
     /// PEM certificates trusted for `https` besides the system's roots.
     pub ca_file: Option<PathBuf>,
+    /// `allow_plaintext_http`: an `http://` endpoint is accepted without
+    /// `encryption:` (the data then crosses the network in clear).
+    pub allow_plaintext_http: bool,
     /// `retry:`, applied to each S3 request that fails transiently.
     pub retry: RetryConfig,
 }
@@ -769,6 +773,7 @@ impl Config {
 
         let etcd = v.etcd(raw.etcd.unwrap_or_default());
         let resources = v.resources(raw.resources.unwrap_or_default());
+        v.encryption_given = raw.encryption.is_some();
         let mut destinations = v.destinations(raw.destination, raw.destinations);
         let retry = v.retry(raw.retry.unwrap_or_default());
         for d in destinations.iter_mut().flatten() {
@@ -957,6 +962,9 @@ fn expand_node_name(raw: &mut RawConfig, node: &str, v: &mut Validator) {
 #[derive(Default)]
 struct Validator {
     errors: Vec<FieldError>,
+    /// `encryption:` is in the file (valid or not): data files leave the
+    /// node as ciphertext, so a plain-HTTP S3 endpoint carries no secret.
+    encryption_given: bool,
 }
 
 impl Validator {

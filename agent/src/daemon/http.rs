@@ -13,15 +13,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::connect_info::ConnectInfo;
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::handler::Handler;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter};
 use axum::{Extension, Json, Router};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -34,6 +35,12 @@ use crate::daemon::runner::{RunHandle, Runner, StartError};
 
 /// Largest request body accepted (the API takes none; this bounds abuse).
 pub const MAX_BODY: usize = 4096;
+
+/// How long the body of an authorised `POST` may take to arrive whole once
+/// its headers are in; a slower one is answered `408` and the connection
+/// closed, so a client that sends a `Content-Length` and then stalls holds
+/// its connection no longer than the header timeout would.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Most clients the trigger rate limit remembers at once. Only clients whose
 /// trigger started a run are remembered, and runs are one at a time, so
@@ -322,14 +329,97 @@ pub struct ConnectionLimits {
     /// accepted, so idle clients cannot use up the process's file descriptors
     /// (the other listener and the etcd connection need theirs).
     pub max_connections: usize,
+    /// Connections served at once for one peer address; one more from that
+    /// address is closed as soon as it is accepted. One client (one address)
+    /// can then hold at most this many of [`ConnectionLimits::max_connections`],
+    /// and Prometheus, scraping from another address, still gets in.
+    pub max_per_peer: usize,
 }
 
 impl ConnectionLimits {
-    /// 10 s for the headers, 64 connections per listener.
+    /// 10 s for the headers, 128 connections per listener, 8 per peer address.
     pub const DEFAULT: Self = Self {
         header_read_timeout: Duration::from_secs(10),
-        max_connections: 64,
+        max_connections: 128,
+        max_per_peer: 8,
     };
+}
+
+/// Why a connection was closed as soon as it was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Crowded {
+    /// Its peer address already has [`ConnectionLimits::max_per_peer`] open.
+    Peer,
+    /// The listener already serves [`ConnectionLimits::max_connections`].
+    Listener,
+}
+
+/// The connections a listener serves, counted in total and per peer address.
+#[derive(Debug)]
+struct Slots {
+    limits: ConnectionLimits,
+    open: Mutex<OpenConnections>,
+}
+
+#[derive(Debug, Default)]
+struct OpenConnections {
+    total: usize,
+    /// Peers with at least one open connection (so at most `total` entries).
+    by_peer: HashMap<IpAddr, usize>,
+}
+
+/// One served connection's place in [`Slots`], given back when dropped.
+#[derive(Debug)]
+struct Slot {
+    slots: Arc<Slots>,
+    peer: IpAddr,
+}
+
+impl Slots {
+    fn new(limits: ConnectionLimits) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            open: Mutex::new(OpenConnections::default()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OpenConnections> {
+        // Plain counters: a panic elsewhere while holding it leaves them usable.
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place for a connection from `peer` (IPv4-mapped IPv6 counts as the
+    /// IPv4 address), unless its address or the listener is full.
+    fn take(self: &Arc<Self>, peer: IpAddr) -> Result<Slot, Crowded> {
+        let peer = peer.to_canonical();
+        let mut open = self.lock();
+        let mine = open.by_peer.get(&peer).copied().unwrap_or(0);
+        if mine >= self.limits.max_per_peer {
+            return Err(Crowded::Peer);
+        }
+        if open.total >= self.limits.max_connections {
+            return Err(Crowded::Listener);
+        }
+        open.total += 1;
+        open.by_peer.insert(peer, mine + 1);
+        Ok(Slot {
+            slots: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.slots.lock();
+        open.total = open.total.saturating_sub(1);
+        if let Some(n) = open.by_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                open.by_peer.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// Serves `router` on an already-bound listener until `shutdown` completes,
@@ -359,7 +449,7 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     limits: ConnectionLimits,
 ) -> std::io::Result<()> {
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let slots = Slots::new(limits);
     let connections = tokio_util::task::TaskTracker::new();
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::pin!(shutdown);
@@ -375,10 +465,18 @@ pub async fn serve_with(
             },
             () = &mut shutdown => break,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, max = limits.max_connections, "HTTP connection refused: too many open");
-            drop(stream);
-            continue;
+        let slot = match slots.take(peer.ip()) {
+            Ok(slot) => slot,
+            Err(Crowded::Peer) => {
+                tracing::debug!(%peer, max = limits.max_per_peer, "HTTP connection refused: too many open from this address");
+                drop(stream);
+                continue;
+            }
+            Err(Crowded::Listener) => {
+                tracing::debug!(%peer, max = limits.max_connections, "HTTP connection refused: too many open");
+                drop(stream);
+                continue;
+            }
         };
         let service = hyper_util::service::TowerToHyperService::new(
             router.clone().layer(Extension(ConnectInfo(peer))),
@@ -458,11 +556,14 @@ async fn start_run(
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     params: Result<Query<StartParams>, QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
+    // The token before anything else, the body included: a client without
+    // it makes the agent read nothing more than its headers.
     if let Some(r) = unauthorized(&state, &headers) {
         return r;
     }
+    let body = read_small_body(&headers, body).await;
     let wait = match wait_without_body(params, body) {
         Ok(wait) => wait,
         Err(r) => return *r,
@@ -509,11 +610,52 @@ async fn start_run(
     }
 }
 
+/// Why a request body was not read.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    /// More than [`MAX_BODY`] bytes (announced or sent).
+    #[error("the request body is larger than {MAX_BODY} bytes")]
+    TooLarge,
+    /// Not whole within [`BODY_READ_TIMEOUT`].
+    #[error("the request body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs())]
+    TooSlow,
+    /// The connection failed while it was read.
+    #[error("the request body could not be read: {0}")]
+    Broken(axum::Error),
+}
+
+/// The body, at most [`MAX_BODY`] bytes read within [`BODY_READ_TIMEOUT`];
+/// a larger `Content-Length` is refused before a byte of it is read.
+async fn read_small_body(headers: &HeaderMap, body: Body) -> Result<Bytes, BodyError> {
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    let read = async {
+        let mut stream = body.into_data_stream();
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(BodyError::Broken)?;
+            if out.len() + chunk.len() > MAX_BODY {
+                return Err(BodyError::TooLarge);
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(out))
+    };
+    tokio::time::timeout(BODY_READ_TIMEOUT, read)
+        .await
+        .unwrap_or(Err(BodyError::TooSlow))
+}
+
 /// The query's `wait` flag, if the request has no body (or `{}`); else the
-/// `400` (or `413`) to answer with.
+/// `400`, `408` or `413` to answer with.
 fn wait_without_body(
     params: Result<Query<StartParams>, QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<Bytes, BodyError>,
 ) -> Result<bool, Box<Response>> {
     let wait = match params {
         Ok(Query(p)) => p.wait,
@@ -538,14 +680,16 @@ fn wait_without_body(
             )))
         }
         Err(e) => {
+            let status = match e {
+                BodyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+                BodyError::TooSlow => StatusCode::REQUEST_TIMEOUT,
+                BodyError::Broken(_) => StatusCode::BAD_REQUEST,
+            };
             return Err(Box::new(error(
-                e.status(),
-                format!(
-                    "request body rejected: {} (at most {MAX_BODY} bytes)",
-                    e.body_text()
-                ),
+                status,
+                format!("{e}; this endpoint takes no request body (or {{}})"),
                 None,
-            )))
+            )));
         }
     }
     Ok(wait)
@@ -763,6 +907,7 @@ mod tests {
         let limits = ConnectionLimits {
             header_read_timeout: Duration::from_millis(600),
             max_connections: 8,
+            max_per_peer: 8,
         };
         let addr = serve_on_loopback(metrics_router(st), limits).await;
         // Headers trickled a line every 100 ms never complete.
@@ -791,6 +936,7 @@ mod tests {
         let limits = ConnectionLimits {
             header_read_timeout: Duration::from_secs(30),
             max_connections: 4,
+            max_per_peer: 4,
         };
         let metrics_addr = serve_on_loopback(metrics_router(st.clone()), limits).await;
         let api_addr = serve_on_loopback(router(st), limits).await;
@@ -814,6 +960,85 @@ mod tests {
         drop(idle.pop());
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(raw_get(metrics_addr, "/healthz")
+            .await
+            .starts_with("HTTP/1.1 200"));
+    }
+
+    /// A connection to `addr` from the loopback address `from` (127.0.0.2
+    /// and the like stand for other hosts).
+    async fn connect_from(from: [u8; 4], addr: SocketAddr) -> tokio::net::TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from((Ipv4Addr::from(from), 0)))
+            .unwrap();
+        socket.connect(addr).await.unwrap()
+    }
+
+    /// Whether the server closes `s` within `limit` (sending nothing).
+    async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 512];
+        matches!(
+            tokio::time::timeout(limit, s.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    /// A whole `GET path` from `from`; the raw response.
+    async fn raw_get_from(from: [u8; 4], addr: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = connect_from(from, addr).await;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+        out
+    }
+
+    #[tokio::test]
+    async fn one_address_gets_its_share_of_connections_and_others_still_get_in() {
+        use tokio::io::AsyncWriteExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let st = state(&refused_endpoint(), "1s", tmp.path(), Duration::ZERO, None);
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 6,
+            max_per_peer: 2,
+        };
+        let addr = serve_on_loopback(metrics_router(st), limits).await;
+        // One address opens 20 connections and sends half a request on each.
+        let mut held = Vec::new();
+        for _ in 0..20 {
+            let mut s = connect_from([127, 0, 0, 1], addr).await;
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n").await;
+            held.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut open = 0;
+        for s in &mut held {
+            if !closed_within(s, Duration::from_millis(200)).await {
+                open += 1;
+            }
+        }
+        assert_eq!(open, 2, "the address holds exactly its share");
+        // Other addresses are served meanwhile, up to the listener's cap.
+        assert!(raw_get_from([127, 0, 0, 2], addr, "/metrics")
+            .await
+            .starts_with("HTTP/1.1 200"));
+        let mut others = Vec::new();
+        for last in 3..=6 {
+            others.push(connect_from([127, 0, 0, last], addr).await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut late = connect_from([127, 0, 0, 7], addr).await;
+        assert!(
+            closed_within(&mut late, Duration::from_secs(1)).await,
+            "the listener is full"
+        );
+        drop(others);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(raw_get_from([127, 0, 0, 7], addr, "/healthz")
             .await
             .starts_with("HTTP/1.1 200"));
     }

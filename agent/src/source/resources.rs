@@ -93,8 +93,10 @@ pub enum ResourcesError {
 pub struct Plan {
     /// The root everything is relative to.
     pub root: PathBuf,
-    /// Relative paths, in archive order.
-    pub paths: Vec<String>,
+    /// Relative paths, in archive order. Names below them are walked as the
+    /// bytes they are: a name that is not UTF-8 is archived as it is, as GNU
+    /// tar does.
+    pub paths: Vec<PathBuf>,
 }
 
 /// Totals of a written archive.
@@ -185,7 +187,7 @@ fn revision_dir(manifest: &str, name: &str) -> Option<String> {
     None
 }
 
-fn openshift_paths(root: &Path) -> Result<Vec<String>, ResourcesError> {
+fn openshift_paths(root: &Path) -> Result<Vec<PathBuf>, ResourcesError> {
     let mut paths = Vec::new();
     for name in OPENSHIFT_STATIC_PODS {
         let file = format!("{name}-pod.yaml");
@@ -195,7 +197,7 @@ fn openshift_paths(root: &Path) -> Result<Vec<String>, ResourcesError> {
             name: name.to_string(),
         })?;
         require_dir(&root.join(&rel))?;
-        paths.push(rel);
+        paths.push(PathBuf::from(rel));
     }
     Ok(paths)
 }
@@ -283,7 +285,7 @@ fn encryption_provider_config(manifest: &str) -> Option<String> {
     None
 }
 
-fn kubeadm_paths(root: &Path) -> Result<Vec<String>, ResourcesError> {
+fn kubeadm_paths(root: &Path) -> Result<Vec<PathBuf>, ResourcesError> {
     let manifests_dir = root.join("manifests");
     require_dir(&manifests_dir)?;
     let apiserver = read_manifest(root, "kube-apiserver.yaml", Layout::Kubeadm)?;
@@ -299,29 +301,28 @@ fn kubeadm_paths(root: &Path) -> Result<Vec<String>, ResourcesError> {
             path: manifests_dir.clone(),
             source,
         })?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+        // As bytes: a manifest whose name is not UTF-8 is taken all the same.
+        let name = entry.file_name();
         let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-        if is_file && name.ends_with(".yaml") {
-            names.push(format!("manifests/{name}"));
+        if is_file && name.as_bytes().ends_with(b".yaml") {
+            names.push(Path::new("manifests").join(name));
         }
     }
     names.sort();
     let mut paths = names;
     require_dir(&root.join("pki"))?;
-    paths.push("pki".to_string());
+    paths.push(PathBuf::from("pki"));
     if let Some(value) = encryption_provider_config(&apiserver) {
         let rel = Path::new(&value)
             .strip_prefix(HOST_ROOT)
             .ok()
             .and_then(|p| p.to_str())
             .filter(|p| !p.is_empty() && !p.split('/').any(|c| c == ".."))
+            .map(PathBuf::from)
             .ok_or_else(|| ResourcesError::OutsideRoot {
                 value: value.clone(),
-            })?
-            .to_string();
-        let covered = paths
-            .iter()
-            .any(|p| rel == *p || rel.starts_with(&format!("{p}/")));
+            })?;
+        let covered = paths.iter().any(|p| rel.starts_with(p));
         if !covered {
             let full = root.join(&rel);
             if !full.is_file() {
@@ -365,7 +366,7 @@ pub fn write_archive<W: Write>(plan: &Plan, out: W) -> Result<(W, ArchiveStats),
 fn append_tree<W: Write>(
     archive: &mut GnuArchive<W>,
     root: &Path,
-    rel: &str,
+    rel: &Path,
     stats: &mut ArchiveStats,
 ) -> Result<(), ResourcesError> {
     let full = root.join(rel);
@@ -393,17 +394,16 @@ fn append_tree<W: Write>(
     }
     stats.entries += 1;
     if ft.is_dir() {
-        let mut children: Vec<String> = std::fs::read_dir(&full)
+        // Names as bytes, sorted bytewise (`tar --sort=name`'s order); none
+        // is left out for not being UTF-8.
+        let mut children: Vec<std::ffi::OsString> = std::fs::read_dir(&full)
             .map_err(io_err("list"))?
             .map(|e| e.map(|e| e.file_name()))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(io_err("list"))?
-            .into_iter()
-            .filter_map(|n| n.into_string().ok())
-            .collect();
+            .map_err(io_err("list"))?;
         children.sort();
         for child in children {
-            append_tree(archive, root, &format!("{rel}/{child}"), stats)?;
+            append_tree(archive, root, &rel.join(child), stats)?;
         }
     }
     Ok(())
@@ -431,7 +431,7 @@ struct GnuArchive<W: Write> {
     users: std::collections::HashMap<u32, Vec<u8>>,
     groups: std::collections::HashMap<u32, Vec<u8>>,
     /// First archived name of each multiply-linked file, by (device, inode).
-    hard_links: std::collections::HashMap<(u64, u64), String>,
+    hard_links: std::collections::HashMap<(u64, u64), PathBuf>,
 }
 
 impl<W: Write> GnuArchive<W> {
@@ -545,7 +545,7 @@ impl<W: Write> GnuArchive<W> {
 
     /// If `meta` is a further name of a file already archived, writes a hard
     /// link to the first name and returns true.
-    fn hard_link(&mut self, rel: &str, meta: &std::fs::Metadata) -> std::io::Result<bool> {
+    fn hard_link(&mut self, rel: &Path, meta: &std::fs::Metadata) -> std::io::Result<bool> {
         if meta.nlink() < 2 {
             return Ok(false);
         }
@@ -553,25 +553,32 @@ impl<W: Write> GnuArchive<W> {
             Some(first) => {
                 let first = first.clone();
                 let h = self.header(tar::EntryType::Link, meta, 0);
-                self.append(h, rel.as_bytes(), Some(first.as_bytes()), std::io::empty())?;
+                self.append(
+                    h,
+                    rel.as_os_str().as_bytes(),
+                    Some(first.as_os_str().as_bytes()),
+                    std::io::empty(),
+                )?;
                 Ok(true)
             }
             None => {
                 self.hard_links
-                    .insert((meta.dev(), meta.ino()), rel.to_string());
+                    .insert((meta.dev(), meta.ino()), rel.to_path_buf());
                 Ok(false)
             }
         }
     }
 
-    fn directory(&mut self, rel: &str, meta: &std::fs::Metadata) -> std::io::Result<()> {
+    fn directory(&mut self, rel: &Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
         let h = self.header(tar::EntryType::Directory, meta, 0);
-        self.append(h, format!("{rel}/").as_bytes(), None, std::io::empty())
+        let mut name = rel.as_os_str().as_bytes().to_vec();
+        name.push(b'/');
+        self.append(h, &name, None, std::io::empty())
     }
 
     fn symlink(
         &mut self,
-        rel: &str,
+        rel: &Path,
         meta: &std::fs::Metadata,
         target: &[u8],
     ) -> std::io::Result<()> {
@@ -579,14 +586,19 @@ impl<W: Write> GnuArchive<W> {
             return Ok(());
         }
         let h = self.header(tar::EntryType::Symlink, meta, 0);
-        self.append(h, rel.as_bytes(), Some(target), std::io::empty())
+        self.append(
+            h,
+            rel.as_os_str().as_bytes(),
+            Some(target),
+            std::io::empty(),
+        )
     }
 
     /// Writes a regular file's entry and content; false when it was written
     /// as a hard link to an earlier name (no content).
     fn file(
         &mut self,
-        rel: &str,
+        rel: &Path,
         meta: &std::fs::Metadata,
         file: std::fs::File,
     ) -> std::io::Result<bool> {
@@ -597,7 +609,7 @@ impl<W: Write> GnuArchive<W> {
         let h = self.header(tar::EntryType::Regular, meta, size);
         self.append(
             h,
-            rel.as_bytes(),
+            rel.as_os_str().as_bytes(),
             None,
             ExactReader {
                 inner: file,

@@ -634,6 +634,7 @@ mod tests {
             session_token_file: None,
             storage_class: None,
             ca_file: None,
+            allow_plaintext_http: true,
             retry: RetryConfig {
                 attempts: 2,
                 initial_delay: Duration::from_millis(1),
