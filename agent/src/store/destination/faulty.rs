@@ -1,14 +1,14 @@
 //! A local directory that fails, or goes silent, on chosen operations: the
 //! one fault-injecting destination the unit tests share (a dropped
 //! connection while publishing or pruning, a reply that never comes, a
-//! server that cannot sync).
+//! server that cannot sync, files or directories).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use tokio::io::AsyncRead;
 
-use super::{Destination, DestinationError, DirEntry, Durability, LocalDir, Upload};
+use super::{Destination, DestinationError, DirEntry, DirSync, Durability, LocalDir, Upload};
 
 /// Which operations misbehave; counts are 1-based, 0 means never.
 #[derive(Debug, Default, Clone, Copy)]
@@ -24,6 +24,11 @@ pub(crate) struct Faults {
     /// `durability` answers as an SFTP server without fsync@openssh.com:
     /// `Some(true)` refused by `require_fsync`, `Some(false)` allowed.
     pub unsynced_required: Option<bool>,
+    /// Every `sync_dir` from the n-th on answers that the directory cannot
+    /// be synced, as a server that refuses to open or fsync a directory.
+    pub dir_sync_refused_from: usize,
+    /// The n-th `sync_dir` fails with a connection reset.
+    pub dir_sync_fails_at: usize,
 }
 
 /// A [`LocalDir`] with [`Faults`]; `inner` is the same directory without them.
@@ -33,6 +38,7 @@ pub(crate) struct Faulty {
     creates: AtomicUsize,
     renames: AtomicUsize,
     deletes: AtomicUsize,
+    dir_syncs: AtomicUsize,
 }
 
 impl Faulty {
@@ -43,6 +49,7 @@ impl Faulty {
             creates: AtomicUsize::new(0),
             renames: AtomicUsize::new(0),
             deletes: AtomicUsize::new(0),
+            dir_syncs: AtomicUsize::new(0),
         }
     }
 }
@@ -101,6 +108,17 @@ impl Destination for Faulty {
     }
     async fn warm_up(&self) {
         self.inner.warm_up().await;
+    }
+
+    async fn sync_dir(&self, dir: &str) -> Result<DirSync, DestinationError> {
+        let n = self.dir_syncs.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == self.faults.dir_sync_fails_at {
+            return Err(reset("cannot sync directory", dir));
+        }
+        if self.faults.dir_sync_refused_from != 0 && n >= self.faults.dir_sync_refused_from {
+            return Ok(DirSync::Unsupported("Failure: not a regular file".into()));
+        }
+        self.inner.sync_dir(dir).await
     }
 
     async fn durability(&self) -> Result<Durability, DestinationError> {
