@@ -502,12 +502,6 @@ impl SshServer {
         )
     }
 
-    /// The process id of the listening sshd (every session's sshd and
-    /// internal-sftp server is a descendant): what `strace -f -p` attaches to.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("sshd is running").id()
-    }
-
     /// sshd's log so far (every start and restart).
     pub fn log(&self) -> String {
         fs::read_to_string(self.log_path()).unwrap_or_default()
