@@ -384,10 +384,7 @@ async fn an_sftp_backup_syncs_every_lane_of_each_file_and_the_set_directory_afte
     );
     let config = s.write(&cfg);
     let work = tempfile::tempdir().unwrap();
-    let tracer = Tracer::attach(
-        sshd.pid().expect("sshd runs"),
-        &work.path().join("trace"),
-    );
+    let tracer = Tracer::attach(sshd.pid().expect("sshd runs"), &work.path().join("trace"));
     let run = backup(&config);
     // The sessions end with the agent; give their processes a moment to
     // exit before detaching.
