@@ -357,8 +357,9 @@ async fn two_garage_nodes_killed_mid_upload_fail_the_run_at_upload_and_prune_lea
 
 /// A slow backup (40 MiB at 300 KiB/s: about 2 min 15 s of streaming,
 /// a 5 MiB part every 17 s or so) with `stale_partial_after: 1m`; a `prune`
-/// from the command line 95 s after it started, when the set's claim and
-/// the snapshot's upload were both *started* more than a minute before.
+/// from the command line 75 s after the snapshot's upload was first seen,
+/// when the set's claim and that upload were both *started* more than a
+/// minute before.
 /// The upload is aged by its newest part, so prune leaves it alone, and the
 /// run completes a set that verifies. (Aged by its start, as before, prune
 /// aborted both uploads and the run failed.)
@@ -381,8 +382,11 @@ async fn prune_while_a_slow_upload_runs_past_stale_partial_after_leaves_it_and_t
     let started = Instant::now();
     let mut child = spawn_backup(&config, &log);
     wait_mid_upload(&rclone, &bucket, &mut child, &log);
-    let prune_at = Duration::from_secs(95);
-    std::thread::sleep(prune_at.saturating_sub(started.elapsed()));
+    // Both uploads were started before this moment; 75 s on, both are older
+    // than stale_partial_after by their start, with a minute of streaming
+    // still to come.
+    std::thread::sleep(Duration::from_secs(75));
+    let pruned_after = started.elapsed();
     assert!(
         child.try_wait().unwrap().is_none(),
         "the backup finished before the prune; the test needs a slower source:\n{}",
@@ -394,7 +398,10 @@ async fn prune_while_a_slow_upload_runs_past_stale_partial_after_leaves_it_and_t
             && uploads_before.iter().any(|k| k.contains("/snapshot_")),
         "the claim and the snapshot's upload are open: {uploads_before:?}"
     );
+    let listed = agent(&config, &["list", "--include-partial", "-o", "json"]);
+    eprintln!("before the prune: {}", listed.stdout);
     let pruned = agent(&config, &["prune"]);
+    eprintln!("prune: {}\n{}", pruned.stdout, pruned.stderr);
     pruned.assert_code(0);
     assert_eq!(
         rclone.multipart_uploads(&bucket),
@@ -407,7 +414,7 @@ async fn prune_while_a_slow_upload_runs_past_stale_partial_after_leaves_it_and_t
     let run = finish_backup(child, &log, started);
     run.assert_code(0);
     assert!(
-        run.elapsed > prune_at,
+        run.elapsed > pruned_after,
         "the backup ran past the prune: {:?}",
         run.elapsed
     );
