@@ -5,9 +5,12 @@
 //! 2. Ask the local etcd member who it is.
 //! 3. Stream the snapshot into `snapshot_<ts>.db.partial`, checking etcd's digest.
 //! 4. Stream the resources tarball into `static_kuberesources_<ts>.tar.gz.partial`.
-//! 5. Rename both to their final names.
+//! 5. Rename both to their final names, then sync the set directory, so
+//!    the renames are durable before anything names the files.
 //! 6. Write `manifest.json` last (itself through a partial name and a rename):
-//!    its presence is what makes the set complete.
+//!    its presence is what makes the set complete. Sync the set directory
+//!    again before reporting success. A destination that cannot sync a
+//!    directory gets a manifest that says so (`"durability": "files_synced"`).
 //!
 //! A run that fails at any step removes everything it wrote, so the
 //! destination never holds a set that looks complete but is not.
@@ -20,8 +23,8 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use etcd_backup_proto::{
-    Compression, FileKind, Manifest, ManifestCompression, ManifestEncryption, ManifestEtcd,
-    ManifestFile, PlaintextFile, SetId, SetTimestamp, MANIFEST_FILE_NAME,
+    Compression, DurabilityLevel, FileKind, Manifest, ManifestCompression, ManifestEncryption,
+    ManifestEtcd, ManifestFile, PlaintextFile, SetId, SetTimestamp, MANIFEST_FILE_NAME,
     MANIFEST_FORMAT_COMPRESSED, MANIFEST_FORMAT_ENCRYPTED, MANIFEST_FORMAT_PLAIN, PARTIAL_SUFFIX,
     ZST_SUFFIX,
 };
@@ -33,7 +36,7 @@ use crate::source::etcd::{
 };
 use crate::source::resources::{self, ResourcesError};
 use crate::store::compressing::{CompressError, Compressing};
-use crate::store::destination::{Destination, DestinationError, Durability, Upload};
+use crate::store::destination::{Destination, DestinationError, DirSync, Durability, Upload};
 use crate::store::fanout::{Lost, Tee};
 use crate::store::sealing::SealingUpload;
 
@@ -877,6 +880,10 @@ impl<'a> Run<'a> {
             }
             if let Some(e) = refused {
                 self.fail(i, Stage::Upload, e);
+                continue;
+            }
+            if let Err(e) = self.sync_set_dir(i, dest, false).await {
+                self.fail(i, Stage::Upload, e);
             }
         }
         self.any_left()?;
@@ -887,6 +894,49 @@ impl<'a> Run<'a> {
         manifest.snapshot_status = self.snapshot_status;
         self.stage = Stage::Manifest;
         self.write_manifests(manifest).await
+    }
+
+    /// Syncs the set directory at destination `i`, so the renames into it
+    /// survive a crash of the destination's host. A destination that
+    /// answers it cannot sync a directory is recorded as syncing files only
+    /// (its manifest then says so); one that never synced anything is not
+    /// asked.
+    ///
+    /// After the manifest (`manifest_written`), whose copy already says the
+    /// set is durable, a refusal fails the run instead: a set is never
+    /// called durable when it is not.
+    async fn sync_set_dir(
+        &mut self,
+        i: usize,
+        dest: &dyn Destination,
+        manifest_written: bool,
+    ) -> Result<(), DestinationError> {
+        if self.targets[i].durability != Durability::Synced {
+            return Ok(());
+        }
+        match dest.sync_dir(&self.set.dir()).await? {
+            DirSync::Synced => {}
+            DirSync::Unsupported(answer) if manifest_written => {
+                return Err(DestinationError::Io {
+                    op: "cannot sync the set directory",
+                    location: format!("{}/{}", dest.describe(), self.set.dir()),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::Unsupported,
+                        format!("{answer}, though it synced the same directory before the manifest was written"),
+                    ),
+                });
+            }
+            DirSync::Unsupported(answer) => {
+                tracing::warn!(
+                    destination = %dest.describe(),
+                    set = %self.set,
+                    answer = %answer,
+                    "the destination cannot sync the set directory, so a crash of its host may undo the renames that publish the set; the manifest records it as not durable (\"durability\": \"files_synced\")"
+                );
+                self.targets[i].durability = Durability::FilesOnly;
+            }
+        }
+        Ok(())
     }
 
     fn add_time(&mut self, stage: Stage, d: Duration) {
@@ -1162,6 +1212,7 @@ impl<'a> Run<'a> {
             // Looked at once the resources are stored: a rollout that began
             // during the run marks the set too.
             rollout_in_progress: resources::rollout_in_progress(&self.config.resources),
+            durability: None,
         }
     }
 
@@ -1175,6 +1226,11 @@ impl<'a> Run<'a> {
         for (i, dest) in self.live() {
             let mut own = manifest.clone();
             own.durable = self.targets[i].durability == Durability::Synced;
+            own.durability = match self.targets[i].durability {
+                Durability::Synced => None,
+                Durability::FilesOnly => Some(DurabilityLevel::FilesSynced),
+                Durability::NotSynced => Some(DurabilityLevel::NotSynced),
+            };
             let mut json = serde_json::to_vec_pretty(&own).expect("a manifest always serializes");
             json.push(b'\n');
             let mut up = match self
@@ -1222,6 +1278,11 @@ impl<'a> Run<'a> {
                     }
                 }
                 other => other.map_err(Cause::from),
+            };
+            // The manifest's rename is durable before the run says so.
+            let renamed = match renamed {
+                Ok(()) => self.sync_set_dir(i, dest, true).await,
+                Err(e) => Err(e),
             };
             match renamed {
                 Ok(()) => {
@@ -1922,6 +1983,78 @@ mod tests {
         )
         .unwrap();
         assert!(!stored.contains("durable"), "{stored}");
+    }
+
+    #[tokio::test]
+    async fn a_set_directory_that_cannot_be_synced_is_recorded_files_synced_not_durable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = kubeadm_root(tmp.path());
+        let base = tmp.path().join("dest");
+        let cfg = config(&base, Some(&root));
+        let dest = Faulty::new(
+            LocalDir::open(&base).await.unwrap(),
+            Faults {
+                dir_sync_refused_from: 1,
+                ..Faults::default()
+            },
+        );
+        let report = run_with_source(&cfg, &mut MemorySource::new(4), &dest)
+            .await
+            .unwrap();
+        assert!(!report.manifest.durable);
+        assert_eq!(
+            report.manifest.durability,
+            Some(DurabilityLevel::FilesSynced)
+        );
+        assert_eq!(
+            report.destinations[0].result,
+            DestinationResult::Succeeded { durable: false }
+        );
+        let stored =
+            std::fs::read_to_string(base.join(report.set.dir()).join(MANIFEST_FILE_NAME)).unwrap();
+        assert!(stored.contains("\"durable\": false"), "{stored}");
+        assert!(
+            stored.contains("\"durability\": \"files_synced\""),
+            "{stored}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_set_directory_sync_that_fails_fails_the_run_and_leaves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = kubeadm_root(tmp.path());
+        // 1: after the data renames; 2: after the manifest's, which already
+        // says durable, so a refusal there fails the run as a reset does.
+        let cases = [
+            ("reset after the data renames", Stage::Upload, 1, 0),
+            ("reset after the manifest", Stage::Manifest, 2, 0),
+            ("refused after the manifest", Stage::Manifest, 0, 2),
+        ];
+        for (case, stage, fails_at, refused_from) in cases {
+            let base = tmp.path().join(case.replace(' ', "_"));
+            let cfg = config(&base, Some(&root));
+            let dest = Faulty::new(
+                LocalDir::open(&base).await.unwrap(),
+                Faults {
+                    dir_sync_fails_at: fails_at,
+                    dir_sync_refused_from: refused_from,
+                    ..Faults::default()
+                },
+            );
+            let err = run_with_source(&cfg, &mut MemorySource::new(4), &dest)
+                .await
+                .unwrap_err();
+            assert_eq!(err.stage, stage, "{case}: {err}");
+            assert!(
+                err.to_string().contains("sync"),
+                "{case}: the error does not name the sync: {err}"
+            );
+            assert!(
+                all_files(&base).is_empty(),
+                "{case}: {:?}",
+                all_files(&base)
+            );
+        }
     }
 
     #[tokio::test]

@@ -13,8 +13,8 @@ pub mod manifest;
 pub mod naming;
 
 pub use manifest::{
-    Compression, FileKind, Manifest, ManifestCompression, ManifestEncryption, ManifestEtcd,
-    ManifestFile, PlaintextFile, SnapshotStatus, MANIFEST_FORMAT_COMPRESSED,
+    Compression, DurabilityLevel, FileKind, Manifest, ManifestCompression, ManifestEncryption,
+    ManifestEtcd, ManifestFile, PlaintextFile, SnapshotStatus, MANIFEST_FORMAT_COMPRESSED,
     MANIFEST_FORMAT_ENCRYPTED, MANIFEST_FORMAT_PLAIN, MANIFEST_FORMAT_VERSION,
 };
 pub use naming::{

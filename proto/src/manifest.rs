@@ -24,7 +24,8 @@ use crate::naming::SetTimestamp;
 ///   instead of handing a compressed file to etcd.
 ///
 /// Optional fields that an older reader may ignore without misreading the
-/// set ([`Manifest::durable`], [`Manifest::snapshot_status`]) do not change
+/// set ([`Manifest::durable`], [`Manifest::durability`],
+/// [`Manifest::snapshot_status`]) do not change
 /// the version: readers ignore fields they do not know.
 pub const MANIFEST_FORMAT_VERSION: u32 = 3;
 
@@ -72,12 +73,14 @@ pub struct Manifest {
     /// [`compression`](ManifestFile::compression).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<ManifestCompression>,
-    /// Whether every file was synced to stable storage on the destination
-    /// before the set was published. `false` only for an SFTP server without
-    /// `fsync@openssh.com`, accepted with `destination.sftp.require_fsync:
-    /// false`: a crash of that server may have lost or truncated the files
-    /// (verify the set before relying on it). Written only when false; a
-    /// manifest without it (every older one) reads as true.
+    /// Whether every file, and the renames that published them, was synced
+    /// to stable storage on the destination before the run reported
+    /// success. `false` for an SFTP server without `fsync@openssh.com`,
+    /// accepted with `destination.sftp.require_fsync: false` (a crash of
+    /// that server may have lost or truncated the files), and for one that
+    /// syncs files but not their directory ([`Manifest::durability`] says
+    /// which). Written only when false; a manifest without it (every older
+    /// one) reads as true.
     #[serde(default = "durable_default", skip_serializing_if = "is_true")]
     pub durable: bool,
     /// The static pods (`kube-apiserver`, `etcd`, …) that were mid-rollout on
@@ -88,6 +91,26 @@ pub struct Manifest {
     /// without it reads as a clean set.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rollout_in_progress: Vec<String>,
+    /// How far the set is durable when not entirely ([`Manifest::durable`]
+    /// false): written only then, so a manifest without it is fully synced
+    /// (or was written before agents synced set directories on SFTP, which
+    /// `agent_version` tells). Older agents ignore it and read `durable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durability: Option<DurabilityLevel>,
+}
+
+/// What a destination synced of a set that is not entirely durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DurabilityLevel {
+    /// Every file was synced before its rename, but the directory holding
+    /// them could not be synced (the server refused to open or sync it):
+    /// after a crash of the server the renames may be undone, the files back
+    /// under their `.partial` names or the manifest gone.
+    FilesSynced,
+    /// Nothing was synced (no `fsync@openssh.com`): a crash of the server
+    /// may lose or truncate the files themselves.
+    NotSynced,
 }
 
 pub(crate) fn durable_default() -> bool {
@@ -313,6 +336,7 @@ mod tests {
             compression: None,
             durable: true,
             rollout_in_progress: Vec::new(),
+            durability: None,
         }
     }
 
@@ -344,6 +368,22 @@ mod tests {
         assert!(json.contains("\"durable\": false"), "{json}");
         let back: Manifest = serde_json::from_str(&json).unwrap();
         assert_eq!(back, m);
+    }
+
+    #[test]
+    fn a_set_whose_directory_was_not_synced_says_so_and_old_readers_see_not_durable() {
+        let mut m = sample();
+        m.durable = false;
+        m.durability = Some(DurabilityLevel::FilesSynced);
+        let json = serde_json::to_string_pretty(&m).unwrap();
+        assert!(json.contains("\"durable\": false"), "{json}");
+        assert!(json.contains("\"durability\": \"files_synced\""), "{json}");
+        let back: Manifest = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m);
+        // An older reader (no `durability` field) still reads the set, as
+        // not durable.
+        let old: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(old["durable"], serde_json::Value::Bool(false));
     }
 
     #[test]

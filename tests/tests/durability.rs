@@ -1,6 +1,7 @@
 //! What reaches stable storage, and in what order: the local destination's
-//! syscalls as `strace` sees them, and a full SFTP disk reported with what
-//! the server says is free.
+//! syscalls, and those of OpenSSH's SFTP server storing a set, as `strace`
+//! sees them; ProFTPD's answer to a directory sync; and a full SFTP disk
+//! reported with what the server says is free.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,12 +24,21 @@ enum Call {
     Rename(PathBuf, PathBuf),
     /// mkdir or mkdirat.
     Mkdir(PathBuf),
+    /// link or linkat: how OpenSSH's sftp-server renames a regular file
+    /// (link to the new name, then unlink the old one).
+    Link(PathBuf, PathBuf),
+    /// unlink or unlinkat.
+    Unlink(PathBuf),
+    /// openat of a path for writing.
+    OpenWrite(PathBuf),
 }
 
 /// A call and the trace lines where it started and returned.
 #[derive(Debug, Clone)]
 struct Event {
     call: Call,
+    /// The process (or thread) that made it.
+    pid: String,
     start: usize,
     end: usize,
 }
@@ -53,6 +63,14 @@ fn parse_call(name: &str, args: &str) -> Option<Call> {
             (q.len() >= 2).then(|| Call::Rename(q[0].clone(), q[1].clone()))
         }
         "mkdir" | "mkdirat" => quoted(args).first().cloned().map(Call::Mkdir),
+        "link" | "linkat" => {
+            let q = quoted(args);
+            (q.len() >= 2).then(|| Call::Link(q[0].clone(), q[1].clone()))
+        }
+        "unlink" | "unlinkat" => quoted(args).first().cloned().map(Call::Unlink),
+        "openat" if args.contains("O_WRONLY") || args.contains("O_RDWR") => {
+            quoted(args).first().cloned().map(Call::OpenWrite)
+        }
         _ => None,
     }
 }
@@ -87,10 +105,15 @@ fn parse_trace(text: &str) -> Vec<Event> {
             let (args, result) = args.rsplit_once(" = ").unwrap_or((args, ""));
             (name.to_string(), args.to_string(), i, result.to_string())
         };
-        if result.trim_start().starts_with('0') {
+        // 0, or a descriptor for openat; never -1 (failed) or ? (cut off).
+        if result
+            .trim_start()
+            .starts_with(|c: char| c.is_ascii_digit())
+        {
             if let Some(call) = parse_call(&name, &args) {
                 events.push(Event {
                     call,
+                    pid: pid.to_string(),
                     start,
                     end: i,
                 });
@@ -119,11 +142,13 @@ fn the_parser_joins_interrupted_calls_and_keeps_only_successes() {
         [
             &Call::Mkdir("/d/a".into()),
             &Call::Sync("/d/a/x.partial".into()),
+            &Call::OpenWrite("/d/a/x.partial".into()),
             &Call::Rename("/d/a/x.partial".into(), "/d/a/x".into()),
             &Call::Sync("/d/a".into()),
         ]
     );
     assert_eq!((events[1].start, events[1].end), (1, 3));
+    assert_eq!(events[1].pid, "11");
 }
 
 #[test]
@@ -168,7 +193,12 @@ fn a_local_backup_syncs_each_file_before_its_rename_each_directory_after_and_the
     let events: Vec<Event> = parse_trace(&trace)
         .into_iter()
         .filter(|e| match &e.call {
-            Call::Sync(p) | Call::Mkdir(p) | Call::Rename(p, _) => p.starts_with(work.path()),
+            Call::Sync(p)
+            | Call::Mkdir(p)
+            | Call::Rename(p, _)
+            | Call::Link(p, _)
+            | Call::Unlink(p)
+            | Call::OpenWrite(p) => p.starts_with(work.path()),
         })
         .collect();
     let dump = || {
@@ -257,6 +287,225 @@ fn a_local_backup_syncs_each_file_before_its_rename_each_directory_after_and_the
             "{} was not synced after {} was made\n{}",
             parent.display(),
             dir.display(),
+            dump()
+        );
+    }
+}
+
+/// `strace -f` attached to a running process and everything it forks
+/// from then on; detached (and its output complete) by [`Tracer::finish`].
+struct Tracer {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+impl Tracer {
+    /// Attaches to `pid`; returns once the kernel says it is traced.
+    fn attach(pid: u32, out: &Path) -> Self {
+        require_tool("strace", "strace");
+        let child = Command::new("strace")
+            .args(["-f", "-y", "-qq", "-s", "4096", "-o"])
+            .arg(out)
+            .args([
+                "-e",
+                "trace=fsync,fdatasync,rename,renameat,renameat2,link,linkat,unlink,unlinkat,openat",
+                "-p",
+                &pid.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start strace");
+        let status = format!("/proc/{pid}/status");
+        let started = std::time::Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&status).unwrap_or_default();
+            let tracer = text
+                .lines()
+                .find_map(|l| l.strip_prefix("TracerPid:"))
+                .map(|v| v.trim().to_string());
+            if tracer.is_some_and(|t| t != "0") {
+                break;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "strace did not attach to {pid}: {text}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Self {
+            child,
+            out: out.to_path_buf(),
+        }
+    }
+
+    /// Detaches (SIGTERM: strace lets its tracees go and flushes) and
+    /// returns the trace.
+    fn finish(mut self) -> String {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+}
+
+/// OpenSSH's sftp-server (sshd's internal-sftp, traced with `strace -f`)
+/// while the agent stores a set with its default 16 streams: every session
+/// that wrote the snapshot synced it before its rename (not lane 0's alone),
+/// and the set directory was synced after the data files' renames (before
+/// the manifest was created) and after the manifest's, so no rename that
+/// publishes the set can be undone by a crash of the server. The run
+/// waits for the answer to that last sync before it reports success.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_sftp_backup_syncs_every_lane_of_each_file_and_the_set_directory_after_its_renames() {
+    let etcd = EtcdServer::start();
+    let mut client = etcd.client().await;
+    // About 6 MiB of snapshot: several 256 KiB stripe blocks per lane.
+    let value = vec![b'v'; 64 * 1024];
+    for i in 0..96 {
+        client
+            .put(format!("/registry/big/{i:03}"), value.clone(), None)
+            .await
+            .unwrap();
+    }
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = SshServer::start(SshOptions {
+        authorized_keys: vec![key.public_line.clone()],
+        ..SshOptions::default()
+    });
+    let base = backups(&sshd);
+    let s = SftpSetup::new();
+    let cfg = s.config(
+        &etcd,
+        &sshd,
+        Trust::KnownHosts(sshd.known_hosts_line()),
+        Login::Key(&key, None),
+        QUICK_TIMEOUTS,
+    );
+    let config = s.write(&cfg);
+    let work = tempfile::tempdir().unwrap();
+    let tracer = Tracer::attach(sshd.pid().expect("sshd runs"), &work.path().join("trace"));
+    let run = backup(&config);
+    // The sessions end with the agent; give their processes a moment to
+    // exit before detaching.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let trace = tracer.finish();
+    run.assert_code(0);
+    let sets = complete_sets(&base);
+    assert_eq!(sets.len(), 1, "{:?}", files_below(&base));
+    let set_dir = base.join(&sets[0]);
+    let manifest: etcd_backup_proto::Manifest =
+        serde_json::from_str(&std::fs::read_to_string(set_dir.join("manifest.json")).unwrap())
+            .unwrap();
+    assert!(manifest.durable && manifest.durability.is_none());
+
+    let events: Vec<Event> = parse_trace(&trace)
+        .into_iter()
+        .filter(|e| match &e.call {
+            Call::Sync(p)
+            | Call::Mkdir(p)
+            | Call::Rename(p, _)
+            | Call::Link(p, _)
+            | Call::Unlink(p)
+            | Call::OpenWrite(p) => p.starts_with(&base),
+        })
+        .collect();
+    let dump = || {
+        events
+            .iter()
+            .map(|e| format!("{:>6} {:>5}-{:<5} {:?}", e.pid, e.start, e.end, e.call))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    // A rename is done when its old name is gone: sftp-server links the new
+    // name, then unlinks the old (or calls rename(2) where links fail).
+    let renamed = |name: &str| -> (usize, usize) {
+        let to = set_dir.join(name);
+        let from = PathBuf::from(format!("{}.partial", to.display()));
+        let start = events
+            .iter()
+            .find(|e| {
+                e.call == Call::Link(from.clone(), to.clone())
+                    || e.call == Call::Rename(from.clone(), to.clone())
+            })
+            .unwrap_or_else(|| panic!("no rename of {}\n{}", from.display(), dump()));
+        let end = match start.call {
+            Call::Link(..) => {
+                events
+                    .iter()
+                    .find(|e| e.start > start.end && e.call == Call::Unlink(from.clone()))
+                    .unwrap_or_else(|| {
+                        panic!("{} linked but never unlinked\n{}", from.display(), dump())
+                    })
+                    .end
+            }
+            _ => start.end,
+        };
+        (start.start, end)
+    };
+    let dir_synced = |after: usize, before: usize| {
+        events
+            .iter()
+            .any(|e| e.call == Call::Sync(set_dir.clone()) && e.start > after && e.end < before)
+    };
+    let opened = |path: &Path| {
+        events
+            .iter()
+            .find(|e| e.call == Call::OpenWrite(path.to_path_buf()))
+            .unwrap_or_else(|| panic!("{} never opened\n{}", path.display(), dump()))
+            .start
+    };
+
+    let snapshot = &manifest
+        .file(etcd_backup_proto::FileKind::Snapshot)
+        .unwrap()
+        .name;
+    let data: Vec<String> = manifest.files.iter().map(|f| f.name.clone()).collect();
+    let manifest_created = opened(&set_dir.join("manifest.json.partial"));
+    for name in &data {
+        let (_, done) = renamed(name);
+        assert!(
+            done < manifest_created,
+            "{name} renamed after the manifest was begun\n{}",
+            dump()
+        );
+        assert!(
+            dir_synced(done, manifest_created),
+            "{} was not synced after the rename of {name}, before the manifest\n{}",
+            set_dir.display(),
+            dump()
+        );
+    }
+    let (_, manifest_done) = renamed("manifest.json");
+    assert!(
+        dir_synced(manifest_done, usize::MAX),
+        "{} was not synced after the manifest's rename\n{}",
+        set_dir.display(),
+        dump()
+    );
+
+    // Every session that opened the snapshot for writing synced it before
+    // its rename; several did (the default streams stripe it).
+    let partial = set_dir.join(format!("{snapshot}.partial"));
+    let (rename_start, _) = renamed(snapshot);
+    let writers: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter(|e| e.call == Call::OpenWrite(partial.clone()))
+        .map(|e| e.pid.as_str())
+        .collect();
+    assert!(
+        writers.len() > 1,
+        "the snapshot was written by {} session(s); the test needs it striped\n{}",
+        writers.len(),
+        dump()
+    );
+    for pid in &writers {
+        assert!(
+            events.iter().any(|e| e.pid == *pid
+                && e.call == Call::Sync(partial.clone())
+                && e.end < rename_start),
+            "session {pid} wrote {} but never synced it before its rename\n{}",
+            partial.display(),
             dump()
         );
     }

@@ -355,6 +355,79 @@ async fn two_garage_nodes_killed_mid_upload_fail_the_run_at_upload_and_prune_lea
     );
 }
 
+/// A slow backup (40 MiB at 300 KiB/s: about 2 min 15 s of streaming,
+/// a 5 MiB part every 17 s or so) with `stale_partial_after: 1m`; a `prune`
+/// from the command line 75 s after the snapshot's upload was first seen,
+/// when the set's claim and that upload were both *started* more than a
+/// minute before.
+/// The upload is aged by its newest part, so prune leaves it alone, and the
+/// run completes a set that verifies. (Aged by its start, as before, prune
+/// aborted both uploads and the run failed.)
+#[tokio::test(flavor = "multi_thread")]
+async fn prune_while_a_slow_upload_runs_past_stale_partial_after_leaves_it_and_the_set_completes() {
+    let garage = GarageCluster::start(3);
+    let rclone = garage.rclone();
+    let bucket = garage.bucket.clone();
+    let work = tempfile::tempdir().unwrap();
+    let (_etcd, relay) = slow_etcd(40, 300 << 10).await;
+    let mut cfg = AgentConfig::for_endpoint(&relay.http_url(), None, &work.path().join("unused"));
+    cfg.destination_yaml = Some(etcd_backup_tests::s3_setup::garage_destination_yaml(
+        &garage, PREFIX,
+    ));
+    cfg.stall_timeout = "60s".into();
+    cfg.extra = "retention:\n  stale_partial_after: 1m\n".into();
+    let config = cfg.write(work.path());
+    let log = work.path().join("agent.log");
+
+    let started = Instant::now();
+    let mut child = spawn_backup(&config, &log);
+    wait_mid_upload(&rclone, &bucket, &mut child, &log);
+    // Both uploads were started before this moment; 75 s on, both are older
+    // than stale_partial_after by their start, with a minute of streaming
+    // still to come.
+    std::thread::sleep(Duration::from_secs(75));
+    let pruned_after = started.elapsed();
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the backup finished before the prune; the test needs a slower source:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let uploads_before = rclone.multipart_uploads(&bucket);
+    assert!(
+        uploads_before.iter().any(|k| k.ends_with("/manifest.json"))
+            && uploads_before.iter().any(|k| k.contains("/snapshot_")),
+        "the claim and the snapshot's upload are open: {uploads_before:?}"
+    );
+    let listed = agent(&config, &["list", "--include-partial", "-o", "json"]);
+    eprintln!("before the prune: {}", listed.stdout);
+    let pruned = agent(&config, &["prune"]);
+    eprintln!("prune: {}\n{}", pruned.stdout, pruned.stderr);
+    pruned.assert_code(0);
+    assert_eq!(
+        rclone.multipart_uploads(&bucket),
+        uploads_before,
+        "prune aborted a live upload:\n{}\n{}",
+        pruned.stdout,
+        pruned.stderr
+    );
+
+    let run = finish_backup(child, &log, started);
+    run.assert_code(0);
+    assert!(
+        run.elapsed > pruned_after,
+        "the backup ran past the prune: {:?}",
+        run.elapsed
+    );
+    let stored = objects(&rclone, &bucket);
+    let sets = complete_sets_in(&stored);
+    assert_eq!(sets.len(), 1, "{stored:?}");
+    let m = stored_manifest(&rclone, &bucket, PREFIX, &sets[0]);
+    assert!(m.file(FileKind::Snapshot).unwrap().size >= 40 << 20);
+    assert_stored_as_manifest_says(&rclone, &bucket, PREFIX, &sets[0], &m);
+    agent(&config, &["verify", "latest"]).assert_code(0);
+    assert!(rclone.multipart_uploads(&bucket).is_empty());
+}
+
 #[test]
 fn a_wrong_secret_key_or_a_missing_bucket_fails_at_once_naming_the_key_and_the_bucket() {
     let etcd = EtcdServer::start();

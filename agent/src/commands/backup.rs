@@ -71,9 +71,15 @@ pub async fn backup(config: &Config) -> ExitCode {
                 );
             }
             if !m.durable && config.destinations.len() == 1 {
-                println!(
-                    "  not durable: the server could not sync the files (no fsync@openssh.com; destination.sftp.require_fsync is false)"
-                );
+                if m.durability == Some(etcd_backup_proto::DurabilityLevel::FilesSynced) {
+                    println!(
+                        "  not durable: the files were synced but the server would not sync the set directory, so a crash of the server may undo the renames that publish the set (docs/sftp.md)"
+                    );
+                } else {
+                    println!(
+                        "  not durable: the server could not sync the files (no fsync@openssh.com; destination.sftp.require_fsync is false)"
+                    );
+                }
             }
             if report.is_partial() {
                 eprintln!(

@@ -2,7 +2,7 @@
 //! one fault-injecting destination the unit tests share (a dropped
 //! connection while publishing or pruning, a reply that never comes, a
 //! reply lost after the operation was carried out, a server that cannot
-//! sync).
+//! sync, files or directories).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::io::AsyncRead;
 
-use super::{Destination, DestinationError, DirEntry, Durability, LocalDir, Upload};
+use super::{Destination, DestinationError, DirEntry, DirSync, Durability, LocalDir, Upload};
 
 /// Which operations misbehave; counts are 1-based, 0 means never.
 #[derive(Debug, Default, Clone, Copy)]
@@ -32,6 +32,11 @@ pub(crate) struct Faults {
     /// After that lost reply, every listing and read fails (the store
     /// cannot be read back): the caller cannot find out what happened.
     pub blind_after_lost: bool,
+    /// Every `sync_dir` from the n-th on answers that the directory cannot
+    /// be synced, as a server that refuses to open or fsync a directory.
+    pub dir_sync_refused_from: usize,
+    /// The n-th `sync_dir` fails with a connection reset.
+    pub dir_sync_fails_at: usize,
 }
 
 /// The operations of the set protocol, for [`Faults::reply_lost`].
@@ -134,6 +139,7 @@ pub(crate) struct Faulty {
     renames: AtomicUsize,
     deletes: AtomicUsize,
     lossy: Arc<Lossy>,
+    dir_syncs: AtomicUsize,
 }
 
 impl Faulty {
@@ -145,6 +151,7 @@ impl Faulty {
             renames: AtomicUsize::new(0),
             deletes: AtomicUsize::new(0),
             lossy: Arc::default(),
+            dir_syncs: AtomicUsize::new(0),
         }
     }
 
@@ -255,6 +262,17 @@ impl Destination for Faulty {
     }
     async fn warm_up(&self) {
         self.inner.warm_up().await;
+    }
+
+    async fn sync_dir(&self, dir: &str) -> Result<DirSync, DestinationError> {
+        let n = self.dir_syncs.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == self.faults.dir_sync_fails_at {
+            return Err(reset("cannot sync directory", dir));
+        }
+        if self.faults.dir_sync_refused_from != 0 && n >= self.faults.dir_sync_refused_from {
+            return Ok(DirSync::Unsupported("Failure: not a regular file".into()));
+        }
+        self.inner.sync_dir(dir).await
     }
 
     async fn durability(&self) -> Result<Durability, DestinationError> {

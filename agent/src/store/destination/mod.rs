@@ -337,6 +337,23 @@ pub trait Destination: Send + Sync {
         Ok(())
     }
 
+    /// Makes the entries of directory `dir` durable: the renames that
+    /// published files in it survive a crash of the destination's host.
+    /// A run calls it after the data files' renames and again after the
+    /// manifest's, before it reports success. Local directories are synced
+    /// by every rename already and S3 has no directories, so both answer
+    /// [`DirSync::Synced`] without a request; SFTP opens the directory and
+    /// sends `fsync@openssh.com` on that handle.
+    ///
+    /// # Errors
+    /// Failures that leave it unknown whether the entries are durable
+    /// (timeouts, lost connections); a server that answers that it cannot
+    /// sync a directory is [`DirSync::Unsupported`], not an error.
+    async fn sync_dir(&self, dir: &str) -> Result<DirSync, DestinationError> {
+        let _ = dir;
+        Ok(DirSync::Synced)
+    }
+
     /// Gets ready for the large file a run is about to write, alongside the
     /// run's first steps (which the caller runs concurrently with this):
     /// SFTP logs its striped sessions in while the control connection logs
@@ -350,10 +367,26 @@ pub trait Destination: Send + Sync {
 pub enum Durability {
     /// Every file is synced before it is reported stored.
     Synced,
+    /// Files are synced, but the directory holding them could not be (an
+    /// SFTP server that syncs files but refuses to open or sync a
+    /// directory): after a crash of the server the renames that published
+    /// the set may be undone, its files back under `.partial` names or its
+    /// manifest gone.
+    FilesOnly,
     /// The destination cannot sync (an SFTP server without
     /// `fsync@openssh.com`, allowed by `require_fsync: false`): a crash of the
     /// server may lose what it acknowledged.
     NotSynced,
+}
+
+/// What [`Destination::sync_dir`] could do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirSync {
+    /// The directory's entries are on stable storage.
+    Synced,
+    /// The destination answered that it cannot sync a directory; the text
+    /// is its answer, for the log.
+    Unsupported(String),
 }
 
 /// Opens the configured destination.

@@ -13,7 +13,9 @@
 //!   deletes the original.
 //! - listing shows in-progress uploads for `X` as files `X.partial`, so the
 //!   catalog and prune treat a killed run's uploads as its partial files;
-//!   deleting `X.partial` aborts them.
+//!   deleting `X.partial` aborts them. Such a file is as old as the upload's
+//!   newest part (ListParts), not as its start: an upload a run is still
+//!   feeding stays young however long it takes, as a growing file does.
 //! - [`super::Destination::claim`] starts the manifest's upload before anything
 //!   else and refuses a set where anything else is found: two agents never
 //!   write the same set.
@@ -147,6 +149,9 @@ struct Scan {
     objects: Vec<xml::Object>,
     uploads: Vec<xml::Upload>,
     prefixes: Vec<String>,
+    /// When each upload (by id) last took a part, for the uploads that have
+    /// any; filled by [`S3Dir::age_uploads`], which a plain scan skips.
+    last_part: HashMap<String, std::time::SystemTime>,
 }
 
 fn lock(p: &PendingMap) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
@@ -231,6 +236,30 @@ impl S3Dir {
             }
         }
         Ok(scan)
+    }
+
+    /// Looks up when each upload of `scan` last took a part, and drops the
+    /// uploads that are gone by the time it asks (completed or aborted since
+    /// the listing). An upload is aged by its newest part, not its start,
+    /// so prune never takes a live one for a dead one: a run streaming a
+    /// large snapshot over a slow link adds a part every few seconds.
+    ///
+    /// # Errors
+    /// Request failures: a listing that cannot say how old an upload is
+    /// fails, rather than show it older than it may be.
+    async fn age_uploads(&self, scan: &mut Scan) -> Result<(), DestinationError> {
+        let mut gone = Vec::new();
+        for u in &scan.uploads {
+            match newest_part(&self.client, &u.key, &u.upload_id).await? {
+                Activity::Gone => gone.push(u.upload_id.clone()),
+                Activity::Parts(Some(t)) => {
+                    scan.last_part.insert(u.upload_id.clone(), t);
+                }
+                Activity::Parts(None) => {}
+            }
+        }
+        scan.uploads.retain(|u| !gone.contains(&u.upload_id));
+        Ok(())
     }
 
     /// In-progress uploads whose key is exactly `key`.
@@ -628,6 +657,39 @@ async fn upload_part(
     Ok((number, etag))
 }
 
+/// What ListParts says about an upload a listing found.
+enum Activity {
+    /// When its newest part was uploaded (`None`: no part yet).
+    Parts(Option<std::time::SystemTime>),
+    /// It is no longer there (NoSuchUpload): completed or aborted since.
+    Gone,
+}
+
+/// When the newest part of an upload was stored.
+async fn newest_part(c: &Client, key: &str, upload_id: &str) -> Result<Activity, DestinationError> {
+    let mut newest = None;
+    let mut marker: Option<String> = None;
+    loop {
+        let mut req = Req::new("cannot list the parts of", Method::GET, Some(key))
+            .query("uploadId", upload_id);
+        if let Some(m) = &marker {
+            req = req.query("part-number-marker", m.clone());
+        }
+        let text = match c.send_text(&req).await {
+            Ok(t) => t,
+            Err(f) if f.code_is("NoSuchUpload") => return Ok(Activity::Gone),
+            Err(f) => return Err(c.error(req.op, Some(key), f)),
+        };
+        let page = xml::list_parts(&text).map_err(|e| c.bad_xml(req.op, Some(key), e))?;
+        newest = newest.max(page.newest);
+        match page.next {
+            Some(m) if Some(&m) != marker.as_ref() => marker = Some(m),
+            _ => break,
+        }
+    }
+    Ok(Activity::Parts(newest))
+}
+
 /// The sum of the part sizes the server stores for an upload.
 async fn stored_size(c: &Client, key: &str, upload_id: &str) -> Result<u64, DestinationError> {
     let mut total = 0;
@@ -750,7 +812,8 @@ impl super::Destination for S3Dir {
 
     async fn list(&self, dir: &str) -> Result<Vec<DirEntry>, DestinationError> {
         let prefix = self.dir_prefix(dir)?;
-        let scan = self.scan(&prefix).await?;
+        let mut scan = self.scan(&prefix).await?;
+        self.age_uploads(&mut scan).await?;
         Ok(entries(&prefix, scan))
     }
 
@@ -951,8 +1014,8 @@ async fn delete_object(c: &Client, key: &str) -> Result<(), DestinationError> {
 
 /// A listing of `prefix` as directory entries: common prefixes are
 /// directories, objects files, and an in-progress upload for `X` the file
-/// `X.partial` (size 0, modified when it started) unless an object of that
-/// name exists.
+/// `X.partial` (size 0, modified when it last took a part, or when it
+/// started if it has none yet) unless an object of that name exists.
 fn entries(prefix: &str, scan: Scan) -> Vec<DirEntry> {
     // The one-component name of `key` directly below `prefix`, if it is one.
     let child = |key: &str| -> Option<String> {
@@ -996,10 +1059,11 @@ fn entries(prefix: &str, scan: Scan) -> Vec<DirEntry> {
             continue;
         };
         let name = format!("{name}{PARTIAL_SUFFIX}");
+        let active = u.initiated.max(scan.last_part.get(&u.upload_id).copied());
         match by_name.get_mut(&name) {
             Some(e) if !e.is_file || e.size > 0 => {}
-            // Several uploads for one key: the latest start counts.
-            Some(e) => e.modified = e.modified.max(u.initiated),
+            // Several uploads for one key: the latest activity counts.
+            Some(e) => e.modified = e.modified.max(active),
             None => {
                 by_name.insert(
                     name.clone(),
@@ -1008,7 +1072,7 @@ fn entries(prefix: &str, scan: Scan) -> Vec<DirEntry> {
                         is_dir: false,
                         is_file: true,
                         size: 0,
-                        modified: u.initiated,
+                        modified: active,
                     },
                 );
             }
@@ -1237,6 +1301,7 @@ mod tests {
                 },
             ],
             prefixes: vec!["p/c/n/t/sub/".into(), "p/c/n/t/sub/".into()],
+            last_part: HashMap::new(),
         };
         let listed = entries("p/c/n/t/", scan);
         let names: Vec<(&str, bool, u64)> = listed
@@ -1252,6 +1317,38 @@ mod tests {
             ]
         );
         assert_eq!(listed[0].modified, t(9));
+    }
+
+    #[test]
+    fn an_upload_is_as_old_as_its_newest_part_not_its_start() {
+        let t = |s| Some(UNIX_EPOCH + Duration::from_secs(s));
+        let up = |key: &str, id: &str, at| xml::Upload {
+            key: key.into(),
+            upload_id: id.into(),
+            initiated: t(at),
+        };
+        let scan = Scan {
+            uploads: vec![
+                // Started at 100, a part at 5000: a run still streaming.
+                up("p/t/snapshot.db", "s", 100),
+                // A claim takes no part until its manifest is written.
+                up("p/t/manifest.json", "m", 90),
+            ],
+            last_part: [("s".to_string(), t(5000).unwrap())].into(),
+            ..Scan::default()
+        };
+        let listed = entries("p/t/", scan);
+        let ages: Vec<(&str, Option<std::time::SystemTime>)> = listed
+            .iter()
+            .map(|e| (e.name.as_str(), e.modified))
+            .collect();
+        assert_eq!(
+            ages,
+            [
+                ("manifest.json.partial", t(90)),
+                ("snapshot.db.partial", t(5000)),
+            ]
+        );
     }
 
     #[test]

@@ -37,7 +37,7 @@ use stripe::Lane;
 pub use stripe::StripeOver;
 
 use super::sftp_version::{Seen, Sniffer};
-use super::{components, DestinationError, DirEntry, Durability, Upload};
+use super::{components, DestinationError, DirEntry, DirSync, Durability, Upload};
 use crate::config::{HostKeyCheck, SftpAuth, SftpConfig};
 use etcd_backup_known_hosts::{sha256_fingerprint, KnownHosts, Verdict};
 
@@ -1252,6 +1252,51 @@ impl super::Destination for SftpDir {
 
     async fn warm_up(&self) {
         self.warm_lanes().await;
+    }
+
+    async fn sync_dir(&self, dir: &str) -> Result<DirSync, DestinationError> {
+        components(dir)?;
+        let conn = self.conn().await?;
+        if !conn.fsync {
+            return Ok(DirSync::Unsupported(format!(
+                "the server does not offer {FSYNC}"
+            )));
+        }
+        // OpenSSH's sftp-server opens a directory read-only as it opens a
+        // file (open(2) allows it) and fsyncs that handle on
+        // fsync@openssh.com, which makes the directory's entries, the
+        // renames, durable. A server that refuses either answers with a
+        // status: the directory cannot be synced there. A timeout or a lost
+        // connection says nothing about that, and fails the call.
+        let unsupported = |e: DestinationError, what: &str| {
+            if conn.is_broken() {
+                Err(e)
+            } else {
+                Ok(DirSync::Unsupported(format!("{what}: {e}")))
+            }
+        };
+        let handle = match self
+            .timed(
+                &conn,
+                "cannot open directory for syncing",
+                dir,
+                conn.sftp.open(self.remote(dir)),
+            )
+            .await
+        {
+            Ok(h) => h,
+            Err(e) => return unsupported(e, "the server would not open the directory"),
+        };
+        let synced = self
+            .timed(&conn, "cannot sync directory", dir, handle.sync_all())
+            .await;
+        // Dropping the handle closes it without waiting for the answer:
+        // nothing was written through it.
+        drop(handle);
+        match synced {
+            Ok(()) => Ok(DirSync::Synced),
+            Err(e) => unsupported(e, "the server would not sync the directory"),
+        }
     }
 
     async fn durability(&self) -> Result<Durability, DestinationError> {

@@ -180,12 +180,15 @@ pub fn upload_id(text: &str) -> Result<String, BadXml> {
     required(root(&doc, "InitiateMultipartUploadResult")?, "UploadId")
 }
 
-/// One page of ListParts: each part's size, and the next part-number
-/// marker when truncated.
+/// One page of ListParts: each part's size, when the newest of them was
+/// uploaded, and the next part-number marker when truncated.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct PartPage {
     /// `(part number, size)` of each part.
     pub parts: Vec<(u32, u64)>,
+    /// The latest `LastModified` of the page's parts: how recently the
+    /// upload was written to (its `Initiated` says only when it began).
+    pub newest: Option<SystemTime>,
     /// The marker of the next page, when truncated.
     pub next: Option<String>,
 }
@@ -201,6 +204,10 @@ pub fn list_parts(text: &str) -> Result<PartPage, BadXml> {
             u32::try_from(n).map_err(|_| BadXml(format!("bad part number {n}")))?,
             number(&required(p, "Size")?)?,
         ));
+        let modified = child_text(p, "LastModified")
+            .map(|t| time(&t))
+            .transpose()?;
+        page.newest = page.newest.max(modified);
     }
     if truncated(r) {
         page.next = Some(required(r, "NextPartNumberMarker")?);
@@ -335,6 +342,11 @@ mod tests {
 </ListPartsResult>"#;
         let page = list_parts(parts).unwrap();
         assert_eq!(page.parts, [(1, 8_388_608), (2, 17)]);
+        assert_eq!(
+            page.newest,
+            Some(time("2026-12-06T21:00:01.000Z").unwrap()),
+            "the newest part, not the first"
+        );
         assert_eq!(page.next, None);
 
         let denied = r#"<?xml version="1.0" encoding="UTF-8"?>
@@ -436,6 +448,12 @@ mod tests {
                 [(1, 8_388_608), (2, 8_388_608), (3, 8_388_608), (4, 557_088)]
             );
             assert_eq!(parts.parts.iter().map(|(_, s)| s).sum::<u64>(), 25_722_912);
+            // Garage says when each part came, so a live upload can be aged
+            // by its newest part.
+            assert_eq!(
+                parts.newest,
+                Some(time("2026-12-06T21:31:59.962Z").unwrap())
+            );
             assert_eq!(
                 expect_root(&rec("complete.xml"), "CompleteMultipartUploadResult").unwrap(),
                 Ok(())

@@ -721,12 +721,24 @@ impl Upload for StripedUpload {
                 self.wait_oldest(lane).await?;
             }
         }
-        // Every write is acknowledged, so in the file whichever handle wrote
-        // it: one fsync covers them all.
+        // Every lane's handle is synced, not one for all: each lane is its
+        // own session (its own server process), and what one handle's fsync
+        // covers of the writes through another is the server's filesystem's
+        // business (one inode on a local disk; not so on every network
+        // filesystem or server). The fsyncs go out at once.
         if self.fsync {
-            let raw = self.handles.lanes[0].raw.clone();
-            let handle = self.handles.handles[0].clone();
-            self.call("cannot sync", 0, raw.fsync(handle)).await?;
+            let syncs = join_all(
+                self.handles
+                    .lanes
+                    .iter()
+                    .zip(&self.handles.handles)
+                    .enumerate()
+                    .map(|(i, (l, h))| self.call("cannot sync", i, l.raw.fsync(h.clone()))),
+            )
+            .await;
+            for s in syncs {
+                s?;
+            }
         }
         let closes = join_all(
             self.handles
