@@ -1281,7 +1281,7 @@ impl<'a> Run<'a> {
             };
             // The manifest's rename is durable before the run says so.
             let renamed = match renamed {
-                Ok(()) => self.sync_set_dir(i, dest, true).await,
+                Ok(()) => self.sync_set_dir(i, dest, true).await.map_err(Cause::from),
                 Err(e) => Err(e),
             };
             match renamed {

@@ -148,6 +148,7 @@ pub(super) fn config(dir: &std::path::Path, url: &str, attempts: u32) -> S3Confi
         session_token_file: None,
         storage_class: None,
         ca_file: None,
+        allow_plaintext_http: true,
         retry: RetryConfig {
             attempts,
             initial_delay: Duration::from_millis(1),
