@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use etcd_backup_agent::backup::{self, Cause};
 use etcd_backup_agent::config::{Config, DestinationConfig, Environment};
 use etcd_backup_agent::store::destination::{
-    Destination, DestinationError, DirEntry, LocalDir, SftpDir, Upload,
+    Destination, DestinationError, DirEntry, DirSync, Durability, LocalDir, SftpDir, Upload,
 };
 use etcd_backup_proto::Manifest;
 use etcd_backup_tests::agent::{spawn_backup, AgentConfig};
@@ -150,8 +150,27 @@ impl Destination for Faulty {
             fault: self.fault.clone(),
         }))
     }
+    // The manifest goes the way the destination sends small files (on
+    // SFTP, over the control session), as in a real run.
+    async fn create_small(&self, path: &str) -> Result<Box<dyn Upload>, DestinationError> {
+        let inner = self.fault.around(self.inner.create_small(path)).await?;
+        Ok(Box::new(FaultyUpload {
+            inner,
+            fault: self.fault.clone(),
+        }))
+    }
     async fn rename(&self, from: &str, to: &str) -> Result<(), DestinationError> {
         self.fault.around(self.inner.rename(from, to)).await
+    }
+    // The set directory's syncs after the renames are steps of the protocol.
+    async fn sync_dir(&self, dir: &str) -> Result<DirSync, DestinationError> {
+        self.fault.around(self.inner.sync_dir(dir)).await
+    }
+    async fn durability(&self) -> Result<Durability, DestinationError> {
+        self.inner.durability().await
+    }
+    async fn claim(&self, dir: &str) -> Result<(), DestinationError> {
+        self.fault.around(self.inner.claim(dir)).await
     }
     async fn list(&self, dir: &str) -> Result<Vec<DirEntry>, DestinationError> {
         self.fault.around(self.inner.list(dir)).await

@@ -782,7 +782,7 @@ mod tests {
 
     #[test]
     fn s3_session_token_file_is_optional_and_must_be_readable() {
-        let base = "    endpoint: http://127.0.0.1:3900\n    bucket: etcd-backups\n";
+        let base = "    endpoint: https://127.0.0.1:3900\n    bucket: etcd-backups\n";
         assert_eq!(s3(base).unwrap().session_token_file, None);
         let token = tempfile::NamedTempFile::new().unwrap();
         let given = format!("{base}    session_token_file: {}\n", token.path().display());

@@ -343,6 +343,24 @@ impl ConnectionLimits {
         max_connections: 128,
         max_per_peer: 8,
     };
+
+    /// The limits for the API listener (`http.listen`) bound to `addr`. On
+    /// loopback every client is this node itself (the kubelet's probes,
+    /// `trigger`, an admin's `curl`), all from one address, so a cap per
+    /// address would only turn the node's own requests away (a volley of
+    /// POSTs gets its 409s, not closed connections): there only the total
+    /// cap applies. Elsewhere (a token-protected remote listener) the
+    /// [`ConnectionLimits::DEFAULT`] caps hold.
+    pub fn api(addr: std::net::SocketAddr) -> Self {
+        if addr.ip().is_loopback() {
+            Self {
+                max_per_peer: Self::DEFAULT.max_connections,
+                ..Self::DEFAULT
+            }
+        } else {
+            Self::DEFAULT
+        }
+    }
 }
 
 /// Why a connection was closed as soon as it was accepted.
@@ -926,6 +944,19 @@ mod tests {
         assert!(cut.is_some_and(|c| c < Duration::from_secs(2)), "{cut:?}");
         // A whole request is still answered.
         assert!(raw_get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+    }
+
+    #[test]
+    fn a_loopback_api_listener_caps_only_the_total_a_remote_one_each_address_too() {
+        let loopback = ConnectionLimits::api("127.0.0.1:10290".parse().unwrap());
+        assert_eq!(loopback.max_per_peer, loopback.max_connections);
+        assert_eq!(
+            loopback.max_connections,
+            ConnectionLimits::DEFAULT.max_connections
+        );
+        let remote = ConnectionLimits::api("10.0.0.5:10290".parse().unwrap());
+        assert_eq!(remote.max_per_peer, ConnectionLimits::DEFAULT.max_per_peer);
+        assert!(remote.max_per_peer < remote.max_connections);
     }
 
     #[tokio::test]

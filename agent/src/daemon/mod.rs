@@ -224,10 +224,16 @@ impl Servers {
         });
         let api = {
             let stop = stop.clone();
+            let limits = listener
+                .local_addr()
+                .map_or(http::ConnectionLimits::DEFAULT, http::ConnectionLimits::api);
             tokio::spawn(
-                http::serve(listener, http::router(state.clone()), async move {
-                    stop.cancelled().await
-                })
+                http::serve_with(
+                    listener,
+                    http::router(state.clone()),
+                    async move { stop.cancelled().await },
+                    limits,
+                )
                 .instrument(tracing::info_span!("http")),
             )
         };
