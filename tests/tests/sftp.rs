@@ -118,12 +118,15 @@ fn ecdsa_rsa_and_passphrase_protected_keys_log_in() {
         (&locked, Some("correct horse")),
     ] {
         let s = SftpSetup::new();
+        // The key's own work before the login (bcrypt-pbkdf for the locked
+        // key, an RSA signature) runs in a debug build on a loaded CI
+        // machine: a connect timeout fit for production, not the quick one.
         let cfg = s.config(
             &etcd,
             &sshd,
             Trust::KnownHosts(sshd.known_hosts_line()),
             Login::Key(key, passphrase),
-            QUICK_TIMEOUTS,
+            "    connect_timeout: 30s\n    io_timeout: 30s\n",
         );
         backup(&s.write(&cfg)).assert_code(0);
         // Sets are named by the second; keep runs apart.
