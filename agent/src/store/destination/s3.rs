@@ -250,12 +250,14 @@ impl S3Dir {
     async fn age_uploads(&self, scan: &mut Scan) -> Result<(), DestinationError> {
         let mut gone = Vec::new();
         for u in &scan.uploads {
-            match newest_part(&self.client, &u.key, &u.upload_id).await? {
-                Activity::Gone => gone.push(u.upload_id.clone()),
-                Activity::Parts(Some(t)) => {
+            match upload_parts(&self.client, &u.key, &u.upload_id).await? {
+                None => gone.push(u.upload_id.clone()),
+                Some(Parts {
+                    newest: Some(t), ..
+                }) => {
                     scan.last_part.insert(u.upload_id.clone(), t);
                 }
-                Activity::Parts(None) => {}
+                Some(_) => {}
             }
         }
         scan.uploads.retain(|u| !gone.contains(&u.upload_id));
@@ -657,17 +659,25 @@ async fn upload_part(
     Ok((number, etag))
 }
 
-/// What ListParts says about an upload a listing found.
-enum Activity {
-    /// When its newest part was uploaded (`None`: no part yet).
-    Parts(Option<std::time::SystemTime>),
-    /// It is no longer there (NoSuchUpload): completed or aborted since.
-    Gone,
+/// What ListParts says of an upload, every page read.
+struct Parts {
+    /// The sum of the part sizes the server stores.
+    size: u64,
+    /// When the newest part was uploaded (`None`: no part yet).
+    newest: Option<std::time::SystemTime>,
 }
 
-/// When the newest part of an upload was stored.
-async fn newest_part(c: &Client, key: &str, upload_id: &str) -> Result<Activity, DestinationError> {
-    let mut newest = None;
+/// Reads every page of ListParts for an upload; `None` when the store
+/// answers NoSuchUpload (it was completed or aborted since).
+async fn upload_parts(
+    c: &Client,
+    key: &str,
+    upload_id: &str,
+) -> Result<Option<Parts>, DestinationError> {
+    let mut parts = Parts {
+        size: 0,
+        newest: None,
+    };
     let mut marker: Option<String> = None;
     loop {
         let mut req = Req::new("cannot list the parts of", Method::GET, Some(key))
@@ -677,38 +687,32 @@ async fn newest_part(c: &Client, key: &str, upload_id: &str) -> Result<Activity,
         }
         let text = match c.send_text(&req).await {
             Ok(t) => t,
-            Err(f) if f.code_is("NoSuchUpload") => return Ok(Activity::Gone),
+            Err(f) if f.code_is("NoSuchUpload") => return Ok(None),
             Err(f) => return Err(c.error(req.op, Some(key), f)),
         };
         let page = xml::list_parts(&text).map_err(|e| c.bad_xml(req.op, Some(key), e))?;
-        newest = newest.max(page.newest);
+        parts.size += page.parts.iter().map(|(_, s)| s).sum::<u64>();
+        parts.newest = parts.newest.max(page.newest);
         match page.next {
             Some(m) if Some(&m) != marker.as_ref() => marker = Some(m),
             _ => break,
         }
     }
-    Ok(Activity::Parts(newest))
+    Ok(Some(parts))
 }
 
-/// The sum of the part sizes the server stores for an upload.
+/// The sum of the part sizes the server stores for an upload this run is
+/// finishing; an upload that is gone is an error.
 async fn stored_size(c: &Client, key: &str, upload_id: &str) -> Result<u64, DestinationError> {
-    let mut total = 0;
-    let mut marker: Option<String> = None;
-    loop {
-        let mut req = Req::new("cannot list the parts of", Method::GET, Some(key))
-            .query("uploadId", upload_id);
-        if let Some(m) = &marker {
-            req = req.query("part-number-marker", m.clone());
-        }
-        let text = c.text(&req).await?;
-        let page = xml::list_parts(&text).map_err(|e| c.bad_xml(req.op, Some(key), e))?;
-        total += page.parts.iter().map(|(_, s)| s).sum::<u64>();
-        match page.next {
-            Some(m) if Some(&m) != marker.as_ref() => marker = Some(m),
-            _ => break,
-        }
+    match upload_parts(c, key, upload_id).await? {
+        Some(parts) => Ok(parts.size),
+        None => Err(DestinationError::S3 {
+            op: "cannot list the parts of",
+            location: c.location(Some(key)),
+            detail: format!("the store has no upload {upload_id} (NoSuchUpload): it was completed or aborted by someone else while this run wrote it"),
+            transient: false,
+        }),
     }
-    Ok(total)
 }
 
 #[async_trait]
