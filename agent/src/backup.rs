@@ -25,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 use etcd_backup_proto::{
     Compression, DurabilityLevel, FileKind, Manifest, ManifestCompression, ManifestEncryption,
     ManifestEtcd, ManifestFile, PlaintextFile, SetId, SetTimestamp, MANIFEST_FILE_NAME,
-    MANIFEST_FORMAT_COMPRESSED, MANIFEST_FORMAT_ENCRYPTED, MANIFEST_FORMAT_PLAIN, PARTIAL_SUFFIX,
-    ZST_SUFFIX,
+    MANIFEST_FORMAT_COMPRESSED, MANIFEST_FORMAT_ENCRYPTED, MANIFEST_FORMAT_PAGED,
+    MANIFEST_FORMAT_PLAIN, PARTIAL_SUFFIX, ZST_SUFFIX,
 };
 
 use crate::config::Config;
@@ -38,6 +38,8 @@ use crate::source::resources::{self, ResourcesError};
 use crate::store::compressing::{CompressError, Compressing};
 use crate::store::destination::{Destination, DestinationError, DirSync, Durability, Upload};
 use crate::store::fanout::{Lost, Tee};
+use crate::store::paged::writer::{PagedOutcome, PagedWriter, Previous};
+use crate::store::paged::{Coding, PageCutter, PageIdScheme, PagedError};
 use crate::store::sealing::SealingUpload;
 
 /// Snapshot bytes gathered before each destination write: one SFTP write
@@ -105,6 +107,9 @@ pub enum Cause {
     /// zstd could not compress the snapshot.
     #[error(transparent)]
     Compress(#[from] CompressError),
+    /// A paged snapshot could not be cut or stored.
+    #[error(transparent)]
+    Paged(#[from] PagedError),
     /// The run was cancelled (shutdown, or Ctrl-C) before it finished.
     #[error("cancelled before the set was complete; the files this run wrote were removed")]
     Cancelled,
@@ -238,6 +243,8 @@ impl BackupError {
             Cause::Verify(_) => true,
             Cause::Resources(_) => false,
             Cause::Compress(_) => false,
+            Cause::Paged(PagedError::Destination(e)) => e.is_transient(),
+            Cause::Paged(_) => false,
             Cause::SetExists { .. } => true,
             Cause::Cancelled => false,
             Cause::Unanswered { error, .. } => error.is_transient(),
@@ -511,6 +518,8 @@ struct Target<'a> {
     failed: Option<(Stage, String)>,
     /// The failure itself, until it becomes the run's error.
     error: Option<BackupError>,
+    /// A paged snapshot's packs and index here, once stored.
+    paged: Option<PagedOutcome>,
 }
 
 impl<'a> Target<'a> {
@@ -524,6 +533,7 @@ impl<'a> Target<'a> {
             durability: Durability::Synced,
             failed: None,
             error: None,
+            paged: None,
         }
     }
 
@@ -537,6 +547,7 @@ impl<'a> Target<'a> {
             durability: Durability::Synced,
             failed: None,
             error: None,
+            paged: None,
         };
         let error = error.unwrap_or_else(|| DestinationError::Connect {
             location: t.describe.clone(),
@@ -825,7 +836,10 @@ impl<'a> Run<'a> {
         self.add_time(Stage::Connect, t.elapsed());
 
         self.stage = Stage::Snapshot;
-        let snapshot = self.snapshot(source, ts).await?;
+        let snapshot = match self.config.snapshot_format {
+            crate::config::SnapshotFormat::Full => self.snapshot(source, ts).await?,
+            crate::config::SnapshotFormat::Paged => self.snapshot_paged(source, ts).await?,
+        };
         // The keys a restore must serve: counted on the member at the
         // snapshot's exact revision (read from the snapshot itself).
         let live_keys = match self.snapshot_status {
@@ -846,29 +860,37 @@ impl<'a> Run<'a> {
         // the destination refused the rename. A rename without a definite
         // answer may have been carried out: the run looks, and goes on when
         // the file is in place with its size.
-        let renames: Vec<(String, String)> = files
-            .iter()
-            .map(|f| {
-                let final_path = self.set.file(&f.name);
-                (partial(&final_path), final_path)
-            })
-            .collect();
+        // A paged snapshot's file is its page index, one per destination.
         for (i, dest) in self.live() {
+            let renames: Vec<(String, String, u64)> = files
+                .iter()
+                .map(|f| match (f.kind, &self.targets[i].paged) {
+                    (FileKind::Snapshot, Some(p)) => (
+                        p.index_partial.clone(),
+                        self.set.file(&p.pages.index.name),
+                        p.pages.index.size,
+                    ),
+                    _ => {
+                        let final_path = self.set.file(&f.name);
+                        (partial(&final_path), final_path, f.size)
+                    }
+                })
+                .collect();
             let created = &mut self.targets[i].created;
-            created.extend(renames.iter().map(|(_, to)| to.clone()));
+            created.extend(renames.iter().map(|(_, to, _)| to.clone()));
             let results = futures_util::future::join_all(
-                renames.iter().map(|(from, to)| dest.rename(from, to)),
+                renames.iter().map(|(from, to, _)| dest.rename(from, to)),
             )
             .await;
             let mut refused: Option<Cause> = None;
-            for (((from, to), result), file) in renames.iter().zip(results).zip(&files) {
+            for ((from, to, size), result) in renames.iter().zip(results) {
                 match result {
                     Ok(()) => {}
                     Err(e) if e.is_refusal() => {
                         self.targets[i].created.retain(|p| p != to);
                         refused.get_or_insert(e.into());
                     }
-                    Err(e) => match rename_outcome(dest, from, to, file.size).await {
+                    Err(e) => match rename_outcome(dest, from, to, *size).await {
                         Ok(found) => {
                             tracing::warn!(set = %self.set, destination = %self.targets[i].name, error = %e, "a rename got no answer; {found}");
                         }
@@ -884,6 +906,19 @@ impl<'a> Run<'a> {
             }
             if let Err(e) = self.sync_set_dir(i, dest, false).await {
                 self.fail(i, Stage::Upload, e);
+                continue;
+            }
+            // The packs a paged set names are durable before its manifest.
+            if self.targets[i].paged.is_some() && self.targets[i].durability == Durability::Synced {
+                let packs = crate::store::paged::packs_dir(&self.set.cluster, &self.set.node);
+                match dest.sync_dir(&packs).await {
+                    Ok(DirSync::Synced) => {}
+                    Ok(DirSync::Unsupported(answer)) => {
+                        tracing::warn!(destination = %dest.describe(), answer = %answer, "the destination cannot sync the packs directory; the manifest records the set as not durable");
+                        self.targets[i].durability = Durability::FilesOnly;
+                    }
+                    Err(e) => self.fail(i, Stage::Upload, e),
+                }
             }
         }
         self.any_left()?;
@@ -1081,6 +1116,182 @@ impl<'a> Run<'a> {
         Ok(stored.entry(name, FileKind::Snapshot, verified.file_sha256))
     }
 
+    /// The snapshot as pages (`snapshot_format: paged`): each destination
+    /// compares every page with its previous set's page at the same
+    /// position and stores only the others, in new packs; one read of etcd
+    /// for all. Returns the snapshot's entry (its plain name, size and
+    /// SHA-256); each destination's packs and index are in its target.
+    async fn snapshot_paged(
+        &mut self,
+        source: &mut dyn SnapshotSource,
+        ts: SetTimestamp,
+    ) -> Result<ManifestFile, BackupError> {
+        let t = Instant::now();
+        let coding = std::sync::Arc::new(Coding {
+            compression: self.config.compression,
+            encryption: self.config.encryption.clone(),
+        });
+        let ids = std::sync::Arc::new(PageIdScheme::for_config(self.config.encryption.as_ref()));
+        let live = self.live();
+        let (cluster, node) = (self.set.cluster.clone(), self.set.node.clone());
+        let found = futures_util::future::join_all(live.iter().map(|(_, d)| {
+            crate::store::paged::writer::previous(*d, &cluster, &node, &coding, &ids)
+        }))
+        .await;
+        let mut previous: Vec<(usize, Option<Previous>)> =
+            live.iter().map(|(i, _)| *i).zip(found).collect();
+        let mut stream = source
+            .snapshot()
+            .await
+            .map_err(|e| BackupError::new(Stage::Snapshot, e))?;
+        let mut verifier = SnapshotVerifier::new();
+        let mut status = etcd_backup_bbolt_status::StreamingStatus::new();
+        let mut cutter = PageCutter::default();
+        let mut writers: Vec<(usize, PagedWriter<'a>)> = Vec::new();
+        let mut started = false;
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
+        let mut total = 0u64;
+        loop {
+            let chunk = stream
+                .next_chunk()
+                .await
+                .map_err(|e| BackupError::new(Stage::Snapshot, e))?;
+            let end = chunk.is_none();
+            if let Some(chunk) = &chunk {
+                verifier.update(chunk);
+                status.update(chunk);
+                total += chunk.len() as u64;
+                batch.extend_from_slice(chunk);
+            }
+            if batch.len() < WRITE_BATCH && !end {
+                continue;
+            }
+            let pages = cutter
+                .push(&batch)
+                .map_err(|e| BackupError::new(Stage::Snapshot, e))?;
+            batch.clear();
+            if !started {
+                if let Some(size) = cutter.page_size() {
+                    started = true;
+                    for (i, prev) in previous.drain(..) {
+                        let Some(dest) = self.targets[i].live() else {
+                            continue;
+                        };
+                        let created = &mut self.targets[i].created;
+                        match PagedWriter::start(
+                            dest,
+                            &self.set,
+                            size,
+                            coding.clone(),
+                            prev,
+                            created,
+                        )
+                        .await
+                        {
+                            Ok(w) => writers.push((i, w)),
+                            Err(e) => self.fail(i, Stage::Upload, e),
+                        }
+                    }
+                    self.any_left()?;
+                }
+            }
+            if !pages.is_empty() {
+                let page_size = cutter
+                    .page_size()
+                    .expect("pages were cut, so their size is known");
+                let scheme = ids.clone();
+                let (pages, page_ids) = tokio::task::spawn_blocking(move || {
+                    let page_ids: Vec<[u8; 16]> =
+                        pages.chunks(page_size).map(|p| scheme.id(p)).collect();
+                    (pages, page_ids)
+                })
+                .await
+                .map_err(|e| {
+                    BackupError::new(
+                        Stage::Upload,
+                        PagedError::Local {
+                            what: "cannot compute page ids",
+                            source: std::io::Error::other(e),
+                        },
+                    )
+                })?;
+                let mut failed = Vec::new();
+                for (k, (i, w)) in writers.iter_mut().enumerate() {
+                    if let Err(e) = w
+                        .add(&pages, &page_ids, &mut self.targets[*i].created)
+                        .await
+                    {
+                        failed.push((k, *i, e));
+                    }
+                }
+                for (k, i, e) in failed.into_iter().rev() {
+                    writers.remove(k);
+                    self.fail(i, Stage::Upload, e);
+                }
+                self.any_left()?;
+            }
+            if end {
+                break;
+            }
+        }
+        drop(batch);
+        let verified = verifier
+            .finish()
+            .map_err(|e| BackupError::new(Stage::Verify, e))?;
+        self.snapshot_status = match status.finish() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "the snapshot's bbolt structure could not be read; no snapshot status recorded");
+                None
+            }
+        };
+        let (_, tail) = cutter
+            .finish()
+            .map_err(|e| BackupError::new(Stage::Snapshot, e))?;
+        let mut added = 0u64;
+        for (i, w) in writers {
+            let created = &mut self.targets[i].created;
+            match w.finish(&tail, &ids, created).await {
+                Ok(outcome) => {
+                    tracing::info!(
+                        destination = %self.targets[i].name,
+                        pages = outcome.pages.pages,
+                        new_pages = outcome.pages.new_pages,
+                        added_bytes = outcome.pages.added_bytes,
+                        packs = outcome.pages.packs.len(),
+                        compared_with = %outcome.pages.compared_with.map_or_else(|| "none".to_string(), |s| s.to_string()),
+                        "snapshot pages stored"
+                    );
+                    added = added.max(outcome.pages.added_bytes);
+                    self.targets[i].paged = Some(outcome);
+                }
+                Err(e) => self.fail(i, Stage::Upload, e),
+            }
+        }
+        self.any_left()?;
+        tracing::info!(
+            bytes = total,
+            sha256 = %verified.file_sha256,
+            etcd_digest = %verified.etcd_digest,
+            elapsed_ms = t.elapsed().as_millis() as u64,
+            "paged snapshot stored and its etcd digest verified"
+        );
+        self.stages.push(StageReport {
+            stage: Stage::Snapshot,
+            bytes: added,
+            duration: t.elapsed(),
+        });
+        Ok(ManifestFile {
+            name: ts.snapshot_file_name(),
+            kind: FileKind::Snapshot,
+            size: total,
+            sha256: verified.file_sha256,
+            compression: None,
+            plaintext: None,
+            pages: None,
+        })
+    }
+
     async fn resources(
         &mut self,
         plan: resources::Plan,
@@ -1225,6 +1436,14 @@ impl<'a> Run<'a> {
         let mut written: Option<(Manifest, u64)> = None;
         for (i, dest) in self.live() {
             let mut own = manifest.clone();
+            if let Some(p) = &self.targets[i].paged {
+                own.format_version = MANIFEST_FORMAT_PAGED;
+                for f in &mut own.files {
+                    if f.kind == FileKind::Snapshot {
+                        f.pages = Some(Box::new(p.pages.clone()));
+                    }
+                }
+            }
             own.durable = self.targets[i].durability == Durability::Synced;
             own.durability = match self.targets[i].durability {
                 Durability::Synced => None,
@@ -1432,7 +1651,7 @@ async fn manifest_outcome(dest: &dyn Destination, dir: &str, json: &[u8]) -> Man
 /// Looks for a data file after its rename got no definite answer: `Ok`
 /// (saying what was found) when `to` is in place with `size` bytes and
 /// `from` is gone, `Err` with what was found otherwise.
-async fn rename_outcome(
+pub(crate) async fn rename_outcome(
     dest: &dyn Destination,
     from: &str,
     to: &str,
@@ -1501,6 +1720,7 @@ impl Stored {
                 sha256: plaintext_sha256,
                 compression: None,
                 plaintext: None,
+                pages: None,
             };
         };
         let zst = if self.compression.is_some() {
@@ -1520,6 +1740,7 @@ impl Stored {
                 size: self.plaintext_size,
                 sha256: plaintext_sha256,
             }),
+            pages: None,
         }
     }
 }
@@ -1701,6 +1922,154 @@ mod tests {
                 all_files(&base).is_empty(),
                 "{case}: left {:?}",
                 all_files(&base)
+            );
+        }
+    }
+
+    /// A bbolt-shaped stream: a meta page naming `page_size`, then pages
+    /// whose bytes come from `seed(page number)`, then etcd's digest.
+    fn bbolt_source(pages: usize, page_size: usize, seed: impl Fn(usize) -> u8) -> MemorySource {
+        let mut stream = vec![0u8; page_size];
+        stream[16..20].copy_from_slice(&0xED0C_DAEDu32.to_le_bytes());
+        stream[20..24].copy_from_slice(&2u32.to_le_bytes());
+        stream[24..28].copy_from_slice(&(page_size as u32).to_le_bytes());
+        for p in 1..pages {
+            let s = seed(p);
+            stream.extend((0..page_size).map(|i| (i as u8).wrapping_mul(31) ^ s ^ (p as u8)));
+        }
+        let digest = Sha256::digest(&stream);
+        stream.extend_from_slice(&digest);
+        MemorySource { stream }
+    }
+
+    /// Runs a paged backup of `source` at second `at` and returns its
+    /// catalog entry.
+    async fn paged_run(
+        cfg: &Config,
+        dest: &dyn Destination,
+        source: &mut MemorySource,
+        at: i64,
+    ) -> crate::store::catalog::CatalogSet {
+        let started = DateTime::<Utc>::from_timestamp(1_800_000_000 + at, 0).unwrap();
+        let report = Run::new(cfg, vec![Target::new("default", dest)], started, None)
+            .execute(source, &CancellationToken::new())
+            .await
+            .unwrap();
+        crate::store::catalog::scan(dest, "c", None)
+            .await
+            .unwrap()
+            .sets
+            .into_iter()
+            .find(|s| s.id.timestamp == report.set.timestamp)
+            .unwrap()
+    }
+
+    fn paged_config(base: &std::path::Path, extra: &str) -> Config {
+        let text = format!(
+            "node_name: n\ncluster_name: c\netcd:\n  endpoints: [\"http://127.0.0.1:1\"]\nresources:\n  layout: none\ndestination:\n  local:\n    path: {}\nsnapshot_format: paged\n{extra}",
+            base.display()
+        );
+        Config::parse(
+            &text,
+            &Environment {
+                node_name: None,
+                hostname: None,
+            },
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_paged_set_stores_only_changed_pages_and_rebuilds_byte_for_byte() {
+        use crate::store::verify::{fetch_set, verify_set};
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("dest");
+        let key = tmp.path().join("page-id.key");
+        std::fs::write(&key, "k".repeat(40)).unwrap();
+        let id = age::x25519::Identity::generate();
+        let id_file = tmp.path().join("id.txt");
+        std::fs::write(
+            &id_file,
+            format!(
+                "{}\n",
+                age::secrecy::ExposeSecret::expose_secret(&id.to_string())
+            ),
+        )
+        .unwrap();
+        for (name, extra) in [
+            ("plain", String::new()),
+            ("zstd", "compression: zstd\n".to_string()),
+            (
+                "zstd+age",
+                format!(
+                    "compression: zstd\nencryption:\n  recipients: [\"{}\"]\n  page_id_key_file: {}\n",
+                    id.to_public(),
+                    key.display()
+                ),
+            ),
+        ] {
+            let base = base.join(name);
+            let cfg = paged_config(&base, &extra);
+            let dest = LocalDir::open(&base).await.unwrap();
+            let ids = cfg
+                .encryption
+                .as_ref()
+                .map(|_| crate::encryption::load_identities(&id_file, None).unwrap());
+            // 700 pages of 4 KiB: three packs' worth of segments uncompressed.
+            let mut first = bbolt_source(700, 4096, |_| 1);
+            let one = paged_run(&cfg, &dest, &mut first, 0).await;
+            // Ten pages changed, 20 appended.
+            let mut second = bbolt_source(720, 4096, |p| if p % 70 == 5 || p >= 700 { 2 } else { 1 });
+            let two = paged_run(&cfg, &dest, &mut second, 1).await;
+            let pages = |s: &crate::store::catalog::CatalogSet| {
+                s.manifest.files[0].pages.as_deref().unwrap().clone()
+            };
+            let (p1, p2) = (pages(&one), pages(&two));
+            assert_eq!(one.manifest.format_version, MANIFEST_FORMAT_PAGED, "{name}");
+            assert_eq!((p1.pages, p1.new_pages), (700, 700), "{name}");
+            assert_eq!((p2.pages, p2.new_pages), (720, 30), "{name}");
+            assert_eq!(p2.compared_with, Some(one.id.timestamp), "{name}");
+            assert_eq!(p2.tail.len(), 64, "{name}: etcd's digest is the tail");
+            let packed = |p: &etcd_backup_proto::ManifestPages| p.added_bytes - p.index.size;
+            assert!(
+                packed(&p2) * 10 < packed(&p1),
+                "{name}: {} vs {}",
+                packed(&p2),
+                packed(&p1)
+            );
+            assert_eq!(p2.page_ids == etcd_backup_proto::PageIds::HmacSha256, cfg.encryption.is_some());
+            for (set, source) in [(&one, &first), (&two, &second)] {
+                let reports = verify_set(&dest, set, ids.as_ref(), true, &|_, _, _| {})
+                    .await
+                    .unwrap();
+                assert!(reports.iter().all(|r| r.ok()), "{name}: {reports:?}");
+                let out = tmp.path().join(format!("out-{name}-{}", set.id.timestamp));
+                std::fs::create_dir(&out).unwrap();
+                let (reports, written) = fetch_set(&dest, set, &out, ids.as_ref(), None, &|_, _, _| {})
+                    .await
+                    .unwrap();
+                assert!(reports.iter().all(|r| r.ok()), "{name}: {reports:?}");
+                assert_eq!(written[0], out.join(set.id.timestamp.snapshot_file_name()));
+                assert!(std::fs::read(&written[0]).unwrap() == source.stream, "{name}");
+            }
+            // One flipped byte in a pack: verify (quick) names the pack,
+            // --full cannot rebuild the snapshot.
+            let packs = base.join("c/n/packs");
+            let pack = packs.join(&p1.packs[0].name);
+            let mut bytes = std::fs::read(&pack).unwrap();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 1;
+            std::fs::write(&pack, &bytes).unwrap();
+            let reports = verify_set(&dest, &one, ids.as_ref(), false, &|_, _, _| {})
+                .await
+                .unwrap();
+            let bad: Vec<_> = reports.iter().filter(|r| !r.ok()).collect();
+            assert_eq!(bad.len(), 1, "{name}: {reports:?}");
+            assert!(bad[0].problems[0].contains("not the pack its name says"), "{name}: {bad:?}");
+            let full = verify_set(&dest, &one, ids.as_ref(), true, &|_, _, _| {}).await;
+            assert!(
+                full.as_ref().is_err() || full.as_ref().unwrap().iter().filter(|r| !r.ok()).count() >= 2,
+                "{name}: {full:?}"
             );
         }
     }
@@ -2104,7 +2473,9 @@ mod tests {
             .sets
             .remove(0);
         assert_eq!(set.summary().compression, "zstd");
-        let reports = verify_set(&dest, &set, None, &|_, _, _| {}).await.unwrap();
+        let reports = verify_set(&dest, &set, None, true, &|_, _, _| {})
+            .await
+            .unwrap();
         assert!(reports.iter().all(|r| r.ok()), "{reports:?}");
         assert!(reports[0].decompressed);
         let out = tmp.path().join("out");
@@ -2121,7 +2492,9 @@ mod tests {
         let mid = bad.len() / 2;
         bad[mid] ^= 0x01;
         std::fs::write(&stored_path, &bad).unwrap();
-        let reports = verify_set(&dest, &set, None, &|_, _, _| {}).await.unwrap();
+        let reports = verify_set(&dest, &set, None, true, &|_, _, _| {})
+            .await
+            .unwrap();
         assert!(!reports[0].ok());
         assert!(
             reports[0].problems[0].starts_with("sha256 is "),

@@ -82,6 +82,11 @@ pub enum Command {
         /// The node whose set it is (default: this node).
         #[arg(long)]
         node: Option<String>,
+        /// For a paged set: also rebuild the snapshot from its packs and
+        /// check it as a snapshot file is checked (without it, the page
+        /// index and every pack are checked at their sizes and checksums).
+        #[arg(long)]
+        full: bool,
         /// Decrypting an encrypted set.
         #[command(flatten)]
         identity: IdentityOpts,
@@ -272,6 +277,7 @@ fn run(command: Command) -> ExitCode {
             destination,
             set,
             node,
+            full,
             identity,
         } => with_config(&config, |c| async move {
             let c = match on_destination(c, destination.as_deref()) {
@@ -279,7 +285,7 @@ fn run(command: Command) -> ExitCode {
                 Err(code) => return code,
             };
             let node = node.unwrap_or_else(|| c.node_name.clone());
-            crate::commands::verify::verify(&c, &node, &set, &identity.args()).await
+            crate::commands::verify::verify(&c, &node, &set, full, &identity.args()).await
         }),
         Command::Fetch {
             config,

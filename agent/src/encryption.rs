@@ -147,6 +147,73 @@ pub struct EncryptionConfig {
     /// `encryption.identity_file`: the identity scheduled drills (and, by
     /// default, verify/fetch/restore/drill) decrypt with.
     pub identity_file: Option<PathBuf>,
+    /// `encryption.page_id_key_file`: keys the page ids of paged sets.
+    pub page_id_key: Option<PageIdKey>,
+}
+
+/// The secret that keys the page ids of encrypted paged sets
+/// (`encryption.page_id_key_file`): the SHA-256 of the file's content (at
+/// least 32 bytes, surrounding whitespace ignored). Never written anywhere;
+/// its [`fingerprint`](Self::fingerprint) is.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PageIdKey([u8; 32]);
+
+impl fmt::Debug for PageIdKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PageIdKey(<secret>)")
+    }
+}
+
+/// The fixed text whose HMAC with the key is the key's fingerprint.
+const PAGE_ID_KEY_FINGERPRINT_TEXT: &[u8] = b"etcd-backup-agent page id key fingerprint v1";
+
+impl PageIdKey {
+    /// The least secret material the file must hold.
+    pub const MIN_LEN: usize = 32;
+
+    /// Reads the key file.
+    ///
+    /// # Errors
+    /// The file cannot be read, or holds less than [`Self::MIN_LEN`] bytes;
+    /// the message says what to do (never what the file holds).
+    pub fn read(path: &Path) -> Result<Self, String> {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let trimmed = bytes.trim_ascii();
+        if trimmed.len() < Self::MIN_LEN {
+            return Err(format!(
+                "{} holds {} bytes, fewer than the {} a page id key needs; make one with `head -c 32 /dev/urandom | base64 > {}`",
+                path.display(),
+                trimmed.len(),
+                Self::MIN_LEN,
+                path.display()
+            ));
+        }
+        Ok(Self::from_material(trimmed))
+    }
+
+    /// The key made from secret material (the key file's content).
+    pub fn from_material(material: &[u8]) -> Self {
+        use sha2::Digest;
+        Self(sha2::Sha256::digest(material).into())
+    }
+
+    /// The first 16 bytes of HMAC-SHA256 of `data` with the key.
+    pub fn mac16(&self, data: &[u8]) -> [u8; 16] {
+        use hmac::{KeyInit, Mac};
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0)
+            .expect("HMAC takes a key of any length");
+        mac.update(data);
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&full[..16]);
+        out
+    }
+
+    /// What the manifest records: which sets' page ids are comparable.
+    pub fn fingerprint(&self) -> String {
+        hex::encode(self.mac16(PAGE_ID_KEY_FINGERPRINT_TEXT))
+    }
 }
 
 impl EncryptionConfig {

@@ -14,10 +14,12 @@ pub mod naming;
 
 pub use manifest::{
     Compression, DurabilityLevel, FileKind, Manifest, ManifestCompression, ManifestEncryption,
-    ManifestEtcd, ManifestFile, PlaintextFile, SnapshotStatus, MANIFEST_FORMAT_COMPRESSED,
-    MANIFEST_FORMAT_ENCRYPTED, MANIFEST_FORMAT_PLAIN, MANIFEST_FORMAT_VERSION,
+    ManifestEtcd, ManifestFile, ManifestPages, PackRef, PageIds, PlaintextFile, SnapshotStatus,
+    StoredFile, MANIFEST_FORMAT_COMPRESSED, MANIFEST_FORMAT_ENCRYPTED, MANIFEST_FORMAT_PAGED,
+    MANIFEST_FORMAT_PLAIN, MANIFEST_FORMAT_VERSION,
 };
 pub use naming::{
-    is_valid_name_component, InvalidFileName, InvalidTimestamp, SetId, SetTimestamp, AGE_SUFFIX,
-    MANIFEST_FILE_NAME, PARTIAL_SUFFIX, ZST_SUFFIX,
+    is_pack_name, is_pack_partial_name, is_valid_name_component, InvalidFileName, InvalidTimestamp,
+    SetId, SetTimestamp, AGE_SUFFIX, MANIFEST_FILE_NAME, PACKS_DIR, PACK_SUFFIX, PARTIAL_SUFFIX,
+    ZST_SUFFIX,
 };

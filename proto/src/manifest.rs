@@ -22,12 +22,17 @@ use crate::naming::SetTimestamp;
 ///   compressed sets (encrypted or not) are written as 3, so agents that know
 ///   only versions 1 and 2 refuse them (keeping them, as a newer format)
 ///   instead of handing a compressed file to etcd.
+/// - 4: adds paged snapshots (`snapshot_format: paged`,
+///   [`ManifestFile::pages`]): the snapshot is not a file of the set but
+///   pages in the node's packs, which the set's page index locates. Only
+///   paged sets are written as 4, so older agents refuse them (keeping them,
+///   as a newer format) instead of looking for a snapshot file.
 ///
 /// Optional fields that an older reader may ignore without misreading the
 /// set ([`Manifest::durable`], [`Manifest::durability`],
 /// [`Manifest::snapshot_status`]) do not change
 /// the version: readers ignore fields they do not know.
-pub const MANIFEST_FORMAT_VERSION: u32 = 3;
+pub const MANIFEST_FORMAT_VERSION: u32 = 4;
 
 /// The `format_version` of a set written without encryption or compression.
 pub const MANIFEST_FORMAT_PLAIN: u32 = 1;
@@ -37,6 +42,9 @@ pub const MANIFEST_FORMAT_ENCRYPTED: u32 = 2;
 
 /// The `format_version` of a set with a compressed snapshot (encrypted or not).
 pub const MANIFEST_FORMAT_COMPRESSED: u32 = 3;
+
+/// The `format_version` of a paged set (compressed, encrypted or neither).
+pub const MANIFEST_FORMAT_PAGED: u32 = 4;
 
 /// The content of `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,6 +237,81 @@ pub struct ManifestFile {
     /// decompressing it must give.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plaintext: Option<PlaintextFile>,
+    /// For the snapshot of a paged set: where its pages are. The entry's
+    /// `name`, `size` and `sha256` are then the plain snapshot's
+    /// (`snapshot_<ts>.db`, exactly as `etcdctl snapshot save` writes it),
+    /// which is not stored as a file but rebuilt from the packs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<Box<ManifestPages>>,
+}
+
+/// How the snapshot of a paged set is stored: cut at bbolt's page
+/// boundaries, each page kept once in the node's packs
+/// (`<cluster>/<node>/packs/<sha256>.pack`) and located by the set's page
+/// index. docs/backup-set-format.md specifies the index and the packs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestPages {
+    /// The page index, a file of the set (`pages_<ts>.idx`): a zstd stream
+    /// with one record per page (its id and which pack range holds it).
+    pub index: StoredFile,
+    /// bbolt's page size, read from the snapshot's first meta page.
+    pub page_size: u32,
+    /// Whole pages in the snapshot: the snapshot is `pages * page_size`
+    /// bytes of pages, then [`tail`](Self::tail).
+    pub pages: u64,
+    /// The bytes after the last whole page (etcd's 32-byte SHA-256 trailer),
+    /// lower-case hex.
+    pub tail: String,
+    /// How page ids are computed.
+    pub page_ids: PageIds,
+    /// For keyed page ids, a fingerprint of the key (an HMAC of a fixed
+    /// text with it, 16 bytes in hex): which sets' ids are comparable,
+    /// without revealing the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_id_key: Option<String>,
+    /// Pages this set added to the packs: those the destination did not
+    /// already hold where the previous set had them.
+    pub new_pages: u64,
+    /// Bytes this set added at its destination: its new packs and its page
+    /// index (the resources tarball and the manifest not counted).
+    pub added_bytes: u64,
+    /// The set whose pages were compared against (its timestamp), if any:
+    /// for information only; the set does not depend on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compared_with: Option<SetTimestamp>,
+    /// Every pack the index refers to, by its position in this list.
+    pub packs: Vec<PackRef>,
+}
+
+/// A file the manifest checksums that is not a data file of its own entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredFile {
+    /// File name inside the set directory.
+    pub name: String,
+    /// Size in bytes as stored.
+    pub size: u64,
+    /// SHA-256 of the file as stored, lower-case hex.
+    pub sha256: String,
+}
+
+/// A pack a paged set needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackRef {
+    /// `<sha256>.pack`: its name is its checksum.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// How the id of a page is computed from its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PageIds {
+    /// The first 16 bytes of the page's SHA-256 (sets stored unencrypted).
+    Sha256,
+    /// The first 16 bytes of HMAC-SHA256 of the page with the node's page
+    /// id key (encrypted sets): the store cannot confirm a guessed page.
+    HmacSha256,
 }
 
 /// The plain form of an encrypted or compressed data file.
@@ -316,6 +399,7 @@ mod tests {
                     sha256: "00".repeat(32),
                     compression: None,
                     plaintext: None,
+                    pages: None,
                 },
                 ManifestFile {
                     name: ts.resources_file_name(),
@@ -324,6 +408,7 @@ mod tests {
                     sha256: "11".repeat(32),
                     compression: None,
                     plaintext: None,
+                    pages: None,
                 },
             ],
             snapshot_status: Some(SnapshotStatus {

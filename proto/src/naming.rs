@@ -28,6 +28,45 @@ pub const AGE_SUFFIX: &str = ".age";
 /// The resources tarball is gzip already and never gets it.
 pub const ZST_SUFFIX: &str = ".zst";
 
+/// The directory, beside a node's set directories (`<cluster>/<node>/packs`),
+/// that holds the pack files of its paged sets (`snapshot_format: paged`).
+pub const PACKS_DIR: &str = "packs";
+
+/// Suffix of a pack file: `<sha256 of the pack>.pack`.
+pub const PACK_SUFFIX: &str = ".pack";
+
+/// Whether `name` is a pack file's name as the agent gives it: 64 lower-case
+/// hex digits (the SHA-256 of the pack's bytes) and [`PACK_SUFFIX`]. The one
+/// check for pack names from a manifest or a listing: nothing else below
+/// [`PACKS_DIR`] is ever read, or removed, as a pack.
+pub fn is_pack_name(name: &str) -> bool {
+    name.strip_suffix(PACK_SUFFIX).is_some_and(|hex| {
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// Whether `name` is the name a run gives a pack while it writes it:
+/// `<set timestamp>_<n>.pack.partial`. Only such files below [`PACKS_DIR`]
+/// may be removed as stale leftovers.
+pub fn is_pack_partial_name(name: &str) -> bool {
+    let Some(stem) = name
+        .strip_suffix(PARTIAL_SUFFIX)
+        .and_then(|s| s.strip_suffix(PACK_SUFFIX))
+    else {
+        return false;
+    };
+    let Some((ts, n)) = stem.rsplit_once('_') else {
+        return false;
+    };
+    ts.parse::<SetTimestamp>().is_ok()
+        && !n.is_empty()
+        && n.len() <= 9
+        && n.bytes().all(|b| b.is_ascii_digit())
+}
+
 const TS_FORMAT: &str = "%Y-%m-%d_%H%M%S";
 
 /// The UTC second a backup run started, which names its set.
@@ -45,7 +84,7 @@ pub struct InvalidTimestamp {
 /// A file name, from a manifest or a server's listing, that is not one the
 /// set naming scheme gives a file of that set.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("refusing file name {name:?} in backup set {set}: {problem}; a set holds only snapshot_{set}.db (optionally .zst), static_kuberesources_{set}.tar.gz (each optionally .age) and manifest.json, so the manifest or the server's listing was altered; nothing was written or removed for it")]
+#[error("refusing file name {name:?} in backup set {set}: {problem}; a set holds only snapshot_{set}.db (optionally .zst) or pages_{set}.idx, static_kuberesources_{set}.tar.gz (each optionally .age) and manifest.json, so the manifest or the server's listing was altered; nothing was written or removed for it")]
 pub struct InvalidFileName {
     /// The rejected name.
     pub name: String,
@@ -77,12 +116,25 @@ impl SetTimestamp {
         format!("static_kuberesources_{self}.tar.gz")
     }
 
+    /// `pages_<ts>.idx`: the page index of a paged set, which says where in
+    /// the node's packs each page of the snapshot is.
+    pub fn page_index_file_name(&self) -> String {
+        format!("pages_{self}.idx")
+    }
+
+    /// The name of the `n`th pack a run writes, while it writes it (below
+    /// [`PACKS_DIR`]; renamed to `<sha256>.pack` when done).
+    pub fn pack_partial_name(&self, n: u32) -> String {
+        format!("{self}_{n}{PACK_SUFFIX}{PARTIAL_SUFFIX}")
+    }
+
     /// Every name the agent gives a data file of this set, as stored: the
-    /// snapshot (plain or zstd-compressed) and the resources tarball, each
-    /// plain or encrypted.
-    pub fn data_file_names(&self) -> [String; 6] {
+    /// snapshot (plain or zstd-compressed), the page index of a paged set,
+    /// and the resources tarball, each plain or encrypted.
+    pub fn data_file_names(&self) -> [String; 7] {
         let (snapshot, resources) = (self.snapshot_file_name(), self.resources_file_name());
         [
+            self.page_index_file_name(),
             format!("{snapshot}{ZST_SUFFIX}{AGE_SUFFIX}"),
             format!("{snapshot}{ZST_SUFFIX}"),
             format!("{snapshot}{AGE_SUFFIX}"),

@@ -12,7 +12,13 @@ use super::{
 use crate::commands::EXIT_FAILURE;
 
 /// `verify`.
-pub async fn verify(config: &Config, node: &str, wanted: &str, id: &IdentityArgs) -> ExitCode {
+pub async fn verify(
+    config: &Config,
+    node: &str,
+    wanted: &str,
+    full: bool,
+    id: &IdentityArgs,
+) -> ExitCode {
     let ids = match identities(config, id) {
         Ok(i) => i,
         Err(code) => return code,
@@ -33,7 +39,7 @@ pub async fn verify(config: &Config, node: &str, wanted: &str, id: &IdentityArgs
     );
     note_compression(&set, ids.as_ref());
     let progress = Progress::new();
-    let result = verify::verify_set(dest.as_ref(), &set, ids.as_ref(), &|n, d, t| {
+    let result = verify::verify_set(dest.as_ref(), &set, ids.as_ref(), full, &|n, d, t| {
         progress.update(n, d, t)
     })
     .await;

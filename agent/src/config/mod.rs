@@ -105,6 +105,7 @@ pub struct RawConfig {
     encryption: Option<Option<RawEncryption>>,
     compression: Option<String>,
     compression_level: Option<i64>,
+    snapshot_format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -113,6 +114,7 @@ struct RawEncryption {
     recipients: Option<Vec<String>>,
     recipients_file: Option<PathBuf>,
     identity_file: Option<PathBuf>,
+    page_id_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -343,6 +345,29 @@ pub struct Config {
     /// `None` for `compression: none`, the default, because OpenShift's
     /// `cluster-restore.sh` wants a plain `snapshot_<ts>.db`.
     pub compression: Option<CompressionConfig>,
+    /// `snapshot_format`: how the snapshot is stored.
+    pub snapshot_format: SnapshotFormat,
+}
+
+/// `snapshot_format`: how a set stores its snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SnapshotFormat {
+    /// One file per set, `snapshot_<ts>.db` (`.zst`, `.age`): the default.
+    #[default]
+    Full,
+    /// Pages in the node's packs, each stored once, located by the set's
+    /// page index (docs/backup-set-format.md#paged-sets).
+    Paged,
+}
+
+impl SnapshotFormat {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotFormat::Full => "full",
+            SnapshotFormat::Paged => "paged",
+        }
+    }
 }
 
 /// The daemon's settings: schedule, HTTP endpoint, shutdown.
@@ -785,6 +810,7 @@ impl Config {
         let retention = v.retention(raw.retention.unwrap_or_default());
         let encryption = raw.encryption.and_then(|e| v.encryption(e));
         let compression = v.compression(raw.compression, raw.compression_level);
+        let snapshot_format = v.snapshot_format(raw.snapshot_format, encryption.as_ref());
         let drill_schedule = raw.drill_schedule.and_then(|expr| {
             match crate::policy::schedule::Schedule::parse(&expr, raw.timezone.as_deref()) {
                 Ok(s) => Some(s),
@@ -832,6 +858,7 @@ impl Config {
                 retention,
                 encryption,
                 compression,
+                snapshot_format,
             }),
             _ => Err(vec![FieldError {
                 field: ".".into(),

@@ -257,7 +257,10 @@ fn record(
             let known = |n: &str| {
                 n == MANIFEST_FILE_NAME
                     || ts.is_own_partial(n)
-                    || m.files.iter().any(|f| f.name == n)
+                    || m.files.iter().any(|f| match &f.pages {
+                        Some(p) => p.index.name == n,
+                        None => f.name == n,
+                    })
             };
             let foreign = names(listing.iter().filter(|f| !known(&f.name)));
             let partials = names(listing.iter().filter(|f| ts.is_own_partial(&f.name)));
@@ -363,6 +366,12 @@ fn manifest_problem(m: &Manifest, id: &SetId, listing: &[DirEntry]) -> Option<St
         if let Err(e) = id.timestamp.check_file_name(&f.name, false) {
             return Some(e.to_string());
         }
+        if let Some(pages) = &f.pages {
+            if let Some(why) = paged_problem(m, f, pages, id, listing) {
+                return Some(why);
+            }
+            continue;
+        }
         let Some(stored) = listing.iter().find(|e| e.name == f.name) else {
             return Some(format!("{} is in the manifest but not in the set", f.name));
         };
@@ -408,11 +417,64 @@ fn manifest_problem(m: &Manifest, id: &SetId, listing: &[DirEntry]) -> Option<St
             return Some(format!("{}: only the snapshot is ever compressed", f.name));
         }
     }
-    if m.files.iter().any(|f| f.is_encrypted()) != m.encryption.is_some() {
+    // A paged snapshot's packs are stored as the manifest's compression and
+    // encryption say; its own entry names the plain snapshot.
+    let paged = m.files.iter().any(|f| f.pages.is_some());
+    let encrypted = m.files.iter().any(|f| f.is_encrypted()) || (paged && m.encryption.is_some());
+    if encrypted != m.encryption.is_some() {
         return Some("the manifest's encryption and its files' names disagree".into());
     }
-    if m.files.iter().any(|f| f.compression.is_some()) != m.compression.is_some() {
+    if !paged && m.files.iter().any(|f| f.compression.is_some()) != m.compression.is_some() {
         return Some("the manifest's compression and its files' compression disagree".into());
+    }
+    None
+}
+
+/// Why a paged snapshot's entry does not make its set complete, if it doesn't.
+fn paged_problem(
+    m: &Manifest,
+    f: &etcd_backup_proto::ManifestFile,
+    pages: &etcd_backup_proto::ManifestPages,
+    id: &SetId,
+    listing: &[DirEntry],
+) -> Option<String> {
+    if m.format_version < etcd_backup_proto::MANIFEST_FORMAT_PAGED {
+        return Some(format!(
+            "{}: pages in a manifest of format_version {}",
+            f.name, m.format_version
+        ));
+    }
+    if f.kind != etcd_backup_proto::FileKind::Snapshot
+        || f.name != id.timestamp.snapshot_file_name()
+        || f.compression.is_some()
+        || f.plaintext.is_some()
+    {
+        return Some(format!(
+            "{}: only the plain snapshot, snapshot_{}.db, is ever paged",
+            f.name, id.timestamp
+        ));
+    }
+    if pages.index.name != id.timestamp.page_index_file_name() {
+        return Some(format!(
+            "the manifest names the page index {:?}; only {:?} is accepted",
+            pages.index.name,
+            id.timestamp.page_index_file_name()
+        ));
+    }
+    if let Err(e) = crate::store::paged::check_manifest_pages(pages, &id.dir()) {
+        return Some(e.to_string());
+    }
+    let Some(stored) = listing.iter().find(|e| e.name == pages.index.name) else {
+        return Some(format!(
+            "{} is in the manifest but not in the set",
+            pages.index.name
+        ));
+    };
+    if stored.size != pages.index.size {
+        return Some(format!(
+            "{} holds {} bytes, the manifest says {}: the file was truncated or changed after the set was written",
+            pages.index.name, stored.size, pages.index.size
+        ));
     }
     None
 }
@@ -486,6 +548,7 @@ pub async fn scan_cached(
             .await;
         for l in looked {
             match l? {
+                Looked::Packs => {}
                 Looked::Leftover(found) => catalog.leftovers.push(found),
                 Looked::Set {
                     found,
@@ -516,6 +579,9 @@ const SCAN_AT_ONCE: usize = 8;
 
 /// What one entry of a node's directory turned out to be.
 enum Looked {
+    /// The node's packs directory (paged sets): not a set; prune's
+    /// collection looks at it.
+    Packs,
     Leftover(Leftover),
     Set {
         found: Leftover,
@@ -548,6 +614,9 @@ async fn look_at(
         why: String::new(),
         finished_at: None,
     };
+    if entry.is_dir && entry.name == etcd_backup_proto::PACKS_DIR {
+        return Ok(Looked::Packs);
+    }
     if !entry.is_dir {
         found.why = if entry.is_file {
             "a file, not a set directory: this agent writes no files here".into()

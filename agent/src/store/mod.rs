@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod compressing;
 pub mod destination;
 pub mod fanout;
+pub mod paged;
 pub mod prune;
 pub mod sealing;
 pub mod verify;

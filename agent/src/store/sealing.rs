@@ -253,6 +253,7 @@ mod tests {
         let config = EncryptionConfig {
             recipients: vec![parse_recipient(&id.to_public().to_string()).unwrap()],
             identity_file: None,
+            page_id_key: None,
         };
         // Uneven writes across age's 64 KiB chunk boundaries.
         let plain: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();

@@ -298,6 +298,30 @@ pub trait Destination: Send + Sync {
     async fn open(&self, path: &str)
         -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError>;
 
+    /// Opens `len` bytes of file `path`, starting at byte `offset`, for
+    /// reading. (Provisional: the whole file is opened and skipped into.)
+    ///
+    /// # Errors
+    /// I/O failures, including a missing file.
+    async fn open_range(
+        &self,
+        path: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
+        use tokio::io::AsyncReadExt;
+        let mut r = self.open(path).await?;
+        let mut skip = (&mut r).take(offset);
+        tokio::io::copy(&mut skip, &mut tokio::io::sink())
+            .await
+            .map_err(|source| DestinationError::Io {
+                op: "cannot read",
+                location: path.to_string(),
+                source,
+            })?;
+        Ok(Box::new(r.take(len)))
+    }
+
     /// Deletes a file; a missing file is not an error.
     ///
     /// # Errors
