@@ -1933,6 +1933,8 @@ mod tests {
         stream[16..20].copy_from_slice(&0xED0C_DAEDu32.to_le_bytes());
         stream[20..24].copy_from_slice(&2u32.to_le_bytes());
         stream[24..28].copy_from_slice(&(page_size as u32).to_le_bytes());
+        // bbolt's meta pages change with every transaction.
+        stream[64] = seed(0);
         for p in 1..pages {
             let s = seed(p);
             stream.extend((0..page_size).map(|i| (i as u8).wrapping_mul(31) ^ s ^ (p as u8)));
@@ -2072,6 +2074,111 @@ mod tests {
                 "{name}: {full:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn prune_collects_only_packs_no_complete_set_names_and_only_when_every_manifest_reads() {
+        use crate::store::prune::prune;
+        use crate::store::verify::verify_set;
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("dest");
+        let cfg = paged_config(&base, "retention:\n  keep_last: 1\n");
+        let dest = LocalDir::open(&base).await.unwrap();
+        // Three sets: the second changes every page, the third a tenth of
+        // them; so only the first set names the first pack.
+        let mut sets = Vec::new();
+        for round in 0..3u8 {
+            let mut src = bbolt_source(600, 4096, move |p| match round {
+                0 => 1,
+                1 => 2,
+                _ if p % 10 == 0 => 3,
+                _ => 2,
+            });
+            sets.push(paged_run(&cfg, &dest, &mut src, i64::from(round)).await);
+        }
+        let packs_of = |s: &crate::store::catalog::CatalogSet| -> Vec<String> {
+            s.manifest.files[0]
+                .pages
+                .as_ref()
+                .unwrap()
+                .packs
+                .iter()
+                .map(|p| p.name.clone())
+                .collect()
+        };
+        let packs_dir = base.join("c/n/packs");
+        let on_disk = || -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(&packs_dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(on_disk().len(), 3, "{:?}", on_disk());
+        // Beside the packs: files this agent did not write, and a pack of a
+        // run in flight.
+        let foreign = ["notes.txt".to_string(), format!("{}.pack", "A".repeat(64))];
+        for f in &foreign {
+            std::fs::write(packs_dir.join(f), b"x").unwrap();
+        }
+        let in_flight = format!("{}_0.pack.partial", SetTimestamp::new(Utc::now()));
+        std::fs::write(packs_dir.join(&in_flight), b"x").unwrap();
+
+        // Young packs are never collected: a run may be about to name them.
+        let r = prune(&dest, &cfg, "n", Utc::now(), None, false)
+            .await
+            .unwrap();
+        assert_eq!(r.removed_sets.len(), 2, "{r:?}");
+        assert!(r.packs.removed.is_empty(), "{:?}", r.packs);
+        assert_eq!(r.packs.referenced + r.packs.young, 4, "{:?}", r.packs);
+
+        // A set whose manifest cannot be read stops collection outright.
+        let odd = base.join("c/n/2027-01-01_000000");
+        std::fs::create_dir_all(&odd).unwrap();
+        std::fs::write(odd.join("manifest.json"), b"{ not json").unwrap();
+        let later = Utc::now() + chrono::Duration::days(2);
+        let r = prune(&dest, &cfg, "n", later, None, true).await.unwrap();
+        assert!(
+            r.packs.blocked.as_deref().unwrap().contains("cannot read"),
+            "{:?}",
+            r.packs
+        );
+        assert!(r.packs.removed.is_empty());
+        let err = crate::store::prune::after_backup(&cfg, &dest).await;
+        assert!(
+            err.is_err(),
+            "a blocked collection counts as a retention failure"
+        );
+        std::fs::remove_dir_all(&odd).unwrap();
+
+        // Old enough, every manifest read: what only the removed sets named goes.
+        let dry = prune(&dest, &cfg, "n", later, None, true).await.unwrap();
+        let r = prune(&dest, &cfg, "n", later, None, false).await.unwrap();
+        assert_eq!(
+            dry.packs.removed, r.packs.removed,
+            "the dry run shows what goes"
+        );
+        assert_eq!(
+            r.packs.removed,
+            packs_of(&sets[0])
+                .iter()
+                .map(|p| format!("c/n/packs/{p}"))
+                .collect::<Vec<_>>(),
+            "{:?}",
+            r.packs
+        );
+        assert_eq!(r.packs.removed_partials, [format!("c/n/packs/{in_flight}")]);
+        let mut left = packs_of(&sets[2]);
+        left.extend(foreign.iter().cloned());
+        left.sort();
+        left.dedup();
+        assert_eq!(on_disk(), left);
+        assert_eq!(r.packs.foreign.len(), 2, "{:?}", r.packs);
+        let reports = verify_set(&dest, &sets[2], None, true, &|_, _, _| {})
+            .await
+            .unwrap();
+        assert!(reports.iter().all(|r| r.ok()), "{reports:?}");
     }
 
     fn config(dest: &std::path::Path, root: Option<&std::path::Path>) -> Config {

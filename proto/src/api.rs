@@ -143,8 +143,17 @@ pub struct SetSummary {
     pub timestamp: crate::SetTimestamp,
     /// When the run finished.
     pub finished_at: DateTime<Utc>,
-    /// Snapshot size in bytes.
+    /// Snapshot size in bytes as stored; for a paged set, the plain
+    /// snapshot's (its logical size).
     pub snapshot_bytes: u64,
+    /// How the snapshot is stored: `full` or `paged` (`full` when an older
+    /// agent's answer does not say).
+    #[serde(default = "format_full")]
+    pub format: String,
+    /// Bytes the set added at its destination: every file of a full set; a
+    /// paged set's new packs, its page index and its other files.
+    #[serde(default)]
+    pub added_bytes: u64,
     /// Resources tarball size, when the set has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources_bytes: Option<u64>,
@@ -175,6 +184,10 @@ pub struct SetSummary {
     /// an older agent's answer does not say.
     #[serde(default)]
     pub rollout_in_progress: Vec<String>,
+}
+
+fn format_full() -> String {
+    "full".to_string()
 }
 
 fn compression_none() -> String {

@@ -327,6 +327,12 @@ pub struct PlaintextFile {
 }
 
 impl ManifestFile {
+    /// The name of the file this entry stores in the set directory: its
+    /// own, or a paged snapshot's page index.
+    pub fn stored_name(&self) -> &str {
+        self.pages.as_ref().map_or(&self.name, |p| &p.index.name)
+    }
+
     /// The name the file has once decrypted and decompressed (its stored
     /// name when it is neither).
     pub fn plaintext_name(&self) -> &str {

@@ -46,10 +46,12 @@ pub async fn list(
         }
         Output::Table => {
             println!(
-                "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<11}  {:<9}  {:<7}  {:<7}  SET",
+                "{:<19}  {:<20}  {:>10}  {:<6}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<11}  {:<9}  {:<7}  {:<7}  SET",
                 "TIME (UTC)",
                 "NODE",
                 "SNAPSHOT",
+                "FORMAT",
+                "ADDED",
                 "RESOURCES",
                 "REVISION",
                 "KEYS",
@@ -61,10 +63,12 @@ pub async fn list(
             );
             for s in &list.sets {
                 println!(
-                    "{:<19}  {:<20}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<11}  {:<9}  {:<7}  {:<7}  {}",
+                    "{:<19}  {:<20}  {:>10}  {:<6}  {:>10}  {:>10}  {:>10}  {:>8}  {:<9}  {:<11}  {:<9}  {:<7}  {:<7}  {}",
                     s.timestamp.as_datetime().format("%Y-%m-%d %H:%M:%S"),
                     s.node,
                     human_bytes(s.snapshot_bytes),
+                    s.format,
+                    human_bytes(s.added_bytes),
                     s.resources_bytes.map_or("-".to_string(), human_bytes),
                     s.revision,
                     s.total_key.map_or("-".to_string(), |k| k.to_string()),

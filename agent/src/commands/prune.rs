@@ -53,6 +53,28 @@ pub async fn prune(config: &Config, node: &str, dry_run: bool) -> ExitCode {
     for (dir, why) in &report.left_alone {
         println!("{:<12} {dir}  ({why})", "leave alone");
     }
+    let packs = &report.packs;
+    for p in &packs.removed {
+        println!("{verb:<12} {p}  (a pack no complete set names)");
+    }
+    for p in &packs.removed_partials {
+        println!(
+            "{verb:<12} {p}  (a pack of a run that did not finish, older than stale_partial_after)"
+        );
+    }
+    if packs.referenced + packs.young + packs.removed.len() + packs.removed_partials.len() > 0 {
+        println!(
+            "packs: {} named by complete sets (kept), {} not named yet but younger than stale_partial_after (kept), {} {} ({} bytes)",
+            packs.referenced,
+            packs.young,
+            packs.removed.len(),
+            verb,
+            packs.removed_bytes
+        );
+    }
+    if let Some(why) = &packs.blocked {
+        eprintln!("error: {why}");
+    }
     let (kept, removed) = crate::policy::retention::counts(&report.decisions);
     println!(
         "{kept} set(s) kept, {removed} {}, {} leftover(s) {}",
@@ -68,7 +90,7 @@ pub async fn prune(config: &Config, node: &str, dry_run: bool) -> ExitCode {
             "removed"
         }
     );
-    if report.errors.is_empty() {
+    if report.errors.is_empty() && report.packs.blocked.is_none() {
         ExitCode::SUCCESS
     } else {
         for e in &report.errors {

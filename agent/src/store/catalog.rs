@@ -96,6 +96,11 @@ pub struct Catalog {
     pub sets: Vec<CatalogSet>,
     /// Leftovers, oldest first.
     pub leftovers: Vec<Leftover>,
+    /// Set directories whose `manifest.json` could not be read as a
+    /// manifest this agent understands (damaged, foreign, or a newer
+    /// format), with why: such a set may need any pack, so packs are not
+    /// collected while one exists.
+    pub unreadable_manifests: Vec<(String, String)>,
 }
 
 impl CatalogSet {
@@ -109,6 +114,17 @@ impl CatalogSet {
             timestamp: self.id.timestamp,
             finished_at: m.finished_at,
             snapshot_bytes: size(etcd_backup_proto::FileKind::Snapshot).unwrap_or(0),
+            format: if m.files.iter().any(|f| f.pages.is_some()) {
+                "paged"
+            } else {
+                "full"
+            }
+            .to_string(),
+            added_bytes: m
+                .files
+                .iter()
+                .map(|f| f.pages.as_ref().map_or(f.size, |p| p.added_bytes))
+                .sum(),
             resources_bytes: size(etcd_backup_proto::FileKind::Resources),
             revision: m.revision(),
             total_key: m.snapshot_status.map(|s| s.total_key),
@@ -238,7 +254,9 @@ async fn being_removed(
         && m.cluster == id.cluster
         && m.node == id.node
         && m.timestamp == id.timestamp
-        && foreign.iter().all(|n| m.files.iter().any(|f| &f.name == n))
+        && foreign
+            .iter()
+            .all(|n| m.files.iter().any(|f| f.stored_name() == n))
 }
 
 /// Files a set whose manifest was read: complete (and, if it also holds
@@ -257,10 +275,7 @@ fn record(
             let known = |n: &str| {
                 n == MANIFEST_FILE_NAME
                     || ts.is_own_partial(n)
-                    || m.files.iter().any(|f| match &f.pages {
-                        Some(p) => p.index.name == n,
-                        None => f.name == n,
-                    })
+                    || m.files.iter().any(|f| f.stored_name() == n)
             };
             let foreign = names(listing.iter().filter(|f| !known(&f.name)));
             let partials = names(listing.iter().filter(|f| ts.is_own_partial(&f.name)));
@@ -287,10 +302,16 @@ fn record(
             found.why = format!(
                 "manifest format_version {format_version} is newer than this agent understands ({MANIFEST_FORMAT_VERSION}); kept and counted as a set; upgrade the agent to read it"
             );
+            catalog
+                .unreadable_manifests
+                .push((found.dir.clone(), found.why.clone()));
             catalog.leftovers.push(found);
         }
         ManifestRead::Problem(why) => {
             found.why = why;
+            catalog
+                .unreadable_manifests
+                .push((found.dir.clone(), found.why.clone()));
             catalog.leftovers.push(found);
         }
     }

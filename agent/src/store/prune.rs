@@ -30,6 +30,30 @@ pub struct PruneReport {
     pub left_alone: Vec<(String, String)>,
     /// Removals that failed; the rest went on.
     pub errors: Vec<String>,
+    /// What became of the node's packs (paged sets).
+    pub packs: PackCollection,
+}
+
+/// Garbage collection of a node's packs, restic's way: a pack goes only
+/// when no complete set names it, every manifest was read, and it is older
+/// than `stale_partial_after` (a run in flight may be about to name it).
+#[derive(Debug, Clone, Default)]
+pub struct PackCollection {
+    /// Packs removed (or that would be, in a dry run), as paths.
+    pub removed: Vec<String>,
+    /// Their bytes.
+    pub removed_bytes: u64,
+    /// Stale `.pack.partial` files of runs that did not finish, removed.
+    pub removed_partials: Vec<String>,
+    /// Packs a complete set names.
+    pub referenced: usize,
+    /// Packs no set names yet, kept as younger than `stale_partial_after`
+    /// (or of unknown age).
+    pub young: usize,
+    /// Why nothing was collected at all, when so (an unreadable manifest).
+    pub blocked: Option<String>,
+    /// Entries of the packs directory this agent did not write: left alone.
+    pub foreign: Vec<String>,
 }
 
 /// Decides and (unless `dry_run`) removes, for one node.
@@ -88,7 +112,12 @@ pub async fn prune(
         };
         let dir = set.id.dir();
         if !dry_run {
-            let data: Vec<String> = set.manifest.files.iter().map(|f| f.name.clone()).collect();
+            let data: Vec<String> = set
+                .manifest
+                .files
+                .iter()
+                .map(|f| f.stored_name().to_string())
+                .collect();
             if let Err(e) = remove_set(dest, &dir, &data, &own_partials(&dir)).await {
                 report.errors.push(format!("{dir}: {e}"));
                 continue;
@@ -136,7 +165,124 @@ pub async fn prune(
         .map(|l| (l.dir.clone(), l.why.clone()))
         .collect();
     report.decisions = decisions;
+    let removed = report.removed_sets.clone();
+    report.packs = collect_packs(
+        dest,
+        config,
+        node,
+        now,
+        in_progress,
+        dry_run,
+        &removed,
+        &mut report.errors,
+    )
+    .await?;
+    for f in &report.packs.foreign {
+        report.left_alone.push((
+            f.clone(),
+            "not a pack this agent writes (64 hex digits and .pack, or a run's .pack.partial): never removed".into(),
+        ));
+    }
     Ok(report)
+}
+
+/// Collects the node's packs that no complete set names (see
+/// [`PackCollection`]). The packs are listed first, then every manifest is
+/// read again (after the removals above; in a dry run, without the sets
+/// that would go): a pack named by any set then complete is kept.
+#[allow(clippy::too_many_arguments)]
+async fn collect_packs(
+    dest: &dyn Destination,
+    config: &Config,
+    node: &str,
+    now: DateTime<Utc>,
+    in_progress: Option<SetTimestamp>,
+    dry_run: bool,
+    removed_sets: &[String],
+    errors: &mut Vec<String>,
+) -> Result<PackCollection, CatalogError> {
+    let mut out = PackCollection::default();
+    let dir = crate::store::paged::packs_dir(&config.cluster_name, node);
+    let listing = dest.list(&dir).await?;
+    if listing.is_empty() {
+        return Ok(out);
+    }
+    let cat = catalog::scan(dest, &config.cluster_name, Some(node)).await?;
+    let mut referenced = std::collections::HashSet::new();
+    for set in cat
+        .sets
+        .iter()
+        .filter(|s| !(dry_run && removed_sets.contains(&s.id.dir())))
+    {
+        for f in &set.manifest.files {
+            if let Some(p) = &f.pages {
+                referenced.extend(p.packs.iter().map(|p| p.name.clone()));
+            }
+        }
+    }
+    // A set being removed (its manifest renamed away) names nothing any
+    // more; one whose manifest cannot be read might name anything.
+    if let Some((set, why)) = cat.unreadable_manifests.first() {
+        out.blocked = Some(format!(
+            "{} set(s) have a manifest this agent cannot read ({set}: {why}), and any of them may need any pack; no pack was collected: repair or remove the set (or upgrade the agent), then prune again",
+            cat.unreadable_manifests.len()
+        ));
+    }
+    let stale = config.retention.stale_partial_after;
+    let old_enough = |e: &crate::store::destination::DirEntry| {
+        e.modified.is_some_and(|m| {
+            now.signed_duration_since(DateTime::<Utc>::from(m))
+                .to_std()
+                .is_ok_and(|age| age > stale)
+        })
+    };
+    for e in &listing {
+        let path = format!("{dir}/{}", e.name);
+        if !e.is_file {
+            out.foreign.push(path);
+            continue;
+        }
+        if etcd_backup_proto::is_pack_partial_name(&e.name) {
+            let of_run_in_progress =
+                in_progress.is_some_and(|ts| e.name.starts_with(&format!("{ts}_")));
+            if old_enough(e) && !of_run_in_progress && out.blocked.is_none() {
+                if !dry_run {
+                    if let Err(err) = dest.delete(&path).await {
+                        errors.push(format!("{path}: {err}"));
+                        continue;
+                    }
+                }
+                out.removed_partials.push(path);
+            } else {
+                out.young += 1;
+            }
+            continue;
+        }
+        if !etcd_backup_proto::is_pack_name(&e.name) {
+            out.foreign.push(path);
+            continue;
+        }
+        if referenced.contains(&e.name) {
+            out.referenced += 1;
+            continue;
+        }
+        if !old_enough(e) {
+            out.young += 1;
+            continue;
+        }
+        if out.blocked.is_some() {
+            continue;
+        }
+        if !dry_run {
+            if let Err(err) = dest.delete(&path).await {
+                errors.push(format!("{path}: {err}"));
+                continue;
+            }
+        }
+        out.removed_bytes += e.size;
+        out.removed.push(path);
+    }
+    Ok(out)
 }
 
 /// Deletes a complete set. The manifest is first renamed to
@@ -208,13 +354,21 @@ pub async fn after_backup(
             "the destination holds entries this agent did not write or does not understand; they are never removed: see `list --include-partial` and the runbook's EtcdBackupUnrecognisedEntries"
         );
     }
-    if !report.removed_sets.is_empty() || !report.removed_leftovers.is_empty() {
+    if !report.removed_sets.is_empty()
+        || !report.removed_leftovers.is_empty()
+        || !report.packs.removed.is_empty()
+    {
         tracing::info!(
             kept,
             removed = report.removed_sets.len(),
             removed_leftovers = report.removed_leftovers.len(),
+            removed_packs = report.packs.removed.len(),
+            removed_pack_bytes = report.packs.removed_bytes,
             "retention applied"
         );
+    }
+    if let Some(why) = &report.packs.blocked {
+        return Err(why.clone());
     }
     if report.errors.is_empty() {
         Ok(report)
