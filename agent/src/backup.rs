@@ -908,7 +908,35 @@ impl<'a> Run<'a> {
                 self.fail(i, Stage::Upload, e);
                 continue;
             }
-            // The packs a paged set names are durable before its manifest.
+            // Every pack a paged set names is there, at its size, before
+            // its manifest says so (a prune or another run on this node
+            // may have removed an older one meanwhile); and durable.
+            if let Some(paged) = &self.targets[i].paged {
+                let packs = crate::store::paged::packs_dir(&self.set.cluster, &self.set.node);
+                let missing = match dest.list(&packs).await {
+                    Ok(listing) => paged.pages.packs.iter().find_map(|p| {
+                        match listing.iter().find(|e| e.name == p.name) {
+                            Some(e) if e.size == p.size => None,
+                            Some(e) => Some(format!(
+                                "pack {} holds {} bytes, {} expected",
+                                p.name, e.size, p.size
+                            )),
+                            None => Some(format!("pack {} is gone", p.name)),
+                        }
+                    }),
+                    Err(e) => Some(format!("the packs directory cannot be listed ({e})")),
+                };
+                if let Some(why) = missing {
+                    self.fail(
+                        i,
+                        Stage::Upload,
+                        PagedError::Damaged {
+                            what: format!("{why} in {}/{packs} before the manifest was written (removed by a prune or another run meanwhile?); no manifest names it, so what the run wrote is removed: back up again", dest.describe()),
+                        },
+                    );
+                    continue;
+                }
+            }
             if self.targets[i].paged.is_some() && self.targets[i].durability == Durability::Synced {
                 let packs = crate::store::paged::packs_dir(&self.set.cluster, &self.set.node);
                 match dest.sync_dir(&packs).await {

@@ -24,7 +24,7 @@ use crate::store::destination::{Destination, DestinationError};
 pub const READS_IN_FLIGHT: usize = 16;
 
 /// Decoded segments kept for pages that come back to them.
-const CACHED_SEGMENTS: usize = 8;
+const CACHED_SEGMENTS: usize = 4;
 
 /// A segment's decoded pages, shared by the runs of pages that need them.
 type SegmentFuture<'a> = Shared<BoxFuture<'a, Result<Arc<Vec<u8>>, Arc<String>>>>;
