@@ -169,6 +169,11 @@ pub struct SftpDir {
     lanes: tokio::sync::Mutex<Vec<Arc<Lane>>>,
     /// How those sessions reach the server.
     stripe_over: StripeOver,
+    /// The further session of the control connection that ranged reads go
+    /// over when they do not go over `lanes` (see `range_lane`).
+    range_lane: tokio::sync::Mutex<Option<Arc<Lane>>>,
+    /// Whose turn among `lanes` the next ranged read is.
+    range_turn: std::sync::atomic::AtomicUsize,
     /// Whether fewer sessions than `streams` could be opened, and that was
     /// warned about.
     warned_lanes: AtomicBool,
@@ -357,6 +362,8 @@ impl SftpDir {
             dirs: Mutex::new(HashSet::new()),
             lanes: tokio::sync::Mutex::new(Vec::new()),
             stripe_over: StripeOver::Connections,
+            range_lane: tokio::sync::Mutex::new(None),
+            range_turn: std::sync::atomic::AtomicUsize::new(0),
             warned_lanes: AtomicBool::new(false),
             warned_reopen: AtomicBool::new(false),
             lane_cap: std::sync::atomic::AtomicUsize::new(usize::MAX),
@@ -1202,6 +1209,17 @@ impl super::Destination for SftpDir {
             conn,
             io_timeout: self.config.io_timeout,
         }))
+    }
+
+    async fn open_range(
+        &self,
+        path: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
+        components(path)?;
+        let conn = self.conn().await?;
+        self.open_range_on_lane(path, conn, offset, len).await
     }
 
     async fn delete(&self, path: &str) -> Result<(), DestinationError> {
