@@ -501,3 +501,19 @@ async fn ranged_reads_return_exactly_the_bytes_asked_for_over_one_session_and_ov
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranged_reads_work_over_the_one_session_a_server_allowing_no_second_one_lets_open() {
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = SshServer::start(SshOptions {
+        authorized_keys: vec![key.public_line.clone()],
+        max_sessions: Some(1),
+        ..SshOptions::default()
+    });
+    std::fs::create_dir_all(backups(&sshd).join("packs")).unwrap();
+    let data = ranges::pattern(3 << 20);
+    std::fs::write(backups(&sshd).join("packs/p1"), &data).unwrap();
+    let dest = sftp_dir(&sshd, &key, 1);
+    ranges::assert_ranged_reads(&dest, "packs/p1", &data, &[255 * 1024, 2 << 20]).await;
+    assert_eq!(sshd.sftp_session_pids().len(), 1, "one session");
+}

@@ -539,7 +539,10 @@ impl SftpDir {
     /// control connection, opened on the first ranged read and kept for
     /// the next ones: its reads are sized to each range, where a file
     /// opened on the control session reads far ahead of what is asked.
-    async fn range_lane(&self, control: &Arc<Connection>) -> Result<Arc<Lane>, DestinationError> {
+    pub(super) async fn range_lane(
+        &self,
+        control: &Arc<Connection>,
+    ) -> Result<Arc<Lane>, DestinationError> {
         if self.config.streams > 1 {
             let lanes = self.lanes(control, READ_LANES).await;
             if !lanes.is_empty() {
@@ -550,6 +553,12 @@ impl SftpDir {
         let mut kept = self.range_lane.lock().await;
         if let Some(lane) = kept.as_ref().filter(|l| l.usable(control)) {
             return Ok(lane.clone());
+        }
+        if self.range_lane_refused.load(Ordering::Relaxed) {
+            return Err(DestinationError::Connect {
+                location: self.location(""),
+                detail: "the server refused a further SFTP session before".into(),
+            });
         }
         *kept = None;
         let opened = tokio::time::timeout(
@@ -574,7 +583,7 @@ impl SftpDir {
         Ok(lane)
     }
 
-    /// Opens `len` bytes of `path` at `offset` on a [`Self::range_lane`]:
+    /// Opens `len` bytes of `path` at `offset` on `lane` (a [`Self::range_lane`]):
     /// the OPEN and a STAT sent together (one round trip), then every read
     /// of the range asked for at once (at most [`READ_IN_FLIGHT`] bytes),
     /// handed back in order; the handle is closed, without waiting, when
@@ -583,10 +592,10 @@ impl SftpDir {
         &self,
         path: &str,
         control: Arc<Connection>,
+        lane: Arc<Lane>,
         offset: u64,
         len: u64,
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
-        let lane = self.range_lane(&control).await?;
         let remote = self.remote(path);
         let location = self.location(path);
         let failing = Failing {
