@@ -8,7 +8,7 @@
 //!   member (status, the snapshot stream and its digest check) and the
 //!   static-pod [`resources`](source::resources) (which files, the streamed tar.gz).
 //! - [`store`]: where sets are kept: the [`destination`](store::destination)
-//!   trait (a local directory, SFTP), age [`sealing`](store::sealing) of an
+//!   trait (a local directory, SFTP, S3; whole files or byte ranges), age [`sealing`](store::sealing) of an
 //!   upload, the [`catalog`](store::catalog) (the one definition of a complete
 //!   set), [`verify`](store::verify) (a set streamed back against its manifest)
 //!   and [`prune`](store::prune) (retention applied, deleting only names the agent writes).

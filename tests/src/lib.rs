@@ -32,6 +32,8 @@
 //!   which loses the reply to one rename).
 //! - [`proftpd`]: ProFTPD's mod_sftp, a second real SFTP server, with
 //!   configurable extensions.
+//! - [`ranges`]: ranged reads of a destination checked against the bytes
+//!   written: edges, boundaries, several at once, past the end.
 //! - [`tmpfs`]: a size-limited tmpfs, to fill a destination's disk.
 
 pub mod agent;
@@ -45,6 +47,7 @@ pub mod k8s_objects;
 pub mod moto;
 pub mod pod;
 pub mod proftpd;
+pub mod ranges;
 pub mod relay;
 pub mod s3_setup;
 pub mod sftp_setup;

@@ -181,6 +181,14 @@ impl Destination for Faulty {
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
         self.inner.open(path).await
     }
+    async fn open_range(
+        &self,
+        path: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
+        self.inner.open_range(path, offset, len).await
+    }
     // Clean-up runs after the cancellation: not counted, never faulted.
     async fn delete(&self, path: &str) -> Result<(), DestinationError> {
         self.inner.delete(path).await

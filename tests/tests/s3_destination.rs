@@ -14,6 +14,7 @@ use tokio::io::AsyncReadExt;
 use etcd_backup_agent::config::{Config, Environment};
 use etcd_backup_agent::store::destination::{self, Destination, DestinationError, PART_SIZE};
 use etcd_backup_tests::garage::{GarageCluster, Rclone};
+use etcd_backup_tests::ranges;
 use etcd_backup_tests::s3_setup::{garage_destination_yaml, s3_destination_yaml};
 use etcd_backup_tests::tls::TlsFiles;
 
@@ -379,4 +380,35 @@ async fn https_works_with_ca_file_and_an_untrusted_certificate_fails_at_once_nam
         assert!(text.contains("certificate"), "{text}");
         assert!(text.contains("destination.s3.ca_file"), "{text}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranged_reads_return_exactly_the_bytes_asked_for_across_part_boundaries() {
+    let garage = GarageCluster::start(3);
+    let rclone = garage.rclone();
+    let dest = open(&garage).await;
+    // Stored as a multipart upload: ranges across its parts' boundaries.
+    let data = ranges::pattern(2 * PART_SIZE + 12_345);
+    write_file(dest.as_ref(), "packs/p1.partial", &data).await;
+    dest.rename("packs/p1.partial", "packs/p1").await.unwrap();
+    assert!(rclone.cat(&garage.bucket, &format!("{PREFIX}/packs/p1")) == data);
+    let part = PART_SIZE as u64;
+    ranges::assert_ranged_reads(dest.as_ref(), "packs/p1", &data, &[part, 2 * part]).await;
+
+    // A small object, put whole.
+    let small = ranges::pattern(5000);
+    write_file(dest.as_ref(), "packs/p2.partial", &small).await;
+    dest.rename("packs/p2.partial", "packs/p2").await.unwrap();
+    assert_eq!(
+        ranges::read_range(dest.as_ref(), "packs/p2", 4999, 1).await,
+        small[4999..]
+    );
+    assert_eq!(
+        ranges::read_range(dest.as_ref(), "packs/p2", 0, 5000).await,
+        small
+    );
+    assert!(matches!(
+        dest.open_range("packs/p2", 4000, 1001).await,
+        Err(DestinationError::OutOfRange { size: 5000, .. })
+    ));
 }

@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use etcd_backup_agent::config::{HostKeyCheck, SftpAuth, SftpConfig};
+use etcd_backup_agent::store::destination::{Destination, SftpDir};
 use etcd_backup_proto::{FileKind, Manifest};
 use etcd_backup_tests::agent::{agent_bin, backup, AgentConfig};
 use etcd_backup_tests::etcd::{dump, restore_and_start, write_history, EtcdServer};
@@ -14,7 +16,8 @@ use etcd_backup_tests::sftp_setup::{backups, Login, SftpSetup, Trust, QUICK_TIME
 use etcd_backup_tests::sshd::{
     assert_refused_before_login, ClientKey, KeyKind, SshOptions, SshServer,
 };
-use etcd_backup_tests::{complete_sets, files_below, wait_for};
+use etcd_backup_tests::{complete_sets, files_below, ranges, wait_for};
+use tokio::io::AsyncReadExt;
 
 fn manifest(set_dir: &Path) -> Manifest {
     serde_json::from_slice(&std::fs::read(set_dir.join("manifest.json")).unwrap()).unwrap()
@@ -432,4 +435,85 @@ fn a_server_that_comes_back_is_reached_by_a_retry_with_a_fresh_snapshot() {
         waited >= chrono::Duration::milliseconds(900),
         "{waited:?}\n{stderr}"
     );
+}
+
+/// A destination on `sshd` below [`backups`], logging in with `key`, over
+/// `streams` sessions.
+fn sftp_dir(sshd: &SshServer, key: &ClientKey, streams: u32) -> SftpDir {
+    SftpDir::new(SftpConfig {
+        host: "127.0.0.1".into(),
+        port: sshd.port,
+        user: SshServer::key_user(),
+        path: backups(sshd).display().to_string(),
+        host_key: HostKeyCheck::KnownHosts(sshd.known_hosts_file()),
+        auth: SftpAuth::PrivateKey {
+            key_file: key.private_key.clone(),
+            passphrase_file: None,
+        },
+        connect_timeout: Duration::from_secs(10),
+        io_timeout: Duration::from_secs(20),
+        require_fsync: true,
+        streams,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranged_reads_return_exactly_the_bytes_asked_for_over_one_session_and_over_striped_ones() {
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = key_server(&[&key]);
+    std::fs::create_dir_all(backups(&sshd).join("packs")).unwrap();
+    // Longer than what one ranged read keeps in flight (32 requests of
+    // 255 KiB), so the whole file is a range read in several windows.
+    let data = ranges::pattern(10 << 20);
+    std::fs::write(backups(&sshd).join("packs/p1"), &data).unwrap();
+    // Where reads are split into requests, and where the first window of
+    // requests in flight ends.
+    const READ_LEN: u64 = 255 * 1024;
+    let boundaries = [READ_LEN, 7 * READ_LEN, 32 * READ_LEN];
+
+    for streams in [1, 4] {
+        let dest = sftp_dir(&sshd, &key, streams);
+        ranges::assert_ranged_reads(&dest, "packs/p1", &data, &boundaries).await;
+        if streams == 1 {
+            // Every range went over one session beside the control one,
+            // not a session (or a login) per range.
+            assert_eq!(sshd.sftp_session_pids().len(), 2, "streams 1");
+        }
+
+        // The file cut short after the range was opened: the read fails
+        // where the data ends; it does not end early as if complete.
+        let cut = format!("packs/cut{streams}");
+        std::fs::write(backups(&sshd).join(&cut), &data).unwrap();
+        let mut reader = dest.open_range(&cut, 1 << 20, 8 << 20).await.unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(backups(&sshd).join(&cut))
+            .unwrap()
+            .set_len(3 << 20)
+            .unwrap();
+        let mut got = Vec::new();
+        let e = reader.read_to_end(&mut got).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("ended at byte {}", 3 << 20)),
+            "{e}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranged_reads_work_over_the_one_session_a_server_allowing_no_second_one_lets_open() {
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = SshServer::start(SshOptions {
+        authorized_keys: vec![key.public_line.clone()],
+        max_sessions: Some(1),
+        ..SshOptions::default()
+    });
+    std::fs::create_dir_all(backups(&sshd).join("packs")).unwrap();
+    let data = ranges::pattern(3 << 20);
+    std::fs::write(backups(&sshd).join("packs/p1"), &data).unwrap();
+    let dest = sftp_dir(&sshd, &key, 1);
+    ranges::assert_ranged_reads(&dest, "packs/p1", &data, &[255 * 1024, 2 << 20]).await;
+    assert_eq!(sshd.sftp_session_pids().len(), 1, "one session");
 }

@@ -239,6 +239,15 @@ impl Destination for Faulty {
         self.blind("cannot open", path)?;
         self.inner.open(path).await
     }
+    async fn open_range(
+        &self,
+        path: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
+        self.blind("cannot open", path)?;
+        self.inner.open_range(path, offset, len).await
+    }
     async fn claim(&self, dir: &str) -> Result<(), DestinationError> {
         self.inner.claim(dir).await?;
         if self.lossy.loses(&self.faults, Op::Claim) {

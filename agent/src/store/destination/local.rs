@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncSeekExt, AsyncWriteExt};
 
+use super::range::Exact;
 use super::{components, DestinationError, DirEntry, Upload};
 
 /// Writes below `base`. Directories are created 0700, files 0600.
@@ -261,6 +262,39 @@ impl super::Destination for LocalDir {
         Ok(Box::new(file))
     }
 
+    async fn open_range(
+        &self,
+        path: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
+        let full = self.resolve(path)?;
+        let mut file = tokio::fs::File::open(&full)
+            .await
+            .map_err(io("cannot open", &full))?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(io("cannot stat", &full))?
+            .len();
+        let location = full.display().to_string();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => {}
+            _ => {
+                return Err(DestinationError::OutOfRange {
+                    location,
+                    offset,
+                    len,
+                    size,
+                })
+            }
+        }
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(io("cannot seek in", &full))?;
+        Ok(Box::new(Exact::new(file, location, offset, len)))
+    }
+
     async fn delete(&self, path: &str) -> Result<(), DestinationError> {
         let full = self.resolve(path)?;
         let f = full.clone();
@@ -382,6 +416,144 @@ mod tests {
         ));
         assert!(dest.create("a").await.is_err());
         assert_eq!(std::fs::read(tmp.path().join("b")).unwrap(), b"b");
+    }
+
+    /// A file of `len` bytes that differ from their neighbours.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 % 253) as u8).collect()
+    }
+
+    async fn read_range(dest: &LocalDir, path: &str, offset: u64, len: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        dest.open_range(path, offset, len)
+            .await
+            .unwrap()
+            .read_to_end(&mut out)
+            .await
+            .unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn a_range_reads_exactly_its_bytes_and_past_the_end_is_an_error_naming_the_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = LocalDir::open(tmp.path()).await.unwrap();
+        let data = pattern(3 << 20);
+        std::fs::create_dir(tmp.path().join("p")).unwrap();
+        std::fs::write(tmp.path().join("p/pack"), &data).unwrap();
+        let size = data.len() as u64;
+        for (offset, len) in [
+            (0, 1),
+            (size - 1, 1),
+            (1000, 2 << 20),
+            (0, size),
+            (12345, 0),
+            (size, 0),
+        ] {
+            let got = read_range(&dest, "p/pack", offset, len).await;
+            assert!(
+                got == data[offset as usize..(offset + len) as usize],
+                "{offset}+{len}"
+            );
+        }
+        for (offset, len) in [(size - 10, 11), (size + 1, 0), (u64::MAX, 2)] {
+            let Err(e) = dest.open_range("p/pack", offset, len).await else {
+                panic!("{offset}+{len} past the end was opened");
+            };
+            assert!(
+                matches!(e, DestinationError::OutOfRange { size: s, .. } if s == size),
+                "{e:?}"
+            );
+            let text = e.to_string();
+            assert!(text.contains(&format!("holds only {size} bytes")), "{text}");
+            assert!(text.contains("p/pack"), "{text}");
+            assert!(e.is_refusal() && !e.is_transient(), "{e:?}");
+        }
+        let Err(missing) = dest.open_range("p/nothing", 0, 1).await else {
+            panic!("a missing file was opened");
+        };
+        assert!(
+            matches!(&missing, DestinationError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+            "{missing:?}"
+        );
+        assert!(matches!(
+            dest.open_range("../outside", 0, 1).await,
+            Err(DestinationError::BadPath { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_file_cut_short_after_opening_fails_the_read_instead_of_ending_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = LocalDir::open(tmp.path()).await.unwrap();
+        std::fs::write(tmp.path().join("pack"), pattern(1 << 20)).unwrap();
+        let mut reader = dest.open_range("pack", 4096, 500_000).await.unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(tmp.path().join("pack"))
+            .unwrap()
+            .set_len(100_000)
+            .unwrap();
+        let mut out = Vec::new();
+        let e = reader.read_to_end(&mut out).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+        assert!(e.to_string().contains("ended at byte 100000"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn read_ranges_yields_every_range_in_the_order_asked_with_several_in_flight() {
+        use crate::store::destination::{read_ranges, ByteRange};
+        use futures_util::StreamExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = LocalDir::open(tmp.path()).await.unwrap();
+        let packs = [pattern(300_000), pattern(70_001)];
+        for (i, p) in packs.iter().enumerate() {
+            std::fs::write(tmp.path().join(format!("pack{i}")), p).unwrap();
+        }
+        // Out of file order and of offset order, a large one before small ones.
+        let ranges: Vec<(usize, u64, u64)> = vec![
+            (0, 100_000, 200_000),
+            (1, 0, 1),
+            (0, 0, 10),
+            (1, 70_000, 1),
+            (1, 500, 0),
+            (0, 299_999, 1),
+            (1, 1, 69_999),
+            (0, 4096, 4096),
+            (0, 10, 90),
+        ];
+        let asked = ranges.iter().map(|&(i, offset, len)| ByteRange {
+            path: format!("pack{i}"),
+            offset,
+            len,
+        });
+        let got: Vec<Vec<u8>> = read_ranges(&dest, asked, 8)
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        assert_eq!(got.len(), ranges.len());
+        for ((i, offset, len), bytes) in ranges.iter().zip(&got) {
+            let want = &packs[*i][*offset as usize..(*offset + *len) as usize];
+            assert!(bytes == want, "pack{i} {offset}+{len}");
+        }
+        // A bad range fails its own item, in its place; the others still read.
+        let asked =
+            [("pack1", 0, 5), ("pack1", 70_000, 2), ("pack0", 1, 1)].map(|(p, offset, len)| {
+                ByteRange {
+                    path: p.into(),
+                    offset,
+                    len,
+                }
+            });
+        let got: Vec<_> = read_ranges(&dest, asked, 2).collect().await;
+        assert!(got[0].is_ok() && got[2].is_ok(), "{got:?}");
+        assert!(
+            matches!(
+                got[1],
+                Err(DestinationError::OutOfRange { size: 70_001, .. })
+            ),
+            "{got:?}"
+        );
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 #[cfg(test)]
 pub(crate) mod faulty;
 mod local;
+mod range;
 mod s3;
 mod sftp;
 mod sftp_version;
@@ -16,6 +17,7 @@ use async_trait::async_trait;
 use tokio::io::AsyncRead;
 
 pub use local::LocalDir;
+pub use range::{read_ranges, ByteRange};
 pub use s3::{S3Dir, PARTS_IN_FLIGHT, PART_SIZE};
 pub use sftp::{SftpDir, StripeOver};
 
@@ -130,6 +132,19 @@ pub enum DestinationError {
         /// The rejected path.
         path: String,
     },
+    /// A ranged read asked for bytes past the end of the file: whatever
+    /// named the range (an index, a manifest) does not describe this file.
+    #[error("cannot read {len} bytes at offset {offset} of {location}: the file holds only {size} bytes; it is truncated, or not the file that named this range expected")]
+    OutOfRange {
+        /// The full location.
+        location: String,
+        /// The first byte asked for.
+        offset: u64,
+        /// How many bytes were asked for.
+        len: u64,
+        /// The file's size.
+        size: u64,
+    },
 }
 
 impl DestinationError {
@@ -183,7 +198,8 @@ impl DestinationError {
             | DestinationError::Auth { .. }
             | DestinationError::Secret { .. }
             | DestinationError::NotDurable { .. }
-            | DestinationError::BadPath { .. } => true,
+            | DestinationError::BadPath { .. }
+            | DestinationError::OutOfRange { .. } => true,
             // No session was set up, so nothing was sent.
             DestinationError::Connect { .. } => true,
             // The file was stored, with another size than sent.
@@ -299,28 +315,32 @@ pub trait Destination: Send + Sync {
         -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError>;
 
     /// Opens `len` bytes of file `path`, starting at byte `offset`, for
-    /// reading. (Provisional: the whole file is opened and skipped into.)
+    /// reading: a piece of a pack file, read without the rest of it. The
+    /// reader yields exactly `len` bytes, or fails: a file shorter than
+    /// `offset + len` is [`DestinationError::OutOfRange`] (naming the file,
+    /// the range and the file's size) when that is known at opening, and an
+    /// [`std::io::ErrorKind::UnexpectedEof`] read error when the file
+    /// turns out shorter while being read; never a short read. A zero
+    /// length is allowed (an empty reader, once the file is found to be at
+    /// least `offset` bytes long).
+    ///
+    /// Each destination reads a range its own way, in few round trips: a
+    /// seek on a local file; on SFTP one OPEN (with a STAT beside it) and
+    /// the range's reads all in flight at once, over a session kept for
+    /// ranged reads (or the striped sessions, `streams` > 1), the CLOSE not
+    /// waited for; on S3 one GET with a `Range` header, retried as every
+    /// GET. Several ranges may be open at once on one destination, and are
+    /// read concurrently; [`read_ranges`] runs a list of them so.
     ///
     /// # Errors
-    /// I/O failures, including a missing file.
+    /// I/O failures, including a missing file;
+    /// [`DestinationError::OutOfRange`].
     async fn open_range(
         &self,
         path: &str,
         offset: u64,
         len: u64,
-    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
-        use tokio::io::AsyncReadExt;
-        let mut r = self.open(path).await?;
-        let mut skip = (&mut r).take(offset);
-        tokio::io::copy(&mut skip, &mut tokio::io::sink())
-            .await
-            .map_err(|source| DestinationError::Io {
-                op: "cannot read",
-                location: path.to_string(),
-                source,
-            })?;
-        Ok(Box::new(r.take(len)))
-    }
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError>;
 
     /// Deletes a file; a missing file is not an error.
     ///

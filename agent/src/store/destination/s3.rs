@@ -38,6 +38,7 @@ use tokio::io::AsyncRead;
 use tokio::task::JoinHandle;
 
 use self::client::{Client, Req};
+use super::range::Exact;
 use super::{components, DestinationError, DirEntry, Durability, Upload};
 use crate::config::S3Config;
 
@@ -459,6 +460,35 @@ impl S3Dir {
 }
 
 /// `<prefix>/<path>`, or `path` without a prefix.
+/// The error for a missing object, as a missing file is one.
+fn no_such_object(location: &str) -> DestinationError {
+    DestinationError::Io {
+        op: "cannot open",
+        location: location.to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such object"),
+    }
+}
+
+fn out_of_range(location: &str, offset: u64, len: u64, size: u64) -> DestinationError {
+    DestinationError::OutOfRange {
+        location: location.to_string(),
+        offset,
+        len,
+        size,
+    }
+}
+
+/// `bytes FIRST-LAST/SIZE` (SIZE may be `*`, unknown).
+fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let (range, size) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    let size = match size {
+        "*" => None,
+        s => Some(s.parse().ok()?),
+    };
+    Some((first.parse().ok()?, last.parse().ok()?, size))
+}
+
 fn key_of(prefix: Option<&str>, path: &str) -> String {
     match prefix {
         Some(p) => format!("{p}/{path}"),
@@ -841,6 +871,107 @@ impl super::Destination for S3Dir {
         };
         let stream = resp.bytes_stream().map_err(std::io::Error::other);
         Ok(Box::new(tokio_util::io::StreamReader::new(stream)))
+    }
+
+    async fn open_range(
+        &self,
+        path: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
+        let key = self.key(path)?;
+        let c = &self.client;
+        let location = c.location(Some(&key));
+        let end = match offset.checked_add(len) {
+            // No byte range names zero bytes (nor bytes past u64): a HEAD
+            // says whether the object is there and long enough.
+            Some(end) if len > 0 => end,
+            _ => {
+                let size = self
+                    .stored_size(&key)
+                    .await?
+                    .ok_or_else(|| no_such_object(&location))?;
+                if offset.checked_add(len).is_some_and(|end| end <= size) {
+                    return Ok(Box::new(tokio::io::empty()));
+                }
+                return Err(out_of_range(&location, offset, len, size));
+            }
+        };
+        let req = Req::new("cannot read", Method::GET, Some(&key))
+            .header("range", format!("bytes={offset}-{}", end - 1));
+        let resp = match c.send(&req).await {
+            Ok(r) => r,
+            Err(f) if f.is(StatusCode::NOT_FOUND) => return Err(no_such_object(&location)),
+            // The object ends before `offset`; its size, for the message.
+            Err(f) if f.is(StatusCode::RANGE_NOT_SATISFIABLE) => {
+                let size = self
+                    .stored_size(&key)
+                    .await?
+                    .ok_or_else(|| no_such_object(&location))?;
+                return Err(out_of_range(&location, offset, len, size));
+            }
+            Err(f) => return Err(c.error(req.op, Some(&key), f)),
+        };
+        let header = |name| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let content_range = header(reqwest::header::CONTENT_RANGE);
+        let length = header(reqwest::header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
+        let bad_answer = |detail: String| DestinationError::S3 {
+            op: "cannot read",
+            location: location.clone(),
+            detail,
+            transient: false,
+        };
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let parsed = content_range.as_deref().and_then(parse_content_range);
+                match parsed {
+                    Some((first, last, _)) if (first, last) == (offset, end - 1) => {}
+                    // The object ends inside the range: the store sent what
+                    // there is.
+                    Some((first, _, Some(size))) if first == offset && size < end => {
+                        return Err(out_of_range(&location, offset, len, size))
+                    }
+                    _ => {
+                        return Err(bad_answer(format!(
+                            "asked for bytes {offset}-{}, the store answered 206 with Content-Range {:?}; is this endpoint an S3-compatible store?",
+                            end - 1,
+                            content_range.as_deref().unwrap_or("(none)")
+                        )))
+                    }
+                }
+                if length.is_some_and(|l| l != len) {
+                    return Err(bad_answer(format!(
+                        "asked for {len} bytes, the store answered 206 with Content-Length {}",
+                        length.unwrap_or_default()
+                    )));
+                }
+            }
+            // A store that ignores `Range` sends the whole object: right
+            // only when that is the range.
+            _ => match length {
+                Some(size) if size < end => return Err(out_of_range(&location, offset, len, size)),
+                Some(size) if offset == 0 && size == len => {}
+                _ => {
+                    return Err(bad_answer(format!(
+                        "asked for bytes {offset}-{}, the store answered {} with the whole object: it ignores the Range header, which ranged reads need (every S3 API honours it)",
+                        end - 1,
+                        resp.status()
+                    )))
+                }
+            },
+        }
+        let stream = resp.bytes_stream().map_err(std::io::Error::other);
+        Ok(Box::new(Exact::new(
+            tokio_util::io::StreamReader::new(stream),
+            location,
+            offset,
+            len,
+        )))
     }
 
     async fn delete(&self, path: &str) -> Result<(), DestinationError> {
@@ -1264,6 +1395,24 @@ impl Drop for S3Upload {
 mod tests {
     use super::*;
     use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn content_ranges_are_read_with_and_without_a_size() {
+        assert_eq!(
+            parse_content_range("bytes 0-99/1000"),
+            Some((0, 99, Some(1000)))
+        );
+        assert_eq!(parse_content_range("bytes 5-5/*"), Some((5, 5, None)));
+        for bad in [
+            "",
+            "bytes */1000",
+            "items 0-1/2",
+            "bytes 0-x/3",
+            "bytes 0-1",
+        ] {
+            assert_eq!(parse_content_range(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn keys_are_the_prefix_and_the_path() {

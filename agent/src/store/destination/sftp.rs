@@ -36,6 +36,7 @@ mod stripe;
 use stripe::Lane;
 pub use stripe::StripeOver;
 
+use super::range;
 use super::sftp_version::{Seen, Sniffer};
 use super::{components, DestinationError, DirEntry, DirSync, Durability, Upload};
 use crate::config::{HostKeyCheck, SftpAuth, SftpConfig};
@@ -169,6 +170,14 @@ pub struct SftpDir {
     lanes: tokio::sync::Mutex<Vec<Arc<Lane>>>,
     /// How those sessions reach the server.
     stripe_over: StripeOver,
+    /// The further session of the control connection that ranged reads go
+    /// over when they do not go over `lanes` (see `range_lane`).
+    range_lane: tokio::sync::Mutex<Option<Arc<Lane>>>,
+    /// Whose turn among `lanes` the next ranged read is.
+    range_turn: std::sync::atomic::AtomicUsize,
+    /// Whether the server refused the session for ranged reads: they go
+    /// over the control session from then on, without asking again.
+    range_lane_refused: AtomicBool,
     /// Whether fewer sessions than `streams` could be opened, and that was
     /// warned about.
     warned_lanes: AtomicBool,
@@ -357,6 +366,9 @@ impl SftpDir {
             dirs: Mutex::new(HashSet::new()),
             lanes: tokio::sync::Mutex::new(Vec::new()),
             stripe_over: StripeOver::Connections,
+            range_lane: tokio::sync::Mutex::new(None),
+            range_turn: std::sync::atomic::AtomicUsize::new(0),
+            range_lane_refused: AtomicBool::new(false),
             warned_lanes: AtomicBool::new(false),
             warned_reopen: AtomicBool::new(false),
             lane_cap: std::sync::atomic::AtomicUsize::new(usize::MAX),
@@ -811,6 +823,55 @@ impl SftpDir {
         Ok(attrs.size.unwrap_or(u64::MAX) >= stripe::STRIPE_READ_MIN)
     }
 
+    /// A ranged read over the control session, for a server that lets no
+    /// further session open: the OPEN and a STAT sent together, then the
+    /// file read from `offset` as [`super::Destination::open`] reads it (its
+    /// reads run ahead of the range, and what they bring beyond it is
+    /// dropped).
+    async fn open_range_on_control(
+        &self,
+        path: &str,
+        conn: Arc<Connection>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
+        let remote = self.remote(path);
+        let (file, attrs) = tokio::join!(
+            self.timed(&conn, "cannot open", path, conn.sftp.open(remote.clone())),
+            self.timed(&conn, "cannot stat", path, conn.sftp.metadata(remote)),
+        );
+        let mut file = file?;
+        let size = attrs?.size;
+        if let Some(size) =
+            size.filter(|&size| offset.checked_add(len).is_none_or(|end| end > size))
+        {
+            return Err(DestinationError::OutOfRange {
+                location: self.location(path),
+                offset,
+                len,
+                size,
+            });
+        }
+        // A seek from the start sends nothing: the next read asks there.
+        tokio::io::AsyncSeekExt::seek(&mut file, std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|source| DestinationError::Io {
+                op: "cannot seek in",
+                location: self.location(path),
+                source,
+            })?;
+        Ok(Box::new(range::Exact::new(
+            SftpReader {
+                file,
+                conn,
+                io_timeout: self.config.io_timeout,
+            },
+            self.location(path),
+            offset,
+            len,
+        )))
+    }
+
     /// Creates `path` (its directories first), exclusively, mode 0600:
     /// over the striped sessions when `striped` and the server let any open,
     /// else over the control session alone.
@@ -1202,6 +1263,29 @@ impl super::Destination for SftpDir {
             conn,
             io_timeout: self.config.io_timeout,
         }))
+    }
+
+    async fn open_range(
+        &self,
+        path: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
+        components(path)?;
+        let conn = self.conn().await?;
+        match self.range_lane(&conn).await {
+            Ok(lane) => self.open_range_on_lane(path, conn, lane, offset, len).await,
+            Err(e) => {
+                if !self.range_lane_refused.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        location = %self.location(""),
+                        error = %e,
+                        "no second SFTP session for ranged reads (OpenSSH limits sessions per connection with MaxSessions, ProFTPD with SFTPMaxChannels); reading ranges over the one session, whose reads of a file run ahead of what a range needs; raise the limit on the server to read ranges in fewer bytes"
+                    );
+                }
+                self.open_range_on_control(path, conn, offset, len).await
+            }
+        }
     }
 
     async fn delete(&self, path: &str) -> Result<(), DestinationError> {

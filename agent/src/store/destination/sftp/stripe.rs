@@ -43,6 +43,7 @@ use russh_sftp::client::error::Error as SftpError;
 use russh_sftp::client::RawSftpSession;
 use tokio::task::JoinHandle;
 
+use super::super::range::Exact;
 use super::*;
 
 /// Bytes one lane writes in a row before the next lane takes over: four
@@ -523,13 +524,130 @@ impl SftpDir {
         Ok(Box::new(StripedReader {
             handles,
             failing,
-            size,
+            end: size,
             next: 0,
             queue: VecDeque::new(),
             depth: (READ_IN_FLIGHT / WRITE_LEN as usize).max(2),
             current: Vec::new(),
             pos: 0,
         }))
+    }
+
+    /// The session a ranged read goes over. With `streams` > 1, the striped
+    /// lanes in turn, so that ranges read at once spread over them. Else
+    /// (or when the server let none open) one further SFTP channel on the
+    /// control connection, opened on the first ranged read and kept for
+    /// the next ones: its reads are sized to each range, where a file
+    /// opened on the control session reads far ahead of what is asked.
+    pub(super) async fn range_lane(
+        &self,
+        control: &Arc<Connection>,
+    ) -> Result<Arc<Lane>, DestinationError> {
+        if self.config.streams > 1 {
+            let lanes = self.lanes(control, READ_LANES).await;
+            if !lanes.is_empty() {
+                let turn = self.range_turn.fetch_add(1, Ordering::Relaxed);
+                return Ok(lanes[turn % lanes.len()].clone());
+            }
+        }
+        let mut kept = self.range_lane.lock().await;
+        if let Some(lane) = kept.as_ref().filter(|l| l.usable(control)) {
+            return Ok(lane.clone());
+        }
+        if self.range_lane_refused.load(Ordering::Relaxed) {
+            return Err(DestinationError::Connect {
+                location: self.location(""),
+                detail: "the server refused a further SFTP session before".into(),
+            });
+        }
+        *kept = None;
+        let opened = tokio::time::timeout(
+            self.config.connect_timeout,
+            self.open_channels(&control.ssh, 1, Some(control), None),
+        )
+        .await;
+        let lane = match opened.map(|mut v| v.pop()) {
+            Ok(Some(Ok(lane))) => Arc::new(lane),
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(None) | Err(_) => {
+                return Err(DestinationError::Connect {
+                    location: self.location(""),
+                    detail: format!(
+                        "no SFTP session for ranged reads within {:?} (destination.sftp.connect_timeout)",
+                        self.config.connect_timeout
+                    ),
+                })
+            }
+        };
+        *kept = Some(lane.clone());
+        Ok(lane)
+    }
+
+    /// Opens `len` bytes of `path` at `offset` on `lane` (a [`Self::range_lane`]):
+    /// the OPEN and a STAT sent together (one round trip), then every read
+    /// of the range asked for at once (at most [`READ_IN_FLIGHT`] bytes),
+    /// handed back in order; the handle is closed, without waiting, when
+    /// the reader is dropped.
+    pub(super) async fn open_range_on_lane(
+        &self,
+        path: &str,
+        control: Arc<Connection>,
+        lane: Arc<Lane>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
+        let remote = self.remote(path);
+        let location = self.location(path);
+        let failing = Failing {
+            lanes: vec![lane.clone()],
+            control,
+            io_timeout: self.config.io_timeout,
+        };
+        let (opened, stat) = tokio::join!(
+            self.lane_call(
+                &failing,
+                0,
+                "cannot open",
+                path,
+                lane.raw
+                    .open(remote.clone(), OpenFlags::READ, FileAttributes::empty()),
+            ),
+            self.lane_call(&failing, 0, "cannot stat", path, lane.raw.stat(remote)),
+        );
+        let handles = Handles {
+            lanes: vec![lane],
+            handles: vec![opened?.handle],
+            closed: false,
+        };
+        let size = stat?.attrs.size;
+        let end = match (offset.checked_add(len), size) {
+            (Some(end), Some(size)) if end <= size => end,
+            // A server that does not say: the reads find out.
+            (Some(end), None) => end,
+            (_, size) => {
+                return Err(DestinationError::OutOfRange {
+                    location,
+                    offset,
+                    len,
+                    size: size.unwrap_or(0),
+                })
+            }
+        };
+        Ok(Box::new(Exact::new(
+            StripedReader {
+                handles,
+                failing,
+                end,
+                next: offset,
+                queue: VecDeque::new(),
+                depth: (READ_IN_FLIGHT / WRITE_LEN as usize).max(2),
+                current: Vec::new(),
+                pos: 0,
+            },
+            location,
+            offset,
+            len,
+        )))
     }
 
     /// [`SftpDir::timed`] for a request on lane `lane`.
@@ -775,8 +893,9 @@ impl Upload for StripedUpload {
 struct StripedReader {
     handles: Handles,
     failing: Failing,
-    /// The file's size when opened: where the reads stop.
-    size: u64,
+    /// Where the reads stop: the file's size when opened, or the end of
+    /// the range asked for.
+    end: u64,
     /// The offset of the next read to ask for.
     next: u64,
     /// Reads asked for, oldest (next to hand back) first.
@@ -792,9 +911,9 @@ impl StripedReader {
     /// Asks for reads until `depth` are in flight or the file is covered.
     fn fill(&mut self) {
         let lanes = self.handles.lanes.len() as u64;
-        while self.queue.len() < self.depth && self.next < self.size {
+        while self.queue.len() < self.depth && self.next < self.end {
             let offset = self.next;
-            let len = (WRITE_LEN as u64).min(self.size - offset) as u32;
+            let len = (WRITE_LEN as u64).min(self.end - offset) as u32;
             self.next += u64::from(len);
             let lane = ((offset / BLOCK) % lanes) as usize;
             let raw = self.handles.lanes[lane].raw.clone();
@@ -871,7 +990,7 @@ impl AsyncRead for StripedReader {
             if chunk.is_empty() {
                 // The file got shorter than it was when opened.
                 this.queue.clear();
-                this.next = this.size;
+                this.next = this.end;
                 return Poll::Ready(Ok(()));
             }
             this.current = chunk;
