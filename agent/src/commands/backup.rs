@@ -52,7 +52,24 @@ pub async fn backup(config: &Config) -> ExitCode {
                 "  etcd {} member {} (cluster {}), revision {}",
                 m.etcd.version, m.etcd.member_id, m.etcd.cluster_id, m.etcd.revision
             );
-            if let Some(c) = &m.compression {
+            let paged = m
+                .file(etcd_backup_proto::FileKind::Snapshot)
+                .and_then(|f| f.pages.as_deref());
+            if let Some(p) = paged {
+                println!(
+                    "  snapshot stored as {} pages of {} bytes: {} new, {} bytes added ({} packs named; {}); fetch rebuilds the plain .db",
+                    p.pages,
+                    p.page_size,
+                    p.new_pages,
+                    p.added_bytes,
+                    p.packs.len(),
+                    p.compared_with.map_or_else(
+                        || "no earlier set compared with".to_string(),
+                        |ts| format!("compared with {ts}")
+                    )
+                );
+            }
+            if let (Some(c), None) = (&m.compression, paged) {
                 let plain = m
                     .file(etcd_backup_proto::FileKind::Snapshot)
                     .and_then(|f| f.plaintext.as_ref());
