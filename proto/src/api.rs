@@ -97,13 +97,15 @@ pub struct RunRecord {
     /// Stages of the successful attempt, in order.
     #[serde(default)]
     pub stages: Vec<StageRecord>,
-    /// The complete set, `<cluster>/<node>/<ts>`, once it exists.
+    /// The complete set, `<cluster>/<node>/<ts>`, once it exists; for a
+    /// skipped run, the set that was already current (at the first destination).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set: Option<String>,
     /// Where the set is, destination included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
-    /// etcd revision recorded in the manifest.
+    /// etcd revision recorded in the manifest (for a skipped run, etcd's
+    /// revision, which the current set holds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<i64>,
     /// The stage a failed run stopped at.
