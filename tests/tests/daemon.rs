@@ -1287,3 +1287,41 @@ async fn a_damaged_newest_set_or_an_unreachable_etcd_never_causes_a_skip() {
     );
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_without_the_current_set_gets_a_scheduled_run() {
+    let etcd = EtcdServer::start();
+    let out = etcd.etcdctl(&["put", "/registry/k", "v"]);
+    assert!(out.status.success(), "{out:?}");
+    let work = tempfile::tempdir().unwrap();
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    let mut cfg = every_two_seconds(&etcd.client_url, &a, "");
+    cfg.destination_yaml = Some(format!(
+        "destinations:\n  - name: a\n    local:\n      path: {}\n  - name: b\n    local:\n      path: {}\n",
+        a.display(),
+        b.display()
+    ));
+    let d = Daemon::start(&cfg).await;
+    metric_reaches(&d, SCHEDULED_OK, 1.0).await;
+    let text = metric_reaches(&d, SKIPPED_UNCHANGED, 1.0).await;
+    for name in ["a", "b"] {
+        let series =
+            format!("etcd_backup_last_unchanged_timestamp_seconds{{destination=\"{name}\"}}");
+        assert!(metric(&text, &series) > 1.7e9, "{text}");
+    }
+    let set = complete_sets(&b).pop().unwrap();
+    assert_eq!(complete_sets(&a), [set.clone()]);
+
+    // b loses its set: etcd is unchanged, but b holds no current set, so
+    // the schedule stores one (at both destinations, from one read of etcd).
+    std::fs::remove_dir_all(b.join(&set)).unwrap();
+    let text = metric_reaches(&d, SCHEDULED_OK, 2.0).await;
+    assert_eq!(metric(&text, SCHEDULED_OK), 2.0, "{text}");
+    assert_eq!(complete_sets(&b).len(), 1);
+    assert_eq!(complete_sets(&a).len(), 2);
+    // Then both are current again.
+    let skips = metric(&d.metrics().await, SKIPPED_UNCHANGED);
+    metric_reaches(&d, SKIPPED_UNCHANGED, skips + 1.0).await;
+    assert_eq!(complete_sets(&b).len(), 1);
+    d.stop().await;
+}

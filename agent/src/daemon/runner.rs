@@ -219,7 +219,7 @@ impl Runner {
         match verdict {
             Verdict::Unchanged { revision, sets } => Some((revision, sets)),
             Verdict::Changed { destination, why } => {
-                tracing::info!(destination = %destination, reason = %why, "etcd changed since the newest complete set: backing up");
+                tracing::info!(destination = %destination, reason = %why, "a new set is needed (skip_unchanged): backing up");
                 None
             }
             Verdict::Unknown { error } => {
