@@ -17,7 +17,9 @@
 //! - [`restore`]: the platform's restore tool on a verified snapshot; the drill member.
 //! - [`daemon`]: `run`: the run loop wiring the single-flight
 //!   [`runner`](daemon::runner), the scheduler, [`coordination`](daemon::coordination)
-//!   (`coordination: leader`), the local [`http`](daemon::http) API (with its
+//!   (`coordination: leader`), [`unchanged`](daemon::unchanged) (`skip_unchanged`:
+//!   a scheduled run stores nothing when etcd's revision is the newest set's),
+//!   the local [`http`](daemon::http) API (with its
 //!   OpenAPI document, `openapi.json` beside it) and Prometheus
 //!   [`metrics`](daemon::metrics).
 //! - [`commands`]: the command-line verbs, one file each (`backup`/`trigger`,

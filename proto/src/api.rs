@@ -20,6 +20,28 @@ pub enum RunState {
     /// Finished with a complete set at some destinations and none at the
     /// others; `destinations` says which, `error` why.
     Partial,
+    /// Finished without storing a set, on purpose: `skip_reason` says why;
+    /// `set` and `revision` name the set that is already current.
+    Skipped,
+}
+
+/// Why a run the daemon started itself stored no set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunSkipReason {
+    /// `skip_unchanged`: etcd's revision equalled the newest complete set's
+    /// at every destination, so a new set would have been identical.
+    Unchanged,
+}
+
+impl RunSkipReason {
+    /// The name used in JSON, logs and the `reason` label of
+    /// `etcd_backup_skipped_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunSkipReason::Unchanged => "unchanged",
+        }
+    }
 }
 
 /// What started a run.
@@ -75,13 +97,15 @@ pub struct RunRecord {
     /// Stages of the successful attempt, in order.
     #[serde(default)]
     pub stages: Vec<StageRecord>,
-    /// The complete set, `<cluster>/<node>/<ts>`, once it exists.
+    /// The complete set, `<cluster>/<node>/<ts>`, once it exists; for a
+    /// skipped run, the set that was already current (at the first destination).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set: Option<String>,
     /// Where the set is, destination included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
-    /// etcd revision recorded in the manifest.
+    /// etcd revision recorded in the manifest (for a skipped run, etcd's
+    /// revision, which the current set holds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<i64>,
     /// The stage a failed run stopped at.
@@ -90,6 +114,9 @@ pub struct RunRecord {
     /// Why the run failed (or, when partial, which destinations failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why a `skipped` run stored no set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_reason: Option<RunSkipReason>,
     /// How each configured destination ended, in configuration order,
     /// once the run has finished.
     #[serde(default)]
@@ -279,6 +306,7 @@ mod tests {
             revision: None,
             failed_stage: None,
             error: None,
+            skip_reason: None,
             destinations: Vec::new(),
         };
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();

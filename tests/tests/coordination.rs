@@ -118,7 +118,8 @@ async fn only_the_leaders_agent_backs_up_each_tick_and_the_new_leader_takes_over
             cfg.node_name = format!("master-{i}");
             cfg.dial_timeout = "2s".into();
             cfg.extra = format!(
-                "schedule: \"@every {TICK}s\"\nrun_on_start: never\ncoordination: leader\n"
+                // Every tick stores a set, etcd written or not: the ticks are what is counted.
+                "schedule: \"@every {TICK}s\"\nrun_on_start: never\ncoordination: leader\nskip_unchanged: false\n"
             );
             AgentDaemon::start_on_free_port(&cfg)
         })

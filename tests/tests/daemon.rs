@@ -514,13 +514,23 @@ async fn run_on_start_backs_up_when_stale_or_always_and_not_when_fresh_or_never(
     assert_eq!(list.sets.len(), 1);
     d.stop().await;
 
-    // always: backs up even so.
+    // always: a run even so. etcd is unchanged since the stored set, so
+    // (skip_unchanged, the default) the run stores nothing and says why.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     cfg.extra = "schedule: \"0 * * * *\"\nrun_on_start: always\n".into();
     let d = Daemon::start(&cfg).await;
     let runs = runs_after(&d, Duration::from_millis(1500)).await;
     assert_eq!(startup_runs(&runs), 1, "{runs:?}");
+    assert_eq!(runs[0].state, RunState::Skipped, "{runs:?}");
     d.stop().await;
+    assert_eq!(complete_sets(&dest).len(), 1);
+    // With skip_unchanged: false it stores a set.
+    cfg.extra = "schedule: \"0 * * * *\"\nrun_on_start: always\nskip_unchanged: false\n".into();
+    let d = Daemon::start(&cfg).await;
+    let runs = runs_after(&d, Duration::from_millis(1500)).await;
+    assert_eq!(startup_runs(&runs), 1, "{runs:?}");
+    d.stop().await;
+    assert_eq!(complete_sets(&dest).len(), 2);
 
     // A newest directory that holds a manifest.json is not a backup unless
     // the catalog says the set is complete: when_stale backs up.
@@ -1072,5 +1082,246 @@ async fn the_token_is_checked_before_the_body_and_the_body_is_bounded_in_size_an
     request.extend_from_slice(b"{}");
     let (status, _, _conn) = raw_exchange(&addr, &request, Duration::from_secs(5)).await;
     assert_eq!(status, Some(202));
+    d.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// skip_unchanged
+// ---------------------------------------------------------------------------
+
+const SKIPPED_UNCHANGED: &str = "etcd_backup_skipped_total{reason=\"unchanged\"}";
+const SCHEDULED_OK: &str = "etcd_backup_runs_total{trigger=\"schedule\",result=\"success\"}";
+const LAST_UNCHANGED: &str =
+    "etcd_backup_last_unchanged_timestamp_seconds{destination=\"default\"}";
+
+/// A run every 2 s, none at start-up; `extra` is added to the config.
+fn every_two_seconds(etcd_url: &str, dest: &Path, extra: &str) -> AgentConfig {
+    let mut cfg = AgentConfig::for_endpoint(etcd_url, None, dest);
+    cfg.extra = format!(
+        "schedule: \"@every 2s\"\njitter: 0s\nrun_on_start: never\nshutdown_grace: 3s\nhttp:\n  trigger_min_interval: 0s\n{extra}"
+    );
+    cfg
+}
+
+/// The manifest of a set directory under `dest`.
+fn manifest_of(dest: &Path, set: &str) -> Manifest {
+    serde_json::from_slice(&std::fs::read(dest.join(set).join("manifest.json")).unwrap()).unwrap()
+}
+
+/// etcd's store revision, as `etcdctl endpoint status` reports it.
+fn etcd_revision(etcd: &EtcdServer) -> i64 {
+    let out = etcd.etcdctl(&["endpoint", "status", "-w", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0]["Status"]["header"]["revision"].as_i64().unwrap()
+}
+
+async fn runs(d: &Daemon) -> Vec<RunRecord> {
+    let list: RunList = d
+        .http
+        .get(d.url("/v1/backups"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list.runs
+}
+
+/// Waits until `series` reaches at least `n`.
+async fn metric_reaches(d: &Daemon, series: &str, n: f64) -> String {
+    wait_for_async(series, Duration::from_secs(40), || async {
+        let text = d.metrics().await;
+        (metric(&text, series) >= n).then_some(text)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scheduled_runs_skip_while_etcd_is_unchanged_and_store_after_a_write_and_http_always_stores(
+) {
+    let etcd = EtcdServer::start();
+    for i in 0..20 {
+        let out = etcd.etcdctl(&["put", &format!("/registry/k{i}"), "v"]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("backups");
+    let d = Daemon::start(&every_two_seconds(&etcd.client_url, &dest, "")).await;
+
+    // The first scheduled run stores a set: there was none.
+    metric_reaches(&d, SCHEDULED_OK, 1.0).await;
+    let first = complete_sets(&dest);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let revision = etcd_revision(&etcd);
+    let m = manifest_of(&dest, &first[0]);
+    assert_eq!(m.revision(), revision, "{m:?}");
+
+    // No write since: the next scheduled runs are skipped, counted, recorded.
+    let text = metric_reaches(&d, SKIPPED_UNCHANGED, 2.0).await;
+    assert_eq!(metric(&text, SCHEDULED_OK), 1.0, "{text}");
+    assert!(
+        metric(&text, LAST_UNCHANGED) >= m.finished_at.timestamp() as f64,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "etcd_backup_in_progress"), 0.0, "{text}");
+    assert_eq!(complete_sets(&dest), first);
+    let skipped: Vec<RunRecord> = runs(&d)
+        .await
+        .into_iter()
+        .filter(|r| r.state == RunState::Skipped)
+        .collect();
+    assert!(skipped.len() >= 2, "{skipped:?}");
+    for r in &skipped {
+        assert_eq!(r.trigger, Trigger::Schedule);
+        assert_eq!(
+            r.skip_reason,
+            Some(etcd_backup_proto::api::RunSkipReason::Unchanged)
+        );
+        assert_eq!(r.revision, Some(revision));
+        assert_eq!(r.set.as_deref(), Some(first[0].as_str()));
+        assert!(r.finished_at.is_some());
+    }
+
+    // An HTTP-triggered run with etcd unchanged stores a set all the same.
+    let (status, body) = d.post("?wait=true").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let posted: RunRecord = serde_json::from_value(body).unwrap();
+    assert_eq!(posted.state, RunState::Succeeded, "{posted:?}");
+    assert_eq!(posted.revision, Some(revision));
+    let after_http = complete_sets(&dest);
+    assert_eq!(after_http.len(), 2, "{after_http:?}");
+    assert!(after_http.contains(posted.set.as_ref().unwrap()));
+
+    // The schedule keeps skipping: the HTTP set is the newest and current.
+    let skips = metric(&d.metrics().await, SKIPPED_UNCHANGED);
+    metric_reaches(&d, SKIPPED_UNCHANGED, skips + 1.0).await;
+    assert_eq!(complete_sets(&dest), after_http);
+
+    // A write: the next scheduled run stores a set holding it.
+    let out = etcd.etcdctl(&["put", "/registry/changed", "v2"]);
+    assert!(out.status.success(), "{out:?}");
+    let written = etcd_revision(&etcd);
+    assert_eq!(written, revision + 1);
+    let text = metric_reaches(&d, SCHEDULED_OK, 2.0).await;
+    assert_eq!(metric(&text, SCHEDULED_OK), 2.0, "{text}");
+    let sets = complete_sets(&dest);
+    assert_eq!(sets.len(), 3, "{sets:?}");
+    let newest = sets.iter().max().unwrap();
+    assert_eq!(manifest_of(&dest, newest).revision(), written);
+    // ... and after it, skips again.
+    let skips = metric(&d.metrics().await, SKIPPED_UNCHANGED);
+    metric_reaches(&d, SKIPPED_UNCHANGED, skips + 1.0).await;
+    assert_eq!(complete_sets(&dest).len(), 3);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn skip_unchanged_false_stores_every_scheduled_run() {
+    let etcd = EtcdServer::start();
+    let out = etcd.etcdctl(&["put", "/registry/k", "v"]);
+    assert!(out.status.success(), "{out:?}");
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("backups");
+    let d = Daemon::start(&every_two_seconds(
+        &etcd.client_url,
+        &dest,
+        "skip_unchanged: false\n",
+    ))
+    .await;
+    let text = metric_reaches(&d, SCHEDULED_OK, 3.0).await;
+    assert_eq!(metric(&text, SKIPPED_UNCHANGED), 0.0, "{text}");
+    assert_eq!(metric(&text, LAST_UNCHANGED), 0.0, "{text}");
+    assert!(complete_sets(&dest).len() >= 3);
+    assert!(runs(&d).await.iter().all(|r| r.state != RunState::Skipped));
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_newest_set_or_an_unreachable_etcd_never_causes_a_skip() {
+    let mut etcd = EtcdServer::start();
+    let out = etcd.etcdctl(&["put", "/registry/k", "v"]);
+    assert!(out.status.success(), "{out:?}");
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("backups");
+    let mut cfg = every_two_seconds(&etcd.client_url, &dest, "");
+    cfg.dial_timeout = "1s".into();
+    let d = Daemon::start(&cfg).await;
+    metric_reaches(&d, SCHEDULED_OK, 1.0).await;
+    metric_reaches(&d, SKIPPED_UNCHANGED, 1.0).await;
+
+    // A set directory newer than the complete one, its manifest damaged:
+    // its revision cannot be known, so the schedule stores again.
+    let set = complete_sets(&dest).pop().unwrap();
+    let (node_dir, _) = set.rsplit_once('/').unwrap();
+    let damaged = dest.join(node_dir).join("2999-01-01_000000");
+    std::fs::create_dir_all(&damaged).unwrap();
+    std::fs::write(damaged.join("manifest.json"), b"{").unwrap();
+    let text = metric_reaches(&d, SCHEDULED_OK, 2.0).await;
+    let skips = metric(&text, SKIPPED_UNCHANGED);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let text = d.metrics().await;
+    assert_eq!(metric(&text, SKIPPED_UNCHANGED), skips, "{text}");
+    assert!(metric(&text, SCHEDULED_OK) >= 3.0, "{text}");
+    std::fs::remove_dir_all(&damaged).unwrap();
+    metric_reaches(&d, SKIPPED_UNCHANGED, skips + 1.0).await;
+
+    // etcd gone: the check cannot ask it, so the run goes ahead and fails
+    // at connect, counted as a failure, never as a skip.
+    etcd.kill();
+    let skips = metric(&d.metrics().await, SKIPPED_UNCHANGED);
+    let text = metric_reaches(
+        &d,
+        "etcd_backup_runs_total{trigger=\"schedule\",result=\"failure\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(metric(&text, SKIPPED_UNCHANGED), skips, "{text}");
+    assert!(
+        metric(
+            &text,
+            "etcd_backup_failures_total{stage=\"connect\",destination=\"default\"}"
+        ) >= 1.0,
+        "{text}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_without_the_current_set_gets_a_scheduled_run() {
+    let etcd = EtcdServer::start();
+    let out = etcd.etcdctl(&["put", "/registry/k", "v"]);
+    assert!(out.status.success(), "{out:?}");
+    let work = tempfile::tempdir().unwrap();
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    let mut cfg = every_two_seconds(&etcd.client_url, &a, "");
+    cfg.destination_yaml = Some(format!(
+        "destinations:\n  - name: a\n    local:\n      path: {}\n  - name: b\n    local:\n      path: {}\n",
+        a.display(),
+        b.display()
+    ));
+    let d = Daemon::start(&cfg).await;
+    metric_reaches(&d, SCHEDULED_OK, 1.0).await;
+    let text = metric_reaches(&d, SKIPPED_UNCHANGED, 1.0).await;
+    for name in ["a", "b"] {
+        let series =
+            format!("etcd_backup_last_unchanged_timestamp_seconds{{destination=\"{name}\"}}");
+        assert!(metric(&text, &series) > 1.7e9, "{text}");
+    }
+    let set = complete_sets(&b).pop().unwrap();
+    assert_eq!(complete_sets(&a), std::slice::from_ref(&set));
+
+    // b loses its set: etcd is unchanged, but b holds no current set, so
+    // the schedule stores one (at both destinations, from one read of etcd).
+    std::fs::remove_dir_all(b.join(&set)).unwrap();
+    let text = metric_reaches(&d, SCHEDULED_OK, 2.0).await;
+    assert_eq!(metric(&text, SCHEDULED_OK), 2.0, "{text}");
+    assert_eq!(complete_sets(&b).len(), 1);
+    assert_eq!(complete_sets(&a).len(), 2);
+    // Then both are current again.
+    let skips = metric(&d.metrics().await, SKIPPED_UNCHANGED);
+    metric_reaches(&d, SKIPPED_UNCHANGED, skips + 1.0).await;
+    assert_eq!(complete_sets(&b).len(), 1);
     d.stop().await;
 }

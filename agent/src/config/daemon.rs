@@ -29,6 +29,7 @@ impl Validator {
             trigger_min_interval,
             shutdown_grace,
             drill_schedule: None,
+            skip_unchanged: defaults::SKIP_UNCHANGED,
         }
     }
 

@@ -97,6 +97,7 @@ pub struct RawConfig {
     jitter: Option<String>,
     run_on_start: Option<String>,
     coordination: Option<String>,
+    skip_unchanged: Option<bool>,
     http: Option<RawHttp>,
     shutdown_grace: Option<String>,
     retention: Option<RawRetention>,
@@ -311,6 +312,9 @@ pub mod defaults {
     /// of etcd's snapshot stream (280-340 MB/s); zstd's own default, 3, ran
     /// at 380 MB/s, too close to it (docs/configuration.md#compression).
     pub const COMPRESSION_LEVEL: i32 = 1;
+    /// `skip_unchanged`: a scheduled run stores no set identical to the
+    /// newest one (docs/daemon.md#unchanged-etcd-skipped-runs).
+    pub const SKIP_UNCHANGED: bool = true;
 }
 
 pub use compression::{CompressionConfig, LEVELS as COMPRESSION_LEVELS};
@@ -396,6 +400,10 @@ pub struct DaemonConfig {
     pub shutdown_grace: Duration,
     /// `drill_schedule` (in `timezone`): when the daemon drills the newest set.
     pub drill_schedule: Option<crate::policy::schedule::Schedule>,
+    /// `skip_unchanged`: a run the daemon starts itself (schedule,
+    /// `run_on_start`) stores no set when etcd's revision is the newest
+    /// complete set's at every destination ([`crate::daemon::unchanged`]).
+    pub skip_unchanged: bool,
 }
 
 /// `run_on_start`: whether the daemon backs up right after it starts.
@@ -853,6 +861,7 @@ impl Config {
                 daemon: DaemonConfig {
                     drill_schedule,
                     coordination,
+                    skip_unchanged: raw.skip_unchanged.unwrap_or(defaults::SKIP_UNCHANGED),
                     ..daemon
                 },
                 retention,
@@ -1102,6 +1111,50 @@ mod tests {
         assert_eq!(c.resources.layout, Layout::None);
         assert_eq!(c.log.format, LogFormat::Text);
         assert_eq!(c.compression, None);
+    }
+
+    #[test]
+    fn skip_unchanged_is_on_by_default_and_takes_a_boolean_only() {
+        let with = |extra: &str| format!("{MINIMAL}{extra}");
+        assert!(
+            Config::parse(&with(""), &env())
+                .unwrap()
+                .daemon
+                .skip_unchanged
+        );
+        let c = Config::parse(
+            &with(
+                "skip_unchanged: false
+",
+            ),
+            &env(),
+        )
+        .unwrap();
+        assert!(!c.daemon.skip_unchanged);
+        let c = Config::parse(
+            &with(
+                "skip_unchanged: true
+",
+            ),
+            &env(),
+        )
+        .unwrap();
+        assert!(c.daemon.skip_unchanged);
+        for bad in [
+            "skip_unchanged: maybe
+",
+            "skip_unchanged: 1
+",
+        ] {
+            let errs = errors(&with(bad));
+            assert_eq!(errs.len(), 1, "{bad:?}: {errs:?}");
+            assert_eq!(errs[0].field, "skip_unchanged", "{bad:?}");
+            assert!(
+                errs[0].message.contains("invalid type") && errs[0].message.contains("boolean"),
+                "{bad:?}: {}",
+                errs[0].message
+            );
+        }
     }
 
     #[test]

@@ -67,15 +67,23 @@ pub enum SkipReason {
     /// `coordination: leader`, and this node's etcd member is not the leader
     /// (or knows no leader, during an election).
     NotLeader,
+    /// `skip_unchanged`: etcd's revision was the newest complete set's at
+    /// every destination, so the run stored no identical set.
+    Unchanged,
 }
 
 impl SkipReason {
-    const ALL: [SkipReason; 2] = [SkipReason::InProgress, SkipReason::NotLeader];
+    const ALL: [SkipReason; 3] = [
+        SkipReason::InProgress,
+        SkipReason::NotLeader,
+        SkipReason::Unchanged,
+    ];
 
     fn as_str(self) -> &'static str {
         match self {
             SkipReason::InProgress => "in_progress",
             SkipReason::NotLeader => "not_leader",
+            SkipReason::Unchanged => "unchanged",
         }
     }
 }
@@ -131,6 +139,7 @@ pub struct Metrics {
     /// The configured destination names, in order.
     destinations: Vec<String>,
     last_success: Family<DestinationLabels, TimestampGauge>,
+    last_unchanged: Family<DestinationLabels, TimestampGauge>,
     last_attempt: TimestampGauge,
     last_size: Family<ArtifactLabels, Gauge>,
     last_revision: Gauge,
@@ -194,6 +203,7 @@ impl Metrics {
         let m = Metrics {
             destinations: destinations.iter().map(|d| (*d).to_string()).collect(),
             last_success: Family::default(),
+            last_unchanged: Family::default(),
             last_attempt: TimestampGauge::default(),
             last_size: Family::default(),
             last_revision: Gauge::default(),
@@ -228,6 +238,11 @@ impl Metrics {
             self.last_success.clone(),
         );
         registry.register(
+            "etcd_backup_last_unchanged_timestamp_seconds",
+            "Unix time a scheduled run last found the newest complete set at each destination holding etcd's current revision and stored nothing (skip_unchanged; 0 until the first): that set was current then",
+            self.last_unchanged.clone(),
+        );
+        registry.register(
             "etcd_backup_last_attempt_timestamp_seconds",
             "Unix time the newest backup run started (0 until the first)",
             self.last_attempt.clone(),
@@ -259,7 +274,7 @@ impl Metrics {
         );
         registry.register(
             "etcd_backup_skipped",
-            "Scheduled backups not started, by reason",
+            "Scheduled backups that stored no set, by reason: in_progress, not_leader, unchanged",
             self.skipped.clone(),
         );
         registry.register(
@@ -341,6 +356,7 @@ impl Metrics {
                 destination: d.clone(),
             };
             let _ = self.last_success.get_or_create(&destination());
+            let _ = self.last_unchanged.get_or_create(&destination());
             let _ = self.sets.get_or_create(&destination());
             let _ = self.unrecognised.get_or_create(&destination());
             let _ = self.not_durable_sets.get_or_create(&destination());
@@ -518,6 +534,23 @@ impl Metrics {
                 destination: destination.to_string(),
             })
             .inc();
+    }
+
+    /// A run the daemon started itself (it counted in
+    /// [`Metrics::run_started`]) found etcd unchanged since the newest
+    /// complete set at each of `destinations` and ended at `at` without
+    /// storing one: the skip is counted and each destination's set is
+    /// recorded as current at `at`.
+    pub fn run_skipped_unchanged(&self, at: DateTime<Utc>, destinations: &[&str]) {
+        self.in_progress.set(0);
+        self.skipped(SkipReason::Unchanged);
+        for d in destinations {
+            self.last_unchanged
+                .get_or_create(&DestinationLabels {
+                    destination: (*d).to_string(),
+                })
+                .set(seconds(at));
+        }
     }
 
     /// A scheduled start was skipped.
@@ -992,6 +1025,58 @@ mod tests {
             [
                 "etcd_backup_cluster_last_success_timestamp_seconds{node=\"master-0\"} 1800000180.0"
             ]
+        );
+    }
+
+    #[test]
+    fn a_skip_because_unchanged_is_counted_ends_the_run_and_marks_each_set_current() {
+        let m = Metrics::with_destinations("1.2.3", Coordination::PerNode, &["local", "s3"]);
+        let text = m.encode();
+        assert_eq!(
+            value(&text, "etcd_backup_skipped_total{reason=\"unchanged\"}"),
+            0.0
+        );
+        for d in ["local", "s3"] {
+            assert_eq!(
+                value(
+                    &text,
+                    &format!("etcd_backup_last_unchanged_timestamp_seconds{{destination=\"{d}\"}}")
+                ),
+                0.0
+            );
+        }
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        m.run_started(t0);
+        m.run_skipped_unchanged(t0 + chrono::Duration::seconds(2), &["local", "s3"]);
+        let text = m.encode();
+        assert_eq!(value(&text, "etcd_backup_in_progress"), 0.0);
+        assert_eq!(
+            value(&text, "etcd_backup_skipped_total{reason=\"unchanged\"}"),
+            1.0
+        );
+        for d in ["local", "s3"] {
+            assert_eq!(
+                value(
+                    &text,
+                    &format!("etcd_backup_last_unchanged_timestamp_seconds{{destination=\"{d}\"}}")
+                ),
+                1_800_000_002.0
+            );
+            // No set was stored: the last success does not move.
+            assert_eq!(
+                value(
+                    &text,
+                    &format!("etcd_backup_last_success_timestamp_seconds{{destination=\"{d}\"}}")
+                ),
+                0.0
+            );
+        }
+        assert_eq!(
+            value(
+                &text,
+                "etcd_backup_runs_total{trigger=\"schedule\",result=\"success\"}"
+            ),
+            0.0
         );
     }
 }

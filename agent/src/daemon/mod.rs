@@ -16,6 +16,7 @@ pub mod coordination;
 pub mod http;
 pub mod metrics;
 pub mod runner;
+pub mod unchanged;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

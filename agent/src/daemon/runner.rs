@@ -17,13 +17,16 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use etcd_backup_proto::api::{
-    DestinationRecord, DestinationResultKind, RunRecord, RunState, StageRecord, Trigger,
+    DestinationRecord, DestinationResultKind, RunRecord, RunSkipReason, RunState, StageRecord,
+    Trigger,
 };
 use etcd_backup_proto::FileKind;
 
 use crate::backup::{self, Outcome};
 use crate::config::Config;
 use crate::daemon::metrics::{Metrics, SuccessFigures};
+use crate::daemon::unchanged::{self, CurrentSet, Verdict};
+use crate::store::catalog::ManifestCache;
 
 /// Finished runs kept in memory for `GET /v1/backups`.
 pub const HISTORY: usize = 50;
@@ -85,6 +88,8 @@ pub struct Runner {
     abort: CancellationToken,
     /// Called after every run with whether it succeeded (readiness, catalog refresh).
     on_finish: Box<dyn Fn(bool) + Send + Sync>,
+    /// The manifests `skip_unchanged`'s checks have read, per destination.
+    unchanged_caches: Mutex<Vec<ManifestCache>>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -112,6 +117,7 @@ impl Runner {
             tracker: TaskTracker::new(),
             abort: CancellationToken::new(),
             on_finish: Box::new(on_finish),
+            unchanged_caches: Mutex::new(Vec::new()),
         })
     }
 
@@ -150,6 +156,7 @@ impl Runner {
             revision: None,
             failed_stage: None,
             error: None,
+            skip_reason: None,
             destinations: Vec::new(),
         };
         let (tx, rx) = watch::channel(None);
@@ -166,6 +173,11 @@ impl Runner {
         self.tracker.spawn(
             async move {
                 tracing::info!("backup started");
+                if let Some((revision, sets)) = runner.unchanged(trigger).await {
+                    let finished = runner.finish_skipped(record, revision, &sets);
+                    let _ = tx.send(Some(finished));
+                    return;
+                }
                 let t = Instant::now();
                 let outcome =
                     backup::run_with_retries(&runner.config, &runner.abort.child_token()).await;
@@ -176,6 +188,80 @@ impl Runner {
             .instrument(span),
         );
         Ok(handle)
+    }
+
+    /// With `skip_unchanged`, for a run the daemon started itself: etcd's
+    /// revision and each destination's current set when no destination
+    /// needs a new set; `None` (back up) otherwise, or when that cannot be
+    /// found out.
+    async fn unchanged(&self, trigger: Trigger) -> Option<(i64, Vec<CurrentSet>)> {
+        if !self.config.daemon.skip_unchanged
+            || !matches!(trigger, Trigger::Schedule | Trigger::Startup)
+        {
+            return None;
+        }
+        // Runs are one at a time: the caches are taken for the check and
+        // put back after it (lost, harmlessly, if it is cancelled).
+        let mut caches = std::mem::take(
+            &mut *self
+                .unchanged_caches
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        let verdict = tokio::select! {
+            v = unchanged::check(&self.config, &mut caches) => v,
+            () = self.abort.cancelled() => return None,
+        };
+        *self
+            .unchanged_caches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = caches;
+        match verdict {
+            Verdict::Unchanged { revision, sets } => Some((revision, sets)),
+            Verdict::Changed { destination, why } => {
+                tracing::info!(destination = %destination, reason = %why, "a new set is needed (skip_unchanged): backing up");
+                None
+            }
+            Verdict::Unknown { error } => {
+                tracing::warn!(error = %error, "cannot tell whether etcd changed since the newest complete set (skip_unchanged); backing up");
+                None
+            }
+        }
+    }
+
+    /// A run that stored nothing because every destination's newest set
+    /// already holds etcd's `revision`.
+    fn finish_skipped(
+        &self,
+        mut record: RunRecord,
+        revision: i64,
+        sets: &[CurrentSet],
+    ) -> RunRecord {
+        let now = Utc::now();
+        record.finished_at = Some(now);
+        record.state = RunState::Skipped;
+        record.skip_reason = Some(RunSkipReason::Unchanged);
+        record.revision = Some(revision);
+        record.set = sets.first().map(|s| s.set.clone());
+        let names: Vec<&str> = sets.iter().map(|s| s.destination.as_str()).collect();
+        self.metrics.run_skipped_unchanged(now, &names);
+        let current: Vec<String> = sets
+            .iter()
+            .map(|s| format!("{}: {}", s.destination, s.set))
+            .collect();
+        tracing::info!(
+            revision,
+            sets = %current.join(", "),
+            "backup skipped: etcd's revision is the newest complete set's at every destination (skip_unchanged)"
+        );
+        {
+            let mut state = self.lock();
+            state.current = None;
+            state.history.push_front(record.clone());
+            state.history.truncate(HISTORY);
+        }
+        (self.on_finish)(true);
+        record
     }
 
     /// Retention ran at each destination that holds the run's set (see
