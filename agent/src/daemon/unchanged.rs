@@ -55,6 +55,8 @@ pub struct Storing {
     pub compression: Option<Compression>,
     /// `resources.layout`.
     pub layout: String,
+    /// `snapshot_format`: whether the snapshot is stored as pages.
+    pub paged: bool,
 }
 
 impl Storing {
@@ -67,6 +69,7 @@ impl Storing {
                 .map(|e| e.recipient_texts().into_iter().collect()),
             compression: config.compression.as_ref().map(|c| c.algorithm),
             layout: config.resources.layout.as_str().to_string(),
+            paged: config.snapshot_format == crate::config::SnapshotFormat::Paged,
         }
     }
 }
@@ -213,6 +216,12 @@ pub fn current_set<'c>(
             what: "resources.layout",
         });
     }
+    if m.files.iter().any(|f| f.pages.is_some()) != storing.paged {
+        return Err(NotCurrent::Settings {
+            set,
+            what: "snapshot_format",
+        });
+    }
     Ok(newest)
 }
 
@@ -346,6 +355,7 @@ mod tests {
             recipients: None,
             compression: None,
             layout: "none".into(),
+            paged: false,
         }
     }
 
@@ -389,6 +399,7 @@ mod tests {
                     sha256: "0".repeat(64),
                     compression: None,
                     plaintext: None,
+                    pages: None,
                 }],
                 snapshot_status: snapshot.map(|revision| SnapshotStatus {
                     hash: 1,
@@ -409,6 +420,7 @@ mod tests {
         Catalog {
             sets,
             leftovers: Vec::new(),
+            unreadable_manifests: Vec::new(),
         }
     }
 
@@ -596,6 +608,17 @@ mod tests {
             scheme: "age".into(),
             recipients: vec!["age1b".into(), "age1a".into()],
         });
+        let paged = Storing {
+            paged: true,
+            ..plain()
+        };
+        assert!(matches!(
+            current_set(&cat, NODE, etcd(57), &paged),
+            Err(NotCurrent::Settings {
+                what: "snapshot_format",
+                ..
+            })
+        ));
         let both = Storing {
             recipients: Some(BTreeSet::from(["age1a".to_string(), "age1b".to_string()])),
             ..plain()
