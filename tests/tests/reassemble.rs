@@ -102,8 +102,8 @@ async fn two_sets_rebuilt_as_fetch_does(
         .into_iter()
         .map(|s| {
             let dir = dest.join(s);
-            let m = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap())
-                .unwrap();
+            let m =
+                serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
             (dir, m)
         })
         .collect();
@@ -131,6 +131,7 @@ async fn two_sets_rebuilt_as_fetch_does(
             &ts,
             "--to",
             fetched.to_str().unwrap(),
+            "--snapshot-only",
         ];
         if let Some(id) = identity {
             args.extend(["--identity", id.to_str().unwrap()]);
