@@ -578,7 +578,7 @@ pub fn check_manifest_pages(pages: &ManifestPages, set: &str) -> Result<(), Page
     if !size.is_power_of_two() || !PAGE_SIZES.contains(&size) {
         return Err(damaged(format!("gives a page size of {size}")));
     }
-    if pages.tail.len() > 2 * size || hex::decode(&pages.tail).is_err() {
+    if pages.tail.len() >= 2 * size || hex::decode(&pages.tail).is_err() {
         return Err(damaged(
             "has a tail that is not hex of less than a page".into(),
         ));
