@@ -49,6 +49,9 @@ use crate::store::sealing::SealingUpload;
 /// zstd, age and 8 SFTP streams from 28 to 31.5 MiB of peak RSS.
 const WRITE_BATCH: usize = 256 << 10;
 
+/// etcd's snapshot messages (32 KiB each) a paged run reads ahead.
+const PREFETCH_CHUNKS: usize = 64;
+
 /// The agent's version, recorded in every manifest.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -1172,6 +1175,18 @@ impl<'a> Run<'a> {
             .snapshot()
             .await
             .map_err(|e| BackupError::new(Stage::Snapshot, e))?;
+        // etcd's stream is read ahead while pages are hashed, compared and
+        // stored (a few MiB at most), so neither waits for the other.
+        let (chunks_tx, mut chunks) = tokio::sync::mpsc::channel(PREFETCH_CHUNKS);
+        tokio::spawn(async move {
+            loop {
+                let next = stream.next_chunk().await;
+                let end = !matches!(next, Ok(Some(_)));
+                if chunks_tx.send(next).await.is_err() || end {
+                    return;
+                }
+            }
+        });
         let mut verifier = SnapshotVerifier::new();
         let mut status = etcd_backup_bbolt_status::StreamingStatus::new();
         let mut cutter = PageCutter::default();
@@ -1180,9 +1195,10 @@ impl<'a> Run<'a> {
         let mut batch = Vec::with_capacity(WRITE_BATCH);
         let mut total = 0u64;
         loop {
-            let chunk = stream
-                .next_chunk()
+            let chunk = chunks
+                .recv()
                 .await
+                .unwrap_or(Ok(None))
                 .map_err(|e| BackupError::new(Stage::Snapshot, e))?;
             let end = chunk.is_none();
             if let Some(chunk) = &chunk {

@@ -612,8 +612,9 @@ mod tests {
             paged: true,
             ..plain()
         };
+        let full = catalog(vec![set("2026-12-07_110000", 57, Some(57))]);
         assert!(matches!(
-            current_set(&cat, NODE, etcd(57), &paged),
+            current_set(&full, NODE, etcd(57), &paged),
             Err(NotCurrent::Settings {
                 what: "snapshot_format",
                 ..
