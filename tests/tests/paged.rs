@@ -372,6 +372,14 @@ async fn round_trips(etcd: &EtcdServer, legs: &mut [Leg], work: &Path) {
                     p.name
                 );
             }
+            // Nothing else is left there: no partial or staged pack.
+            let leftovers: Vec<String> = leg
+                .store
+                .files(&packs_dir)
+                .into_iter()
+                .filter(|f| !etcd_backup_proto::is_pack_name(f))
+                .collect();
+            assert!(leftovers.is_empty(), "{label}: {leftovers:?}");
             if round == 0 {
                 assert_eq!(pages.new_pages, pages.pages, "{label}");
                 assert_eq!(pages.compared_with, None, "{label}");
