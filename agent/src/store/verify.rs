@@ -648,7 +648,8 @@ async fn check_paged(
 
 /// Checks a paged snapshot without rebuilding it: its page index and every
 /// pack it names, each at its size and checksum (a pack's name is its
-/// SHA-256), read back whole. One report for the index, one for the packs.
+/// SHA-256), read back whole, and every record of the index naming a range
+/// of a pack the manifest lists. One report for the index, one for the packs.
 ///
 /// # Errors
 /// Read failures other than a missing file (reported as a problem).
@@ -732,6 +733,22 @@ pub async fn check_packs(
                 "pack {} holds {size} bytes with SHA-256 {got}: not the pack its name says",
                 pack.name
             ));
+        }
+    }
+    // Every record of the index (when it is what the manifest says) names
+    // a range of a pack the manifest lists.
+    if reports[0].problems.is_empty() {
+        let index_path = set.id.file(&pages.index.name);
+        let checked = match crate::store::paged::download_index(dest, &index_path, pages).await {
+            Ok(file) => {
+                crate::store::paged::check_index_locations(file, pages, index_path.clone()).await
+            }
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok(()) => {}
+            Err(crate::store::paged::PagedError::Destination(e)) => return Err(e.into()),
+            Err(e) => problems.push(e.to_string()),
         }
     }
     reports.push(FileReport {

@@ -549,6 +549,54 @@ pub async fn download_index(
     Ok(file)
 }
 
+/// Checks every record of a page index (a local file whose size and
+/// SHA-256 were checked, as [`download_index`] leaves it) against its
+/// manifest, without reading a pack: each record names a pack of the
+/// manifest's list, a range inside that pack, and a slot a segment can
+/// hold. `what` names the index in errors.
+///
+/// # Errors
+/// [`PagedError::Damaged`] naming the first record that does not fit.
+pub async fn check_index_locations(
+    file: std::fs::File,
+    pages: &ManifestPages,
+    what: String,
+) -> Result<(), PagedError> {
+    let mut records = IndexRecords::start(file, pages.page_size, pages.pages, what.clone());
+    let mut n = 0u64;
+    while let Some(r) = records.next().await? {
+        let at = r.at;
+        let fault = match pages.packs.get(at.pack as usize) {
+            None => Some(format!(
+                "names pack #{}, but the manifest lists {} packs",
+                at.pack,
+                pages.packs.len()
+            )),
+            Some(p) if at.len == 0 || at.offset.saturating_add(u64::from(at.len)) > p.size => {
+                Some(format!(
+                    "names bytes {}..{} of pack {}, which holds {}",
+                    at.offset,
+                    at.offset.saturating_add(u64::from(at.len)),
+                    p.name,
+                    p.size
+                ))
+            }
+            Some(_) if at.slot as usize >= SEGMENT_PAGES => Some(format!(
+                "names page {} of a segment, which holds at most {SEGMENT_PAGES}",
+                at.slot
+            )),
+            Some(_) => None,
+        };
+        if let Some(fault) = fault {
+            return Err(PagedError::Damaged {
+                what: format!("page index {what}: the record of page {n} {fault}"),
+            });
+        }
+        n += 1;
+    }
+    Ok(())
+}
+
 /// `<cluster>/<node>/packs`.
 pub fn packs_dir(cluster: &str, node: &str) -> String {
     format!("{cluster}/{node}/{PACKS_DIR}")

@@ -431,25 +431,42 @@ impl<'a> PagedWriter<'a> {
             etcd_backup_proto::PACK_SUFFIX
         );
         let path = format!("{}/{name}", self.packs_dir);
-        match recorded(
+        let mut from = pack.partial.clone();
+        let mut renamed = recorded(
             created,
             path.clone(),
             self.dest.rename(&pack.partial, &path),
         )
-        .await
-        {
+        .await;
+        if let (Err(DestinationError::BadPath { .. }), Some(staged)) = (
+            &renamed,
+            pack.partial.strip_suffix(etcd_backup_proto::PARTIAL_SUFFIX),
+        ) {
+            // A destination that publishes an upload only under the name it
+            // was started for (S3: the multipart upload's key) refuses to
+            // give it another. Publish it there, then rename that.
+            let staged = staged.to_string();
+            recorded(
+                created,
+                staged.clone(),
+                self.dest.rename(&pack.partial, &staged),
+            )
+            .await?;
+            from = staged;
+            renamed = recorded(created, path.clone(), self.dest.rename(&from, &path)).await;
+        }
+        match renamed {
             Ok(()) => {}
             Err(DestinationError::AlreadyExists { .. }) => {
                 // A pack is named by its SHA-256: the one there holds these
                 // very bytes (a segment stored before, unencrypted). Use it.
-                if let Err(e) = self.dest.delete(&pack.partial).await {
-                    tracing::warn!(path = %pack.partial, error = %e, "could not remove a pack whose twin was already stored");
+                if let Err(e) = self.dest.delete(&from).await {
+                    tracing::warn!(path = %from, error = %e, "could not remove a pack whose twin was already stored");
                 }
             }
             Err(e) if e.is_refusal() => return Err(e.into()),
             Err(e) => {
-                let found =
-                    crate::backup::rename_outcome(self.dest, &pack.partial, &path, pack.size).await;
+                let found = crate::backup::rename_outcome(self.dest, &from, &path, pack.size).await;
                 match found {
                     Ok(found) => {
                         tracing::warn!(error = %e, "a pack's rename got no answer; {found}")
