@@ -2168,6 +2168,9 @@ mod tests {
         }
         let in_flight = format!("{}_0.pack.partial", SetTimestamp::new(Utc::now()));
         std::fs::write(packs_dir.join(&in_flight), b"x").unwrap();
+        // As an S3 run leaves a pack between its two renames.
+        let staged = format!("{}_1.pack", SetTimestamp::new(Utc::now()));
+        std::fs::write(packs_dir.join(&staged), b"x").unwrap();
 
         // Young packs are never collected: a run may be about to name them.
         let r = prune(&dest, &cfg, "n", Utc::now(), None, false)
@@ -2175,7 +2178,7 @@ mod tests {
             .unwrap();
         assert_eq!(r.removed_sets.len(), 2, "{r:?}");
         assert!(r.packs.removed.is_empty(), "{:?}", r.packs);
-        assert_eq!(r.packs.referenced + r.packs.young, 4, "{:?}", r.packs);
+        assert_eq!(r.packs.referenced + r.packs.young, 5, "{:?}", r.packs);
 
         // A set whose manifest cannot be read stops collection outright.
         let odd = base.join("c/n/2027-01-01_000000");
@@ -2212,7 +2215,15 @@ mod tests {
             "{:?}",
             r.packs
         );
-        assert_eq!(r.packs.removed_partials, [format!("c/n/packs/{in_flight}")]);
+        let mut gone = r.packs.removed_partials.clone();
+        gone.sort();
+        assert_eq!(
+            gone,
+            [
+                format!("c/n/packs/{in_flight}"),
+                format!("c/n/packs/{staged}")
+            ]
+        );
         let mut left = packs_of(&sets[2]);
         left.extend(foreign.iter().cloned());
         left.sort();

@@ -48,14 +48,14 @@ pub fn is_pack_name(name: &str) -> bool {
     })
 }
 
-/// Whether `name` is the name a run gives a pack while it writes it:
-/// `<set timestamp>_<n>.pack.partial`. Only such files below [`PACKS_DIR`]
-/// may be removed as stale leftovers.
+/// Whether `name` is a name a run gives a pack before it is named by its
+/// checksum: `<set timestamp>_<n>.pack.partial` while it is written, and
+/// `<set timestamp>_<n>.pack` on a destination that publishes an upload only
+/// under the name it was started for (S3), between its two renames. Only
+/// such files below [`PACKS_DIR`] may be removed as stale leftovers.
 pub fn is_pack_partial_name(name: &str) -> bool {
-    let Some(stem) = name
-        .strip_suffix(PARTIAL_SUFFIX)
-        .and_then(|s| s.strip_suffix(PACK_SUFFIX))
-    else {
+    let stem = name.strip_suffix(PARTIAL_SUFFIX).unwrap_or(name);
+    let Some(stem) = stem.strip_suffix(PACK_SUFFIX) else {
         return false;
     };
     let Some((ts, n)) = stem.rsplit_once('_') else {
