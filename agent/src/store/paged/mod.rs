@@ -230,7 +230,7 @@ impl Coding {
 /// [`PagedError::Damaged`] for a segment that does not decode,
 /// [`PagedError::Identity`] when the identities cannot decrypt it.
 pub fn decode_segment(
-    stored: &[u8],
+    stored: Vec<u8>,
     compressed: bool,
     encrypted: bool,
     identities: Option<&Identities>,
@@ -241,7 +241,7 @@ pub fn decode_segment(
         what: format!("{}: {why}", what()),
     };
     let decrypted;
-    let body: &[u8] = if encrypted {
+    let body: Vec<u8> = if encrypted {
         let Some(ids) = identities else {
             return Err(PagedError::Identity {
                 message: format!(
@@ -250,8 +250,8 @@ pub fn decode_segment(
                 ),
             });
         };
-        let decryptor =
-            age::Decryptor::new(stored).map_err(|e| damaged(format!("cannot decrypt: {e}")))?;
+        let decryptor = age::Decryptor::new(&stored[..])
+            .map_err(|e| damaged(format!("cannot decrypt: {e}")))?;
         let mut r = match decryptor.decrypt(ids.iter()) {
             Ok(r) => r,
             Err(
@@ -281,14 +281,14 @@ pub fn decode_segment(
             return Err(damaged("it decrypts to more than a segment holds".into()));
         }
         decrypted = out;
-        &decrypted
+        decrypted
     } else {
         stored
     };
     if !compressed {
-        return Ok(body.to_vec());
+        return Ok(body);
     }
-    zstd::bulk::decompress(body, max_plain)
+    zstd::bulk::decompress(&body, max_plain)
         .map_err(|e| damaged(format!("cannot decompress (zstd): {e}")))
 }
 
@@ -779,7 +779,7 @@ mod tests {
                 encryption: None,
             };
             let stored = coded.encode(&plain).unwrap();
-            let back = decode_segment(&stored, compression.is_some(), false, None, 8192, &|| {
+            let back = decode_segment(stored, compression.is_some(), false, None, 8192, &|| {
                 "s".into()
             })
             .unwrap();
@@ -795,7 +795,7 @@ mod tests {
         .encode(&plain)
         .unwrap();
         let e =
-            decode_segment(&stored, true, false, None, 4096, &|| "segment x".into()).unwrap_err();
+            decode_segment(stored, true, false, None, 4096, &|| "segment x".into()).unwrap_err();
         assert!(
             e.to_string().starts_with("segment x: cannot decompress"),
             "{e}"

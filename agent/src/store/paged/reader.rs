@@ -7,6 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use bytes::{Bytes, BytesMut};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use futures_util::stream::{self, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -20,14 +21,16 @@ use super::{
 use crate::encryption::Identities;
 use crate::store::destination::{Destination, DestinationError};
 
-/// Segments read at once.
-pub const READS_IN_FLIGHT: usize = 16;
+/// Segments read at once: enough to keep a distant store busy, few enough
+/// that what they hold (a segment's stored and decoded bytes each) stays
+/// within the agent's memory budget.
+pub const READS_IN_FLIGHT: usize = 8;
 
 /// Decoded segments kept for pages that come back to them.
 const CACHED_SEGMENTS: usize = 4;
 
 /// A segment's decoded pages, shared by the runs of pages that need them.
-type SegmentFuture<'a> = Shared<BoxFuture<'a, Result<Arc<Vec<u8>>, Arc<String>>>>;
+type SegmentFuture<'a> = Shared<BoxFuture<'a, Result<Bytes, Arc<String>>>>;
 
 /// Consecutive pages of one segment.
 struct Run {
@@ -154,24 +157,41 @@ pub async fn open_snapshot<'a>(
             async move {
                 let plain = segment.await.map_err(|e| to_io(e.to_string()))?;
                 let ps = ctx.page_size;
-                let mut out = Vec::with_capacity(run.slots.len() * ps);
-                for slot in run.slots {
+                let page = |slot: u16| {
                     let start = slot as usize * ps;
-                    let page = plain.get(start..start + ps).ok_or_else(|| {
-                        to_io(format!(
+                    if start + ps <= plain.len() {
+                        Ok(start..start + ps)
+                    } else {
+                        Err(to_io(format!(
                             "pack {} segment at {}: the index names page {slot}, which the segment does not hold",
                             ctx.pack_name(run.at.pack),
                             run.at.offset
-                        ))
-                    })?;
-                    out.extend_from_slice(page);
+                        )))
+                    }
+                };
+                // Pages in the segment's own order (every set's first
+                // write, and most pages after): a view of it, no copy.
+                let first = run.slots[0];
+                let consecutive = run
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .all(|(k, &s)| usize::from(s) == usize::from(first) + k);
+                if consecutive {
+                    let start = page(first)?.start;
+                    let last = page(*run.slots.last().expect("a run has a page"))?;
+                    return Ok(plain.slice(start..last.end));
                 }
-                Ok(std::io::Cursor::new(out))
+                let mut out = BytesMut::with_capacity(run.slots.len() * ps);
+                for &slot in &run.slots {
+                    out.extend_from_slice(&plain[page(slot)?]);
+                }
+                Ok(out.freeze())
             }
             .boxed()
         })
         .buffered(READS_IN_FLIGHT)
-        .chain(stream::once(async move { Ok(std::io::Cursor::new(tail)) }))
+        .chain(stream::once(async move { Ok(Bytes::from(tail)) }))
         .boxed();
     Ok(Box::new(tokio_util::io::StreamReader::new(pages_out)))
 }
@@ -207,7 +227,7 @@ async fn read_segment(
     ctx: Arc<Ctx>,
     at: Location,
     identities: Option<&Identities>,
-) -> Result<Arc<Vec<u8>>, Arc<String>> {
+) -> Result<Bytes, Arc<String>> {
     let fail = |m: String| Arc::new(m);
     let Some((name, size)) = ctx.packs.get(at.pack as usize) else {
         return Err(fail(format!(
@@ -249,7 +269,7 @@ async fn read_segment(
     let max_plain = SEGMENT_PAGES * ctx.page_size;
     let (compressed, encrypted) = (ctx.compressed, ctx.encrypted);
     let what = || format!("segment at {} of pack {name}", at.offset);
-    let plain = decode_segment(&stored, compressed, encrypted, identities, max_plain, &what)
+    let plain = decode_segment(stored, compressed, encrypted, identities, max_plain, &what)
         .map_err(|e| fail(e.to_string()))?;
     if plain.len() % ctx.page_size != 0 {
         return Err(fail(format!(
@@ -258,5 +278,5 @@ async fn read_segment(
             plain.len()
         )));
     }
-    Ok(Arc::new(plain))
+    Ok(Bytes::from(plain))
 }
