@@ -26,7 +26,7 @@ use etcd_backup_proto::{
     Compression, DurabilityLevel, FileKind, Manifest, ManifestCompression, ManifestEncryption,
     ManifestEtcd, ManifestFile, PlaintextFile, SetId, SetTimestamp, MANIFEST_FILE_NAME,
     MANIFEST_FORMAT_COMPRESSED, MANIFEST_FORMAT_ENCRYPTED, MANIFEST_FORMAT_PAGED,
-    MANIFEST_FORMAT_PLAIN, PARTIAL_SUFFIX, ZST_SUFFIX,
+    MANIFEST_FORMAT_PLAIN, ZST_SUFFIX,
 };
 
 use crate::config::Config;
@@ -36,7 +36,9 @@ use crate::source::etcd::{
 };
 use crate::source::resources::{self, ResourcesError};
 use crate::store::compressing::{CompressError, Compressing};
-use crate::store::destination::{Destination, DestinationError, DirSync, Durability, Upload};
+use crate::store::destination::{
+    rename_outcome, Destination, DestinationError, DirSync, Durability, Upload,
+};
 use crate::store::fanout::{Lost, Tee};
 use crate::store::paged::writer::{PagedOutcome, PagedWriter, Previous};
 use crate::store::paged::{Coding, PageCutter, PageIdScheme, PagedError};
@@ -1692,36 +1694,6 @@ async fn manifest_outcome(dest: &dyn Destination, dir: &str, json: &[u8]) -> Man
     }
 }
 
-/// Looks for a data file after its rename got no definite answer: `Ok`
-/// (saying what was found) when `to` is in place with `size` bytes and
-/// `from` is gone, `Err` with what was found otherwise.
-pub(crate) async fn rename_outcome(
-    dest: &dyn Destination,
-    from: &str,
-    to: &str,
-    size: u64,
-) -> Result<String, String> {
-    let (dir, to_name) = to.rsplit_once('/').unwrap_or(("", to));
-    let from_name = from.rsplit('/').next().unwrap_or(from);
-    let entries = dest.list(dir).await.map_err(|e| {
-        format!("the set directory could not be read to find out ({e}); no manifest was written, so what the run wrote is removed")
-    })?;
-    let stored = entries.iter().find(|e| e.name == to_name).map(|e| e.size);
-    let left = entries.iter().any(|e| e.name == from_name);
-    match (stored, left) {
-        (Some(s), false) if s == size => Ok(format!(
-            "looked: {to} is in place with its {size} bytes, so the rename was carried out"
-        )),
-        (Some(s), _) => Err(format!(
-            "looked: {to} holds {s} bytes, {size} expected{}; no manifest was written, so what the run wrote is removed",
-            if left { format!(", and {from} is still there") } else { String::new() }
-        )),
-        (None, _) => Err(format!(
-            "looked: {to} is not there, so the rename was not carried out; what the run wrote is removed"
-        )),
-    }
-}
-
 /// A data file being written: compressed first when configured, then as
 /// is or encrypted on the way.
 struct Sink {
@@ -1873,10 +1845,7 @@ impl Sink {
     }
 }
 
-/// The temporary name a file is written under.
-pub fn partial(path: &str) -> String {
-    format!("{path}{PARTIAL_SUFFIX}")
-}
+pub use crate::store::destination::partial;
 
 #[cfg(test)]
 mod tests {

@@ -433,6 +433,41 @@ pub enum DirSync {
     Unsupported(String),
 }
 
+/// The temporary name a file is written under.
+pub fn partial(path: &str) -> String {
+    format!("{path}{}", etcd_backup_proto::PARTIAL_SUFFIX)
+}
+
+/// Looks for a data file after its rename got no definite answer: `Ok`
+/// (saying what was found) when `to` is in place with `size` bytes and
+/// `from` is gone, `Err` with what was found otherwise.
+pub async fn rename_outcome(
+    dest: &dyn Destination,
+    from: &str,
+    to: &str,
+    size: u64,
+) -> Result<String, String> {
+    let (dir, to_name) = to.rsplit_once('/').unwrap_or(("", to));
+    let from_name = from.rsplit('/').next().unwrap_or(from);
+    let entries = dest.list(dir).await.map_err(|e| {
+        format!("the set directory could not be read to find out ({e}); no manifest was written, so what the run wrote is removed")
+    })?;
+    let stored = entries.iter().find(|e| e.name == to_name).map(|e| e.size);
+    let left = entries.iter().any(|e| e.name == from_name);
+    match (stored, left) {
+        (Some(s), false) if s == size => Ok(format!(
+            "looked: {to} is in place with its {size} bytes, so the rename was carried out"
+        )),
+        (Some(s), _) => Err(format!(
+            "looked: {to} holds {s} bytes, {size} expected{}; no manifest was written, so what the run wrote is removed",
+            if left { format!(", and {from} is still there") } else { String::new() }
+        )),
+        (None, _) => Err(format!(
+            "looked: {to} is not there, so the rename was not carried out; what the run wrote is removed"
+        )),
+    }
+}
+
 /// Opens the configured destination.
 ///
 /// # Errors

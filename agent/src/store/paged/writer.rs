@@ -170,7 +170,8 @@ pub struct PagedWriter<'a> {
 }
 
 /// Records `path` in `created` before `op`, dropped again on a refusal
-/// (the destination created nothing of ours); see `backup::Run::recorded`.
+/// (the destination created nothing of ours), as a backup run records
+/// the files it writes.
 async fn recorded<T>(
     created: &mut Vec<String>,
     path: String,
@@ -210,7 +211,7 @@ impl<'a> PagedWriter<'a> {
             same
         });
         let index_partial =
-            crate::backup::partial(&set.file(&set.timestamp.page_index_file_name()));
+            crate::store::destination::partial(&set.file(&set.timestamp.page_index_file_name()));
         let index_upload =
             recorded(created, index_partial.clone(), dest.create(&index_partial)).await?;
         let mapped = previous
@@ -466,7 +467,9 @@ impl<'a> PagedWriter<'a> {
             }
             Err(e) if e.is_refusal() => return Err(e.into()),
             Err(e) => {
-                let found = crate::backup::rename_outcome(self.dest, &from, &path, pack.size).await;
+                let found =
+                    crate::store::destination::rename_outcome(self.dest, &from, &path, pack.size)
+                        .await;
                 match found {
                     Ok(found) => {
                         tracing::warn!(error = %e, "a pack's rename got no answer; {found}")
