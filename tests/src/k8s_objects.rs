@@ -1218,8 +1218,14 @@ mod tests {
         let renewed = lease_renewal(&o.value, g.now + 10, 7).expect("a lease");
         let lease = fields(fields(&renewed[4..])[1].2);
         let spec = fields(lease[1].2);
-        assert_eq!(seconds(spec.iter().find(|f| f.0 == 4).unwrap().2), g.now + 10);
-        assert_eq!(spec[0].2, fields(fields(fields(&o.value[4..])[1].2)[1].2)[0].2);
+        assert_eq!(
+            seconds(spec.iter().find(|f| f.0 == 4).unwrap().2),
+            g.now + 10
+        );
+        assert_eq!(
+            spec[0].2,
+            fields(fields(fields(&o.value[4..])[1].2)[1].2)[0].2
+        );
         assert!(pod_status_update(b"not a value", 1, 1).is_none());
         assert!(lease_renewal(b"k8s\0\xff", 1, 1).is_none());
     }

@@ -39,9 +39,7 @@
 use std::time::Instant;
 
 use etcd_backup_tests::k8s_objects::{lease_renewal, pod_status_update, Generator, Kind, Rng};
-use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse,
-};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse};
 
 const USAGE: &str =
     "usage: etcd-churn ENDPOINT [--seconds-of-churn 300] [--seed N] [--no-scale] [--in-flight N]";
@@ -240,7 +238,10 @@ async fn churn(args: Args) -> Result<String, String> {
         .map_err(|e| format!("cannot connect to etcd at {}: {e}", args.endpoint))?;
     let mut kv = client.kv_client();
     let total = kv
-        .get(PREFIX, Some(GetOptions::new().with_prefix().with_count_only()))
+        .get(
+            PREFIX,
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
         .await
         .map_err(|e| format!("counting the keys under {PREFIX} failed: {e}"))?;
     let start_revision = revision(total.header());
@@ -327,12 +328,19 @@ async fn churn(args: Args) -> Result<String, String> {
                 .await
                 .map_err(|e| format!("reading {} failed: {e}", String::from_utf8_lossy(&key)))?;
             let current = got.kvs().first().ok_or_else(|| {
-                format!("{} vanished while this tool ran", String::from_utf8_lossy(&key))
+                format!(
+                    "{} vanished while this tool ran",
+                    String::from_utf8_lossy(&key)
+                )
             })?;
             let (mut value, mut m) = (current.value().to_vec(), current.mod_revision());
             for t in 0..times {
-                value = lease_renewal(&value, now + (t as u64) * LEASE_PERIOD_SECS, first_rv + t as u64)
-                    .ok_or_else(|| not_k8s(&key))?;
+                value = lease_renewal(
+                    &value,
+                    now + (t as u64) * LEASE_PERIOD_SECS,
+                    first_rv + t as u64,
+                )
+                .ok_or_else(|| not_k8s(&key))?;
                 m = guarded_put(&mut kv, key.clone(), m, value.clone()).await?;
             }
             Ok::<(), String>(())
@@ -366,11 +374,7 @@ async fn churn(args: Args) -> Result<String, String> {
 
     // Events expired: the oldest ones, a lease's worth per transaction.
     events.sort_by_key(|e| (e.create_revision, e.mod_revision));
-    let expired: Vec<Vec<u8>> = events
-        .into_iter()
-        .take(expire_n)
-        .map(|e| e.key)
-        .collect();
+    let expired: Vec<Vec<u8>> = events.into_iter().take(expire_n).map(|e| e.key).collect();
     let deletes = expired.len();
     for batch in expired.chunks(128) {
         let ops: Vec<TxnOp> = batch
