@@ -29,7 +29,9 @@
 //! `compact_rev_key` and compacts to the revision it recorded at its previous
 //! tick. The previous tick is the previous interval's end, which is this
 //! interval's start: the tool compacts to the revision current when it
-//! started.
+//! started. Unlike the API server it waits until etcd has applied the
+//! compaction (`physical`), so the backups that follow all see the
+//! interval's final database rather than one still being compacted.
 //!
 //! `--seed` (default: that start revision, so consecutive intervals differ)
 //! picks the pods, leases and new events. At the end it prints one line:
@@ -39,7 +41,9 @@
 use std::time::Instant;
 
 use etcd_backup_tests::k8s_objects::{lease_renewal, pod_status_update, Generator, Kind, Rng};
-use etcd_client::{Client, Compare, CompareOp, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{
+    Client, CompactionOptions, Compare, CompareOp, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse,
+};
 
 const USAGE: &str =
     "usage: etcd-churn ENDPOINT [--seconds-of-churn 300] [--seed N] [--no-scale] [--in-flight N]";
@@ -393,9 +397,12 @@ async fn churn(args: Args) -> Result<String, String> {
         .await
         .map_err(|e| format!("writing {COMPACT_REV_KEY} failed: {e}"))?;
     let now_revision = revision(tick.header());
-    kv.compact(start_revision, None)
-        .await
-        .map_err(|e| format!("compacting to revision {start_revision} failed: {e}"))?;
+    kv.compact(
+        start_revision,
+        Some(CompactionOptions::new().with_physical()),
+    )
+    .await
+    .map_err(|e| format!("compacting to revision {start_revision} failed: {e}"))?;
     let writes = pod_updates + renewals + create_n + 1;
     Ok(format!(
         "etcd-churn: {writes} writes ({pod_updates} pod status updates, {renewals} lease renewals of {} leases, {create_n} events created, 1 {COMPACT_REV_KEY}), {deletes} deletes (expired events), compacted to revision {start_revision} (revision now {now_revision}) in {:.1}s; {keys} keys, {:.0} s of churn{}",
