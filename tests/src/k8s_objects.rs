@@ -1,5 +1,7 @@
 //! Kubernetes-like objects the way the API server stores them in etcd, for
-//! measuring compression on realistic data (`etcd-fill --kind k8s`).
+//! measuring compression on realistic data (`etcd-fill --kind k8s`), and the
+//! updates a busy control plane makes to them (`etcd-churn`:
+//! [`pod_status_update`], [`lease_renewal`]).
 //!
 //! Each value is the API server's protobuf storage form: the magic `k8s\0`,
 //! then a `runtime.Unknown` (`typeMeta{apiVersion, kind}`, `raw` holding the
@@ -856,6 +858,187 @@ impl Generator {
     }
 }
 
+/// A protobuf field as read back: a varint or a length-delimited payload
+/// (the only wire types the objects here use).
+#[derive(Clone, Debug)]
+enum Field {
+    Varint(u64),
+    Bytes(Vec<u8>),
+}
+
+/// Reads a varint at the start of `b`: its value and the rest.
+fn read_varint(b: &[u8]) -> Option<(u64, &[u8])> {
+    let mut v = 0u64;
+    for (i, byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, &b[i + 1..]));
+        }
+    }
+    None
+}
+
+/// Every field of a message, in order; `None` when it does not parse.
+fn decode(mut b: &[u8]) -> Option<Vec<(u32, Field)>> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let (tag, rest) = read_varint(b)?;
+        let number = u32::try_from(tag >> 3).ok()?;
+        match tag & 7 {
+            0 => {
+                let (v, rest) = read_varint(rest)?;
+                out.push((number, Field::Varint(v)));
+                b = rest;
+            }
+            2 => {
+                let (len, rest) = read_varint(rest)?;
+                let len = usize::try_from(len).ok().filter(|l| *l <= rest.len())?;
+                out.push((number, Field::Bytes(rest[..len].to_vec())));
+                b = &rest[len..];
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+fn encode(fields: &[(u32, Field)]) -> Vec<u8> {
+    let mut pb = Pb::default();
+    for (n, f) in fields {
+        match f {
+            Field::Varint(v) => pb.int(*n, *v),
+            Field::Bytes(b) => pb.bytes(*n, b),
+        };
+    }
+    pb.0
+}
+
+/// Rewrites the payload of every length-delimited field `n` with `f`
+/// (which may give it back unchanged); `None` when `f` fails on one.
+fn rewrite(
+    fields: &mut [(u32, Field)],
+    n: u32,
+    mut f: impl FnMut(&[u8]) -> Option<Vec<u8>>,
+) -> Option<()> {
+    for (number, field) in fields.iter_mut() {
+        if let (true, Field::Bytes(b)) = (*number == n, field) {
+            *b = f(b)?;
+        }
+    }
+    Some(())
+}
+
+/// Sets field `n` (the first of that number, or a new one at the end).
+fn set(fields: &mut Vec<(u32, Field)>, n: u32, value: Field) {
+    match fields.iter_mut().find(|(number, _)| *number == n) {
+        Some((_, f)) => *f = value,
+        None => fields.push((n, value)),
+    }
+}
+
+/// A `metav1.Time` message at `seconds`.
+fn time_message(seconds: u64) -> Vec<u8> {
+    let mut t = Pb::default();
+    t.int(1, seconds).int(2, 0);
+    t.0
+}
+
+fn string_field(fields: &[(u32, Field)], n: u32) -> Option<&[u8]> {
+    fields.iter().find_map(|(number, f)| match f {
+        Field::Bytes(b) if *number == n => Some(b.as_slice()),
+        _ => None,
+    })
+}
+
+/// Applies `f` to the object inside a stored value (`k8s\0` +
+/// `runtime.Unknown`, the object in its `raw` field) and to its ObjectMeta:
+/// a new `resourceVersion`, and the time of the managedFields entry of
+/// `manager` set to `now`.
+fn update_object(
+    value: &[u8],
+    manager: &str,
+    now: u64,
+    resource_version: u64,
+    mut f: impl FnMut(&mut Vec<(u32, Field)>) -> Option<()>,
+) -> Option<Vec<u8>> {
+    let mut unknown = decode(value.strip_prefix(MAGIC)?)?;
+    rewrite(&mut unknown, 2, |raw| {
+        let mut object = decode(raw)?;
+        rewrite(&mut object, 1, |meta| {
+            let mut meta = decode(meta)?;
+            set(
+                &mut meta,
+                6,
+                Field::Bytes(resource_version.to_string().into_bytes()),
+            );
+            rewrite(&mut meta, 17, |entry| {
+                let mut entry = decode(entry)?;
+                if string_field(&entry, 1) == Some(manager.as_bytes()) {
+                    set(&mut entry, 4, Field::Bytes(time_message(now)));
+                }
+                Some(encode(&entry))
+            })?;
+            Some(encode(&meta))
+        })?;
+        f(&mut object)?;
+        Some(encode(&object))
+    })?;
+    let mut value = MAGIC.to_vec();
+    value.extend_from_slice(&encode(&unknown));
+    Some(value)
+}
+
+/// A pod as the kubelet's status update at `now` leaves it (a container
+/// restarted, readiness flipped): `resourceVersion`, the kubelet's
+/// managedFields time, the `Ready` and `ContainersReady` conditions'
+/// transition time, and each container's restart count and start time.
+/// `None` when `value` is not a pod this module wrote.
+pub fn pod_status_update(value: &[u8], now: u64, resource_version: u64) -> Option<Vec<u8>> {
+    update_object(value, "kubelet", now, resource_version, |pod| {
+        rewrite(pod, 3, |status| {
+            let mut status = decode(status)?;
+            rewrite(&mut status, 2, |condition| {
+                let mut c = decode(condition)?;
+                if matches!(
+                    string_field(&c, 1),
+                    Some(b"Ready") | Some(b"ContainersReady")
+                ) {
+                    set(&mut c, 4, Field::Bytes(time_message(now)));
+                }
+                Some(encode(&c))
+            })?;
+            rewrite(&mut status, 8, |container| {
+                let mut cs = decode(container)?;
+                let mut running = Pb::default();
+                running.msg(2, |r| {
+                    r.bytes(1, &time_message(now));
+                });
+                set(&mut cs, 2, Field::Bytes(running.0));
+                let restarts = cs.iter().find_map(|(n, f)| match f {
+                    Field::Varint(v) if *n == 5 => Some(*v),
+                    _ => None,
+                });
+                set(&mut cs, 5, Field::Varint(restarts.unwrap_or(0) + 1));
+                Some(encode(&cs))
+            })?;
+            Some(encode(&status))
+        })
+    })
+}
+
+/// A lease as its holder's renewal at `now` leaves it: `resourceVersion`,
+/// the managedFields time and `spec.renewTime`. `None` when `value` is not
+/// a lease this module wrote.
+pub fn lease_renewal(value: &[u8], now: u64, resource_version: u64) -> Option<Vec<u8>> {
+    update_object(value, "kubelet", now, resource_version, |lease| {
+        rewrite(lease, 2, |spec| {
+            let mut spec = decode(spec)?;
+            set(&mut spec, 4, Field::Bytes(time_message(now)));
+            Some(encode(&spec))
+        })
+    })
+}
+
 /// managedFields `fieldsV1` for a pod's spec, the way the API server writes
 /// it: one `f:` key per field set, `k:{"name":…}` per list item.
 fn pod_spec_fields(containers: &[String], envs: &[&str], volume: &str) -> String {
@@ -986,6 +1169,65 @@ mod tests {
         assert!(parsed["f:spec"]["f:containers"].is_object());
         // spec and status follow the metadata.
         assert_eq!(pod.iter().map(|f| f.0).collect::<Vec<_>>(), [1, 2, 3]);
+    }
+
+    /// The (seconds) of a `metav1.Time` payload.
+    fn seconds(time: &[u8]) -> u64 {
+        let f = fields(time);
+        let (v, _) = varint(&time[1..]);
+        assert_eq!(f[0].0, 1);
+        v
+    }
+
+    #[test]
+    fn a_pod_status_update_changes_status_times_and_resource_version_only() {
+        let mut g = Generator::new(9);
+        let o = g.object(Kind::Pod);
+        let now = g.now + 12_345;
+        let updated = pod_status_update(&o.value, now, 424_242).expect("a pod");
+        assert_ne!(updated, o.value);
+        let (before, after) = (fields(&o.value[4..]), fields(&updated[4..]));
+        let (pod_before, pod) = (fields(before[1].2), fields(after[1].2));
+        assert_eq!(pod.iter().map(|f| f.0).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(pod_before[1].2, pod[1].2, "spec unchanged");
+        let meta = fields(pod[0].2);
+        let meta_before = fields(pod_before[0].2);
+        assert_eq!(meta[0].2, meta_before[0].2, "same name");
+        assert_eq!(meta[2].2, meta_before[2].2, "same namespace");
+        let rv = meta.iter().find(|f| f.0 == 6).unwrap();
+        assert_eq!(rv.2, b"424242");
+        let status = fields(pod[2].2);
+        let mut ready = 0;
+        for c in status.iter().filter(|f| f.0 == 2) {
+            let c = fields(c.2);
+            if c[0].2 == b"Ready" || c[0].2 == b"ContainersReady" {
+                assert_eq!(seconds(c.iter().find(|f| f.0 == 4).unwrap().2), now);
+                ready += 1;
+            }
+        }
+        assert_eq!(ready, 2);
+        assert!(status.iter().any(|f| f.0 == 8), "container statuses");
+        // Still a valid value for the whole envelope check.
+        assert!(updated.len().abs_diff(o.value.len()) < 64);
+    }
+
+    #[test]
+    fn a_lease_renewal_moves_renew_time() {
+        let mut g = Generator::new(4);
+        let o = g.object(Kind::Lease);
+        let renewed = lease_renewal(&o.value, g.now + 10, 7).expect("a lease");
+        let lease = fields(fields(&renewed[4..])[1].2);
+        let spec = fields(lease[1].2);
+        assert_eq!(
+            seconds(spec.iter().find(|f| f.0 == 4).unwrap().2),
+            g.now + 10
+        );
+        assert_eq!(
+            spec[0].2,
+            fields(fields(fields(&o.value[4..])[1].2)[1].2)[0].2
+        );
+        assert!(pod_status_update(b"not a value", 1, 1).is_none());
+        assert!(lease_renewal(b"k8s\0\xff", 1, 1).is_none());
     }
 
     #[test]

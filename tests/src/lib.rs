@@ -13,7 +13,8 @@
 //! - [`fake_etcd`]: a gRPC Maintenance server that serves a tampered snapshot.
 //! - [`fixtures`]: `/etc/kubernetes` trees in the OpenShift and kubeadm shapes.
 //! - [`k8s_objects`]: Kubernetes-like objects in the API server's protobuf
-//!   storage form, for the compression benchmark.
+//!   storage form, for the compression benchmark, and the updates
+//!   `etcd-churn` makes to them for the incremental one.
 //! - [`relay`]: a TCP relay with a rate cap and a one-way delay per direction.
 //! - [`http_relay`]: an HTTP relay that forwards a chosen request and loses
 //!   the server's answer to it.
