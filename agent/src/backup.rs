@@ -1032,17 +1032,7 @@ impl<'a> Run<'a> {
         path: String,
         op: impl std::future::Future<Output = Result<T, DestinationError>>,
     ) -> Result<T, DestinationError> {
-        self.targets[i].created.push(path.clone());
-        let result = op.await;
-        if let Err(e) = &result {
-            if e.is_refusal() {
-                let created = &mut self.targets[i].created;
-                if let Some(at) = created.iter().rposition(|p| *p == path) {
-                    created.remove(at);
-                }
-            }
-        }
-        result
+        crate::store::destination::recorded(&mut self.targets[i].created, path, op).await
     }
 
     /// Creates `path` at every destination still going; those that refuse

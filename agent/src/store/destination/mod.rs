@@ -468,6 +468,28 @@ pub async fn rename_outcome(
     }
 }
 
+/// Records `path` in `created` before `op` that may create it, so a run
+/// cut off while the destination carries it out still removes it; the
+/// record is dropped again only on a refusal (the destination answered,
+/// and created nothing of ours). Any other error (a timeout, a dropped
+/// connection) may come after the file was created: the record stays.
+pub async fn recorded<T>(
+    created: &mut Vec<String>,
+    path: String,
+    op: impl std::future::Future<Output = Result<T, DestinationError>>,
+) -> Result<T, DestinationError> {
+    created.push(path.clone());
+    let result = op.await;
+    if let Err(e) = &result {
+        if e.is_refusal() {
+            if let Some(at) = created.iter().rposition(|p| *p == path) {
+                created.remove(at);
+            }
+        }
+    }
+    result
+}
+
 /// Opens the configured destination.
 ///
 /// # Errors

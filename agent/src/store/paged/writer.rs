@@ -13,7 +13,7 @@ use super::{
     PagedError, Record, PACK_TARGET, SEGMENT_PAGES,
 };
 use crate::store::catalog::CatalogSet;
-use crate::store::destination::{Destination, DestinationError, Upload};
+use crate::store::destination::{recorded, Destination, DestinationError, Upload};
 
 /// Most index records held back while the segment they wait for fills.
 const MAX_PENDING: usize = 1 << 16;
@@ -167,26 +167,6 @@ pub struct PagedWriter<'a> {
     pages: u64,
     new_pages: u64,
     added_bytes: u64,
-}
-
-/// Records `path` in `created` before `op`, dropped again on a refusal
-/// (the destination created nothing of ours), as a backup run records
-/// the files it writes.
-async fn recorded<T>(
-    created: &mut Vec<String>,
-    path: String,
-    op: impl std::future::Future<Output = Result<T, DestinationError>>,
-) -> Result<T, DestinationError> {
-    created.push(path.clone());
-    let result = op.await;
-    if let Err(e) = &result {
-        if e.is_refusal() {
-            if let Some(at) = created.iter().rposition(|p| *p == path) {
-                created.remove(at);
-            }
-        }
-    }
-    result
 }
 
 impl<'a> PagedWriter<'a> {
