@@ -99,6 +99,31 @@ pub struct Location {
     pub slot: u16,
 }
 
+impl Location {
+    /// Why this location is not one of `packs` (a manifest's list), if it
+    /// is not: a pack number beyond the list, an empty segment or one past
+    /// the pack's end, or a slot no segment holds.
+    pub fn fault(&self, packs: &[etcd_backup_proto::PackRef]) -> Option<String> {
+        let end = self.offset.saturating_add(u64::from(self.len));
+        match packs.get(self.pack as usize) {
+            None => Some(format!(
+                "names pack #{}, but the manifest lists {} packs",
+                self.pack,
+                packs.len()
+            )),
+            Some(p) if self.len == 0 || end > p.size => Some(format!(
+                "names bytes {}..{end} of pack {}, which holds {}",
+                self.offset, p.name, p.size
+            )),
+            Some(_) if self.slot as usize >= SEGMENT_PAGES => Some(format!(
+                "names page {} of a segment, which holds at most {SEGMENT_PAGES}",
+                self.slot
+            )),
+            Some(_) => None,
+        }
+    }
+}
+
 /// One index record: a page's id and where it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record {
@@ -566,27 +591,7 @@ pub async fn check_index_locations(
     let mut n = 0u64;
     while let Some(r) = records.next().await? {
         let at = r.at;
-        let fault = match pages.packs.get(at.pack as usize) {
-            None => Some(format!(
-                "names pack #{}, but the manifest lists {} packs",
-                at.pack,
-                pages.packs.len()
-            )),
-            Some(p) if at.len == 0 || at.offset.saturating_add(u64::from(at.len)) > p.size => {
-                Some(format!(
-                    "names bytes {}..{} of pack {}, which holds {}",
-                    at.offset,
-                    at.offset.saturating_add(u64::from(at.len)),
-                    p.name,
-                    p.size
-                ))
-            }
-            Some(_) if at.slot as usize >= SEGMENT_PAGES => Some(format!(
-                "names page {} of a segment, which holds at most {SEGMENT_PAGES}",
-                at.slot
-            )),
-            Some(_) => None,
-        };
+        let fault = at.fault(&pages.packs);
         if let Some(fault) = fault {
             return Err(PagedError::Damaged {
                 what: format!("page index {what}: the record of page {n} {fault}"),

@@ -83,11 +83,7 @@ pub async fn open_snapshot<'a>(
     })?;
     let ctx = Arc::new(Ctx {
         packs_dir: packs_dir(&set.cluster, &set.node),
-        packs: pages
-            .packs
-            .iter()
-            .map(|p| (p.name.clone(), p.size))
-            .collect(),
+        packs: pages.packs.clone(),
         page_size: pages.page_size as usize,
         compressed,
         encrypted,
@@ -207,7 +203,7 @@ fn to_io(message: String) -> std::io::Error {
 /// What reading segments needs.
 struct Ctx {
     packs_dir: String,
-    packs: Vec<(String, u64)>,
+    packs: Vec<etcd_backup_proto::PackRef>,
     page_size: usize,
     compressed: bool,
     encrypted: bool,
@@ -217,7 +213,7 @@ impl Ctx {
     fn pack_name(&self, n: u32) -> String {
         self.packs
             .get(n as usize)
-            .map_or_else(|| format!("#{n} (not in the manifest)"), |p| p.0.clone())
+            .map_or_else(|| format!("#{n} (not in the manifest)"), |p| p.name.clone())
     }
 }
 
@@ -229,20 +225,10 @@ async fn read_segment(
     identities: Option<&Identities>,
 ) -> Result<Bytes, Arc<String>> {
     let fail = |m: String| Arc::new(m);
-    let Some((name, size)) = ctx.packs.get(at.pack as usize) else {
-        return Err(fail(format!(
-            "the page index names pack #{}, but the manifest lists {} packs",
-            at.pack,
-            ctx.packs.len()
-        )));
-    };
-    if at.offset.saturating_add(u64::from(at.len)) > *size {
-        return Err(fail(format!(
-            "the page index names bytes {}..{} of pack {name}, which holds {size}",
-            at.offset,
-            at.offset.saturating_add(u64::from(at.len))
-        )));
+    if let Some(fault) = at.fault(&ctx.packs) {
+        return Err(fail(format!("the page index {fault}")));
     }
+    let name = &ctx.packs[at.pack as usize].name;
     let path = format!("{}/{name}", ctx.packs_dir);
     let mut stored = Vec::with_capacity(at.len as usize);
     let read = async {

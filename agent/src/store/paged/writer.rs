@@ -228,12 +228,7 @@ impl<'a> PagedWriter<'a> {
         let prev = self.previous.as_mut()?;
         match prev.records.next().await {
             Ok(Some(r)) => {
-                let usable = prev
-                    .packs
-                    .get(r.at.pack as usize)
-                    .is_some_and(|p| r.at.offset.saturating_add(u64::from(r.at.len)) <= p.size)
-                    && (r.at.slot as usize) < SEGMENT_PAGES;
-                if usable {
+                if r.at.fault(&prev.packs).is_none() {
                     Some(r)
                 } else {
                     tracing::warn!(set = %prev.set, "the previous set's page index names a pack range its manifest does not have; the rest of the pages are stored anew");
