@@ -182,7 +182,9 @@ ensure_garage() {
     ensure_tools make:make file:file
     mkdir -p "$dir"
     echo "==> building Garage $GARAGE_VERSION into $dir (about 5 minutes, once)" >&2
-    cargo install --locked garage --version "$GARAGE_VERSION" --root "$dir" || {
+    # Without CARGO_TARGET_DIR, cargo install builds in a temporary directory
+    # and removes it: the build (GiBs) does not stay in the project's target.
+    env -u CARGO_TARGET_DIR cargo install --locked garage --version "$GARAGE_VERSION" --root "$dir" || {
       echo "error: cargo install of Garage $GARAGE_VERSION into $dir failed" >&2
       return 1
     }
@@ -309,7 +311,8 @@ ensure_cargo_deny() {
     command -v cargo >/dev/null || { echo "error: cargo not found; it builds cargo-deny $CARGO_DENY_VERSION" >&2; return 1; }
     mkdir -p "$dir"
     echo "==> building cargo-deny $CARGO_DENY_VERSION into $dir (a few minutes, once)" >&2
-    cargo install --locked cargo-deny --version "$CARGO_DENY_VERSION" --root "$dir" || {
+    # A temporary build directory, as for Garage above.
+    env -u CARGO_TARGET_DIR cargo install --locked cargo-deny --version "$CARGO_DENY_VERSION" --root "$dir" || {
       echo "error: cargo install of cargo-deny $CARGO_DENY_VERSION into $dir failed" >&2
       return 1
     }
