@@ -595,6 +595,61 @@ pub async fn scan_cached(
     Ok(catalog)
 }
 
+/// The newest complete set of `cluster`/`node` for which `wanted` holds,
+/// looking at the node's set directories newest first, [`SCAN_AT_ONCE`] at
+/// a time, and no further than the first batch that holds one: a run
+/// that needs only its newest set (a paged run's previous set) does not
+/// read every manifest of a long retention, round trip after round trip.
+/// A set that is not complete is passed over, as [`scan`] does.
+///
+/// # Errors
+/// The node's directory, or one of the set directories looked at, cannot
+/// be read.
+pub async fn find_newest(
+    dest: &dyn Destination,
+    cluster: &str,
+    node: &str,
+    wanted: impl Fn(&CatalogSet) -> bool,
+) -> Result<Option<CatalogSet>, CatalogError> {
+    let node_dir = format!("{cluster}/{node}");
+    let mut entries: Vec<(SetTimestamp, DirEntry)> = dest
+        .list(&node_dir)
+        .await?
+        .into_iter()
+        .filter(|e| e.is_dir)
+        .filter_map(|e| Some((e.name.parse().ok()?, e)))
+        .collect();
+    entries.sort_by(|a, b| b.0.cmp(&a.0));
+    let none = std::collections::HashMap::new();
+    for batch in entries.chunks(SCAN_AT_ONCE) {
+        let looked = futures_util::future::join_all(
+            batch
+                .iter()
+                .map(|(_, e)| look_at(dest, cluster, node, &node_dir, e.clone(), &none)),
+        )
+        .await;
+        let mut catalog = Catalog::default();
+        for l in looked {
+            if let Looked::Set {
+                found,
+                id,
+                ts,
+                listing,
+                bytes,
+            } = l?
+            {
+                let read = read_manifest(&bytes, &id, &listing);
+                record(&mut catalog, found, id, ts, &listing, read);
+            }
+        }
+        catalog.sets.sort_by(|a, b| b.id.timestamp.cmp(&a.id.timestamp));
+        if let Some(set) = catalog.sets.into_iter().find(|s| wanted(s)) {
+            return Ok(Some(set));
+        }
+    }
+    Ok(None)
+}
+
 /// Set directories of one node looked at concurrently by [`scan_cached`].
 const SCAN_AT_ONCE: usize = 8;
 
@@ -651,7 +706,22 @@ async fn look_at(
         found.why = "the directory name is not a set timestamp (YYYY-MM-DD_HHMMSS), so this agent did not make it".into();
         return Ok(Looked::Leftover(found));
     };
-    let listing = dest.list(&dir).await?;
+    let id = SetId {
+        cluster: cluster.to_string(),
+        node: node.to_string(),
+        timestamp: ts,
+    };
+    // The manifest is read while the directory is listed (on a distant
+    // store, one wait instead of two); what was read counts only if the
+    // listing holds the manifest.
+    let read = async {
+        match cached.get(&dir) {
+            Some(b) => Ok(b.clone()),
+            None => read_small(dest, &id.file(MANIFEST_FILE_NAME), MAX_MANIFEST).await,
+        }
+    };
+    let (listing, bytes) = tokio::join!(dest.list(&dir), read);
+    let listing = listing?;
     found.files = listing.iter().map(|e| e.name.clone()).collect();
     found.modified = listing
         .iter()
@@ -659,11 +729,6 @@ async fn look_at(
         .max()
         .map(DateTime::<Utc>::from)
         .or(found.modified);
-    let id = SetId {
-        cluster: cluster.to_string(),
-        node: node.to_string(),
-        timestamp: ts,
-    };
     let odd = names(listing.iter().filter(|e| !e.is_file));
     if !odd.is_empty() {
         found.why = format!(
@@ -689,10 +754,7 @@ async fn look_at(
         }
         return Ok(Looked::Leftover(found));
     }
-    let bytes = match cached.get(&dir) {
-        Some(b) => b.clone(),
-        None => read_small(dest, &id.file(MANIFEST_FILE_NAME), MAX_MANIFEST).await?,
-    };
+    let bytes = bytes?;
     Ok(Looked::Set {
         found,
         id,

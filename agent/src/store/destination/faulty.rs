@@ -239,6 +239,10 @@ impl Destination for Faulty {
         self.blind("cannot open", path)?;
         self.inner.open(path).await
     }
+    fn ranges_in_flight(&self) -> usize {
+        self.inner.ranges_in_flight()
+    }
+
     async fn open_range(
         &self,
         path: &str,

@@ -21,9 +21,9 @@ use super::{
 use crate::encryption::Identities;
 use crate::store::destination::{Destination, DestinationError};
 
-/// Segments read at once: enough to keep a distant store busy, few enough
-/// that what they hold (a segment's stored and decoded bytes each) stays
-/// within the agent's memory budget.
+/// Segments read at once at most, whatever the destination asks for
+/// ([`Destination::ranges_in_flight`]): what they hold (a segment's stored
+/// and decoded bytes each) stays within the agent's memory budget.
 pub const READS_IN_FLIGHT: usize = 8;
 
 /// Decoded segments kept for pages that come back to them.
@@ -186,7 +186,7 @@ pub async fn open_snapshot<'a>(
             }
             .boxed()
         })
-        .buffered(READS_IN_FLIGHT)
+        .buffered(dest.ranges_in_flight().clamp(1, READS_IN_FLIGHT))
         .chain(stream::once(async move { Ok(Bytes::from(tail)) }))
         .boxed();
     Ok(Box::new(tokio_util::io::StreamReader::new(pages_out)))
