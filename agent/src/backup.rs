@@ -845,8 +845,7 @@ impl<'a> Run<'a> {
                 let (cluster, node, coding, ids) = (&cluster, &node, &coding, &ids);
                 async move {
                     let found =
-                        crate::store::paged::writer::previous(*d, cluster, node, coding, ids)
-                            .await;
+                        crate::store::paged::writer::previous(*d, cluster, node, coding, ids).await;
                     (*i, found)
                 }
             }))
@@ -998,15 +997,13 @@ impl<'a> Run<'a> {
             }
             // The set directory and the packs directory are synced together.
             let sync_packs = packs.filter(|_| self.targets[i].durability == Durability::Synced);
-            let (set_synced, packs_synced) = tokio::join!(
-                self.sync_set_dir(i, dest, false),
-                async {
+            let (set_synced, packs_synced) =
+                tokio::join!(self.sync_set_dir(i, dest, false), async {
                     match &sync_packs {
                         Some(packs) => Some(dest.sync_dir(packs).await),
                         None => None,
                     }
-                }
-            );
+                });
             if let Err(e) = set_synced {
                 self.fail(i, Stage::Upload, e);
                 continue;

@@ -642,7 +642,9 @@ pub async fn find_newest(
                 record(&mut catalog, found, id, ts, &listing, read);
             }
         }
-        catalog.sets.sort_by(|a, b| b.id.timestamp.cmp(&a.id.timestamp));
+        catalog
+            .sets
+            .sort_by(|a, b| b.id.timestamp.cmp(&a.id.timestamp));
         if let Some(set) = catalog.sets.into_iter().find(|s| wanted(s)) {
             return Ok(Some(set));
         }
@@ -889,6 +891,48 @@ mod tests {
                 .contains("holds 1 bytes, the manifest says 2"),
             "{cat:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn find_newest_looks_newest_first_across_batches_and_passes_over_what_is_not_complete() {
+        let tmp = tempfile::tempdir().unwrap();
+        // More sets than one batch looks at (8), the oldest first.
+        let stamps: Vec<String> = (1..=10).map(|d| format!("2026-01-{d:02}_000000")).collect();
+        for ts in &stamps {
+            test_sets::write_set(tmp.path(), ts);
+        }
+        // Newer than all: a run's partial files, and a set that lost a file.
+        let partial = tmp.path().join("c/n/2026-02-01_000000");
+        std::fs::create_dir_all(&partial).unwrap();
+        std::fs::write(partial.join("manifest.json.partial"), b"{}").unwrap();
+        test_sets::write_set(tmp.path(), "2026-02-02_000000");
+        std::fs::remove_file(
+            tmp.path()
+                .join("c/n/2026-02-02_000000/snapshot_2026-02-02_000000.db"),
+        )
+        .unwrap();
+        let dest = LocalDir::open(tmp.path()).await.unwrap();
+
+        let newest = find_newest(&dest, "c", "n", |_| true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(newest.id.timestamp.to_string(), stamps[9]);
+        // Wanted only in the oldest set, in the second batch.
+        let oldest = find_newest(&dest, "c", "n", |s| s.id.timestamp.to_string() == stamps[0])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(oldest.id.timestamp.to_string(), stamps[0]);
+        assert!(find_newest(&dest, "c", "n", |_| false)
+            .await
+            .unwrap()
+            .is_none());
+        // A node with no directory has no sets.
+        assert!(find_newest(&dest, "c", "other", |_| true)
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]

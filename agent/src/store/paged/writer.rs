@@ -111,10 +111,10 @@ pub async fn previous(
         Ok(file) => {
             tracing::debug!(destination = %dest.describe(), set = %set.id, elapsed_ms = started.elapsed().as_millis() as u64, "previous paged set found, its page index read");
             Some(Previous {
-            set: set.id.timestamp,
-            page_size: pages.page_size,
-            records: IndexRecords::start(file, pages.page_size, pages.pages, path),
-            packs: pages.packs.clone(),
+                set: set.id.timestamp,
+                page_size: pages.page_size,
+                records: IndexRecords::start(file, pages.page_size, pages.pages, path),
+                packs: pages.packs.clone(),
             })
         }
         Err(e) => {
