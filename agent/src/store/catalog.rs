@@ -619,7 +619,7 @@ pub async fn find_newest(
         .filter(|e| e.is_dir)
         .filter_map(|e| Some((e.name.parse().ok()?, e)))
         .collect();
-    entries.sort_by(|a, b| b.0.cmp(&a.0));
+    entries.sort_by_key(|e| std::cmp::Reverse(e.0));
     let none = std::collections::HashMap::new();
     for batch in entries.chunks(SCAN_AT_ONCE) {
         let looked = futures_util::future::join_all(
@@ -644,7 +644,7 @@ pub async fn find_newest(
         }
         catalog
             .sets
-            .sort_by(|a, b| b.id.timestamp.cmp(&a.id.timestamp));
+            .sort_by_key(|s| std::cmp::Reverse(s.id.timestamp));
         if let Some(set) = catalog.sets.into_iter().find(|s| wanted(s)) {
             return Ok(Some(set));
         }
