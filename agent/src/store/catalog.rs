@@ -596,7 +596,7 @@ pub async fn scan_cached(
 }
 
 /// The newest complete set of `cluster`/`node` for which `wanted` holds,
-/// looking at the node's set directories newest first, [`SCAN_AT_ONCE`] at
+/// looking at the node's set directories newest first, a few (8) at
 /// a time, and no further than the first batch that holds one: a run
 /// that needs only its newest set (a paged run's previous set) does not
 /// read every manifest of a long retention, round trip after round trip.
