@@ -367,9 +367,15 @@ pub async fn run_with_retries(config: &Config, cancel: &CancellationToken) -> Ou
                         else {
                             continue;
                         };
+                        let t = Instant::now();
                         if let Err(e) = crate::store::prune::after_backup(config, dest).await {
                             retention_errors.push((d.name.clone(), e));
                         }
+                        tracing::debug!(
+                            destination = %d.name,
+                            elapsed_ms = t.elapsed().as_millis() as u64,
+                            "retention applied"
+                        );
                     }
                 }
                 return Outcome {
@@ -782,6 +788,13 @@ impl<'a> Run<'a> {
         // Each destination on its own: one that fails here is left out.
         // Meanwhile the destinations get ready for the snapshot (SFTP logs
         // its striped sessions in), so that overlaps these steps.
+        let coding = std::sync::Arc::new(Coding {
+            compression: self.config.compression,
+            encryption: self.config.encryption.clone(),
+        });
+        let ids = std::sync::Arc::new(PageIdScheme::for_config(self.config.encryption.as_ref()));
+        let (cluster, node) = (self.set.cluster.clone(), self.set.node.clone());
+        let paged = self.config.snapshot_format == crate::config::SnapshotFormat::Paged;
         let live = self.live();
         let warm_up = futures_util::future::join_all(live.iter().map(|(_, d)| d.warm_up()));
         let checks = async {
@@ -821,7 +834,35 @@ impl<'a> Run<'a> {
                 }
             }
         };
-        tokio::join!(warm_up, checks);
+        // A paged run's previous set at each destination (its manifest and
+        // page index: round trips a distant store would otherwise add to
+        // the run) is looked up meanwhile too.
+        let previous = async {
+            if !paged {
+                return Vec::new();
+            }
+            futures_util::future::join_all(live.iter().map(|(i, d)| {
+                let (cluster, node, coding, ids) = (&cluster, &node, &coding, &ids);
+                async move {
+                    let found =
+                        crate::store::paged::writer::previous(*d, cluster, node, coding, ids).await;
+                    (*i, found)
+                }
+            }))
+            .await
+        };
+        let ready = Instant::now();
+        let ((), (), previous) = tokio::join!(
+            async {
+                warm_up.await;
+            },
+            checks,
+            previous
+        );
+        tracing::debug!(
+            elapsed_ms = ready.elapsed().as_millis() as u64,
+            "destinations ready (sessions, checks, previous sets)"
+        );
         self.any_left()?;
 
         let t = Instant::now();
@@ -843,7 +884,10 @@ impl<'a> Run<'a> {
         self.stage = Stage::Snapshot;
         let snapshot = match self.config.snapshot_format {
             crate::config::SnapshotFormat::Full => self.snapshot(source, ts).await?,
-            crate::config::SnapshotFormat::Paged => self.snapshot_paged(source, ts).await?,
+            crate::config::SnapshotFormat::Paged => {
+                self.snapshot_paged(source, ts, coding, ids, previous)
+                    .await?
+            }
         };
         // The keys a restore must serve: counted on the member at the
         // snapshot's exact revision (read from the snapshot itself).
@@ -883,10 +927,22 @@ impl<'a> Run<'a> {
                 .collect();
             let created = &mut self.targets[i].created;
             created.extend(renames.iter().map(|(_, to, _)| to.clone()));
-            let results = futures_util::future::join_all(
-                renames.iter().map(|(from, to, _)| dest.rename(from, to)),
-            )
-            .await;
+            // A paged set's packs directory is listed meanwhile (below).
+            let packs = self.targets[i]
+                .paged
+                .as_ref()
+                .map(|_| crate::store::paged::packs_dir(&self.set.cluster, &self.set.node));
+            let (results, packs_listing) = tokio::join!(
+                futures_util::future::join_all(
+                    renames.iter().map(|(from, to, _)| dest.rename(from, to)),
+                ),
+                async {
+                    match &packs {
+                        Some(packs) => Some(dest.list(packs).await),
+                        None => None,
+                    }
+                }
+            );
             let mut refused: Option<Cause> = None;
             for ((from, to, size), result) in renames.iter().zip(results) {
                 match result {
@@ -909,16 +965,13 @@ impl<'a> Run<'a> {
                 self.fail(i, Stage::Upload, e);
                 continue;
             }
-            if let Err(e) = self.sync_set_dir(i, dest, false).await {
-                self.fail(i, Stage::Upload, e);
-                continue;
-            }
             // Every pack a paged set names is there, at its size, before
             // its manifest says so (a prune or another run on this node
             // may have removed an older one meanwhile); and durable.
-            if let Some(paged) = &self.targets[i].paged {
-                let packs = crate::store::paged::packs_dir(&self.set.cluster, &self.set.node);
-                let missing = match dest.list(&packs).await {
+            if let (Some(paged), Some(packs), Some(listing)) =
+                (&self.targets[i].paged, &packs, packs_listing)
+            {
+                let missing = match listing {
                     Ok(listing) => paged.pages.packs.iter().find_map(|p| {
                         match listing.iter().find(|e| e.name == p.name) {
                             Some(e) if e.size == p.size => None,
@@ -942,20 +995,38 @@ impl<'a> Run<'a> {
                     continue;
                 }
             }
-            if self.targets[i].paged.is_some() && self.targets[i].durability == Durability::Synced {
-                let packs = crate::store::paged::packs_dir(&self.set.cluster, &self.set.node);
-                match dest.sync_dir(&packs).await {
-                    Ok(DirSync::Synced) => {}
-                    Ok(DirSync::Unsupported(answer)) => {
+            // The set directory and the packs directory are synced together.
+            let sync_packs = packs.filter(|_| self.targets[i].durability == Durability::Synced);
+            let (set_synced, packs_synced) =
+                tokio::join!(self.sync_set_dir(i, dest, false), async {
+                    match &sync_packs {
+                        Some(packs) => Some(dest.sync_dir(packs).await),
+                        None => None,
+                    }
+                });
+            if let Err(e) = set_synced {
+                self.fail(i, Stage::Upload, e);
+                continue;
+            }
+            // A set directory that cannot be synced made the set not
+            // durable already; its packs directory is then not asked about.
+            if self.targets[i].durability == Durability::Synced {
+                match packs_synced {
+                    None | Some(Ok(DirSync::Synced)) => {}
+                    Some(Ok(DirSync::Unsupported(answer))) => {
                         tracing::warn!(destination = %dest.describe(), answer = %answer, "the destination cannot sync the packs directory; the manifest records the set as not durable");
                         self.targets[i].durability = Durability::FilesOnly;
                     }
-                    Err(e) => self.fail(i, Stage::Upload, e),
+                    Some(Err(e)) => self.fail(i, Stage::Upload, e),
                 }
             }
         }
         self.any_left()?;
         self.add_time(Stage::Upload, t.elapsed());
+        tracing::debug!(
+            elapsed_ms = t.elapsed().as_millis() as u64,
+            "the set's files are in place (renamed and synced)"
+        );
 
         let mut manifest = self.manifest(&member, files);
         manifest.etcd.live_keys = live_keys;
@@ -1148,21 +1219,11 @@ impl<'a> Run<'a> {
         &mut self,
         source: &mut dyn SnapshotSource,
         ts: SetTimestamp,
+        coding: std::sync::Arc<Coding>,
+        ids: std::sync::Arc<PageIdScheme>,
+        mut previous: Vec<(usize, Option<Previous>)>,
     ) -> Result<ManifestFile, BackupError> {
         let t = Instant::now();
-        let coding = std::sync::Arc::new(Coding {
-            compression: self.config.compression,
-            encryption: self.config.encryption.clone(),
-        });
-        let ids = std::sync::Arc::new(PageIdScheme::for_config(self.config.encryption.as_ref()));
-        let live = self.live();
-        let (cluster, node) = (self.set.cluster.clone(), self.set.node.clone());
-        let found = futures_util::future::join_all(live.iter().map(|(_, d)| {
-            crate::store::paged::writer::previous(*d, &cluster, &node, &coding, &ids)
-        }))
-        .await;
-        let mut previous: Vec<(usize, Option<Previous>)> =
-            live.iter().map(|(i, _)| *i).zip(found).collect();
         let mut stream = source
             .snapshot()
             .await
@@ -2077,6 +2138,63 @@ mod tests {
                 "{name}: {full:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_set_whose_pages_alternate_between_older_sets_packs_reads_each_segment_once() {
+        use crate::store::destination::faulty::{Faults, Faulty};
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = paged_config(tmp.path(), "");
+        let local = LocalDir::open(tmp.path()).await.unwrap();
+        // Four sets, each changing a page in every 37 (a different one each
+        // time), spread over the whole snapshot: the newest set's pages
+        // alternate between the first set's segments and three sparse ones.
+        let pages = 3000;
+        let mut sets = Vec::new();
+        let mut last = None;
+        for round in 0..4u8 {
+            let mut source = bbolt_source(pages, 4096, |p| {
+                (0..=round)
+                    .filter(|r| p % 37 == usize::from(*r) * 9 + 1)
+                    .map(|r| r + 2)
+                    .max()
+                    .unwrap_or(1)
+            });
+            sets.push(paged_run(&cfg, &local, &mut source, i64::from(round)).await);
+            last = Some(source);
+        }
+        let newest = sets.last().unwrap();
+        let p = newest.manifest.files[0].pages.as_deref().unwrap();
+        assert!(p.packs.len() >= 4, "{:?}", p.packs);
+        assert!(p.new_pages < pages as u64 / 20, "{}", p.new_pages);
+
+        // Read as from a distant store: 8 ranges at once.
+        let dest = Faulty::new(
+            LocalDir::open(tmp.path()).await.unwrap(),
+            Faults {
+                ranges_in_flight: Some(8),
+                ..Faults::default()
+            },
+        );
+        let mut reader =
+            crate::store::paged::reader::open_snapshot(&dest, &newest.id, p, false, false, None)
+                .await
+                .unwrap();
+        let mut got = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut got)
+            .await
+            .unwrap();
+        assert!(
+            got == last.unwrap().stream,
+            "the snapshot rebuilt byte for byte"
+        );
+        let ranges = dest.ranges_read();
+        let distinct: std::collections::HashSet<_> = ranges.iter().cloned().collect();
+        assert_eq!(
+            ranges.len(),
+            distinct.len(),
+            "a segment was read twice: {ranges:?}"
+        );
     }
 
     #[tokio::test]

@@ -517,3 +517,56 @@ async fn ranged_reads_work_over_the_one_session_a_server_allowing_no_second_one_
     ranges::assert_ranged_reads(&dest, "packs/p1", &data, &[255 * 1024, 2 << 20]).await;
     assert_eq!(sshd.sftp_session_pids().len(), 1, "one session");
 }
+
+/// Reads `len` bytes at `offset` of `path` with one ranged read.
+async fn read_range(dest: &SftpDir, path: &str, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+    let mut reader = dest
+        .open_range(path, offset, len)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    reader
+        .read_to_end(&mut got)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_read_by_ranges_is_opened_once_and_its_handle_kept_for_the_next_ranges() {
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = key_server(&[&key]);
+    let packs = backups(&sshd).join("packs");
+    std::fs::create_dir_all(&packs).unwrap();
+    let data = ranges::pattern(3 << 20);
+    // More files than the destination keeps open (16).
+    for n in 0..17 {
+        std::fs::write(packs.join(format!("p{n}")), &data).unwrap();
+    }
+    let dest = sftp_dir(&sshd, &key, 1);
+    let first = read_range(&dest, "packs/p0", 0, 1 << 20).await.unwrap();
+    assert_eq!(first, data[..1 << 20]);
+
+    // Gone from the directory, the file still reads through the handle
+    // kept open: the next range sends no OPEN (which would fail now).
+    std::fs::remove_file(packs.join("p0")).unwrap();
+    let next = read_range(&dest, "packs/p0", 1 << 20, 2 << 20)
+        .await
+        .unwrap();
+    assert_eq!(next, data[1 << 20..]);
+
+    // Sixteen other files opened since: p0's handle was let go (closed),
+    // so its next range opens the file again, and finds it gone.
+    for n in 1..17 {
+        let got = read_range(&dest, &format!("packs/p{n}"), 4096, 4096)
+            .await
+            .unwrap();
+        assert_eq!(got, data[4096..8192], "p{n}");
+    }
+    let gone = read_range(&dest, "packs/p0", 0, 4096).await.unwrap_err();
+    assert!(gone.contains("packs/p0"), "{gone}");
+    // p16, opened last, is still kept.
+    std::fs::remove_file(packs.join("p16")).unwrap();
+    let kept = read_range(&dest, "packs/p16", 0, 4096).await.unwrap();
+    assert_eq!(kept, data[..4096]);
+}

@@ -595,6 +595,63 @@ pub async fn scan_cached(
     Ok(catalog)
 }
 
+/// The newest complete set of `cluster`/`node` for which `wanted` holds,
+/// looking at the node's set directories newest first, a few (8) at
+/// a time, and no further than the first batch that holds one: a run
+/// that needs only its newest set (a paged run's previous set) does not
+/// read every manifest of a long retention, round trip after round trip.
+/// A set that is not complete is passed over, as [`scan`] does.
+///
+/// # Errors
+/// The node's directory, or one of the set directories looked at, cannot
+/// be read.
+pub async fn find_newest(
+    dest: &dyn Destination,
+    cluster: &str,
+    node: &str,
+    wanted: impl Fn(&CatalogSet) -> bool,
+) -> Result<Option<CatalogSet>, CatalogError> {
+    let node_dir = format!("{cluster}/{node}");
+    let mut entries: Vec<(SetTimestamp, DirEntry)> = dest
+        .list(&node_dir)
+        .await?
+        .into_iter()
+        .filter(|e| e.is_dir)
+        .filter_map(|e| Some((e.name.parse().ok()?, e)))
+        .collect();
+    entries.sort_by_key(|e| std::cmp::Reverse(e.0));
+    let none = std::collections::HashMap::new();
+    for batch in entries.chunks(SCAN_AT_ONCE) {
+        let looked = futures_util::future::join_all(
+            batch
+                .iter()
+                .map(|(_, e)| look_at(dest, cluster, node, &node_dir, e.clone(), &none)),
+        )
+        .await;
+        let mut catalog = Catalog::default();
+        for l in looked {
+            if let Looked::Set {
+                found,
+                id,
+                ts,
+                listing,
+                bytes,
+            } = l?
+            {
+                let read = read_manifest(&bytes, &id, &listing);
+                record(&mut catalog, found, id, ts, &listing, read);
+            }
+        }
+        catalog
+            .sets
+            .sort_by_key(|s| std::cmp::Reverse(s.id.timestamp));
+        if let Some(set) = catalog.sets.into_iter().find(|s| wanted(s)) {
+            return Ok(Some(set));
+        }
+    }
+    Ok(None)
+}
+
 /// Set directories of one node looked at concurrently by [`scan_cached`].
 const SCAN_AT_ONCE: usize = 8;
 
@@ -651,7 +708,22 @@ async fn look_at(
         found.why = "the directory name is not a set timestamp (YYYY-MM-DD_HHMMSS), so this agent did not make it".into();
         return Ok(Looked::Leftover(found));
     };
-    let listing = dest.list(&dir).await?;
+    let id = SetId {
+        cluster: cluster.to_string(),
+        node: node.to_string(),
+        timestamp: ts,
+    };
+    // The manifest is read while the directory is listed (on a distant
+    // store, one wait instead of two); what was read counts only if the
+    // listing holds the manifest.
+    let read = async {
+        match cached.get(&dir) {
+            Some(b) => Ok(b.clone()),
+            None => read_small(dest, &id.file(MANIFEST_FILE_NAME), MAX_MANIFEST).await,
+        }
+    };
+    let (listing, bytes) = tokio::join!(dest.list(&dir), read);
+    let listing = listing?;
     found.files = listing.iter().map(|e| e.name.clone()).collect();
     found.modified = listing
         .iter()
@@ -659,11 +731,6 @@ async fn look_at(
         .max()
         .map(DateTime::<Utc>::from)
         .or(found.modified);
-    let id = SetId {
-        cluster: cluster.to_string(),
-        node: node.to_string(),
-        timestamp: ts,
-    };
     let odd = names(listing.iter().filter(|e| !e.is_file));
     if !odd.is_empty() {
         found.why = format!(
@@ -689,10 +756,7 @@ async fn look_at(
         }
         return Ok(Looked::Leftover(found));
     }
-    let bytes = match cached.get(&dir) {
-        Some(b) => b.clone(),
-        None => read_small(dest, &id.file(MANIFEST_FILE_NAME), MAX_MANIFEST).await?,
-    };
+    let bytes = bytes?;
     Ok(Looked::Set {
         found,
         id,
@@ -827,6 +891,48 @@ mod tests {
                 .contains("holds 1 bytes, the manifest says 2"),
             "{cat:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn find_newest_looks_newest_first_across_batches_and_passes_over_what_is_not_complete() {
+        let tmp = tempfile::tempdir().unwrap();
+        // More sets than one batch looks at (8), the oldest first.
+        let stamps: Vec<String> = (1..=10).map(|d| format!("2026-01-{d:02}_000000")).collect();
+        for ts in &stamps {
+            test_sets::write_set(tmp.path(), ts);
+        }
+        // Newer than all: a run's partial files, and a set that lost a file.
+        let partial = tmp.path().join("c/n/2026-02-01_000000");
+        std::fs::create_dir_all(&partial).unwrap();
+        std::fs::write(partial.join("manifest.json.partial"), b"{}").unwrap();
+        test_sets::write_set(tmp.path(), "2026-02-02_000000");
+        std::fs::remove_file(
+            tmp.path()
+                .join("c/n/2026-02-02_000000/snapshot_2026-02-02_000000.db"),
+        )
+        .unwrap();
+        let dest = LocalDir::open(tmp.path()).await.unwrap();
+
+        let newest = find_newest(&dest, "c", "n", |_| true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(newest.id.timestamp.to_string(), stamps[9]);
+        // Wanted only in the oldest set, in the second batch.
+        let oldest = find_newest(&dest, "c", "n", |s| s.id.timestamp.to_string() == stamps[0])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(oldest.id.timestamp.to_string(), stamps[0]);
+        assert!(find_newest(&dest, "c", "n", |_| false)
+            .await
+            .unwrap()
+            .is_none());
+        // A node with no directory has no sets.
+        assert!(find_newest(&dest, "c", "other", |_| true)
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]

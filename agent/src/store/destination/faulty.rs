@@ -37,6 +37,9 @@ pub(crate) struct Faults {
     pub dir_sync_refused_from: usize,
     /// The n-th `sync_dir` fails with a connection reset.
     pub dir_sync_fails_at: usize,
+    /// Ranged reads kept open at once, as a distant store asks for
+    /// (`None`: as the local directory underneath).
+    pub ranges_in_flight: Option<usize>,
 }
 
 /// The operations of the set protocol, for [`Faults::reply_lost`].
@@ -140,6 +143,8 @@ pub(crate) struct Faulty {
     deletes: AtomicUsize,
     lossy: Arc<Lossy>,
     dir_syncs: AtomicUsize,
+    /// Every ranged read: its path and offset.
+    ranges: std::sync::Mutex<Vec<(String, u64)>>,
 }
 
 impl Faulty {
@@ -152,7 +157,13 @@ impl Faulty {
             deletes: AtomicUsize::new(0),
             lossy: Arc::default(),
             dir_syncs: AtomicUsize::new(0),
+            ranges: std::sync::Mutex::default(),
         }
+    }
+
+    /// The ranged reads so far: path and offset of each.
+    pub(crate) fn ranges_read(&self) -> Vec<(String, u64)> {
+        self.ranges.lock().expect("ranges lock").clone()
     }
 
     /// Whether the [`Faults::reply_lost`] fault fired.
@@ -239,12 +250,22 @@ impl Destination for Faulty {
         self.blind("cannot open", path)?;
         self.inner.open(path).await
     }
+    fn ranges_in_flight(&self) -> usize {
+        self.faults
+            .ranges_in_flight
+            .unwrap_or_else(|| self.inner.ranges_in_flight())
+    }
+
     async fn open_range(
         &self,
         path: &str,
         offset: u64,
         len: u64,
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
+        self.ranges
+            .lock()
+            .expect("ranges lock")
+            .push((path.to_string(), offset));
         self.blind("cannot open", path)?;
         self.inner.open_range(path, offset, len).await
     }

@@ -262,6 +262,11 @@ impl super::Destination for LocalDir {
         Ok(Box::new(file))
     }
 
+    /// A local disk answers at once: two ranges keep it busy.
+    fn ranges_in_flight(&self) -> usize {
+        2
+    }
+
     async fn open_range(
         &self,
         path: &str,

@@ -325,11 +325,12 @@ pub trait Destination: Send + Sync {
     /// least `offset` bytes long).
     ///
     /// Each destination reads a range its own way, in few round trips: a
-    /// seek on a local file; on SFTP one OPEN (with a STAT beside it) and
-    /// the range's reads all in flight at once, over a session kept for
-    /// ranged reads (or the striped sessions, `streams` > 1), the CLOSE not
-    /// waited for; on S3 one GET with a `Range` header, retried as every
-    /// GET. Several ranges may be open at once on one destination, and are
+    /// seek on a local file; on SFTP the range's reads all in flight at
+    /// once, over a session kept for ranged reads (or the striped sessions,
+    /// `streams` > 1), on a handle kept open for the file's next ranges
+    /// (only the first range of a file sends an OPEN, with a STAT beside
+    /// it): ranged reads are for files that never change once written;
+    /// on S3 one GET with a `Range` header, retried as every GET. Several ranges may be open at once on one destination, and are
     /// read concurrently; [`read_ranges`] runs a list of them so.
     ///
     /// # Errors
@@ -341,6 +342,13 @@ pub trait Destination: Send + Sync {
         offset: u64,
         len: u64,
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError>;
+
+    /// How many ranges a reader of many (a paged set's packs) keeps open
+    /// at once here: enough to hide a distant store's round trips, and no
+    /// more where there are none to hide (each holds its bytes meanwhile).
+    fn ranges_in_flight(&self) -> usize {
+        8
+    }
 
     /// Deletes a file; a missing file is not an error.
     ///

@@ -175,6 +175,9 @@ pub struct SftpDir {
     range_lane: tokio::sync::Mutex<Option<Arc<Lane>>>,
     /// Whose turn among `lanes` the next ranged read is.
     range_turn: std::sync::atomic::AtomicUsize,
+    /// Files recently opened for ranged reads, kept open for the next
+    /// range of the same file on the same session (see `open_range_on_lane`).
+    range_handles: Mutex<stripe::RangeHandles>,
     /// Whether the server refused the session for ranged reads: they go
     /// over the control session from then on, without asking again.
     range_lane_refused: AtomicBool,
@@ -368,6 +371,7 @@ impl SftpDir {
             stripe_over: StripeOver::Connections,
             range_lane: tokio::sync::Mutex::new(None),
             range_turn: std::sync::atomic::AtomicUsize::new(0),
+            range_handles: Mutex::new(stripe::RangeHandles::default()),
             range_lane_refused: AtomicBool::new(false),
             warned_lanes: AtomicBool::new(false),
             warned_reopen: AtomicBool::new(false),

@@ -4,12 +4,13 @@
 //! in order, then the tail. The caller checks the result against the
 //! manifest (size, SHA-256, etcd's digest), as for a snapshot file.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
-use futures_util::stream::{self, StreamExt};
+use futures_util::stream::{self, StreamExt, TryStreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use etcd_backup_proto::{ManifestFile, ManifestPages, SetId};
@@ -21,16 +22,29 @@ use super::{
 use crate::encryption::Identities;
 use crate::store::destination::{Destination, DestinationError};
 
-/// Segments read at once: enough to keep a distant store busy, few enough
-/// that what they hold (a segment's stored and decoded bytes each) stays
-/// within the agent's memory budget.
+/// Segments read at once at most, whatever the destination asks for
+/// ([`Destination::ranges_in_flight`]): what they hold (a segment's stored
+/// and decoded bytes each) stays within the agent's memory budget.
 pub const READS_IN_FLIGHT: usize = 8;
 
-/// Decoded segments kept for pages that come back to them.
-const CACHED_SEGMENTS: usize = 4;
+/// Runs of pages one window holds at most (a few bytes each).
+const WINDOW_RUNS: usize = 1 << 14;
 
 /// A segment's decoded pages, shared by the runs of pages that need them.
 type SegmentFuture<'a> = Shared<BoxFuture<'a, Result<Bytes, Arc<String>>>>;
+
+/// The key of a segment: its pack and offset.
+type SegmentKey = (u32, u64);
+
+/// Consecutive runs of pages that need at most a few distinct segments:
+/// the unit read at once. A snapshot whose pages alternate between a few
+/// segments (an older set's pages around the newer ones) is read a few
+/// segments per round trip, as one whose pages follow each other.
+struct Window {
+    runs: Vec<Run>,
+    /// Its distinct segments, in order of first use.
+    segments: Vec<Location>,
+}
 
 /// Consecutive pages of one segment.
 struct Run {
@@ -87,7 +101,10 @@ pub async fn open_snapshot<'a>(
         page_size: pages.page_size as usize,
         compressed,
         encrypted,
+        segments_read: AtomicU64::new(0),
+        windows: AtomicU64::new(0),
     });
+    let counts = ctx.clone();
 
     // Records → runs of pages of one segment.
     let runs = Box::pin(stream::unfold(
@@ -124,72 +141,153 @@ pub async fn open_snapshot<'a>(
         },
     ));
 
-    // Runs → their pages, reading segments several at once, each once
-    // while it is among the recent ones.
-    let mut recent: VecDeque<(u32, u64)> = VecDeque::new();
-    let mut cache: HashMap<(u32, u64), SegmentFuture<'a>> = HashMap::new();
-    let pages_out = runs
-        .map(move |run| {
-            let run = match run {
-                Ok(r) => r,
+    // Runs → windows that read at most `per_window` segments the window
+    // before did not use (those it did are not read again), and use at
+    // most `most_segments` (their decoded bytes are held meanwhile). A
+    // segment of newer pages is used sparsely, a page here and there,
+    // across much of the snapshot: it is carried from window to window
+    // instead of taking a read each time.
+    let per_window = (dest.ranges_in_flight().clamp(1, READS_IN_FLIGHT) / 2).max(1);
+    let most_segments = 2 * per_window + 4;
+    let windows = stream::unfold(
+        (runs, None::<Run>, Vec::<Location>::new(), false),
+        move |(mut runs, mut held, prev, done)| async move {
+            if done && held.is_none() {
+                return None;
+            }
+            let mut window = Window {
+                runs: Vec::new(),
+                segments: Vec::new(),
+            };
+            let mut reads = 0;
+            loop {
+                let run = match held.take() {
+                    Some(r) => r,
+                    None => match runs.next().await {
+                        Some(Ok(r)) => r,
+                        Some(Err(e)) => return Some((Err(e), (runs, None, Vec::new(), true))),
+                        None => {
+                            if window.runs.is_empty() {
+                                return None;
+                            }
+                            let segments = window.segments.clone();
+                            return Some((Ok(window), (runs, None, segments, true)));
+                        }
+                    },
+                };
+                let new_segment = !window.segments.iter().any(|s| same_segment(s, &run.at));
+                let read = new_segment && !prev.iter().any(|s| same_segment(s, &run.at));
+                if (read && reads == per_window)
+                    || (new_segment && window.segments.len() == most_segments)
+                    || window.runs.len() == WINDOW_RUNS
+                {
+                    let segments = window.segments.clone();
+                    return Some((Ok(window), (runs, Some(run), segments, false)));
+                }
+                if new_segment {
+                    window.segments.push(run.at);
+                }
+                if read {
+                    reads += 1;
+                }
+                window.runs.push(run);
+            }
+        },
+    );
+
+    // Windows → their pages: each window's segments read at once (those
+    // the window before also used are not read again), the next window's
+    // read while this one's pages are handed out.
+    let mut recent: HashMap<SegmentKey, SegmentFuture<'a>> = HashMap::new();
+    let pages_out = windows
+        .map(move |window| {
+            let window = match window {
+                Ok(w) => w,
                 Err(e) => return async move { Err(to_io(e.to_string())) }.boxed(),
             };
-            let key = (run.at.pack, run.at.offset);
-            let segment = match cache.get(&key) {
-                Some(f) => f.clone(),
-                None => {
-                    let f = read_segment(dest, ctx.clone(), run.at, identities).boxed().shared();
-                    cache.insert(key, f.clone());
-                    recent.push_back(key);
-                    if recent.len() > CACHED_SEGMENTS {
-                        if let Some(old) = recent.pop_front() {
-                            cache.remove(&old);
-                        }
-                    }
-                    f
-                }
-            };
+            let mut segments: HashMap<SegmentKey, SegmentFuture<'a>> = HashMap::new();
+            for at in &window.segments {
+                let key = (at.pack, at.offset);
+                let f = recent.get(&key).cloned().unwrap_or_else(|| {
+                    read_segment(dest, ctx.clone(), *at, identities)
+                        .boxed()
+                        .shared()
+                });
+                segments.insert(key, f);
+            }
+            recent.clone_from(&segments);
+            ctx.windows.fetch_add(1, Ordering::Relaxed);
             let ctx = ctx.clone();
             async move {
-                let plain = segment.await.map_err(|e| to_io(e.to_string()))?;
-                let ps = ctx.page_size;
-                let page = |slot: u16| {
-                    let start = slot as usize * ps;
-                    if start + ps <= plain.len() {
-                        Ok(start..start + ps)
-                    } else {
-                        Err(to_io(format!(
-                            "pack {} segment at {}: the index names page {slot}, which the segment does not hold",
-                            ctx.pack_name(run.at.pack),
-                            run.at.offset
-                        )))
-                    }
-                };
-                // Pages in the segment's own order (every set's first
-                // write, and most pages after): a view of it, no copy.
-                let first = run.slots[0];
-                let consecutive = run
-                    .slots
-                    .iter()
-                    .enumerate()
-                    .all(|(k, &s)| usize::from(s) == usize::from(first) + k);
-                if consecutive {
-                    let start = page(first)?.start;
-                    let last = page(*run.slots.last().expect("a run has a page"))?;
-                    return Ok(plain.slice(start..last.end));
+                // Each segment's read starts now, all at once.
+                let read = futures_util::future::join_all(
+                    segments
+                        .iter()
+                        .map(|(key, f)| f.clone().map(move |r| (*key, r))),
+                )
+                .await;
+                let mut plain: HashMap<SegmentKey, Bytes> = HashMap::new();
+                for (key, r) in read {
+                    plain.insert(key, r.map_err(|e| to_io(e.to_string()))?);
                 }
-                let mut out = BytesMut::with_capacity(run.slots.len() * ps);
-                for &slot in &run.slots {
-                    out.extend_from_slice(&plain[page(slot)?]);
+                drop(segments);
+                let mut out = Vec::with_capacity(window.runs.len());
+                for run in &window.runs {
+                    let seg = &plain[&(run.at.pack, run.at.offset)];
+                    out.push(run_pages(&ctx, run, seg)?);
                 }
-                Ok(out.freeze())
+                Ok(stream::iter(out.into_iter().map(Ok::<_, std::io::Error>)))
             }
             .boxed()
         })
-        .buffered(READS_IN_FLIGHT)
-        .chain(stream::once(async move { Ok(Bytes::from(tail)) }))
+        .buffered(3)
+        .try_flatten()
+        .chain(stream::once(async move {
+            tracing::debug!(
+                segments_read = counts.segments_read.load(Ordering::Relaxed),
+                windows = counts.windows.load(Ordering::Relaxed),
+                packs = counts.packs.len(),
+                "paged snapshot reassembled"
+            );
+            Ok(Bytes::from(tail))
+        }))
         .boxed();
     Ok(Box::new(tokio_util::io::StreamReader::new(pages_out)))
+}
+
+/// A run's pages out of its segment's decoded bytes: a view of them when
+/// the run's pages follow each other there (every set's first write, and
+/// most pages after), else a copy in the run's order.
+fn run_pages(ctx: &Ctx, run: &Run, plain: &Bytes) -> std::io::Result<Bytes> {
+    let ps = ctx.page_size;
+    let page = |slot: u16| {
+        let start = slot as usize * ps;
+        if start + ps <= plain.len() {
+            Ok(start..start + ps)
+        } else {
+            Err(to_io(format!(
+                "pack {} segment at {}: the index names page {slot}, which the segment does not hold",
+                ctx.pack_name(run.at.pack),
+                run.at.offset
+            )))
+        }
+    };
+    let first = run.slots[0];
+    let consecutive = run
+        .slots
+        .iter()
+        .enumerate()
+        .all(|(k, &s)| usize::from(s) == usize::from(first) + k);
+    if consecutive {
+        let start = page(first)?.start;
+        let last = page(*run.slots.last().expect("a run has a page"))?;
+        return Ok(plain.slice(start..last.end));
+    }
+    let mut out = BytesMut::with_capacity(run.slots.len() * ps);
+    for &slot in &run.slots {
+        out.extend_from_slice(&plain[page(slot)?]);
+    }
+    Ok(out.freeze())
 }
 
 fn same_segment(a: &Location, b: &Location) -> bool {
@@ -207,6 +305,9 @@ struct Ctx {
     page_size: usize,
     compressed: bool,
     encrypted: bool,
+    /// Segments read, and windows they were read in (logged at the end).
+    segments_read: AtomicU64,
+    windows: AtomicU64,
 }
 
 impl Ctx {
@@ -228,6 +329,7 @@ async fn read_segment(
     if let Some(fault) = at.fault(&ctx.packs) {
         return Err(fail(format!("the page index {fault}")));
     }
+    ctx.segments_read.fetch_add(1, Ordering::Relaxed);
     let name = &ctx.packs[at.pack as usize].name;
     let path = format!("{}/{name}", ctx.packs_dir);
     let mut stored = Vec::with_capacity(at.len as usize);

@@ -79,18 +79,21 @@ pub async fn previous(
     coding: &Coding,
     ids: &PageIdScheme,
 ) -> Option<Previous> {
-    let catalog = match crate::store::catalog::scan(dest, cluster, Some(node)).await {
-        Ok(c) => c,
+    let started = std::time::Instant::now();
+    let is_paged = |s: &CatalogSet| {
+        s.manifest
+            .file(etcd_backup_proto::FileKind::Snapshot)
+            .is_some_and(|f| f.pages.is_some())
+    };
+    let set = match crate::store::catalog::find_newest(dest, cluster, node, is_paged).await {
+        Ok(Some(set)) => set,
+        Ok(None) => return None,
         Err(e) => {
             tracing::warn!(destination = %dest.describe(), error = %e, "cannot list the node's sets to find pages already stored; every page is stored anew");
             return None;
         }
     };
-    let set = catalog.sets.iter().rev().find(|s| {
-        s.manifest
-            .file(etcd_backup_proto::FileKind::Snapshot)
-            .is_some_and(|f| f.pages.is_some())
-    })?;
+    let set = &set;
     if let Some(why) = incomparable(set, coding, ids) {
         tracing::info!(destination = %dest.describe(), set = %set.id, "the newest paged set is not compared with: {why}; every page is stored anew");
         return None;
@@ -105,12 +108,15 @@ pub async fn previous(
     }
     let path = set.id.file(&pages.index.name);
     match download_index(dest, &path, pages).await {
-        Ok(file) => Some(Previous {
-            set: set.id.timestamp,
-            page_size: pages.page_size,
-            records: IndexRecords::start(file, pages.page_size, pages.pages, path),
-            packs: pages.packs.clone(),
-        }),
+        Ok(file) => {
+            tracing::debug!(destination = %dest.describe(), set = %set.id, elapsed_ms = started.elapsed().as_millis() as u64, "previous paged set found, its page index read");
+            Some(Previous {
+                set: set.id.timestamp,
+                page_size: pages.page_size,
+                records: IndexRecords::start(file, pages.page_size, pages.pages, path),
+                packs: pages.packs.clone(),
+            })
+        }
         Err(e) => {
             tracing::warn!(destination = %dest.describe(), set = %set.id, error = %e, "cannot read the newest paged set's page index; every page is stored anew");
             None

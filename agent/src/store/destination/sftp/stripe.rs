@@ -193,6 +193,44 @@ impl Drop for Handles {
     }
 }
 
+/// Files kept open for ranged reads, at most this many at once.
+pub(super) const RANGE_HANDLES_KEPT: usize = 16;
+
+/// A file opened (or being opened) for ranged reads on one lane: its
+/// handle and its size, if the server said.
+type RangeCell = Arc<tokio::sync::OnceCell<(Arc<Handles>, Option<u64>)>>;
+
+/// The files kept open for ranged reads, by lane and path, the most
+/// recently opened last. A handle closes when it leaves here and the last
+/// reader of it is done.
+#[derive(Default)]
+pub(super) struct RangeHandles {
+    kept: VecDeque<(Arc<Lane>, String, RangeCell)>,
+}
+
+impl RangeHandles {
+    /// The cell for `path` on `lane`: the kept one, or a new one (kept,
+    /// the oldest let go past [`RANGE_HANDLES_KEPT`]). Cells of lanes that
+    /// can no longer carry a transfer are let go first.
+    fn cell(&mut self, lane: &Arc<Lane>, control: &Arc<Connection>, path: &str) -> RangeCell {
+        self.kept.retain(|(l, _, _)| l.usable(control));
+        if let Some((_, _, cell)) = self
+            .kept
+            .iter()
+            .find(|(l, p, _)| Arc::ptr_eq(l, lane) && p == path)
+        {
+            return cell.clone();
+        }
+        let cell = RangeCell::default();
+        self.kept
+            .push_back((lane.clone(), path.to_string(), cell.clone()));
+        if self.kept.len() > RANGE_HANDLES_KEPT {
+            self.kept.pop_front();
+        }
+        cell
+    }
+}
+
 impl SftpDir {
     /// The lanes for a striped transfer next to `control`: the kept ones
     /// that still work, topped up to `destination.sftp.streams` (or `most`,
@@ -522,7 +560,7 @@ impl SftpDir {
             .size
             .unwrap_or(0);
         Ok(Box::new(StripedReader {
-            handles,
+            handles: Arc::new(handles),
             failing,
             end: size,
             next: 0,
@@ -584,10 +622,13 @@ impl SftpDir {
     }
 
     /// Opens `len` bytes of `path` at `offset` on `lane` (a [`Self::range_lane`]):
-    /// the OPEN and a STAT sent together (one round trip), then every read
-    /// of the range asked for at once (at most [`READ_IN_FLIGHT`] bytes),
-    /// handed back in order; the handle is closed, without waiting, when
-    /// the reader is dropped.
+    /// every read of the range asked for at once (at most [`READ_IN_FLIGHT`]
+    /// bytes), handed back in order. The file's handle on that lane is
+    /// kept for the next ranges of it ([`RANGE_HANDLES_KEPT`] files at most,
+    /// the least recently opened closed first, without waiting): ranged
+    /// reads are for files that never change once written (packs), and a
+    /// restore reads each pack range after range. Only the first range of a
+    /// file on a lane sends the OPEN, with a STAT beside it (one round trip).
     pub(super) async fn open_range_on_lane(
         &self,
         path: &str,
@@ -596,30 +637,40 @@ impl SftpDir {
         offset: u64,
         len: u64,
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, DestinationError> {
-        let remote = self.remote(path);
         let location = self.location(path);
         let failing = Failing {
             lanes: vec![lane.clone()],
-            control,
+            control: control.clone(),
             io_timeout: self.config.io_timeout,
         };
-        let (opened, stat) = tokio::join!(
-            self.lane_call(
-                &failing,
-                0,
-                "cannot open",
-                path,
-                lane.raw
-                    .open(remote.clone(), OpenFlags::READ, FileAttributes::empty()),
-            ),
-            self.lane_call(&failing, 0, "cannot stat", path, lane.raw.stat(remote)),
-        );
-        let handles = Handles {
-            lanes: vec![lane],
-            handles: vec![opened?.handle],
-            closed: false,
-        };
-        let size = stat?.attrs.size;
+        let cell = self
+            .range_handles
+            .lock()
+            .expect("range handles lock")
+            .cell(&lane, &control, path);
+        let (handles, size) = cell
+            .get_or_try_init(|| async {
+                let remote = self.remote(path);
+                let (opened, stat) = tokio::join!(
+                    self.lane_call(
+                        &failing,
+                        0,
+                        "cannot open",
+                        path,
+                        lane.raw
+                            .open(remote.clone(), OpenFlags::READ, FileAttributes::empty()),
+                    ),
+                    self.lane_call(&failing, 0, "cannot stat", path, lane.raw.stat(remote)),
+                );
+                let handles = Arc::new(Handles {
+                    lanes: vec![lane.clone()],
+                    handles: vec![opened?.handle],
+                    closed: false,
+                });
+                Ok::<_, DestinationError>((handles, stat?.attrs.size))
+            })
+            .await?
+            .clone();
         let end = match (offset.checked_add(len), size) {
             (Some(end), Some(size)) if end <= size => end,
             // A server that does not say: the reads find out.
@@ -891,7 +942,8 @@ impl Upload for StripedUpload {
 
 /// A file being read over several lanes, in order.
 struct StripedReader {
-    handles: Handles,
+    /// Shared with the kept handles of ranged reads (`RangeHandles`).
+    handles: Arc<Handles>,
     failing: Failing,
     /// Where the reads stop: the file's size when opened, or the end of
     /// the range asked for.
