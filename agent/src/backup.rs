@@ -852,13 +852,7 @@ impl<'a> Run<'a> {
             .await
         };
         let ready = Instant::now();
-        let ((), (), previous) = tokio::join!(
-            async {
-                warm_up.await;
-            },
-            checks,
-            previous
-        );
+        let (_, (), previous) = tokio::join!(warm_up, checks, previous);
         tracing::debug!(
             elapsed_ms = ready.elapsed().as_millis() as u64,
             "destinations ready (sessions, checks, previous sets)"

@@ -22,10 +22,16 @@ use super::{
 use crate::encryption::Identities;
 use crate::store::destination::{Destination, DestinationError};
 
-/// Segments read at once at most, whatever the destination asks for
-/// ([`Destination::ranges_in_flight`]): what they hold (a segment's stored
-/// and decoded bytes each) stays within the agent's memory budget.
+/// The most ranges a destination may ask to keep open at once
+/// ([`Destination::ranges_in_flight`]); a window reads half of what it asks
+/// for, and [`WINDOWS_IN_FLIGHT`] windows are read at once: what their
+/// segments hold (stored and decoded bytes) stays within the agent's
+/// memory budget.
 pub const READS_IN_FLIGHT: usize = 8;
+
+/// Windows read at once: the next ones are read while one's pages are
+/// handed out.
+const WINDOWS_IN_FLIGHT: usize = 3;
 
 /// Runs of pages one window holds at most (a few bytes each).
 const WINDOW_RUNS: usize = 1 << 14;
@@ -33,8 +39,13 @@ const WINDOW_RUNS: usize = 1 << 14;
 /// A segment's decoded pages, shared by the runs of pages that need them.
 type SegmentFuture<'a> = Shared<BoxFuture<'a, Result<Bytes, Arc<String>>>>;
 
-/// The key of a segment: its pack and offset.
-type SegmentKey = (u32, u64);
+/// The key of a segment: its pack, offset and stored length (what
+/// [`same_segment`] compares).
+type SegmentKey = (u32, u64, u32);
+
+fn segment_key(at: &Location) -> SegmentKey {
+    (at.pack, at.offset, at.len)
+}
 
 /// Consecutive runs of pages that need at most a few distinct segments:
 /// the unit read at once. A snapshot whose pages alternate between a few
@@ -196,7 +207,7 @@ pub async fn open_snapshot<'a>(
     );
 
     // Windows → their pages: each window's segments read at once (those
-    // the window before also used are not read again), the next window's
+    // the window before also used are not read again), the next windows'
     // read while this one's pages are handed out.
     let mut recent: HashMap<SegmentKey, SegmentFuture<'a>> = HashMap::new();
     let pages_out = windows
@@ -207,7 +218,7 @@ pub async fn open_snapshot<'a>(
             };
             let mut segments: HashMap<SegmentKey, SegmentFuture<'a>> = HashMap::new();
             for at in &window.segments {
-                let key = (at.pack, at.offset);
+                let key = segment_key(at);
                 let f = recent.get(&key).cloned().unwrap_or_else(|| {
                     read_segment(dest, ctx.clone(), *at, identities)
                         .boxed()
@@ -233,14 +244,14 @@ pub async fn open_snapshot<'a>(
                 drop(segments);
                 let mut out = Vec::with_capacity(window.runs.len());
                 for run in &window.runs {
-                    let seg = &plain[&(run.at.pack, run.at.offset)];
+                    let seg = &plain[&segment_key(&run.at)];
                     out.push(run_pages(&ctx, run, seg)?);
                 }
                 Ok(stream::iter(out.into_iter().map(Ok::<_, std::io::Error>)))
             }
             .boxed()
         })
-        .buffered(3)
+        .buffered(WINDOWS_IN_FLIGHT)
         .try_flatten()
         .chain(stream::once(async move {
             tracing::debug!(
@@ -291,7 +302,7 @@ fn run_pages(ctx: &Ctx, run: &Run, plain: &Bytes) -> std::io::Result<Bytes> {
 }
 
 fn same_segment(a: &Location, b: &Location) -> bool {
-    a.pack == b.pack && a.offset == b.offset && a.len == b.len
+    segment_key(a) == segment_key(b)
 }
 
 fn to_io(message: String) -> std::io::Error {
