@@ -24,7 +24,7 @@ use crate::store::destination::{Destination, DestinationError};
 
 /// The most ranges a destination may ask to keep open at once
 /// ([`Destination::ranges_in_flight`]); a window reads half of what it asks
-/// for, and [`WINDOWS_IN_FLIGHT`] windows are read at once: what their
+/// for, and 3 windows (`WINDOWS_IN_FLIGHT`) are read at once: what their
 /// segments hold (stored and decoded bytes) stays within the agent's
 /// memory budget.
 pub const READS_IN_FLIGHT: usize = 8;
