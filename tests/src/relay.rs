@@ -24,7 +24,8 @@
 //! bound is in bytes, not chunks, so short reads (SSH acknowledgements, small
 //! SFTP replies) do not shrink it.
 //! [`Relay::set_target`] points new connections elsewhere (a restarted server
-//! on a new port); [`Relay::limit_connections`] closes any connection beyond
+//! on a new port); [`Relay::set_options`] shapes new connections differently
+//! (a client's later connections on a slower path than its first); [`Relay::limit_connections`] closes any connection beyond
 //! a number open at once (a server or firewall that lets a client hold only
 //! so many).
 
@@ -84,6 +85,7 @@ pub struct Relay {
     /// Where clients connect: `127.0.0.1:<port>`.
     pub addr: SocketAddr,
     target: Arc<Mutex<SocketAddr>>,
+    options: Arc<Mutex<RelayOptions>>,
     /// Connections relayed at once at most; more are closed as soon as
     /// they are accepted.
     limit: Arc<AtomicUsize>,
@@ -103,10 +105,11 @@ impl Relay {
             .expect("non-blocking listener");
         let addr = std_listener.local_addr().expect("relay address");
         let target = Arc::new(Mutex::new(target));
+        let shaping = Arc::new(Mutex::new(options));
         let stop = CancellationToken::new();
         let limit = Arc::new(AtomicUsize::new(usize::MAX));
         let open = Arc::new(AtomicUsize::new(0));
-        let (t, s) = (target.clone(), stop.clone());
+        let (t, s, o) = (target.clone(), stop.clone(), shaping.clone());
         let (lim, now_open) = (limit.clone(), open.clone());
         let thread = std::thread::Builder::new()
             .name("relay".into())
@@ -131,6 +134,7 @@ impl Relay {
                             continue;
                         }
                         let to = *t.lock().expect("relay target");
+                        let options = *o.lock().expect("relay options");
                         let (stop, done) = (s.clone(), now_open.clone());
                         tokio::spawn(async move {
                             relay_one(client, to, options, stop).await;
@@ -143,6 +147,7 @@ impl Relay {
         Self {
             addr,
             target,
+            options: shaping,
             limit,
             open,
             stop,
@@ -169,6 +174,12 @@ impl Relay {
     /// Sends connections accepted from now on to `target`.
     pub fn set_target(&self, target: SocketAddr) {
         *self.target.lock().expect("relay target") = target;
+    }
+
+    /// Shapes connections accepted from now on by `options`; those open
+    /// keep their shape.
+    pub fn set_options(&self, options: RelayOptions) {
+        *self.options.lock().expect("relay options") = options;
     }
 }
 

@@ -12,6 +12,7 @@ use etcd_backup_agent::store::destination::{Destination, SftpDir};
 use etcd_backup_proto::{FileKind, Manifest};
 use etcd_backup_tests::agent::{agent_bin, backup, AgentConfig};
 use etcd_backup_tests::etcd::{dump, restore_and_start, write_history, EtcdServer};
+use etcd_backup_tests::relay::{Relay, RelayOptions, Shape};
 use etcd_backup_tests::sftp_setup::{backups, Login, SftpSetup, Trust, QUICK_TIMEOUTS};
 use etcd_backup_tests::sshd::{
     assert_refused_before_login, ClientKey, KeyKind, SshOptions, SshServer,
@@ -569,4 +570,83 @@ async fn a_file_read_by_ranges_is_opened_once_and_its_handle_kept_for_the_next_r
     std::fs::remove_file(packs.join("p16")).unwrap();
     let kept = read_range(&dest, "packs/p16", 0, 4096).await.unwrap();
     assert_eq!(kept, data[..4096]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_striped_create_cut_off_in_flight_is_gone_after_the_clean_up_delete_though_its_sessions_lag(
+) {
+    let key = ClientKey::generate(KeyKind::Ed25519, None);
+    let sshd = key_server(&[&key]);
+    let relay = Relay::start(sshd.addr(), RelayOptions::default());
+    let work = tempfile::tempdir().unwrap();
+    let known_hosts = work.path().join("known_hosts");
+    std::fs::write(
+        &known_hosts,
+        format!(
+            "[127.0.0.1]:{} {}\n",
+            relay.addr.port(),
+            sshd.host_key_line()
+        ),
+    )
+    .unwrap();
+    let dest = SftpDir::new(SftpConfig {
+        host: "127.0.0.1".into(),
+        port: relay.addr.port(),
+        user: SshServer::key_user(),
+        path: backups(&sshd).display().to_string(),
+        host_key: HostKeyCheck::KnownHosts(known_hosts),
+        auth: SftpAuth::PrivateKey {
+            key_file: key.private_key.clone(),
+            passphrase_file: None,
+        },
+        connect_timeout: Duration::from_secs(10),
+        io_timeout: Duration::from_secs(20),
+        require_fsync: true,
+        streams: 2,
+    });
+    // The control connection logs in over a quick path; every connection
+    // after it (the striping sessions) is slow toward the server, so what
+    // a striping session sends reaches the server well after what the
+    // control connection sends later.
+    dest.list("").await.unwrap();
+    let lag = Duration::from_millis(400);
+    relay.set_options(RelayOptions {
+        up: Shape {
+            rate: None,
+            delay: lag,
+        },
+        down: Shape::default(),
+    });
+    // A striped file written and read back: the sessions are logged in.
+    let data = ranges::pattern(3 << 20);
+    let mut up = dest.create("c/n/warm").await.unwrap();
+    up.write(&data).await.unwrap();
+    assert_eq!(up.finish().await.unwrap(), data.len() as u64);
+    assert_eq!(
+        std::fs::read(backups(&sshd).join("c/n/warm")).unwrap(),
+        data
+    );
+    assert!(
+        relay.open_connections() >= 3,
+        "{}",
+        relay.open_connections()
+    );
+
+    // A create cut off while its striping sessions' requests are on the
+    // way, then the clean-up's delete (over the control connection), as a
+    // cancelled run does.
+    let path = "c/n/cut.partial";
+    let cut = tokio::time::timeout(lag / 4, dest.create(path)).await;
+    assert!(cut.is_err(), "the create finished before the sessions' lag");
+    dest.delete(path).await.unwrap();
+    // Every request sent has reached the server long since.
+    tokio::time::sleep(lag * 3).await;
+    let left: Vec<String> = dest
+        .list("c/n")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(left, ["warm"], "the cut-off create left a file behind");
 }

@@ -887,36 +887,44 @@ impl SftpDir {
         let parts = components(path)?;
         self.ensure_dir(&parts[..parts.len() - 1].join("/")).await?;
         let conn = self.conn().await?;
-        if striped {
-            let lanes = self.lanes(&conn, usize::MAX).await;
-            if !lanes.is_empty() {
-                return self.create_striped(path, conn, lanes).await;
-            }
-        }
+        // The file is created over the control connection, striped or not:
+        // a clean-up deletes over that same session, which the server
+        // answers in order, so a create still in flight when a run is
+        // cancelled is carried out before the clean-up's delete, never
+        // after it. (Created over a lane, its own session, it could land
+        // after the delete and be left behind.) Lanes only open it.
         let attrs = FileAttributes {
             permissions: Some(0o600),
             ..FileAttributes::empty()
         };
-        let file = self
-            .timed(
-                &conn,
-                "cannot create",
-                path,
-                conn.sftp.open_with_flags_and_attributes(
-                    self.remote(path),
-                    OpenFlags::CREATE | OpenFlags::EXCLUDE | OpenFlags::WRITE,
-                    attrs,
-                ),
-            )
-            .await?;
-        Ok(Box::new(SftpUpload {
+        let create = self.timed(
+            &conn,
+            "cannot create",
+            path,
+            conn.sftp.open_with_flags_and_attributes(
+                self.remote(path),
+                OpenFlags::CREATE | OpenFlags::EXCLUDE | OpenFlags::WRITE,
+                attrs,
+            ),
+        );
+        let (file, lanes) = if striped {
+            let (file, lanes) = tokio::join!(create, self.lanes(&conn, usize::MAX));
+            (file?, lanes)
+        } else {
+            (create.await?, Vec::new())
+        };
+        let upload = SftpUpload {
             file,
             conn,
             remote: self.remote(path),
             location: self.location(path),
             io_timeout: self.config.io_timeout,
             written: 0,
-        }))
+        };
+        if lanes.is_empty() {
+            return Ok(Box::new(upload));
+        }
+        self.create_striped(path, upload, lanes).await
     }
 
     /// Creates every missing directory of `dir` (a relative path, `""` for

@@ -17,9 +17,10 @@
 //!
 //! Writing: [`Upload::write`] gets the stream in order; it is cut into
 //! [`WRITE_LEN`] requests and [`BLOCK`]-sized blocks, block `i` going to
-//! lane `i % lanes` at its offset (known as the bytes arrive). Every lane
-//! holds its own handle on the same `.partial` file (the first creates it
-//! exclusively). Each lane keeps at most [`LANE_DEPTH`] requests in flight,
+//! lane `i % lanes` at its offset (known as the bytes arrive). The control
+//! connection creates the `.partial` file (exclusively), so that a
+//! clean-up's delete, sent over the same session, always comes after it;
+//! then every lane opens its own handle on it. Each lane keeps at most [`LANE_DEPTH`] requests in flight,
 //! what the server's channel window takes at once, so memory stays bounded
 //! by `streams` × window whatever the file size.
 //!
@@ -416,40 +417,23 @@ impl SftpDir {
         .await
     }
 
-    /// Opens `path` on every lane: the first creates it (exclusively, mode
-    /// 0600), the others open it for writing without truncating.
+    /// Opens `path`, just created over the control connection (`created`),
+    /// on every lane for writing, without creating or truncating it. When
+    /// no lane may open it (a server that refuses a second writer), the
+    /// file is written over the control connection's own handle.
     pub(super) async fn create_striped(
         &self,
         path: &str,
-        control: Arc<Connection>,
+        created: SftpUpload,
         lanes: Vec<Arc<Lane>>,
     ) -> Result<Box<dyn Upload>, DestinationError> {
         let remote = self.remote(path);
         let failing = Failing {
             lanes: lanes.clone(),
-            control: control.clone(),
+            control: created.conn.clone(),
             io_timeout: self.config.io_timeout,
         };
-        let attrs = FileAttributes {
-            permissions: Some(0o600),
-            ..FileAttributes::empty()
-        };
-        let first = self
-            .lane_call(&failing, 0, "cannot create", path, {
-                lanes[0].raw.open(
-                    remote.clone(),
-                    OpenFlags::CREATE | OpenFlags::EXCLUDE | OpenFlags::WRITE,
-                    attrs,
-                )
-            })
-            .await?
-            .handle;
-        let mut handles = Handles {
-            lanes: vec![lanes[0].clone()],
-            handles: vec![first],
-            closed: false,
-        };
-        let rest = join_all(lanes.iter().enumerate().skip(1).map(|(i, l)| {
+        let opened = join_all(lanes.iter().enumerate().map(|(i, l)| {
             self.lane_call(
                 &failing,
                 i,
@@ -460,8 +444,14 @@ impl SftpDir {
             )
         }))
         .await;
+        let mut handles = Handles {
+            lanes: Vec::new(),
+            handles: Vec::new(),
+            closed: false,
+        };
         let mut refused = None;
-        for (lane, h) in lanes.iter().skip(1).zip(rest) {
+        let mut failed = None;
+        for (lane, h) in lanes.iter().zip(opened) {
             match h {
                 Ok(h) => {
                     handles.lanes.push(lane.clone());
@@ -475,23 +465,36 @@ impl SftpDir {
                 {
                     refused.get_or_insert(source);
                 }
-                // On any other error, `handles` closes what was opened.
-                Err(e) => return Err(e),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             }
+        }
+        // On any other error, `handles` closes what was opened, and the
+        // control connection's handle closes with `created`.
+        if let Some(e) = failed {
+            return Err(e);
         }
         if let Some(e) = refused {
             if !self.warned_reopen.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     location = %self.location(""),
                     streams = lanes.len(),
-                    sessions = handles.lanes.len(),
+                    sessions = handles.lanes.len().max(1),
                     error = %e,
                     "the server would not open a file being written from a second SFTP session (ProFTPD refuses this unless `AllowOverwrite on`), so files are written over {} session(s) instead of destination.sftp.streams = {}; allow it on the server for striped uploads, or set destination.sftp.streams: 1 to silence this",
-                    handles.lanes.len(),
+                    handles.lanes.len().max(1),
                     lanes.len(),
                 );
             }
         }
+        if handles.lanes.is_empty() {
+            return Ok(Box::new(created));
+        }
+        // The control connection's handle is closed without waiting for
+        // the answer: the lanes write the file.
+        let SftpUpload { file, conn, .. } = created;
+        drop(file);
         let lanes = handles.lanes.clone();
         Ok(Box::new(StripedUpload {
             pending: lanes.iter().map(|_| VecDeque::new()).collect(),
@@ -500,7 +503,7 @@ impl SftpDir {
             failing: Failing { lanes, ..failing },
             remote,
             location: self.location(path),
-            fsync: control.fsync,
+            fsync: conn.fsync,
             packet: Vec::with_capacity(WRITE_LEN as usize),
             sent: 0,
         }))
