@@ -8,11 +8,13 @@
 //! pack is segments one after another, named by its SHA-256
 //! (`<cluster>/<node>/packs/<sha256>.pack`). A backup compares each page
 //! with the previous set's page at the same position (bbolt rewrites a
-//! changed page, and leaves an unchanged one where it is); pages that match
-//! are referenced, the others appended to new packs. A set depends on packs,
+//! changed page, and leaves an unchanged one where it is), then by id with
+//! all its pages ([`known`]); pages found are referenced, the others
+//! appended to new packs. A set depends on packs,
 //! never on another set. docs/backup-set-format.md#paged-sets specifies it
 //! all; [`writer`] writes sets, [`reader`] rebuilds their snapshots.
 
+pub mod known;
 pub mod reader;
 pub mod writer;
 
@@ -420,47 +422,10 @@ impl IndexRecords {
     pub fn start(file: std::fs::File, page_size: u32, pages: u64, what: String) -> Self {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
-            let damaged = |why: String| PagedError::Damaged {
-                what: format!("page index {what}: {why}"),
-            };
-            let run = || -> Result<(), PagedError> {
-                let mut r = zstd::stream::read::Decoder::new(std::io::BufReader::new(file))
-                    .map_err(|e| damaged(format!("cannot decompress: {e}")))?;
-                let mut header = [0u8; HEADER_LEN];
-                r.read_exact(&mut header)
-                    .map_err(|e| damaged(format!("cannot read its header: {e}")))?;
-                if header[..] != index_header(page_size)[..] {
-                    return Err(damaged(format!(
-                        "its header is not that of an index of {page_size}-byte pages"
-                    )));
-                }
-                let mut left = pages;
-                let mut rec = [0u8; RECORD_LEN];
-                while left > 0 {
-                    let n = left.min(RECORD_BATCH as u64) as usize;
-                    let mut batch = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        r.read_exact(&mut rec).map_err(|e| {
-                            damaged(format!(
-                                "it ends after {} of its {pages} records ({e})",
-                                pages - left + batch.len() as u64
-                            ))
-                        })?;
-                        batch.push(Record::decode(&rec));
-                    }
-                    left -= n as u64;
-                    if tx.blocking_send(Ok(batch)).is_err() {
-                        return Ok(());
-                    }
-                }
-                let mut extra = [0u8; 1];
-                match r.read(&mut extra) {
-                    Ok(0) => Ok(()),
-                    Ok(_) => Err(damaged(format!("it holds more than its {pages} records"))),
-                    Err(e) => Err(damaged(format!("cannot decompress its end: {e}"))),
-                }
-            };
-            if let Err(e) = run() {
+            let sent = decode_index(file, page_size, pages, &what, |batch| {
+                tx.blocking_send(Ok(batch)).is_ok()
+            });
+            if let Err(e) = sent {
                 let _ = tx.blocking_send(Err(e));
             }
         });
@@ -492,6 +457,61 @@ impl IndexRecords {
                 None => self.done = true,
             }
         }
+    }
+}
+
+/// Decodes `file`, the page index of a set with `pages` pages of
+/// `page_size` bytes (`what` names it in errors), handing its records to
+/// `each` in batches (4096 records), in page order, until `each`
+/// returns `false`. Blocking: run it off the async threads.
+///
+/// # Errors
+/// [`PagedError::Damaged`]: the header is not that of such an index, or it
+/// holds fewer or more than `pages` records, or does not decompress.
+pub fn decode_index(
+    file: std::fs::File,
+    page_size: u32,
+    pages: u64,
+    what: &str,
+    mut each: impl FnMut(Vec<Record>) -> bool,
+) -> Result<(), PagedError> {
+    let damaged = |why: String| PagedError::Damaged {
+        what: format!("page index {what}: {why}"),
+    };
+    let mut r = zstd::stream::read::Decoder::new(std::io::BufReader::new(file))
+        .map_err(|e| damaged(format!("cannot decompress: {e}")))?;
+    let mut header = [0u8; HEADER_LEN];
+    r.read_exact(&mut header)
+        .map_err(|e| damaged(format!("cannot read its header: {e}")))?;
+    if header[..] != index_header(page_size)[..] {
+        return Err(damaged(format!(
+            "its header is not that of an index of {page_size}-byte pages"
+        )));
+    }
+    let mut left = pages;
+    let mut rec = [0u8; RECORD_LEN];
+    while left > 0 {
+        let n = left.min(RECORD_BATCH as u64) as usize;
+        let mut batch = Vec::with_capacity(n);
+        for _ in 0..n {
+            r.read_exact(&mut rec).map_err(|e| {
+                damaged(format!(
+                    "it ends after {} of its {pages} records ({e})",
+                    pages - left + batch.len() as u64
+                ))
+            })?;
+            batch.push(Record::decode(&rec));
+        }
+        left -= n as u64;
+        if !each(batch) {
+            return Ok(());
+        }
+    }
+    let mut extra = [0u8; 1];
+    match r.read(&mut extra) {
+        Ok(0) => Ok(()),
+        Ok(_) => Err(damaged(format!("it holds more than its {pages} records"))),
+        Err(e) => Err(damaged(format!("cannot decompress its end: {e}"))),
     }
 }
 

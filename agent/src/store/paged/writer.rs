@@ -1,6 +1,7 @@
 //! Writing a paged set's snapshot at one destination: pages the previous
-//! set holds at the same position are referenced, the others appended to
-//! new packs; the page index records where each page is.
+//! set holds (at the same position, or elsewhere: [`super::known`]) are
+//! referenced, the others appended to new packs; the page index records
+//! where each page is.
 
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use sha2::{Digest, Sha256};
 use etcd_backup_proto::{ManifestPages, PackRef, SetId, SetTimestamp, StoredFile};
 
 use super::{
-    download_index, packs_dir, Coding, IndexEncoder, IndexRecords, Location, PageIdScheme,
+    download_index, known::KnownPages, packs_dir, Coding, IndexEncoder, Location, PageIdScheme,
     PagedError, Record, PACK_TARGET, SEGMENT_PAGES,
 };
 use crate::store::catalog::CatalogSet;
@@ -21,16 +22,26 @@ const MAX_PENDING: usize = 1 << 16;
 /// Records handed to the index encoder at once.
 const INDEX_BATCH: usize = 4096;
 
-/// The set a run compares its pages with: its index, read in page order.
+/// The set a run compares its pages with: its records, by position and by
+/// id.
 pub struct Previous {
     /// Its timestamp, recorded in the new manifest for information.
     pub set: SetTimestamp,
     /// Its page size.
     pub page_size: u32,
     /// Its records.
-    pub records: IndexRecords,
+    pub known: KnownPages,
     /// Its packs, by position.
     pub packs: Vec<PackRef>,
+}
+
+/// How a page of the snapshot was found among the previous set's.
+#[derive(Debug, Clone, Copy)]
+enum Found {
+    /// At the same position.
+    InPlace(Record),
+    /// Elsewhere, by its id.
+    Moved(Record),
 }
 
 /// Why `set` cannot serve as the previous set of a run that writes with
@@ -107,13 +118,27 @@ pub async fn previous(
         return None;
     }
     let path = set.id.file(&pages.index.name);
-    match download_index(dest, &path, pages).await {
+    let (page_size, count) = (pages.page_size, pages.pages);
+    let known = match download_index(dest, &path, pages).await {
         Ok(file) => {
+            tokio::task::spawn_blocking(move || KnownPages::build(file, page_size, count, &path))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(PagedError::Local {
+                        what: "cannot read the previous set's page index",
+                        source: std::io::Error::other(e),
+                    })
+                })
+        }
+        Err(e) => Err(e),
+    };
+    match known {
+        Ok(known) => {
             tracing::debug!(destination = %dest.describe(), set = %set.id, elapsed_ms = started.elapsed().as_millis() as u64, "previous paged set found, its page index read");
             Some(Previous {
                 set: set.id.timestamp,
-                page_size: pages.page_size,
-                records: IndexRecords::start(file, pages.page_size, pages.pages, path),
+                page_size,
+                known,
                 packs: pages.packs.clone(),
             })
         }
@@ -172,6 +197,8 @@ pub struct PagedWriter<'a> {
     index_size: u64,
     pages: u64,
     new_pages: u64,
+    /// Pages found among the previous set's at another position.
+    moved_pages: u64,
     added_bytes: u64,
 }
 
@@ -225,30 +252,62 @@ impl<'a> PagedWriter<'a> {
             index_size: 0,
             pages: 0,
             new_pages: 0,
+            moved_pages: 0,
             added_bytes: 0,
         })
     }
 
-    /// The previous set's record for the next page, if it can be used.
-    async fn previous_record(&mut self) -> Option<Record> {
-        let prev = self.previous.as_mut()?;
-        match prev.records.next().await {
-            Ok(Some(r)) => {
-                if r.at.fault(&prev.packs).is_none() {
-                    Some(r)
-                } else {
-                    tracing::warn!(set = %prev.set, "the previous set's page index names a pack range its manifest does not have; the rest of the pages are stored anew");
-                    self.previous = None;
-                    None
+    /// Where the previous set holds each of the pages with ids `ids`,
+    /// the next ones of the snapshot: at the same position, else anywhere
+    /// by id, else nowhere. A record naming a range the previous set's
+    /// manifest does not have ends the comparison (the rest is stored
+    /// anew), as does a temporary file that cannot be read.
+    async fn find_batch(&mut self, ids: &[[u8; 16]]) -> Vec<Option<Found>> {
+        let Some(mut prev) = self.previous.take() else {
+            return vec![None; ids.len()];
+        };
+        let wanted = ids.to_vec();
+        let looked = tokio::task::spawn_blocking(move || {
+            let mut found = Vec::with_capacity(wanted.len());
+            let mut failure = None;
+            for id in &wanted {
+                let here = match prev.known.next_in_order() {
+                    Ok(Some(r)) if r.id == *id => Ok(Some(Found::InPlace(r))),
+                    Ok(_) => prev.known.find(id).map(|r| r.map(Found::Moved)),
+                    Err(e) => Err(e),
+                };
+                let here = match here {
+                    Ok(here) => here,
+                    Err(e) => {
+                        failure = Some(format!("the previous set's pages cannot be read on ({e})"));
+                        break;
+                    }
+                };
+                if let Some(Found::InPlace(r) | Found::Moved(r)) = here {
+                    if let Some(fault) = r.at.fault(&prev.packs) {
+                        failure = Some(format!("the previous set's page index {fault}"));
+                        break;
+                    }
                 }
+                found.push(here);
             }
-            Ok(None) => None,
+            (prev, found, failure)
+        })
+        .await;
+        let (prev, mut found, failure) = match looked {
+            Ok(looked) => looked,
             Err(e) => {
-                tracing::warn!(set = %prev.set, error = %e, "the previous set's page index cannot be read on; the rest of the pages are stored anew");
-                self.previous = None;
-                None
+                tracing::warn!(error = %e, "the previous set's pages cannot be looked up; the rest of the pages are stored anew");
+                return vec![None; ids.len()];
             }
+        };
+        if let Some(why) = failure {
+            tracing::warn!(set = %prev.set, "{why}; the rest of the pages are stored anew");
+        } else {
+            self.previous = Some(prev);
         }
+        found.resize(ids.len(), None);
+        found
     }
 
     /// This set's number for the previous set's pack `n`.
@@ -283,10 +342,13 @@ impl<'a> PagedWriter<'a> {
         ids: &[[u8; 16]],
         created: &mut Vec<String>,
     ) -> Result<(), PagedError> {
-        for (page, id) in pages.chunks(self.page_size).zip(ids) {
+        let found = self.find_batch(ids).await;
+        for ((page, id), found) in pages.chunks(self.page_size).zip(ids).zip(found) {
             self.pages += 1;
-            let prev = self.previous_record().await.filter(|r| r.id == *id);
-            if let Some(prev) = prev {
+            if let Some(Found::InPlace(prev) | Found::Moved(prev)) = found {
+                if matches!(found, Some(Found::Moved(_))) {
+                    self.moved_pages += 1;
+                }
                 let at = Location {
                     pack: self.map_pack(prev.at.pack),
                     ..prev.at
@@ -527,6 +589,13 @@ impl<'a> PagedWriter<'a> {
         }
         let (page_ids, page_id_key) = ids.describe();
         self.added_bytes += self.index_size;
+        tracing::debug!(
+            destination = %self.dest.describe(),
+            pages = self.pages,
+            new = self.new_pages,
+            found_elsewhere = self.moved_pages,
+            "paged snapshot stored: pages new, and pages the previous set holds at another position"
+        );
         Ok(PagedOutcome {
             pages: ManifestPages {
                 index: StoredFile {
