@@ -29,7 +29,9 @@ enum Call {
     Link(PathBuf, PathBuf),
     /// unlink or unlinkat.
     Unlink(PathBuf),
-    /// openat of a path for writing.
+    /// openat of a path for writing, creating it (`O_CREAT`).
+    Create(PathBuf),
+    /// openat of an existing path for writing (no `O_CREAT`).
     OpenWrite(PathBuf),
 }
 
@@ -69,7 +71,12 @@ fn parse_call(name: &str, args: &str) -> Option<Call> {
         }
         "unlink" | "unlinkat" => quoted(args).first().cloned().map(Call::Unlink),
         "openat" if args.contains("O_WRONLY") || args.contains("O_RDWR") => {
-            quoted(args).first().cloned().map(Call::OpenWrite)
+            let path = quoted(args).first().cloned();
+            if args.contains("O_CREAT") {
+                path.map(Call::Create)
+            } else {
+                path.map(Call::OpenWrite)
+            }
         }
         _ => None,
     }
@@ -142,7 +149,7 @@ fn the_parser_joins_interrupted_calls_and_keeps_only_successes() {
         [
             &Call::Mkdir("/d/a".into()),
             &Call::Sync("/d/a/x.partial".into()),
-            &Call::OpenWrite("/d/a/x.partial".into()),
+            &Call::Create("/d/a/x.partial".into()),
             &Call::Rename("/d/a/x.partial".into(), "/d/a/x".into()),
             &Call::Sync("/d/a".into()),
         ]
@@ -198,6 +205,7 @@ fn a_local_backup_syncs_each_file_before_its_rename_each_directory_after_and_the
             | Call::Rename(p, _)
             | Call::Link(p, _)
             | Call::Unlink(p)
+            | Call::Create(p)
             | Call::OpenWrite(p) => p.starts_with(work.path()),
         })
         .collect();
@@ -407,6 +415,7 @@ async fn an_sftp_backup_syncs_every_lane_of_each_file_and_the_set_directory_afte
             | Call::Rename(p, _)
             | Call::Link(p, _)
             | Call::Unlink(p)
+            | Call::Create(p)
             | Call::OpenWrite(p) => p.starts_with(&base),
         })
         .collect();
@@ -451,7 +460,10 @@ async fn an_sftp_backup_syncs_every_lane_of_each_file_and_the_set_directory_afte
     let opened = |path: &Path| {
         events
             .iter()
-            .find(|e| e.call == Call::OpenWrite(path.to_path_buf()))
+            .find(|e| {
+                e.call == Call::Create(path.to_path_buf())
+                    || e.call == Call::OpenWrite(path.to_path_buf())
+            })
             .unwrap_or_else(|| panic!("{} never opened\n{}", path.display(), dump()))
             .start
     };
@@ -484,10 +496,18 @@ async fn an_sftp_backup_syncs_every_lane_of_each_file_and_the_set_directory_afte
         dump()
     );
 
-    // Every session that opened the snapshot for writing synced it before
-    // its rename; several did (the default streams stripe it).
+    // The control session created the snapshot's file, and wrote nothing
+    // through that handle: every striping session opened it (without
+    // creating it), wrote its blocks, and synced it before its rename;
+    // several did (the default streams stripe it).
     let partial = set_dir.join(format!("{snapshot}.partial"));
     let (rename_start, _) = renamed(snapshot);
+    let creators: Vec<&str> = events
+        .iter()
+        .filter(|e| e.call == Call::Create(partial.clone()))
+        .map(|e| e.pid.as_str())
+        .collect();
+    assert_eq!(creators.len(), 1, "created once\n{}", dump());
     let writers: std::collections::BTreeSet<&str> = events
         .iter()
         .filter(|e| e.call == Call::OpenWrite(partial.clone()))
@@ -497,6 +517,11 @@ async fn an_sftp_backup_syncs_every_lane_of_each_file_and_the_set_directory_afte
         writers.len() > 1,
         "the snapshot was written by {} session(s); the test needs it striped\n{}",
         writers.len(),
+        dump()
+    );
+    assert!(
+        !writers.contains(creators[0]),
+        "the session that created the snapshot's file opened it again\n{}",
         dump()
     );
     for pid in &writers {
