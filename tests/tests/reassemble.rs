@@ -5,6 +5,8 @@
 //! what the agent's own `fetch` writes; plain, and compressed and encrypted
 //! with keyed page ids. A changed byte in a pack, a pack name that is a path,
 //! and an encrypted set without an identity are refused, leaving no output.
+//! `scripts/page-diff`, the bench's count of pages new by content, is
+//! checked on crafted bbolt-shaped files.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -237,4 +239,67 @@ async fn reassemble_rebuilds_compressed_encrypted_paged_sets_as_fetch_does_and_n
     assert!(!out.exists() && !work.path().join("no-identity.db.partial").exists());
 
     damaged_pack_is_named(work.path(), &sets, Some(&identity));
+}
+
+/// A bbolt-shaped page: header (its number, flags, overflow), then `fill`.
+fn bbolt_page(number: u64, flags: u16, overflow: u32, fill: u8) -> Vec<u8> {
+    let mut p = vec![fill; 4096];
+    p[..8].copy_from_slice(&number.to_le_bytes());
+    p[8..10].copy_from_slice(&flags.to_le_bytes());
+    p[10..12].copy_from_slice(&0u16.to_le_bytes());
+    p[12..16].copy_from_slice(&overflow.to_le_bytes());
+    p
+}
+
+#[test]
+fn page_diff_counts_pages_moved_and_new_by_content_and_their_kinds() {
+    require_tool("python3", "python3");
+    let work = tempfile::tempdir().unwrap();
+    // Older: meta, a leaf, a two-page leaf (its overflow page), a branch.
+    let older: Vec<u8> = [
+        bbolt_page(0, 0x04, 0, 1),
+        bbolt_page(1, 0x02, 0, 2),
+        bbolt_page(2, 0x02, 1, 3),
+        vec![4; 4096],
+        bbolt_page(4, 0x01, 0, 5),
+    ]
+    .concat();
+    // Newer: the meta page changed; page 1 the same; the two-page leaf
+    // rewritten (both pages new); the older page 3 (the overflow page's
+    // bytes) now at position 4, moved, not new.
+    let newer: Vec<u8> = [
+        bbolt_page(0, 0x04, 0, 9),
+        bbolt_page(1, 0x02, 0, 2),
+        bbolt_page(2, 0x02, 1, 6),
+        vec![7; 4096],
+        vec![4; 4096],
+    ]
+    .concat();
+    let (a, b) = (work.path().join("a.db"), work.path().join("b.db"));
+    std::fs::write(&a, older).unwrap();
+    std::fs::write(&b, newer).unwrap();
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/page-diff"))
+        .arg(&a)
+        .arg(&b)
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("5 pages; differ from the page at their position: 4 (80.00 %); of these found elsewhere in the older file: 1; new by content: 3 (60.00 %)"),
+        "{t}"
+    );
+    assert!(
+        t.contains("leaf 1") && t.contains("leaf-overflow 1") && t.contains("meta 1"),
+        "{t}"
+    );
+    let one = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/page-diff"))
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert!(
+        !one.status.success() && text(&one).contains("at least two snapshots"),
+        "{}",
+        text(&one)
+    );
 }
