@@ -2198,6 +2198,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_previous_index_naming_a_range_its_manifest_lacks_ends_the_comparison_and_the_set_still_rebuilds(
+    ) {
+        use crate::store::paged::{decode_index, IndexEncoder};
+        use crate::store::verify::fetch_set;
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("dest");
+        let cfg = paged_config(&base, "");
+        let dest = LocalDir::open(&base).await.unwrap();
+        let first: Vec<u32> = (0..600).collect();
+        let one = paged_run(&cfg, &dest, &mut page_source(4096, 1, &first), 0).await;
+        // The first set's index rewritten (its manifest made to match) with
+        // page 10's record naming a pack the manifest does not list: in the
+        // first batch of pages compared, after pages that matched.
+        let set_dir = base.join(one.id.dir());
+        let mut pages = one.manifest.files[0].pages.as_deref().unwrap().clone();
+        let index = set_dir.join(&pages.index.name);
+        let mut records = Vec::new();
+        decode_index(
+            std::fs::File::open(&index).unwrap(),
+            pages.page_size,
+            pages.pages,
+            "test",
+            |batch| {
+                records.extend(batch);
+                true
+            },
+        )
+        .unwrap();
+        records[10].at.pack = 99;
+        let mut enc = IndexEncoder::new(pages.page_size).unwrap();
+        let mut bytes = enc.add(&records).unwrap();
+        bytes.extend(enc.finish().unwrap());
+        std::fs::write(&index, &bytes).unwrap();
+        pages.index.size = bytes.len() as u64;
+        pages.index.sha256 = hex::encode(Sha256::digest(&bytes));
+        let mut manifest = one.manifest.clone();
+        manifest.files[0].pages = Some(Box::new(pages));
+        std::fs::write(
+            set_dir.join(MANIFEST_FILE_NAME),
+            serde_json::to_vec_pretty(&manifest).unwrap(),
+        )
+        .unwrap();
+
+        let mut source = page_source(4096, 2, &first);
+        let two = paged_run(&cfg, &dest, &mut source, 1).await;
+        let p = two.manifest.files[0].pages.as_deref().unwrap();
+        // Every page from the first batch on is stored anew.
+        assert_eq!((p.pages, p.new_pages), (601, 601));
+        let out = tmp.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let (reports, written) = fetch_set(&dest, &two, &out, None, None, &|_, _, _| {})
+            .await
+            .unwrap();
+        assert!(reports.iter().all(|r| r.ok()), "{reports:?}");
+        assert!(std::fs::read(&written[0]).unwrap() == source.stream);
+    }
+
+    #[tokio::test]
     async fn a_set_whose_pages_alternate_between_older_sets_packs_reads_each_segment_once() {
         use crate::store::destination::faulty::{Faults, Faulty};
         let tmp = tempfile::tempdir().unwrap();

@@ -44,6 +44,14 @@ enum Found {
     Moved(Record),
 }
 
+impl Found {
+    fn record(&self) -> &Record {
+        match self {
+            Self::InPlace(r) | Self::Moved(r) => r,
+        }
+    }
+}
+
 /// Why `set` cannot serve as the previous set of a run that writes with
 /// `coding` and `ids`; `None` when it can.
 pub fn incomparable(set: &CatalogSet, coding: &Coding, ids: &PageIdScheme) -> Option<String> {
@@ -260,8 +268,9 @@ impl<'a> PagedWriter<'a> {
     /// Where the previous set holds each of the pages with ids `ids`,
     /// the next ones of the snapshot: at the same position, else anywhere
     /// by id, else nowhere. A record naming a range the previous set's
-    /// manifest does not have ends the comparison (the rest is stored
-    /// anew), as does a temporary file that cannot be read.
+    /// manifest does not have ends the comparison, as does a temporary file
+    /// that cannot be read: this batch and the rest are stored anew (the
+    /// previous set, and with it its packs, is let go).
     async fn find_batch(&mut self, ids: &[[u8; 16]]) -> Vec<Option<Found>> {
         let Some(mut prev) = self.previous.take() else {
             return vec![None; ids.len()];
@@ -283,8 +292,8 @@ impl<'a> PagedWriter<'a> {
                         break;
                     }
                 };
-                if let Some(Found::InPlace(r) | Found::Moved(r)) = here {
-                    if let Some(fault) = r.at.fault(&prev.packs) {
+                if let Some(found) = &here {
+                    if let Some(fault) = found.record().at.fault(&prev.packs) {
                         failure = Some(format!("the previous set's page index {fault}"));
                         break;
                     }
@@ -303,6 +312,9 @@ impl<'a> PagedWriter<'a> {
         };
         if let Some(why) = failure {
             tracing::warn!(set = %prev.set, "{why}; the rest of the pages are stored anew");
+            // Their packs go with the previous set: none of this batch's
+            // finds can be referenced.
+            found.clear();
         } else {
             self.previous = Some(prev);
         }
@@ -345,10 +357,11 @@ impl<'a> PagedWriter<'a> {
         let found = self.find_batch(ids).await;
         for ((page, id), found) in pages.chunks(self.page_size).zip(ids).zip(found) {
             self.pages += 1;
-            if let Some(Found::InPlace(prev) | Found::Moved(prev)) = found {
-                if matches!(found, Some(Found::Moved(_))) {
+            if let Some(found) = found {
+                if matches!(found, Found::Moved(_)) {
                     self.moved_pages += 1;
                 }
+                let prev = found.record();
                 let at = Location {
                     pack: self.map_pack(prev.at.pack),
                     ..prev.at
