@@ -445,7 +445,13 @@ impl SshServer {
 
     /// A `known_hosts` line for this server: `[127.0.0.1]:PORT <type> <base64>`.
     pub fn known_hosts_line(&self) -> String {
-        format!("[127.0.0.1]:{} {}", self.port, self.host_key_line())
+        self.known_hosts_line_at(self.port)
+    }
+
+    /// The known_hosts line trusting this server's host key at `port` on
+    /// 127.0.0.1: a relay in front of the server.
+    pub fn known_hosts_line_at(&self, port: u16) -> String {
+        format!("[127.0.0.1]:{port} {}", self.host_key_line())
     }
 
     /// [`known_hosts_line`](Self::known_hosts_line) hashed by

@@ -441,12 +441,24 @@ fn a_server_that_comes_back_is_reached_by_a_retry_with_a_fresh_snapshot() {
 /// A destination on `sshd` below [`backups`], logging in with `key`, over
 /// `streams` sessions.
 fn sftp_dir(sshd: &SshServer, key: &ClientKey, streams: u32) -> SftpDir {
+    sftp_dir_at(sshd, key, streams, sshd.port, sshd.known_hosts_file())
+}
+
+/// [`sftp_dir`] reaching `sshd` at `port` (a relay in front of it),
+/// trusting the host keys in `known_hosts`.
+fn sftp_dir_at(
+    sshd: &SshServer,
+    key: &ClientKey,
+    streams: u32,
+    port: u16,
+    known_hosts: std::path::PathBuf,
+) -> SftpDir {
     SftpDir::new(SftpConfig {
         host: "127.0.0.1".into(),
-        port: sshd.port,
+        port,
         user: SshServer::key_user(),
         path: backups(sshd).display().to_string(),
-        host_key: HostKeyCheck::KnownHosts(sshd.known_hosts_file()),
+        host_key: HostKeyCheck::KnownHosts(known_hosts),
         auth: SftpAuth::PrivateKey {
             key_file: key.private_key.clone(),
             passphrase_file: None,
@@ -582,28 +594,10 @@ async fn a_striped_create_cut_off_in_flight_is_gone_after_the_clean_up_delete_th
     let known_hosts = work.path().join("known_hosts");
     std::fs::write(
         &known_hosts,
-        format!(
-            "[127.0.0.1]:{} {}\n",
-            relay.addr.port(),
-            sshd.host_key_line()
-        ),
+        format!("{}\n", sshd.known_hosts_line_at(relay.addr.port())),
     )
     .unwrap();
-    let dest = SftpDir::new(SftpConfig {
-        host: "127.0.0.1".into(),
-        port: relay.addr.port(),
-        user: SshServer::key_user(),
-        path: backups(&sshd).display().to_string(),
-        host_key: HostKeyCheck::KnownHosts(known_hosts),
-        auth: SftpAuth::PrivateKey {
-            key_file: key.private_key.clone(),
-            passphrase_file: None,
-        },
-        connect_timeout: Duration::from_secs(10),
-        io_timeout: Duration::from_secs(20),
-        require_fsync: true,
-        streams: 2,
-    });
+    let dest = sftp_dir_at(&sshd, &key, 2, relay.addr.port(), known_hosts);
     // The control connection logs in over a quick path; every connection
     // after it (the striping sessions) is slow toward the server, so what
     // a striping session sends reaches the server well after what the

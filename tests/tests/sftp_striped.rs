@@ -54,11 +54,7 @@ fn config(
     let known_hosts = work.join("known_hosts");
     std::fs::write(
         &known_hosts,
-        format!(
-            "[127.0.0.1]:{} {}\n",
-            relay.addr.port(),
-            sshd.host_key_line()
-        ),
+        format!("{}\n", sshd.known_hosts_line_at(relay.addr.port())),
     )
     .unwrap();
     let mut cfg = AgentConfig::new(etcd, &work.join("unused-local"));
